@@ -1,0 +1,37 @@
+# x2l developer entrypoints. `make demo` and `make test` set up .venv themselves.
+#
+#   TORCH      torch requirement installed before anything else. Default: torch==2.13.0 (CPU build) on machines
+#              without CUDA, plain `torch` where `nvidia-smi` answers. Override: make test TORCH="torch==2.6.0".
+#   PYTHON     interpreter used to create .venv (default python3).
+#   PYTEST_ARGS extra pytest arguments, e.g. make test PYTEST_ARGS="-k store -x".
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ifeq ($(HAS_CUDA),1)
+TORCH ?= torch
+else
+TORCH ?= torch==2.13.0
+endif
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench s3 clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/x2l demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,131 @@
+"""Configuration dataclasses with their documented defaults (see README "Options")."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from x2l.errors import ConfigError
+
+Context = Literal["h", "full", "none"]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How frames are taken from a video.
+
+    fps: frames sampled per second of video. max_frames: cap; longer videos are sampled evenly at a lower rate.
+    frames_per_chunk: frames per chunk (a multiple of the model's temporal patch size). min_pixels / max_pixels:
+    per-frame pixel bounds of the resize rule; None takes the checkpoint's preprocessor settings.
+    """
+
+    fps: float = 1.0
+    max_frames: int = 256
+    frames_per_chunk: int = 8
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.fps > 0:
+            raise ConfigError(f"fps must be > 0, got {self.fps}")
+        if self.max_frames < 1:
+            raise ConfigError(f"max_frames must be >= 1, got {self.max_frames}")
+        if self.frames_per_chunk < 1:
+            raise ConfigError(f"frames_per_chunk must be >= 1, got {self.frames_per_chunk}")
+        if self.max_frames < self.frames_per_chunk:
+            raise ConfigError(
+                f"max_frames ({self.max_frames}) must be >= frames_per_chunk ({self.frames_per_chunk})"
+            )
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """How each chunk's KV is compressed at indexing time.
+
+    l_keep / h_keep: fraction of a chunk's tokens kept per layer and KV head in the L and H levels (H is a subset
+    of L, so h_keep <= l_keep). scorer: name from x2l.scorers (default "attention": whole-chunk attention).
+    context: what chunk i is pre-filled over: "h" (sink + H of earlier chunks), "full" (every earlier token,
+    exact) or "none" (sink only).
+    """
+
+    l_keep: float = 0.5
+    h_keep: float = 1 / 16
+    scorer: str = "attention"
+    context: Context = "h"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.h_keep <= self.l_keep <= 1:
+            raise ConfigError(f"need 0 < h_keep <= l_keep <= 1, got h_keep={self.h_keep}, l_keep={self.l_keep}")
+        if self.context not in ("h", "full", "none"):
+            raise ConfigError(f"context must be 'h', 'full' or 'none', got {self.context!r}")
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """How chunks are chosen for a question and how the answer is decoded.
+
+    top_k: chunks whose L level is re-loaded (0 = H only). budget_bytes: if set, as many chunks as fit in this
+    many bytes of L delta, in relevance order (overrides top_k). layers: layers whose attention votes (None = all).
+    max_new_tokens: decode limit.
+    """
+
+    top_k: int = 3
+    budget_bytes: int | None = None
+    layers: tuple[int, ...] | None = None
+    max_new_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+        if self.budget_bytes is not None and self.budget_bytes < 0:
+            raise ConfigError(f"budget_bytes must be >= 0, got {self.budget_bytes}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where KV lives and how it is read.
+
+    uri: a local directory (default) or s3://bucket/prefix. endpoint_url / region / access_key / secret_key
+    default to the standard AWS environment variables (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, AWS_REGION,
+    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY). max_concurrent_fetches caps parallel L fetches; l_cache_bytes is
+    the byte budget of the LRU cache of L deltas; prefetch starts fetching selected chunks before they are needed.
+    """
+
+    uri: str = "x2l-store"
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key: str | None = None
+    secret_key: str | None = None
+    max_concurrent_fetches: int = 8
+    l_cache_bytes: int = 256 * 2**20
+    prefetch: bool = False
+
+    def resolved_s3_options(self) -> dict:
+        """s3fs options from this config, falling back to the AWS environment."""
+        env = os.environ
+        endpoint = self.endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+        region = self.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+        opts: dict = {}
+        key = self.access_key or env.get("AWS_ACCESS_KEY_ID")
+        secret = self.secret_key or env.get("AWS_SECRET_ACCESS_KEY")
+        if key:
+            opts["key"] = key
+        if secret:
+            opts["secret"] = secret
+        client_kwargs: dict = {}
+        if endpoint:
+            client_kwargs["endpoint_url"] = endpoint
+        if region:
+            client_kwargs["region_name"] = region
+        if client_kwargs:
+            opts["client_kwargs"] = client_kwargs
+        return opts
+
+
+def to_dict(cfg) -> dict:
+    """A config as a JSON-ready dict."""
+    d = asdict(cfg)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}

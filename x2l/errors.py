@@ -1,0 +1,33 @@
+"""Every error x2l raises on purpose derives from X2LError, so the CLI and the jobs can report it in one line."""
+
+
+class X2LError(Exception):
+    """Base class: the message names the input and the cause."""
+
+
+class ConfigError(X2LError):
+    """An option or a combination of options that cannot work."""
+
+
+class VideoError(X2LError):
+    """A video file that cannot be used (missing, empty, not a video, undecodable, too short)."""
+
+
+class ModelError(X2LError):
+    """A checkpoint that cannot be loaded or is not of a supported family."""
+
+
+class StoreError(X2LError):
+    """A KV store that cannot be read or written."""
+
+
+class CorruptionError(StoreError):
+    """Stored bytes that fail their checksum or are truncated; never yields tensors."""
+
+
+class IncompatibleError(StoreError):
+    """Stored data written by another model fingerprint or schema version."""
+
+
+class NotFoundError(StoreError):
+    """A video id or store path that does not exist (or was never committed)."""
