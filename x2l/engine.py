@@ -1,0 +1,369 @@
+"""Indexer (video -> VideoKV) and Answerer (VideoKV + questions -> answers), single process, no Ray.
+
+Indexing pre-fills the system prefix once (the sink), then each chunk over a context of the sink plus the H level of
+the chunks before it (or every earlier token, or nothing: `CompressionConfig.context`), with a scorer attached to the
+attention layers, and splits the chunk's KV into H and the L delta from that one pass.
+
+Answering loads the sink and every H, finds each question's chunks from its attention over them, fetches only those
+chunks' L delta, assembles the mixed cache in temporal order and decodes greedily. Questions are answered as one
+batch: caches are padded to a common length and masked, questions left-padded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from transformers import DynamicCache
+
+from x2l.compress import ChunkKV, LevelKV, VideoKV, merge_levels, split_levels
+from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig, to_dict
+from x2l.errors import NotFoundError
+from x2l.models.attention import probing
+from x2l.models.base import ModelAdapter, Segment
+from x2l.retrieval import RelevanceProbe, chunk_relevance, select_chunks
+from x2l.scorers import make_scorer
+from x2l.scorers.base import ScoringProbe
+from x2l.video import VideoClip, load_video
+
+
+def _cache(layers: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    return DynamicCache(ddp_cache_data=list(layers))
+
+
+@dataclass
+class IndexStats:
+    """What indexing one video did: sizes and seconds by stage."""
+
+    frames: int = 0
+    chunks: int = 0
+    tokens: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+
+class Indexer:
+    """Turns a video into its bi-level compressed KV with one pre-fill pass per chunk."""
+
+    def __init__(
+        self,
+        model: ModelAdapter,
+        sampling: SamplingConfig = SamplingConfig(),
+        compression: CompressionConfig = CompressionConfig(),
+    ):
+        self.model = model
+        self.sampling = sampling
+        self.compression = compression
+        self.scorer = make_scorer(compression.scorer)
+        self.last_stats = IndexStats()
+
+    def index(self, path: str | Path, video_id: str | None = None) -> VideoKV:
+        t0 = time.perf_counter()
+        clip = load_video(path, self.sampling, self.model.target_size)
+        decode_s = time.perf_counter() - t0
+        kv = self.index_clip(clip, video_id if video_id is not None else Path(path).name)
+        self.last_stats.seconds["decode"] += decode_s
+        return kv
+
+    def index_clip(self, clip: VideoClip, video_id: str) -> VideoKV:
+        stats = self.last_stats = IndexStats(frames=clip.n_real_frames, chunks=clip.n_chunks)
+        model, comp = self.model, self.compression
+        t = time.perf_counter()
+        sink = model.sink()
+        cache = DynamicCache()
+        model.forward(sink.embeds[None], sink.positions[:, None], cache, logits=False)
+        context = [(layer.keys, layer.values) for layer in cache.layers]
+        sink_k = torch.stack([k[0] for k, _ in context])
+        sink_v = torch.stack([v[0] for _, v in context])
+        stats.seconds["prefill"] += time.perf_counter() - t
+        stats.tokens += sink.n_tokens
+
+        sample_fps = clip.n_real_frames / clip.duration_s if clip.duration_s > 0 else self.sampling.fps
+        start = sink.next_position
+        chunks: list[ChunkKV] = []
+        for i in range(clip.n_chunks):
+            t = time.perf_counter()
+            seg: Segment = model.chunk(clip.chunk_frames(i), start, sample_fps)
+            stats.seconds["vision"] += time.perf_counter() - t
+            start = seg.next_position
+            n = seg.n_tokens
+            stats.tokens += n
+
+            t = time.perf_counter()
+            if comp.context != "full" or i == 0:
+                cache = _cache(context)
+            probe = ScoringProbe(self.scorer)
+            with probing(probe):
+                model.forward(seg.embeds[None], seg.positions[:, None], cache, logits=False)
+            stats.seconds["prefill"] += time.perf_counter() - t
+
+            t = time.perf_counter()
+            keys = torch.stack([layer.keys[0, :, -n:] for layer in cache.layers])
+            values = torch.stack([layer.values[0, :, -n:] for layer in cache.layers])
+            h, delta = split_levels(keys, values, probe.scores(), comp.l_keep, comp.h_keep)
+            start_s, end_s = clip.chunk_times[i]
+            chunks.append(ChunkKV(i, start_s, end_s, n, h, delta, delta.n_entries))
+            if comp.context == "h":
+                context = [(torch.cat([ck, h.keys[l][None]], dim=2), torch.cat([cv, h.values[l][None]], dim=2))
+                           for l, (ck, cv) in enumerate(context)]
+            stats.seconds["compress"] += time.perf_counter() - t
+
+        meta = {
+            "video_id": video_id,
+            "source": clip.path,
+            "model_fingerprint": model.fingerprint,
+            "model_family": model.family,
+            "sampling": to_dict(self.sampling),
+            "compression": to_dict(comp),
+            "frames": clip.n_real_frames,
+            "duration_s": clip.duration_s,
+            "frame_size": list(clip.frames.shape[1:3]),
+        }
+        return VideoKV(video_id, sink_k, sink_v, chunks, start, meta)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Question:
+    video_id: str
+    question: str
+    options: list[str] | None = None
+    top_k: int | None = None  # overrides RetrievalConfig.top_k
+    max_new_tokens: int | None = None  # overrides RetrievalConfig.max_new_tokens
+    id: str | None = None
+
+
+@dataclass
+class Answer:
+    question: Question
+    text: str
+    token_ids: list[int]
+    selected_chunks: list[int]
+    relevance: list[float]
+    n_chunks: int
+    tokens_in_cache: int  # entries per layer and KV head in the mixed cache the answer was decoded over
+    kv_bytes_used: int
+    kv_bytes_full: int  # the uncompressed cache of the same prompt
+    seconds: dict[str, float]
+    first_logits: torch.Tensor | None = None  # logits of the first answer token (tests, evaluation)
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.question.id,
+            "video_id": self.question.video_id,
+            "question": self.question.question,
+            "answer": self.text,
+            "selected_chunks": self.selected_chunks,
+            "relevance": [round(r, 6) for r in self.relevance],
+            "n_chunks": self.n_chunks,
+            "tokens_in_cache": self.tokens_in_cache,
+            "kv_bytes_used": self.kv_bytes_used,
+            "kv_bytes_full": self.kv_bytes_full,
+            "seconds": {k: round(v, 6) for k, v in self.seconds.items()},
+        }
+
+
+class KVSource(Protocol):
+    """Where the Answerer gets KV: H of a whole video at once, L deltas of chosen chunks lazily."""
+
+    def load_h(self, video_id: str) -> VideoKV: ...
+
+    def fetch_deltas(self, video_id: str, chunks: list[int]) -> dict[int, LevelKV]: ...
+
+
+class InMemorySource:
+    """VideoKVs held in memory with their deltas (single-process use, tests)."""
+
+    def __init__(self, videos: Iterable[VideoKV]):
+        self.videos = {v.video_id: v for v in videos}
+
+    def load_h(self, video_id: str) -> VideoKV:
+        if video_id not in self.videos:
+            raise NotFoundError(f"unknown video id {video_id!r}")
+        return self.videos[video_id]
+
+    def fetch_deltas(self, video_id: str, chunks: list[int]) -> dict[int, LevelKV]:
+        video = self.load_h(video_id)
+        return {c: video.chunks[c].delta for c in chunks}
+
+
+def h_cache_layers(video: VideoKV) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[sink + every chunk's H] per layer, [Hkv, S, D]."""
+    return [
+        (torch.cat([video.sink_keys[l]] + [c.h.keys[l] for c in video.chunks], dim=1),
+         torch.cat([video.sink_values[l]] + [c.h.values[l] for c in video.chunks], dim=1))
+        for l in range(video.sink_keys.shape[0])
+    ]
+
+
+def mixed_cache_layers(video: VideoKV, levels: dict[int, LevelKV]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Sink, then each chunk in temporal order at L where `levels` has it, else at H."""
+    parts = [levels.get(c.chunk, c.h) for c in video.chunks]
+    return [
+        (torch.cat([video.sink_keys[l]] + [p.keys[l] for p in parts], dim=1),
+         torch.cat([video.sink_values[l]] + [p.values[l] for p in parts], dim=1))
+        for l in range(video.sink_keys.shape[0])
+    ]
+
+
+def _padded_batch(
+    model: ModelAdapter,
+    caches: list[list[tuple[torch.Tensor, torch.Tensor]]],
+    prompts: list[list[int]],
+    starts: list[int],
+) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad caches and left-pad prompts so every sample's last prompt token is the batch's last column.
+
+    Returns (cache, input embeds [B, Q, h], positions [3, B, Q], 2D attention mask [B, S + Q], valid prompt rows).
+    """
+    b = len(caches)
+    s = max(c[0][0].shape[1] for c in caches)
+    q = max(len(p) for p in prompts)
+    layers = []
+    for l in range(len(caches[0])):
+        k0 = caches[0][l][0]
+        keys = k0.new_zeros(b, k0.shape[0], s, k0.shape[2])
+        values = torch.zeros_like(keys)
+        for i, cache in enumerate(caches):
+            n = cache[l][0].shape[1]
+            keys[i, :, :n] = cache[l][0]
+            values[i, :, :n] = cache[l][1]
+        layers.append((keys, values))
+    mask = torch.zeros(b, s + q, dtype=torch.long)
+    ids = torch.zeros(b, q, dtype=torch.long)
+    positions = torch.zeros(3, b, q, dtype=torch.long)
+    valid = torch.zeros(b, q, dtype=torch.bool)
+    for i, (cache, prompt, start) in enumerate(zip(caches, prompts, starts)):
+        n, pad = cache[0][0].shape[1], q - len(prompt)
+        mask[i, :n] = 1
+        mask[i, s + pad:] = 1
+        ids[i, pad:] = torch.tensor(prompt)
+        positions[:, i, pad:] = torch.arange(start, start + len(prompt))
+        valid[i, pad:] = True
+    return _cache(layers), model.embed_ids(ids), positions, mask, valid
+
+
+def greedy_decode(
+    model: ModelAdapter,
+    caches: list[list[tuple[torch.Tensor, torch.Tensor]]],
+    prompts: list[list[int]],
+    starts: list[int],
+    max_new_tokens: list[int],
+) -> tuple[list[list[int]], torch.Tensor]:
+    """Pre-fill each prompt over its cache and decode greedily, all together; returns (tokens, first logits [B, V]).
+
+    A sample stops at a stop token (not included) or at its own max_new_tokens.
+    """
+    cache, embeds, positions, mask, _ = _padded_batch(model, caches, prompts, starts)
+    logits = model.forward(embeds, positions, cache, mask)
+    first = logits
+    b = len(prompts)
+    out: list[list[int]] = [[] for _ in range(b)]
+    done = torch.zeros(b, dtype=torch.bool)
+    last = positions[:, :, -1]
+    stops = torch.tensor(model.stop_token_ids)
+    limits = torch.tensor(max_new_tokens)
+    for step in range(int(limits.max())):
+        nxt = logits.argmax(dim=-1).cpu()
+        done |= torch.isin(nxt, stops)
+        for i in range(b):
+            if not done[i]:
+                out[i].append(int(nxt[i]))
+        done |= torch.tensor([len(o) for o in out]) >= limits
+        if bool(done.all()):
+            break
+        last = last + 1
+        mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype)], dim=1)
+        logits = model.forward(model.embed_ids(nxt[:, None]), last[:, :, None], cache, mask)
+    return out, first
+
+
+class Answerer:
+    """Answers batches of questions over indexed videos with task-aware selective re-loading of L."""
+
+    def __init__(self, model: ModelAdapter, source: KVSource, retrieval: RetrievalConfig = RetrievalConfig()):
+        self.model = model
+        self.source = source
+        self.retrieval = retrieval
+
+    def relevance(self, video: VideoKV, prompts: list[list[int]]) -> torch.Tensor:
+        """[len(prompts), n_chunks]: attention each question pays to each chunk's H entries."""
+        h_layers = h_cache_layers(video)
+        n_cache = h_layers[0][0].shape[1]
+        cache, embeds, positions, mask, valid = _padded_batch(
+            self.model, [h_layers] * len(prompts), prompts, [video.next_position] * len(prompts)
+        )
+        probe = RelevanceProbe(n_cache, valid, self.retrieval.layers)
+        with probing(probe):
+            self.model.forward(embeds, positions, cache, mask, logits=False)
+        sink_len = video.sink_keys.shape[2]
+        return chunk_relevance(probe.entry_attention(), sink_len, [c.h.n_entries for c in video.chunks])
+
+    def answer(self, questions: list[Question]) -> list[Answer]:
+        cfg = self.retrieval
+        seconds: dict[str, float] = defaultdict(float)
+        prompts = [self.model.question_ids(q.question, q.options) for q in questions]
+        by_video: dict[str, list[int]] = defaultdict(list)
+        for i, q in enumerate(questions):
+            by_video[q.video_id].append(i)
+
+        videos: dict[str, VideoKV] = {}
+        selected: list[list[int]] = [[] for _ in questions]
+        relevance: list[list[float]] = [[] for _ in questions]
+        levels: dict[str, dict[int, LevelKV]] = {}
+        for vid, idx in by_video.items():
+            t = time.perf_counter()
+            video = videos[vid] = self.source.load_h(vid)
+            seconds["load_h"] += time.perf_counter() - t
+
+            t = time.perf_counter()
+            ks = [questions[i].top_k if questions[i].top_k is not None else cfg.top_k for i in idx]
+            wants = [i for i, k in zip(idx, ks) if k > 0 or cfg.budget_bytes is not None]
+            if wants:
+                rel = self.relevance(video, [prompts[i] for i in wants])
+                delta_bytes = [video.entry_bytes(c.delta_entries) for c in video.chunks]
+                for row, i in zip(rel, wants):
+                    k = questions[i].top_k if questions[i].top_k is not None else cfg.top_k
+                    selected[i] = select_chunks(row, k, cfg.budget_bytes, delta_bytes)
+                    relevance[i] = row.tolist()
+            seconds["relevance"] += time.perf_counter() - t
+
+            t = time.perf_counter()
+            need = sorted({c for i in idx for c in selected[i]})
+            deltas = self.source.fetch_deltas(vid, need) if need else {}
+            levels[vid] = {c: merge_levels(video.chunks[c].h, d) for c, d in deltas.items()}
+            seconds["fetch"] += time.perf_counter() - t
+
+        t = time.perf_counter()
+        caches = [mixed_cache_layers(videos[q.video_id], {c: levels[q.video_id][c] for c in selected[i]})
+                  for i, q in enumerate(questions)]
+        seconds["assemble"] += time.perf_counter() - t
+
+        t = time.perf_counter()
+        limits = [q.max_new_tokens or cfg.max_new_tokens for q in questions]
+        starts = [videos[q.video_id].next_position for q in questions]
+        tokens, first = greedy_decode(self.model, caches, prompts, starts, limits)
+        seconds["decode"] += time.perf_counter() - t
+
+        answers = []
+        for i, q in enumerate(questions):
+            video = videos[q.video_id]
+            entries = caches[i][0][0].shape[1]
+            answers.append(Answer(
+                question=q,
+                text=self.model.decode_text(tokens[i]),
+                token_ids=tokens[i],
+                selected_chunks=selected[i],
+                relevance=relevance[i],
+                n_chunks=video.n_chunks,
+                tokens_in_cache=entries,
+                kv_bytes_used=video.entry_bytes(entries),
+                kv_bytes_full=video.full_bytes,
+                seconds=dict(seconds),
+                first_logits=first[i],
+            ))
+        return answers

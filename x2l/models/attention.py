@@ -1,0 +1,108 @@
+"""A registered attention function that lets x2l look at post-RoPE queries and keys while the model runs.
+
+transformers dispatches attention by name (`config._attn_implementation`). x2l registers "x2l|sdpa" and
+"x2l|eager": each calls the stock implementation unchanged and, while a probe is active (`probing(...)`), first hands
+the probe the layer's queries (after RoPE), its keys and values (cache included, one per KV head) and the mask. Scoring
+and chunk relevance are probes; nothing re-runs the model or asks for `output_attentions`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from typing import Protocol
+
+import torch
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from x2l.errors import ModelError
+
+PREFIX = "x2l|"
+BASE_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+class Probe(Protocol):
+    def __call__(
+        self,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None,
+        scaling: float,
+    ) -> None: ...
+
+
+_active: contextvars.ContextVar[Probe | None] = contextvars.ContextVar("x2l_probe", default=None)
+
+
+@contextlib.contextmanager
+def probing(probe: Probe) -> Iterator[Probe]:
+    """Run the model with `probe` seeing every attention layer of the language model."""
+    token = _active.set(probe)
+    try:
+        yield probe
+    finally:
+        _active.reset(token)
+
+
+def _eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import eager_attention_forward
+
+    return eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout)
+
+
+def _make(base: str):
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        probe = _active.get()
+        scaling = kwargs.get("scaling") or module.scaling
+        if probe is not None:
+            probe(module.layer_idx, query, key, value, attention_mask, scaling)
+        if base == "eager":
+            return _eager(module, query, key, value, attention_mask, **kwargs)
+        return ALL_ATTENTION_FUNCTIONS[base](module, query, key, value, attention_mask, **kwargs)
+
+    return attention
+
+
+for _base in BASE_IMPLEMENTATIONS:
+    AttentionInterface.register(PREFIX + _base, _make(_base))
+    AttentionMaskInterface.register(PREFIX + _base, ALL_MASK_ATTENTION_FUNCTIONS[_base])
+
+
+def install(text_config, base: str) -> None:
+    """Point the language model's layers at the probing wrapper of `base` ("sdpa" or "eager")."""
+    if base not in BASE_IMPLEMENTATIONS:
+        raise ModelError(f"attention implementation {base!r} is not supported; choose one of {BASE_IMPLEMENTATIONS}")
+    text_config._attn_implementation = PREFIX + base
+
+
+def attention_probs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    rows: slice = slice(None),
+) -> torch.Tensor:
+    """Softmax attention of `query[:, :, rows]` over `key`, in fp32, as the model computes it.
+
+    query [B, Hq, q, D], key [B, Hkv, kv, D] -> [B, Hkv, Hq/Hkv, r, kv]: query heads grouped under their KV head.
+    `mask` is the one the model built: bool (True = attend), additive float, or None for plain causal attention
+    aligned to the end of the keys (the model omits the mask only when that is what it means).
+    """
+    b, hq, q_len, d = query.shape
+    hkv, kv_len = key.shape[1], key.shape[2]
+    q = query[:, :, rows].float().reshape(b, hkv, hq // hkv, -1, d)
+    logits = torch.einsum("bhgqd,bhkd->bhgqk", q, key.float()) * scaling
+    r = q.shape[3]
+    if mask is None:
+        q_pos = torch.arange(q_len, device=query.device)[rows] + (kv_len - q_len)
+        allowed = torch.arange(kv_len, device=query.device)[None, :] <= q_pos[:, None]
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    else:
+        m = mask[:, :, rows, :kv_len]
+        m = m.reshape(m.shape[0], 1, 1, r, kv_len)
+        logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.float()
+    return torch.softmax(logits, dim=-1)

@@ -1,0 +1,246 @@
+"""Qwen2-VL and Qwen2.5-VL: own pixel preprocessing (no torchvision), whole-prompt M-RoPE positions, one forward.
+
+Pixels follow the family's video processor: "smart resize" to multiples of patch_size * merge_size within
+[min_pixels, max_pixels], bicubic with antialias (x2l.video.resize_frames), rescale and normalise with the CLIP
+mean/std, pad frames to a multiple of temporal_patch_size by repeating the last, then cut into temporal x spatial
+patches in the order the vision tower expects, with `video_grid_thw` = (t, h, w) in patches.
+
+Positions (3 axes: time, height, width). Text tokens advance all three together. A chunk is
+`<|vision_start|> video tokens <|vision_end|>`: vision_start is text at position p; video token (t, y, x) sits at
+(p+1 + t*interval, p+1 + y, p+1 + x) with interval 1 for Qwen2-VL and tokens_per_second * temporal_patch_size / fps
+for Qwen2.5-VL; vision_end and any later text continue from the largest position so far + 1 (x2l's rule; it is the
+original Qwen2-VL rule, transformers 5.23's `get_rope_index` advances by max(h, w) only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoTokenizer, DynamicCache
+
+from x2l.errors import ModelError
+from x2l.models import attention
+from x2l.models.base import Segment
+from x2l.video import resize_frames
+
+SYSTEM_PROMPT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+ANSWER_PREFIX = "<|im_end|>\n<|im_start|>assistant\n"
+MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_LABELLED = re.compile(r"^\(?[A-Z][.):]")  # options that already carry their letter ("A. red", "(B) blue")
+FAMILIES = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl"}
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The Qwen2-VL resize rule: sides multiples of `factor`, area within bounds, aspect ratio kept."""
+    if max(height, width) / min(height, width) > 200:
+        raise ModelError(f"aspect ratio {max(height, width) / min(height, width):.0f} is above 200, which Qwen2-VL refuses")
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def checkpoint_fingerprint(path: Path) -> str:
+    """Identity of config + tokenizer + weights, cheap enough for multi-GB checkpoints.
+
+    Config and tokenizer files are hashed whole; each weight file contributes its name, size, and the bytes of its
+    first and last MiB plus three evenly spaced MiB samples (safetensors headers sit at the start).
+    """
+    h = hashlib.sha256()
+    for name in ("config.json", "tokenizer.json", "preprocessor_config.json", "video_preprocessor_config.json"):
+        f = path / name
+        if f.exists():
+            h.update(name.encode() + b"\0" + f.read_bytes())
+    mib = 1 << 20
+    for f in sorted(path.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with f.open("rb") as fh:
+            for off in sorted({0, size // 4, size // 2, 3 * size // 4, max(0, size - mib)}):
+                fh.seek(off)
+                h.update(fh.read(mib))
+    return h.hexdigest()[:32]
+
+
+def _preprocessor_settings(path: Path) -> dict:
+    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+        f = path / name
+        if f.exists():
+            try:
+                return json.loads(f.read_text())
+            except json.JSONDecodeError as e:
+                raise ModelError(f"{f}: not valid JSON ({e})") from e
+    return {}
+
+
+class Qwen2VLAdapter:
+    """Qwen2-VL / Qwen2.5-VL behind x2l's ModelAdapter protocol."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        dtype: str = "auto",
+        attn_implementation: str = "sdpa",
+        device: str = "auto",
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+    ):
+        from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+        self.path = Path(path)
+        config = AutoConfig.from_pretrained(self.path)
+        self.family = FAMILIES[config.model_type]
+        model_cls = Qwen2VLForConditionalGeneration if self.family == "qwen2-vl" else Qwen2_5_VLForConditionalGeneration
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if device == "auto" else device))
+        if dtype == "auto":
+            self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        else:
+            self.dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}.get(dtype)
+            if self.dtype is None:
+                raise ModelError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+        try:
+            self.model = model_cls.from_pretrained(self.path, dtype=self.dtype, attn_implementation=attn_implementation)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot load checkpoint {self.path}: {e}") from e
+        self.model.to(self.device).eval()
+        attention.install(self.model.config.text_config, attn_implementation)
+
+        text = self.model.config.text_config
+        self.vision = self.model.config.vision_config
+        self.num_layers = text.num_hidden_layers
+        self.num_kv_heads = text.num_key_value_heads
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.fingerprint = checkpoint_fingerprint(self.path)
+
+        pre = _preprocessor_settings(self.path)
+        size = pre.get("size") or {}
+        self.patch_size = pre.get("patch_size", self.vision.patch_size)
+        self.temporal_patch_size = pre.get("temporal_patch_size", self.vision.temporal_patch_size)
+        self.merge_size = pre.get("merge_size", self.vision.spatial_merge_size)
+        self.min_pixels = min_pixels or size.get("shortest_edge") or pre.get("min_pixels") or 128 * 28 * 28
+        self.max_pixels = max_pixels or size.get("longest_edge") or pre.get("max_pixels") or 768 * 28 * 28
+        mean = pre.get("image_mean", CLIP_MEAN)
+        std = pre.get("image_std", CLIP_STD)
+        # Rescale (1/255) fused into normalisation, as the stock processor does it.
+        self._mean = torch.tensor(mean).view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(std).view(1, 3, 1, 1) * 255.0
+
+        tok = self.tokenizer
+        self._vision_start = tok.convert_tokens_to_ids("<|vision_start|>")
+        self._vision_end = tok.convert_tokens_to_ids("<|vision_end|>")
+        self._video_pad = tok.convert_tokens_to_ids("<|video_pad|>")
+        stops = {tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")}
+        self.stop_token_ids = tuple(sorted(i for i in stops if i is not None and i >= 0))
+
+    # --- pixels -------------------------------------------------------------------------------------------
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        return smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
+
+    def pixel_values(self, frames: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """uint8 frames [F, H, W, 3] at target size -> flattened patches and (grid_t, grid_h, grid_w)."""
+        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+        x = (x - self._mean) / self._std
+        tp, p, m = self.temporal_patch_size, self.patch_size, self.merge_size
+        if pad := -x.shape[0] % tp:
+            x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
+        f, c, h, w = x.shape
+        gt, gh, gw = f // tp, h // p, w // p
+        x = x.view(gt, tp, c, gh // m, m, p, gw // m, m, p)
+        x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        return x.reshape(gt * gh * gw, c * tp * p * p), (gt, gh, gw)
+
+    # --- prompt layout ----------------------------------------------------------------------------------------
+    def _text(self, ids: list[int], start: int) -> Segment:
+        ids_t = torch.tensor(ids, dtype=torch.long)
+        pos = (torch.arange(len(ids)) + start).view(1, -1).expand(3, -1).clone()
+        return Segment(self.embed_ids(ids_t.to(self.device)), pos)
+
+    def sink(self) -> Segment:
+        return self._text(self.tokenizer.encode(SYSTEM_PROMPT, add_special_tokens=False), 0)
+
+    def _time_interval(self, fps: float) -> float:
+        if self.family == "qwen2-vl":
+            return 1.0
+        return self.vision.tokens_per_second * self.temporal_patch_size / fps
+
+    def chunk(self, frames: np.ndarray, start: int, fps: float) -> Segment:
+        h, w = self.target_size(frames.shape[1], frames.shape[2])
+        if (h, w) != frames.shape[1:3]:
+            frames = resize_frames(frames, (h, w))
+        pixels, (gt, gh, gw) = self.pixel_values(frames)
+        with torch.no_grad():
+            out = self.model.model.get_video_features(
+                pixels.to(self.device, self.dtype), torch.tensor([[gt, gh, gw]], device=self.device)
+            )
+        vision = out.pooler_output[0]
+        m = self.merge_size
+        t_idx = (torch.arange(gt) * self._time_interval(fps)).long()
+        tt, yy, xx = torch.meshgrid(t_idx, torch.arange(gh // m), torch.arange(gw // m), indexing="ij")
+        vis_pos = torch.stack([tt, yy, xx]).reshape(3, -1) + start + 1
+        end = int(vis_pos.max()) + 1
+        positions = torch.cat([torch.full((3, 1), start), vis_pos, torch.full((3, 1), end)], dim=1)
+        wrap = self.embed_ids(torch.tensor([self._vision_start, self._vision_end], device=self.device))
+        embeds = torch.cat([wrap[:1], vision.to(wrap.dtype), wrap[1:]])
+        return Segment(embeds, positions)
+
+    def chunk_token_count(self, n_frames: int, height: int, width: int) -> int:
+        h, w = self.target_size(height, width)
+        gt = -(-n_frames // self.temporal_patch_size)
+        return gt * (h // self.patch_size) * (w // self.patch_size) // self.merge_size**2 + 2
+
+    def chunk_token_ids(self, n_tokens: int) -> list[int]:
+        """The chunk's placeholder ids as the stock processor writes them (for one-shot reference runs)."""
+        return [self._vision_start] + [self._video_pad] * (n_tokens - 2) + [self._vision_end]
+
+    def question_ids(self, question: str, options: list[str] | None = None) -> list[int]:
+        text = question.strip()
+        if options:
+            lines = [o if _LABELLED.match(o) else f"{chr(ord('A') + i)}. {o}" for i, o in enumerate(options)]
+            text += "\n" + "\n".join(lines) + "\n" + MC_INSTRUCTION
+        return self.tokenizer.encode(text + ANSWER_PREFIX, add_special_tokens=False)
+
+    # --- model ---------------------------------------------------------------------------------------------------
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model.get_input_embeddings()(ids.to(self.device))
+
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache,
+        attention_mask: torch.Tensor | None = None,
+        logits: bool = True,
+    ) -> torch.Tensor | None:
+        with torch.no_grad():
+            out = self.model.model.language_model(
+                inputs_embeds=embeds.to(self.device, self.dtype),
+                position_ids=positions.to(self.device),
+                past_key_values=cache,
+                attention_mask=None if attention_mask is None else attention_mask.to(self.device),
+                use_cache=True,
+            )
+            if not logits:
+                return None
+            return self.model.lm_head(out.last_hidden_state[:, -1]).float()
+
+    def decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
