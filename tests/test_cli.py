@@ -1,0 +1,124 @@
+"""The `x2l` console script, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+X2L = [str(Path(sys.executable).parent / "x2l")]
+
+
+def x2l(*args, check=True):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    r = subprocess.run(X2L + [str(a) for a in args], capture_output=True, text=True, env=env, timeout=300)
+    if check and r.returncode != 0:
+        raise AssertionError(f"x2l {args} failed ({r.returncode}): {r.stderr}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def indexed(tiny_checkpoints, video_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "clip.kv"
+    r = x2l("index", video_path, "--model", tiny_checkpoints["qwen2-vl"], "--out", out, "--video-id", "clip-1",
+            "--fps", 2, "--frames-per-chunk", 4, "--json")
+    return out, json.loads(r.stdout)
+
+
+def test_index_reports_what_it_wrote(indexed):
+    out, res = indexed
+    assert out.is_file()
+    assert res["video_id"] == "clip-1" and res["chunks"] == 5 and res["frames"] == 20
+    b = res["bytes"]
+    assert 0 < b["h"] < b["l_delta"] < b["full"]
+    assert set(res["seconds"]) >= {"decode", "vision", "prefill", "compress", "total"}
+
+
+def test_ask_json_has_the_documented_fields(indexed, tiny_checkpoints):
+    out, _ = indexed
+    r = x2l("ask", out, "--model", tiny_checkpoints["qwen2-vl"], "--question", "What color is the ball?",
+            "--question", "Is it raining?", "--options", "yes", "no", "--top-k", 2, "--json")
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        assert {"answer", "selected_chunks", "n_chunks", "tokens_in_cache", "kv_bytes_used", "kv_bytes_full"} <= set(row)
+        assert len(row["selected_chunks"]) == 2 and row["n_chunks"] == 5
+        assert row["kv_bytes_used"] < row["kv_bytes_full"]
+
+
+def test_ask_refuses_kv_from_another_model(indexed, tiny_checkpoints):
+    out, _ = indexed
+    r = x2l("ask", out, "--model", tiny_checkpoints["qwen2.5-vl"], "--question", "q", check=False)
+    assert r.returncode == 1 and "indexed with another model" in r.stderr
+
+
+def test_tiny_model_command_writes_a_loadable_checkpoint(tmp_path):
+    r = x2l("tiny-model", tmp_path / "m", "--family", "qwen2.5-vl", "--seed", 3)
+    assert "qwen2.5-vl tiny" in r.stdout
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["model_type"] == "qwen2_5_vl"
+
+
+def _file(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+BAD_INPUTS = {
+    "missing video": (lambda d: d / "nope.mp4", "no such file"),
+    "zero bytes": (lambda d: _file(d / "empty.mp4", b""), "empty"),
+    "not a video": (lambda d: _file(d / "notes.mp4", b"hello, not a video"), "not a readable video"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_video_gives_one_line_error(case, tmp_path, tiny_checkpoints):
+    make, message = BAD_INPUTS[case]
+    r = x2l("index", make(tmp_path), "--model", tiny_checkpoints["qwen2-vl"], "--out", tmp_path / "o", check=False)
+    assert r.returncode == 1
+    assert r.stderr.startswith("x2l: error: ") and message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_too_short_video_is_refused(tmp_path, tiny_checkpoints):
+    from x2l.synthetic import write_video
+
+    v = write_video(tmp_path / "short.mp4", n_frames=6, fps=2, size=(64, 64))
+    r = x2l("index", v, "--model", tiny_checkpoints["qwen2-vl"], "--out", tmp_path / "o", check=False)
+    assert r.returncode == 1 and "too short" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--l-keep", "0.01"], "h_keep <= l_keep"),
+    (["--scorer", "nope"], "unknown scorer"),
+    (["--context", "some"], "invalid choice"),
+])
+def test_bad_options_are_named(args, message, tmp_path, tiny_checkpoints, video_path):
+    r = x2l("index", video_path, "--model", tiny_checkpoints["qwen2-vl"], "--out", tmp_path / "o", *args, check=False)
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_model_and_kv_paths(tmp_path, tiny_checkpoints, video_path):
+    r = x2l("index", video_path, "--model", tmp_path / "nomodel", "--out", tmp_path / "o", check=False)
+    assert r.returncode == 1 and "does not exist" in r.stderr
+    not_a_ckpt = tmp_path / "empty_dir"
+    not_a_ckpt.mkdir()
+    r = x2l("index", video_path, "--model", not_a_ckpt, "--out", tmp_path / "o", check=False)
+    assert r.returncode == 1 and "no config.json" in r.stderr
+    r = x2l("ask", tmp_path / "missing.kv", "--model", tiny_checkpoints["qwen2-vl"], "--question", "q", check=False)
+    assert r.returncode == 1 and "no such KV file" in r.stderr
+    garbage = tmp_path / "garbage.kv"
+    garbage.write_bytes(os.urandom(64))
+    r = x2l("ask", garbage, "--model", tiny_checkpoints["qwen2-vl"], "--question", "q", check=False)
+    assert r.returncode == 1 and "not a readable x2l KV file" in r.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path, tiny_checkpoints):
+    r = x2l("index", tmp_path / "nope.mp4", "--model", tiny_checkpoints["qwen2-vl"], "--out", tmp_path / "o",
+            "--debug", check=False)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "VideoError" in r.stderr

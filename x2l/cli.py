@@ -1,0 +1,197 @@
+"""`x2l ...`: index a video, ask questions, build tiny checkpoints, run the demo.
+
+Every command exits non-zero on failure with one line on stderr ("x2l: error: ..."); --debug shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig
+from x2l.errors import X2LError
+
+D_SAMPLING, D_COMP, D_RETR = SamplingConfig(), CompressionConfig(), RetrievalConfig()
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="local checkpoint directory (HF layout: config.json, weights, tokenizer)")
+    g.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation (default sdpa)")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+
+
+def _sampling_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--fps", type=float, default=D_SAMPLING.fps, help=f"frames sampled per second (default {D_SAMPLING.fps:g})")
+    g.add_argument("--max-frames", type=int, default=D_SAMPLING.max_frames,
+                   help=f"frame cap; longer videos are sampled evenly at a lower rate (default {D_SAMPLING.max_frames})")
+    g.add_argument("--frames-per-chunk", type=int, default=D_SAMPLING.frames_per_chunk,
+                   help=f"frames per chunk (default {D_SAMPLING.frames_per_chunk})")
+    g.add_argument("--min-pixels", type=int, default=None, help="per-frame pixel floor (default: the checkpoint's)")
+    g.add_argument("--max-pixels", type=int, default=None, help="per-frame pixel cap (default: the checkpoint's)")
+
+
+def _compression_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("compression")
+    g.add_argument("--l-keep", type=float, default=D_COMP.l_keep, help=f"L level keep fraction (default {D_COMP.l_keep:g})")
+    g.add_argument("--h-keep", type=float, default=D_COMP.h_keep, help=f"H level keep fraction (default 1/16)")
+    g.add_argument("--scorer", default=D_COMP.scorer,
+                   help="token scorer: attention, window_attention[:W], key_norm, value_norm, uniform (default attention)")
+    g.add_argument("--context", default=D_COMP.context, choices=["h", "full", "none"],
+                   help="what each chunk is pre-filled over: sink + earlier H (h, default), every earlier token "
+                        "(full), sink only (none)")
+
+
+def _retrieval_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("retrieval")
+    g.add_argument("--top-k", type=int, default=D_RETR.top_k, help=f"chunks re-loaded at L (default {D_RETR.top_k}; 0 = H only)")
+    g.add_argument("--budget-bytes", type=int, default=None,
+                   help="instead of top-k: as many chunks as fit in this many bytes of L delta")
+    g.add_argument("--max-new-tokens", type=int, default=D_RETR.max_new_tokens,
+                   help=f"decode limit (default {D_RETR.max_new_tokens})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="x2l", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=argparse.ArgumentParser)
+    _add = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add(*a, parents=[common], **k)  # every command takes --debug
+
+    p = sub.add_parser("index", help="pre-fill a video and write its bi-level compressed KV")
+    p.add_argument("video", help="video file")
+    p.add_argument("--out", required=True, help="output KV file")
+    p.add_argument("--video-id", default=None, help="id to store it under (default: the file name)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    _model_options(p)
+    _sampling_options(p)
+    _compression_options(p)
+
+    p = sub.add_parser("ask", help="answer questions about an indexed video")
+    p.add_argument("kv", help="KV file written by `x2l index`")
+    p.add_argument("--question", action="append", required=True, help="question text; repeat to batch several")
+    p.add_argument("--options", nargs="+", default=None, help="multiple-choice options (apply to every question)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per question")
+    _model_options(p)
+    _retrieval_options(p)
+
+    p = sub.add_parser("tiny-model", help="write a random-weight checkpoint in the HF layout (tests, demo, timings)")
+    p.add_argument("out_dir")
+    p.add_argument("--family", default="qwen2-vl", choices=["qwen2-vl", "qwen2.5-vl"], help="default qwen2-vl")
+    p.add_argument("--size", default="tiny", choices=["tiny", "small", "medium"], help="default tiny")
+    p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+
+    p = sub.add_parser("demo", help="write a small checkpoint and a sample video, index it, ask, and report")
+    p.add_argument("--workdir", default="demo_out", help="where the demo writes its files (default demo_out)")
+    return parser
+
+
+def _load_model(args):
+    from x2l.models import load_model
+
+    return load_model(args.model, args.dtype, args.attn, args.device,
+                      getattr(args, "min_pixels", None), getattr(args, "max_pixels", None))
+
+
+def cmd_index(args) -> None:
+    from x2l.engine import Indexer
+    from x2l.kvfile import save_videokv
+    from x2l.video import probe_video
+
+    probe_video(args.video)  # refuse a bad file before spending time on the model
+    sampling = SamplingConfig(args.fps, args.max_frames, args.frames_per_chunk, args.min_pixels, args.max_pixels)
+    compression = CompressionConfig(args.l_keep, args.h_keep, args.scorer, args.context)
+    model = _load_model(args)
+    indexer = Indexer(model, sampling, compression)
+    t = time.perf_counter()
+    kv = indexer.index(args.video, args.video_id)
+    save_videokv(kv, args.out)
+    stats = indexer.last_stats
+    h = sum(c.h.nbytes for c in kv.chunks)
+    delta = sum(c.delta.nbytes for c in kv.chunks)
+    sink = kv.sink_keys.nbytes + kv.sink_values.nbytes
+    result = {
+        "video_id": kv.video_id, "out": str(args.out), "frames": stats.frames, "chunks": kv.n_chunks,
+        "tokens": stats.tokens, "bytes": {"sink": sink, "h": h, "l_delta": delta, "full": kv.full_bytes},
+        "seconds": {k: round(v, 4) for k, v in stats.seconds.items()} | {"total": round(time.perf_counter() - t, 4)},
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"indexed {kv.video_id}: {stats.frames} frames, {kv.n_chunks} chunks, {stats.tokens} tokens "
+              f"in {result['seconds']['total']:.2f} s -> {args.out}")
+        print(f"  KV bytes: sink {sink:,}  H {h:,}  L delta {delta:,}  (uncompressed {kv.full_bytes:,})")
+
+
+def cmd_ask(args) -> None:
+    from x2l.engine import Answerer, InMemorySource, Question
+    from x2l.kvfile import load_videokv
+
+    kv = load_videokv(args.kv)
+    model = _load_model(args)
+    if kv.meta.get("model_fingerprint") not in (None, model.fingerprint):
+        raise X2LError(f"{args.kv} was indexed with another model (fingerprint {kv.meta['model_fingerprint']}, "
+                       f"{args.model} has {model.fingerprint}); re-index it with this model")
+    retrieval = RetrievalConfig(args.top_k, args.budget_bytes, None, args.max_new_tokens)
+    answers = Answerer(model, InMemorySource([kv]), retrieval).answer(
+        [Question(kv.video_id, q, args.options) for q in args.question]
+    )
+    for a in answers:
+        if args.json:
+            print(json.dumps(a.to_dict()))
+        else:
+            print(f"Q: {a.question.question}\nA: {a.text}")
+            print(f"   chunks {a.selected_chunks} of {a.n_chunks} at L; {a.tokens_in_cache} tokens in cache, "
+                  f"{a.kv_bytes_used:,} of {a.kv_bytes_full:,} KV bytes")
+
+
+def cmd_tiny_model(args) -> None:
+    from x2l.models.tiny import write_tiny_checkpoint
+
+    out = write_tiny_checkpoint(args.out_dir, family=args.family, size=args.size, seed=args.seed)
+    print(f"wrote random-weight {args.family} {args.size} checkpoint (seed {args.seed}) to {out}")
+
+
+def cmd_demo(args) -> None:
+    from x2l.demo import run_demo
+
+    run_demo(Path(args.workdir))
+
+
+COMMANDS = {"index": cmd_index, "ask": cmd_ask, "tiny-model": cmd_tiny_model, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.debug:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    try:
+        COMMANDS[args.command](args)
+    except X2LError as e:
+        if args.debug:
+            raise
+        print(f"x2l: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("x2l: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI promises one line, not a dependency's traceback
+        if args.debug:
+            raise
+        print(f"x2l: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
