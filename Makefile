@@ -33,5 +33,9 @@ demo: setup
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# A local S3 server (SeaweedFS) on 127.0.0.1 for s3:// stores; prints the AWS_* variables to export.
+s3: setup
+	$(PY) -m x2l.store.s3_server --dir .x2l/s3
+
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

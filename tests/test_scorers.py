@@ -83,13 +83,21 @@ def test_chunk_attention_equals_model_attention_weights(chunk_run):
     """Whole-chunk scorer = mean attention the model's own (eager) weights give each chunk token from the chunk's
     queries that can see it, query heads averaged per KV head."""
     model, context, seg = chunk_run
-    scores, attentions, _ = run_scorer(chunk_run, make_scorer("attention:5"))  # small blocks exercise the loop
     n, g = seg.n_tokens, model.model.config.text_config.num_attention_heads // model.num_kv_heads
+    scores, attentions, _ = run_scorer(chunk_run, make_scorer("attention:0"))  # every query votes
     seen_by = torch.arange(n, 0, -1).float()
     for l, attn in enumerate(attentions):
         ref = attn[0, :, :, -n:].sum(dim=1) / seen_by  # [Hq, n]
         ref = ref.view(model.num_kv_heads, g, n).mean(dim=1)
         torch.testing.assert_close(scores[l], ref.float(), atol=1e-5, rtol=1e-4)
+    # 4 voters spread over the chunk: rows 0, n/3, 2n/3, n-1
+    scores, attentions, _ = run_scorer(chunk_run, make_scorer("attention:4"))
+    voters = torch.linspace(0, n - 1, 4).round().long()
+    seen_by = (voters[None, :] >= torch.arange(n)[:, None]).sum(dim=1).float()
+    for l, attn in enumerate(attentions):
+        ref = attn[0, :, voters, -n:].sum(dim=1) / seen_by
+        torch.testing.assert_close(scores[l], ref.view(model.num_kv_heads, g, n).mean(dim=1).float(),
+                                   atol=1e-5, rtol=1e-4)
 
 
 def test_window_attention_equals_model_attention_weights(chunk_run):
@@ -122,6 +130,8 @@ def test_make_scorer_errors_name_the_problem():
         make_scorer("nope")
     with pytest.raises(ConfigError, match="key_norm takes no option"):
         make_scorer("key_norm:3")
-    with pytest.raises(ConfigError, match="positive integer"):
+    with pytest.raises(ConfigError, match="at least 1 query"):
         make_scorer("window_attention:0")
+    with pytest.raises(ConfigError, match="an integer"):
+        make_scorer("attention:-3")
     assert make_scorer("window_attention:64").window == 64

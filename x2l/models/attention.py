@@ -84,9 +84,9 @@ def attention_probs(
     key: torch.Tensor,
     mask: torch.Tensor | None,
     scaling: float,
-    rows: slice = slice(None),
+    rows: slice | torch.Tensor = slice(None),
 ) -> torch.Tensor:
-    """Softmax attention of `query[:, :, rows]` over `key`, in fp32, as the model computes it.
+    """Softmax attention of `query[:, :, rows]` (a slice or index tensor) over `key`, in fp32, as the model does.
 
     query [B, Hq, q, D], key [B, Hkv, kv, D] -> [B, Hkv, Hq/Hkv, r, kv]: query heads grouped under their KV head.
     `mask` is the one the model built: bool (True = attend), additive float, or None for plain causal attention
@@ -94,15 +94,17 @@ def attention_probs(
     """
     b, hq, q_len, d = query.shape
     hkv, kv_len = key.shape[1], key.shape[2]
-    q = query[:, :, rows].float().reshape(b, hkv, hq // hkv, -1, d)
-    logits = torch.einsum("bhgqd,bhkd->bhgqk", q, key.float()) * scaling
-    r = q.shape[3]
+    q = query[:, :, rows].float()
+    r = q.shape[2]
+    logits = torch.matmul(q.reshape(b, hkv, (hq // hkv) * r, d), key.float().transpose(-1, -2)).mul_(scaling)
+    logits = logits.view(b, hkv, hq // hkv, r, kv_len)
     if mask is None:
         q_pos = torch.arange(q_len, device=query.device)[rows] + (kv_len - q_len)
-        allowed = torch.arange(kv_len, device=query.device)[None, :] <= q_pos[:, None]
-        logits = logits.masked_fill(~allowed, float("-inf"))
+        bias = torch.zeros(r, kv_len, device=query.device)
+        bias.masked_fill_(torch.arange(kv_len, device=query.device)[None, :] > q_pos[:, None], float("-inf"))
     else:
         m = mask[:, :, rows, :kv_len]
-        m = m.reshape(m.shape[0], 1, 1, r, kv_len)
-        logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.float()
-    return torch.softmax(logits, dim=-1)
+        bias = torch.zeros(m.shape, device=query.device).masked_fill_(~m, float("-inf")) if m.dtype == torch.bool \
+            else m.float()
+        bias = bias.reshape(m.shape[0], 1, 1, r, kv_len)
+    return logits.add_(bias).softmax(dim=-1)

@@ -19,7 +19,7 @@ SCORERS: dict[str, type[Scorer]] = {
 
 
 def make_scorer(spec: str) -> Scorer:
-    """"name" or "name:N", N setting the scorer's one integer option (window size, query block)."""
+    """"name" or "name:N", N setting the scorer's one integer option (window size, voting queries)."""
     name, _, arg = spec.partition(":")
     if name not in SCORERS:
         raise ConfigError(f"unknown scorer {name!r}; choose one of {', '.join(SCORERS)}")
@@ -27,8 +27,8 @@ def make_scorer(spec: str) -> Scorer:
     if not arg:
         return cls()
     fields = [f.name for f in dataclasses.fields(cls)]
-    if len(fields) != 1 or not arg.isdigit() or int(arg) < 1:
-        raise ConfigError(f"scorer spec {spec!r}: {name} takes {'no option' if not fields else 'a positive integer'}")
+    if len(fields) != 1 or not arg.isdigit():
+        raise ConfigError(f"scorer spec {spec!r}: {name} takes {'no option' if not fields else 'an integer'}")
     return cls(**{fields[0]: int(arg)})
 
 

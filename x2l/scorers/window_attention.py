@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from x2l.errors import ConfigError
 from x2l.models.attention import attention_probs
 from x2l.scorers.base import Scorer
 
@@ -19,7 +20,12 @@ class WindowAttentionScorer(Scorer):
     needs_attention = True
     window: int = 32
 
+    def __post_init__(self) -> None:
+        if self.window < 1:
+            raise ConfigError(f"window_attention needs a window of at least 1 query, got {self.window}")
+
     def score(self, query, key, value, mask, scaling):
         n = query.shape[2]
         rows = slice(max(0, n - self.window), n)
-        return attention_probs(query, key, mask, scaling, rows)[..., -n:].mean(dim=2).sum(dim=2)
+        probs = attention_probs(query, key, mask, scaling, rows)[..., -n:]
+        return probs.sum(dim=(2, 3)) / probs.shape[2]

@@ -1,0 +1,55 @@
+"""Shared fixtures.
+
+s3_server  (session): one real local S3 server (SeaweedFS `weed mini` on 127.0.0.1, started once, stopped at the end
+           of the session). Use .uri(prefix), .env(), .endpoint_url, .access_key / .secret_key.
+store_uri  (function, parametrised "local" / "s3"): a fresh, empty store URI per test — a tmp directory, or
+           s3://x2l/<unique prefix> with the AWS_* variables pointing at s3_server set for the test (monkeypatch),
+           so open_backend(store_uri) / StoreConfig(uri=store_uri) reach it with no further arguments. The S3 server
+           is only started when an "s3" case runs (pytest -k local avoids it).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from x2l.store.s3_server import LocalS3Server
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    with LocalS3Server(str(tmp_path_factory.mktemp("s3"))) as server:
+        yield server
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_uri(request, tmp_path, monkeypatch):
+    if request.param == "local":
+        return str(tmp_path / "store")
+    server = request.getfixturevalue("s3_server")
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in server.env().items():
+        monkeypatch.setenv(var, value)
+    return server.uri(f"t-{uuid.uuid4().hex[:12]}")
+
+
+# --- models and videos ------------------------------------------------------------------------------------------------
+# tiny_checkpoints (session): {"qwen2-vl": dir, "qwen2.5-vl": dir}, random tiny checkpoints written by x2l itself.
+# video_path (session): a 10 s, 2 fps-sampled, 64x96 H.264 test video written with PyAV.
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    from x2l.models.tiny import write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {fam: write_tiny_checkpoint(root / fam, family=fam, size="tiny") for fam in ("qwen2-vl", "qwen2.5-vl")}
+
+
+@pytest.fixture(scope="session")
+def video_path(tmp_path_factory):
+    from x2l.synthetic import write_video
+
+    return write_video(tmp_path_factory.mktemp("videos") / "clip.mp4", n_frames=50, fps=5, size=(64, 96))
