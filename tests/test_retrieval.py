@@ -93,3 +93,20 @@ def test_engine_selects_the_top_chunks_of_the_models_own_attention(tiny_checkpoi
         mass += torch.stack([per_entry[sink + c * h: sink + (c + 1) * h].sum() for c in range(kv.n_chunks)])
     assert ans.selected_chunks == sorted(torch.topk(mass, 2).indices.tolist())
     torch.testing.assert_close(torch.tensor(ans.relevance), mass / len(out.attentions), atol=1e-5, rtol=1e-4)
+
+
+def test_uniform_selection_is_evenly_spaced_and_ignores_the_question(tiny_checkpoints, video_path):
+    from x2l.engine import uniform_chunks
+    from x2l.models import load_model
+
+    assert uniform_chunks(10, 2) == [0, 9]
+    assert uniform_chunks(10, 4) == [0, 3, 6, 9]
+    assert uniform_chunks(5, 1) == [2]
+    assert uniform_chunks(3, 7) == [0, 1, 2]
+    assert uniform_chunks(5, 0) == []
+    model = load_model(tiny_checkpoints["qwen2-vl"])
+    kv = Indexer(model, SamplingConfig(fps=2, frames_per_chunk=4)).index(video_path, "v")
+    answerer = Answerer(model, InMemorySource([kv]), RetrievalConfig(top_k=2, max_new_tokens=1, selection="uniform"))
+    a, b = answerer.answer([Question("v", "What is red?"), Question("v", "Count the dogs.")])
+    assert a.selected_chunks == b.selected_chunks == [0, kv.n_chunks - 1]
+    assert a.relevance == [] and a.cache_hits == 2 and a.store_bytes_read == 0

@@ -67,13 +67,15 @@ class RetrievalConfig:
 
     top_k: chunks whose L level is re-loaded (0 = H only). budget_bytes: if set, as many chunks as fit in this
     many bytes of L delta, in relevance order (overrides top_k). layers: layers whose attention votes (None = all).
-    max_new_tokens: decode limit.
+    max_new_tokens: decode limit. selection: "attention" (task-aware, the method) or "uniform" (top_k evenly spaced
+    chunks chosen without the question: the control).
     """
 
     top_k: int = 3
     budget_bytes: int | None = None
     layers: tuple[int, ...] | None = None
     max_new_tokens: int = 32
+    selection: Literal["attention", "uniform"] = "attention"
 
     def __post_init__(self) -> None:
         if self.top_k < 0:
@@ -82,6 +84,8 @@ class RetrievalConfig:
             raise ConfigError(f"budget_bytes must be >= 0, got {self.budget_bytes}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.selection not in ("attention", "uniform"):
+            raise ConfigError(f"selection must be 'attention' or 'uniform', got {self.selection!r}")
 
 
 @dataclass(frozen=True)

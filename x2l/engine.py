@@ -16,19 +16,18 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from transformers import DynamicCache
 
 from x2l.compress import ChunkKV, LevelKV, VideoKV, merge_levels, split_levels
 from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig, to_dict
-from x2l.errors import NotFoundError
 from x2l.models.attention import probing
 from x2l.models.base import ModelAdapter, Segment
 from x2l.retrieval import RelevanceProbe, chunk_relevance, select_chunks
 from x2l.scorers import make_scorer
 from x2l.scorers.base import ScoringProbe
+from x2l.source import Fetch, InMemorySource, KVSource
 from x2l.video import VideoClip, load_video
 
 
@@ -148,6 +147,8 @@ class Answer:
     tokens_in_cache: int  # entries per layer and KV head in the mixed cache the answer was decoded over
     kv_bytes_used: int
     kv_bytes_full: int  # the uncompressed cache of the same prompt
+    store_bytes_read: int  # bytes requested from storage for this question's L deltas (0 when cached)
+    cache_hits: int  # selected chunks whose L delta came from a cache
     seconds: dict[str, float]
     first_logits: torch.Tensor | None = None  # logits of the first answer token (tests, evaluation)
 
@@ -163,32 +164,10 @@ class Answer:
             "tokens_in_cache": self.tokens_in_cache,
             "kv_bytes_used": self.kv_bytes_used,
             "kv_bytes_full": self.kv_bytes_full,
+            "store_bytes_read": self.store_bytes_read,
+            "cache_hits": self.cache_hits,
             "seconds": {k: round(v, 6) for k, v in self.seconds.items()},
         }
-
-
-class KVSource(Protocol):
-    """Where the Answerer gets KV: H of a whole video at once, L deltas of chosen chunks lazily."""
-
-    def load_h(self, video_id: str) -> VideoKV: ...
-
-    def fetch_deltas(self, video_id: str, chunks: list[int]) -> dict[int, LevelKV]: ...
-
-
-class InMemorySource:
-    """VideoKVs held in memory with their deltas (single-process use, tests)."""
-
-    def __init__(self, videos: Iterable[VideoKV]):
-        self.videos = {v.video_id: v for v in videos}
-
-    def load_h(self, video_id: str) -> VideoKV:
-        if video_id not in self.videos:
-            raise NotFoundError(f"unknown video id {video_id!r}")
-        return self.videos[video_id]
-
-    def fetch_deltas(self, video_id: str, chunks: list[int]) -> dict[int, LevelKV]:
-        video = self.load_h(video_id)
-        return {c: video.chunks[c].delta for c in chunks}
 
 
 def h_cache_layers(video: VideoKV) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -282,6 +261,14 @@ def greedy_decode(
     return out, first
 
 
+def uniform_chunks(n_chunks: int, k: int) -> list[int]:
+    """k chunks evenly spaced over the video, chosen without looking at the question (the control for retrieval)."""
+    k = min(k, n_chunks)
+    if k <= 0:
+        return []
+    return sorted({round(i * (n_chunks - 1) / (k - 1)) if k > 1 else (n_chunks - 1) // 2 for i in range(k)})
+
+
 class Answerer:
     """Answers batches of questions over indexed videos with task-aware selective re-loading of L."""
 
@@ -315,6 +302,7 @@ class Answerer:
         selected: list[list[int]] = [[] for _ in questions]
         relevance: list[list[float]] = [[] for _ in questions]
         levels: dict[str, dict[int, LevelKV]] = {}
+        fetches: dict[str, Fetch] = {}
         for vid, idx in by_video.items():
             t = time.perf_counter()
             video = videos[vid] = self.source.load_h(vid)
@@ -323,7 +311,10 @@ class Answerer:
             t = time.perf_counter()
             ks = [questions[i].top_k if questions[i].top_k is not None else cfg.top_k for i in idx]
             wants = [i for i, k in zip(idx, ks) if k > 0 or cfg.budget_bytes is not None]
-            if wants:
+            if wants and cfg.selection == "uniform":
+                for i, k in zip(idx, ks):
+                    selected[i] = uniform_chunks(video.n_chunks, k)
+            elif wants:
                 rel = self.relevance(video, [prompts[i] for i in wants])
                 delta_bytes = [video.entry_bytes(c.delta_entries) for c in video.chunks]
                 for row, i in zip(rel, wants):
@@ -334,8 +325,8 @@ class Answerer:
 
             t = time.perf_counter()
             need = sorted({c for i in idx for c in selected[i]})
-            deltas = self.source.fetch_deltas(vid, need) if need else {}
-            levels[vid] = {c: merge_levels(video.chunks[c].h, d) for c, d in deltas.items()}
+            fetch = fetches[vid] = self.source.fetch_deltas(vid, need) if need else Fetch({})
+            levels[vid] = {c: merge_levels(video.chunks[c].h, d) for c, d in fetch.levels.items()}
             seconds["fetch"] += time.perf_counter() - t
 
         t = time.perf_counter()
@@ -353,6 +344,7 @@ class Answerer:
         for i, q in enumerate(questions):
             video = videos[q.video_id]
             entries = caches[i][0][0].shape[1]
+            fetch = fetches[q.video_id]
             answers.append(Answer(
                 question=q,
                 text=self.model.decode_text(tokens[i]),
@@ -363,6 +355,8 @@ class Answerer:
                 tokens_in_cache=entries,
                 kv_bytes_used=video.entry_bytes(entries),
                 kv_bytes_full=video.full_bytes,
+                store_bytes_read=sum(fetch.bytes_read.get(c, 0) for c in selected[i]),
+                cache_hits=sum(c in fetch.cache_hits for c in selected[i]),
                 seconds=dict(seconds),
                 first_logits=first[i],
             ))

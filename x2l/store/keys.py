@@ -1,0 +1,46 @@
+"""Where a video lives in a store. Video ids are free-form strings; storage keys must be safe path components.
+
+`video_key(id)` = a readable slug of the id (characters outside [A-Za-z0-9._-] become "_", no leading ".", at most
+60 characters) + "-" + the first 16 hex digits of sha256(id). The slug is for humans listing a bucket; the hash keeps
+distinct ids apart (ids differing only in replaced or truncated characters get different keys) and the key can never
+be "", "." or "..", contain "/" or escape `videos/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from x2l.errors import StoreError
+
+STORE_DOC = "store.json"
+VIDEOS = "videos"
+KV_FILE = "kv.parquet"
+META_FILE = "meta.json"
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+SLUG_CHARS = 60
+
+
+def video_key(video_id: str) -> str:
+    """The storage key of a video id (see module doc). An empty or non-string id is refused: it names nothing."""
+    if not isinstance(video_id, str):
+        raise StoreError(f"video id must be a string, got {type(video_id).__name__}")
+    if not video_id:
+        raise StoreError("video id must not be empty")
+    slug = _UNSAFE.sub("_", video_id)[:SLUG_CHARS]
+    slug = "_" + slug[1:] if slug.startswith(".") else slug
+    digest = hashlib.sha256(video_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{slug}-{digest}"
+
+
+def video_dir(key: str) -> str:
+    return f"{VIDEOS}/{key}"
+
+
+def kv_path(key: str) -> str:
+    return f"{VIDEOS}/{key}/{KV_FILE}"
+
+
+def meta_path(key: str) -> str:
+    return f"{VIDEOS}/{key}/{META_FILE}"
