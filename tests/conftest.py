@@ -53,3 +53,16 @@ def video_path(tmp_path_factory):
     from x2l.synthetic import write_video
 
     return write_video(tmp_path_factory.mktemp("videos") / "clip.mp4", n_frames=50, fps=5, size=(64, 96))
+
+
+# --- Ray ----------------------------------------------------------------------------------------------------------------
+# ray_head (session): a real single-node Ray head (`ray start --head`) on 127.0.0.1 with 2 CPUs, stopped at the end.
+# Submit with `ray job submit --address ray_head.dashboard_url ...` and env=ray_head.env().
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    from x2l.cluster import LocalRayHead
+
+    with LocalRayHead(num_cpus=2) as head:
+        yield head

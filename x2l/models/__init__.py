@@ -37,4 +37,16 @@ def load_model(
     return Qwen2VLAdapter(path, dtype, attn_implementation, device, min_pixels, max_pixels)
 
 
-__all__ = ["ModelAdapter", "Segment", "load_model", "SUPPORTED_MODEL_TYPES"]
+
+
+def pixel_rule(path: str | Path, min_pixels: int | None = None, max_pixels: int | None = None):
+    """The checkpoint's frame-size rule without loading weights (for decode workers)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} is not a checkpoint: no config.json")
+    from x2l.models.qwen2_vl import PixelRule
+
+    return PixelRule.from_checkpoint(path, min_pixels, max_pixels)
+
+
+__all__ = ["ModelAdapter", "Segment", "load_model", "pixel_rule", "SUPPORTED_MODEL_TYPES"]

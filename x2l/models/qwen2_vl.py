@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -77,15 +78,47 @@ def checkpoint_fingerprint(path: Path) -> str:
     return h.hexdigest()[:32]
 
 
-def _preprocessor_settings(path: Path) -> dict:
-    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
-        f = path / name
-        if f.exists():
-            try:
-                return json.loads(f.read_text())
-            except json.JSONDecodeError as e:
-                raise ModelError(f"{f}: not valid JSON ({e})") from e
-    return {}
+@dataclass(frozen=True)
+class PixelRule:
+    """The family's input rule from the checkpoint's preprocessor files, read without loading any weights, so
+    decode workers can size frames exactly as the model will want them."""
+
+    patch_size: int
+    temporal_patch_size: int
+    merge_size: int
+    min_pixels: int
+    max_pixels: int
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, min_pixels: int | None = None, max_pixels: int | None = None) -> PixelRule:
+        pre: dict = {}
+        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+            if (path / name).exists():
+                pre = _read_json(path / name)
+                break
+        vision = _read_json(path / "config.json").get("vision_config", {})
+        size = pre.get("size") or {}
+        return cls(
+            patch_size=pre.get("patch_size", vision.get("patch_size", 14)),
+            temporal_patch_size=pre.get("temporal_patch_size", vision.get("temporal_patch_size", 2)),
+            merge_size=pre.get("merge_size", vision.get("spatial_merge_size", 2)),
+            min_pixels=min_pixels or size.get("shortest_edge") or pre.get("min_pixels") or 128 * 28 * 28,
+            max_pixels=max_pixels or size.get("longest_edge") or pre.get("max_pixels") or 768 * 28 * 28,
+            mean=tuple(pre.get("image_mean", CLIP_MEAN)),
+            std=tuple(pre.get("image_std", CLIP_STD)),
+        )
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        return smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
+
+
+def _read_json(f: Path) -> dict:
+    try:
+        return json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"{f}: cannot read ({e})") from e
 
 
 class Qwen2VLAdapter:
@@ -130,18 +163,11 @@ class Qwen2VLAdapter:
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.fingerprint = checkpoint_fingerprint(self.path)
 
-        pre = _preprocessor_settings(self.path)
-        size = pre.get("size") or {}
-        self.patch_size = pre.get("patch_size", self.vision.patch_size)
-        self.temporal_patch_size = pre.get("temporal_patch_size", self.vision.temporal_patch_size)
-        self.merge_size = pre.get("merge_size", self.vision.spatial_merge_size)
-        self.min_pixels = min_pixels or size.get("shortest_edge") or pre.get("min_pixels") or 128 * 28 * 28
-        self.max_pixels = max_pixels or size.get("longest_edge") or pre.get("max_pixels") or 768 * 28 * 28
-        mean = pre.get("image_mean", CLIP_MEAN)
-        std = pre.get("image_std", CLIP_STD)
+        rule = self.pixels = PixelRule.from_checkpoint(self.path, min_pixels, max_pixels)
+        self.patch_size, self.temporal_patch_size, self.merge_size = rule.patch_size, rule.temporal_patch_size, rule.merge_size
         # Rescale (1/255) fused into normalisation, as the stock processor does it.
-        self._mean = torch.tensor(mean).view(1, 3, 1, 1) * 255.0
-        self._std = torch.tensor(std).view(1, 3, 1, 1) * 255.0
+        self._mean = torch.tensor(rule.mean).view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(rule.std).view(1, 3, 1, 1) * 255.0
 
         tok = self.tokenizer
         self._vision_start = tok.convert_tokens_to_ids("<|vision_start|>")
@@ -152,11 +178,11 @@ class Qwen2VLAdapter:
 
     # --- pixels -------------------------------------------------------------------------------------------
     def target_size(self, height: int, width: int) -> tuple[int, int]:
-        return smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
+        return self.pixels.target_size(height, width)
 
     def pixel_values(self, frames: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """uint8 frames [F, H, W, 3] at target size -> flattened patches and (grid_t, grid_h, grid_w)."""
-        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+        x = torch.tensor(frames).permute(0, 3, 1, 2).float()  # a copy: frames may be a read-only view
         x = (x - self._mean) / self._std
         tp, p, m = self.temporal_patch_size, self.patch_size, self.merge_size
         if pad := -x.shape[0] % tp:

@@ -1,0 +1,24 @@
+"""KV storage: byte backends (backend.py), the Parquet layout (schema.py) and the store of indexed videos
+(kvstore.py). The store's names are imported lazily so `x2l.store.backend` / `x2l.store.s3_server` stay light."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["KVStore", "Fetch", "StoreStats", "video_key", "SCHEMA_VERSION"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("KVStore", "Fetch", "StoreStats"):
+        from x2l.store import kvstore
+
+        return getattr(kvstore, name)
+    if name == "video_key":
+        from x2l.store.keys import video_key
+
+        return video_key
+    if name == "SCHEMA_VERSION":
+        from x2l.store.schema import SCHEMA_VERSION
+
+        return SCHEMA_VERSION
+    raise AttributeError(f"module 'x2l.store' has no attribute {name!r}")

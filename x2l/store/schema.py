@@ -1,4 +1,4 @@
-"""The Parquet layout of one video's KV and the encoding of its rows (tensors as raw bytes; no pickle).
+"""The Parquet layout of one video's KV and the encoding of its rows (tensors as raw bytes, metadata as JSON).
 
 One row = one level of one chunk (or the sink):
 

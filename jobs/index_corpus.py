@@ -1,0 +1,134 @@
+"""Index a video corpus into a KV store on Ray.
+
+    ray job submit --working-dir . -- python jobs/index_corpus.py --corpus URI --store URI --model DIR [options]
+    python jobs/index_corpus.py --corpus URI --store URI --model DIR [options]     # no cluster: Ray starts locally
+
+A rerun skips videos already committed with the same model, settings and source; failed videos get a row with their
+reason and the run goes on. Exit status 0 unless nothing could be indexed (and something needed it), the corpus is
+empty, or the store is unreachable. Writes runs/<run_id>/videos.parquet and runs/<run_id>/summary.json to the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from x2l.config import CompressionConfig, SamplingConfig, StoreConfig, to_dict
+from x2l.errors import X2LError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", required=True, help="local folder (recursive), s3://bucket/prefix, or a .txt/.csv "
+                                                   "list of URIs with optional ',id'")
+    p.add_argument("--store", required=True, help="KV store root: local folder or s3://bucket/prefix")
+    p.add_argument("--model", required=True, help="checkpoint directory (HF layout), visible to every worker")
+    p.add_argument("--concurrency", type=int, default=1, help="indexing actors (default 1)")
+    p.add_argument("--num-gpus-per-actor", type=float, default=0.0, help="GPUs per actor; 0 = CPU (default 0)")
+    p.add_argument("--num-cpus-per-actor", type=float, default=0.5,
+                   help="logical CPUs each actor reserves (default 0.5: fractional so decode tasks always fit)")
+    p.add_argument("--decode-cpus", type=float, default=0.5, help="logical CPUs per decode task (default 0.5)")
+    p.add_argument("--torch-threads", type=int, default=None, help="torch threads per actor (default: Ray's)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation (default sdpa)")
+    d_s, d_c = SamplingConfig(), CompressionConfig()
+    p.add_argument("--fps", type=float, default=d_s.fps, help=f"default {d_s.fps:g}")
+    p.add_argument("--max-frames", type=int, default=d_s.max_frames, help=f"default {d_s.max_frames}")
+    p.add_argument("--frames-per-chunk", type=int, default=d_s.frames_per_chunk, help=f"default {d_s.frames_per_chunk}")
+    p.add_argument("--min-pixels", type=int, default=None, help="default: the checkpoint's")
+    p.add_argument("--max-pixels", type=int, default=None, help="default: the checkpoint's")
+    p.add_argument("--l-keep", type=float, default=d_c.l_keep, help=f"default {d_c.l_keep:g}")
+    p.add_argument("--h-keep", type=float, default=d_c.h_keep, help="default 1/16")
+    p.add_argument("--scorer", default=d_c.scorer, help=f"default {d_c.scorer}")
+    p.add_argument("--context", default=d_c.context, choices=["h", "full", "none"], help=f"default {d_c.context}")
+    p.add_argument("--overwrite", action="store_true", help="re-index videos stored with other settings")
+    p.add_argument("--run-id", default=None, help="run id (default: timestamp-pid)")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join (default: RAY_ADDRESS / the running cluster / a new local one); "
+                        "'local' always starts a new one")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except X2LError as e:
+        print(f"index_corpus: error: {e}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    import ray
+
+    from x2l.corpus import list_corpus
+    from x2l.distributed import IndexJobConfig, already_indexed, build_pipeline, stats_row
+    from x2l.models.qwen2_vl import checkpoint_fingerprint
+    from x2l.report import summarize_index_run
+    from x2l.store import KVStore
+    from x2l.store.runs import write_run
+    from pathlib import Path
+    import os
+
+    cfg_kwargs = {"run_id": args.run_id} if args.run_id else {}
+    cfg = IndexJobConfig(
+        corpus=args.corpus, store=StoreConfig(uri=args.store), model=str(Path(args.model).resolve()),
+        sampling=SamplingConfig(args.fps, args.max_frames, args.frames_per_chunk, args.min_pixels, args.max_pixels),
+        compression=CompressionConfig(args.l_keep, args.h_keep, args.scorer, args.context),
+        concurrency=args.concurrency, num_gpus_per_actor=args.num_gpus_per_actor,
+        num_cpus_per_actor=args.num_cpus_per_actor, decode_cpus=args.decode_cpus, torch_threads=args.torch_threads,
+        dtype=args.dtype, attn=args.attn, overwrite=args.overwrite, **cfg_kwargs)
+    from x2l.scorers import make_scorer
+
+    make_scorer(cfg.compression.scorer)  # refuse a bad scorer before starting anything
+    fingerprint = checkpoint_fingerprint(Path(cfg.model))
+    store = KVStore(cfg.store, fingerprint)  # unreachable or incompatible store: fails here, exit 1
+    entries = list_corpus(cfg.corpus, cfg.store)
+    if not entries:
+        print(f"index_corpus: error: no videos found in corpus {cfg.corpus}", file=sys.stderr)
+        return 1
+
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    t0 = time.perf_counter()
+    todo, skipped = [], []
+    for e in entries:
+        size = os.path.getsize(e.uri) if "://" not in e.uri and os.path.exists(e.uri) else None
+        meta = store.committed(e.video_id)
+        if not cfg.overwrite and already_indexed(meta, fingerprint, cfg, e.uri, size):
+            skipped.append(stats_row(e.video_id, e.uri, "skipped", "already committed with the same model, "
+                                     "settings and source"))
+        else:
+            todo.append({"video_id": e.video_id, "uri": e.uri})
+    print(f"index_corpus: {len(entries)} videos in {cfg.corpus}: {len(todo)} to index, {len(skipped)} already "
+          f"committed; store {cfg.store.uri}; run {cfg.run_id}", flush=True)
+
+    rows: list[dict] = []
+    if todo:
+        # Outside a submitted job, workers do not see this process's environment: pass on the store credentials.
+        # Inside one (`ray job submit --runtime-env-json ...`) the job's runtime env already reaches every worker.
+        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+        env_vars = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "X2L_"))}
+        ray.init(address=args.ray_address, ignore_reinit_error=True,
+                 runtime_env=None if in_job else {"env_vars": env_vars})
+        rows = build_pipeline(todo, cfg).take_all()
+    wall = time.perf_counter() - t0
+    config = {"corpus": cfg.corpus, "store": cfg.store.uri, "model": cfg.model, "model_fingerprint": fingerprint,
+              "sampling": to_dict(cfg.sampling), "compression": to_dict(cfg.compression),
+              "concurrency": cfg.concurrency, "num_gpus_per_actor": cfg.num_gpus_per_actor,
+              "num_cpus_per_actor": cfg.num_cpus_per_actor, "decode_cpus": cfg.decode_cpus}
+    summary = summarize_index_run(rows, skipped, wall, cfg.run_id, started, config)
+    write_run(store.backend, cfg.run_id, rows + skipped, summary)
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
+    for r in rows:
+        if r["status"] == "failed":
+            print(f"index_corpus: failed {r['video_id']}: {r['reason']}", file=sys.stderr)
+    if summary["indexed"] + summary["skipped"] == 0:
+        print("index_corpus: error: nothing could be indexed", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Ray Data pieces of the corpus indexing job (jobs/index_corpus.py).
+
+Pipeline: corpus rows -> `fetch_and_decode` (CPU tasks: download if remote, hash, decode, sample, resize) ->
+`IndexActor` pool (loads the model once; pre-fills, compresses and writes each video to the store) -> one stats row per
+video. Decoding runs as its own stage, so the next video decodes while an actor pre-fills the current one.
+
+On a small machine every actor asks for a fraction of a CPU (`num_cpus_per_actor`, default 0.5) and decode tasks for
+`decode_cpus` (default 0.5): with actors never holding every CPU, upstream tasks can always run (a full actor pool
+deadlocks Ray Data). Actors restart after a crash and their task is retried (max_restarts / max_task_retries below);
+a video is committed by its meta.json, written last, so a retried video is never committed twice or half.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from x2l.config import CompressionConfig, SamplingConfig, StoreConfig, to_dict
+from x2l.errors import X2LError
+
+FAULT_ENV = "X2L_FAULT_EXIT_ONCE"  # tests: path of a marker file; the first actor to index a video exits mid-video
+ACTOR_MAX_RESTARTS = -1  # restart a crashed actor as often as needed
+ACTOR_MAX_TASK_RETRIES = -1  # and retry the video it was working on
+STAT_FIELDS = ("video_id", "uri", "status", "reason", "duration_s", "frames", "chunks", "tokens", "decode_s", "vision_s",
+               "prefill_s", "compress_s", "write_s", "index_s", "bytes_sink", "bytes_h", "bytes_delta", "bytes_full",
+               "bytes_written", "actor", "actor_ready", "t_start", "t_end")
+
+
+@dataclass(frozen=True)
+class IndexJobConfig:
+    """Everything an indexing run needs; plain values so Ray can ship it to workers."""
+
+    corpus: str
+    store: StoreConfig
+    model: str
+    sampling: SamplingConfig = SamplingConfig()
+    compression: CompressionConfig = CompressionConfig()
+    concurrency: int = 1
+    num_gpus_per_actor: float = 0.0
+    num_cpus_per_actor: float = 0.5
+    decode_cpus: float = 0.5
+    torch_threads: int | None = None
+    dtype: str = "auto"
+    attn: str = "sdpa"
+    overwrite: bool = False
+    run_id: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}")
+
+
+def stats_row(video_id: str, uri: str, status: str, reason: str = "", **values) -> dict:
+    row = {k: 0 for k in STAT_FIELDS} | {"video_id": video_id, "uri": uri, "status": status, "reason": reason,
+                                          "actor": "", "actor_ready": 0.0, "t_start": 0.0, "t_end": 0.0}
+    row.update(values)
+    return row
+
+
+def _local_copy(uri: str, store: StoreConfig) -> tuple[str, str, int, str | None]:
+    """(local path, sha256, size, temp file to delete) for a local path or an s3:// object."""
+    h = hashlib.sha256()
+    if uri.startswith("s3://"):
+        import s3fs
+
+        fs = s3fs.S3FileSystem(**store.resolved_s3_options())
+        fd, tmp = tempfile.mkstemp(suffix=Path(uri).suffix or ".mp4")
+        size = 0
+        with os.fdopen(fd, "wb") as out, fs.open(uri, "rb", block_size=8 << 20) as src:
+            while block := src.read(8 << 20):
+                h.update(block)
+                out.write(block)
+                size += len(block)
+        return tmp, h.hexdigest(), size, tmp
+    with open(uri, "rb") as f:
+        size = 0
+        while block := f.read(8 << 20):
+            h.update(block)
+            size += len(block)
+    return uri, h.hexdigest(), size, None
+
+
+def fetch_and_decode(row: dict, model_dir: str, sampling: SamplingConfig, store: StoreConfig) -> dict:
+    """Corpus row -> decoded, sampled, resized frames (or a failed row with the reason). Runs as a CPU task."""
+    from x2l.models import pixel_rule
+    from x2l.video import load_video
+
+    t = time.perf_counter()
+    tmp = None
+    try:
+        rule = pixel_rule(model_dir, sampling.min_pixels, sampling.max_pixels)
+        path, sha, size, tmp = _local_copy(row["uri"], store)
+        clip = load_video(path, sampling, rule.target_size)
+    except (X2LError, OSError) as e:
+        msg = str(e).replace(str(tmp), row["uri"]) if tmp else str(e)
+        return {**stats_row(row["video_id"], row["uri"], "failed", msg, decode_s=time.perf_counter() - t),
+                "frames_data": np.zeros((0, 1, 1, 3), np.uint8), "timestamps": np.zeros(0), "clip": {}}
+    finally:
+        if tmp:
+            os.unlink(tmp)
+    clip_info = {"n_real_frames": clip.n_real_frames, "frames_per_chunk": clip.frames_per_chunk,
+                 "chunk_times": [list(c) for c in clip.chunk_times], "duration_s": clip.duration_s,
+                 "native_fps": clip.native_fps, "codec": clip.codec, "sha256": sha, "size": size}
+    return {**stats_row(row["video_id"], row["uri"], "decoded", decode_s=time.perf_counter() - t,
+                        duration_s=clip.duration_s),
+            "frames_data": clip.frames, "timestamps": clip.timestamps, "clip": clip_info}
+
+
+class IndexActor:
+    """Holds the model and a store handle; indexes one decoded video per call and writes it to the store."""
+
+    def __init__(self, cfg: IndexJobConfig):
+        import torch
+
+        from x2l.engine import Indexer
+        from x2l.models import load_model
+        from x2l.store import KVStore
+
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        self.cfg = cfg
+        device = "cuda" if cfg.num_gpus_per_actor > 0 else "cpu"
+        self.model = load_model(cfg.model, cfg.dtype, cfg.attn, device, cfg.sampling.min_pixels, cfg.sampling.max_pixels)
+        self.indexer = Indexer(self.model, cfg.sampling, cfg.compression)
+        self.store = KVStore(cfg.store, self.model.fingerprint)
+        self.actor = f"{socket.gethostname()}:{os.getpid()}"
+        self.ready = time.time()
+
+    def __call__(self, row: dict) -> dict:
+        from x2l.video import VideoClip
+
+        base = {k: row[k] for k in STAT_FIELDS if k in row} | {"actor": self.actor, "actor_ready": self.ready}
+        if row["status"] != "decoded":
+            return base | {"t_start": time.time(), "t_end": time.time()}
+        t_start = time.time()
+        info = row["clip"]
+        clip = VideoClip(row["uri"], np.asarray(row["frames_data"]), np.asarray(row["timestamps"]),
+                         info["n_real_frames"], info["frames_per_chunk"], [tuple(c) for c in info["chunk_times"]],
+                         info["duration_s"], info["native_fps"], info["codec"])
+        try:
+            t = time.perf_counter()
+            kv = self.indexer.index_clip(clip, row["video_id"])
+            index_s = time.perf_counter() - t
+            self._maybe_crash()
+            kv.meta |= {"source_size": info["size"], "run_id": self.cfg.run_id}
+            before = self.store.backend.stats.snapshot()
+            t = time.perf_counter()
+            self.store.write(kv, source=row["uri"], source_hash=info["sha256"], overwrite=self.cfg.overwrite)
+            write_s = time.perf_counter() - t
+            written = (self.store.backend.stats.snapshot() - before).bytes_written
+        except X2LError as e:
+            return base | {"status": "failed", "reason": str(e), "t_start": t_start, "t_end": time.time()}
+        except Exception as e:  # noqa: BLE001 - one bad video must not fail the job; the reason is recorded
+            reason = f"{type(e).__name__}: {e} | {traceback.format_exc(limit=3).splitlines()[-1]}"
+            return base | {"status": "failed", "reason": reason, "t_start": t_start, "t_end": time.time()}
+        st = self.indexer.last_stats
+        return base | {
+            "status": "indexed", "frames": st.frames, "chunks": st.chunks, "tokens": st.tokens,
+            "vision_s": st.seconds["vision"], "prefill_s": st.seconds["prefill"],
+            "compress_s": st.seconds["compress"], "index_s": index_s, "write_s": write_s,
+            "bytes_sink": kv.sink_keys.nbytes + kv.sink_values.nbytes,
+            "bytes_h": sum(c.h.nbytes for c in kv.chunks), "bytes_delta": sum(c.delta.nbytes for c in kv.chunks),
+            "bytes_full": kv.full_bytes, "bytes_written": written, "t_start": t_start, "t_end": time.time(),
+        }
+
+    @staticmethod
+    def _maybe_crash() -> None:
+        marker = os.environ.get(FAULT_ENV)
+        if marker and not os.path.exists(marker):
+            Path(marker).write_text(f"crashed pid {os.getpid()}\n")
+            os._exit(1)
+
+
+def already_indexed(meta: dict | None, model_fingerprint: str, cfg: IndexJobConfig, uri: str, size: int | None) -> bool:
+    """Whether a committed video can be skipped: same model, settings, source URI and source size."""
+    return (meta is not None and meta.get("model_fingerprint") == model_fingerprint
+            and meta.get("sampling") == to_dict(cfg.sampling) and meta.get("compression") == to_dict(cfg.compression)
+            and meta.get("source") == uri and (size is None or meta.get("source_size") == size))
+
+
+def build_pipeline(rows: list[dict], cfg: IndexJobConfig):
+    """The Ray Dataset of stats rows for `rows` (corpus entries that need indexing)."""
+    import ray
+
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    ds = ds.map(fetch_and_decode, fn_kwargs={"model_dir": cfg.model, "sampling": cfg.sampling, "store": cfg.store},
+                num_cpus=cfg.decode_cpus)
+    return ds.map(
+        IndexActor,
+        fn_constructor_kwargs={"cfg": cfg},
+        concurrency=cfg.concurrency,
+        num_cpus=cfg.num_cpus_per_actor,
+        num_gpus=cfg.num_gpus_per_actor or None,
+        max_restarts=ACTOR_MAX_RESTARTS,
+        max_task_retries=ACTOR_MAX_TASK_RETRIES,
+    )
