@@ -18,7 +18,6 @@ from pathlib import Path
 
 from x2l.config import SamplingConfig
 from x2l.engine import Indexer
-from x2l.kvfile import load_videokv, save_videokv
 from x2l.models import load_model
 from x2l.models.tiny import write_tiny_checkpoint
 from x2l.store import KVStore
@@ -113,15 +112,9 @@ def main() -> None:
     if not video_path.exists():
         write_video(video_path, n_frames=600 * 4, fps=4, size=(224, 400))
     sampling = SamplingConfig()
-    kv_file = work / "ten_minutes.kv.safetensors"  # indexing takes a while: reuse it on reruns in the same workdir
-    index_s = None
-    if kv_file.exists():
-        video = load_videokv(kv_file)
-    else:
-        t = time.perf_counter()
-        video = Indexer(load_model(ckpt), sampling).index(video_path, "ten-minutes")
-        index_s = round(time.perf_counter() - t, 2)
-        save_videokv(video, kv_file)
+    t = time.perf_counter()
+    video = Indexer(load_model(ckpt), sampling).index(video_path, "ten-minutes")
+    index_s = round(time.perf_counter() - t, 2)
 
     n = video.n_chunks
     delta_bytes = [c.delta.nbytes for c in video.chunks]

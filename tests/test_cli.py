@@ -24,19 +24,39 @@ def x2l(*args, check=True):
 
 @pytest.fixture(scope="module")
 def indexed(tiny_checkpoints, video_path, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "clip.kv"
+    out = tmp_path_factory.mktemp("cli") / "store"
     r = x2l("index", video_path, "--model", tiny_checkpoints["qwen2-vl"], "--out", out, "--video-id", "clip-1",
             "--fps", 2, "--frames-per-chunk", 4, "--json")
     return out, json.loads(r.stdout)
 
 
-def test_index_reports_what_it_wrote(indexed):
+def test_index_reports_what_it_wrote(indexed, tiny_checkpoints, video_path):
     out, res = indexed
-    assert out.is_file()
+    assert (out / "store.json").is_file()
     assert res["video_id"] == "clip-1" and res["chunks"] == 5 and res["frames"] == 20
     b = res["bytes"]
-    assert 0 < b["h"] < b["l_delta"] < b["full"]
+    assert 0 < b["h"] < b["delta"] < b["full"] and res["bytes_written"] > b["h"] + b["delta"]
     assert set(res["seconds"]) >= {"decode", "vision", "prefill", "compress", "total"}
+    # the same video again: a no-op; other settings: refused without --overwrite
+    again = x2l("index", video_path, "--model", tiny_checkpoints["qwen2-vl"], "--out", out, "--video-id", "clip-1",
+                "--fps", 2, "--frames-per-chunk", 4)
+    assert "nothing written" in again.stdout
+    other = x2l("index", video_path, "--model", tiny_checkpoints["qwen2-vl"], "--out", out, "--video-id", "clip-1",
+                "--fps", 2, "--frames-per-chunk", 4, "--l-keep", 0.25, check=False)
+    assert other.returncode == 1 and "overwrite" in other.stderr
+
+
+def test_store_ls_and_info(indexed):
+    out, _ = indexed
+    ls = x2l("store", "ls", out)
+    assert "1 videos" in ls.stdout and "clip-1: 5 chunks" in ls.stdout
+    info = json.loads(x2l("store", "info", out, "clip-1", "--json").stdout)
+    assert info["n_chunks"] == 5 and len(info["chunks"]) == 5
+    assert info["sampling"]["fps"] == 2 and info["compression"]["l_keep"] == 0.5
+    text = x2l("store", "info", out, "clip-1").stdout
+    assert "L delta" in text and "chunks:" in text
+    r = x2l("store", "info", out, "nope", check=False)
+    assert r.returncode == 1 and "nope" in r.stderr
 
 
 def test_ask_json_has_the_documented_fields(indexed, tiny_checkpoints):
@@ -46,15 +66,20 @@ def test_ask_json_has_the_documented_fields(indexed, tiny_checkpoints):
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert len(rows) == 2
     for row in rows:
-        assert {"answer", "selected_chunks", "n_chunks", "tokens_in_cache", "kv_bytes_used", "kv_bytes_full"} <= set(row)
+        assert {"answer", "selected_chunks", "n_chunks", "tokens_in_cache", "kv_bytes_used", "kv_bytes_full",
+                "store_bytes_read", "cache_hits"} <= set(row)
         assert len(row["selected_chunks"]) == 2 and row["n_chunks"] == 5
         assert row["kv_bytes_used"] < row["kv_bytes_full"]
+    # chunks both questions chose are read once: the reads add up to the deltas fetched, never more
+    fetched = set(rows[0]["selected_chunks"]) | set(rows[1]["selected_chunks"])
+    assert sum(row["store_bytes_read"] for row in rows) >= 1
+    assert max(row["store_bytes_read"] for row in rows) > 0 and len(fetched) >= 2
 
 
 def test_ask_refuses_kv_from_another_model(indexed, tiny_checkpoints):
     out, _ = indexed
     r = x2l("ask", out, "--model", tiny_checkpoints["qwen2.5-vl"], "--question", "q", check=False)
-    assert r.returncode == 1 and "indexed with another model" in r.stderr
+    assert r.returncode == 1 and "model fingerprint" in r.stderr
 
 
 def test_tiny_model_command_writes_a_loadable_checkpoint(tmp_path):
@@ -110,12 +135,13 @@ def test_bad_model_and_kv_paths(tmp_path, tiny_checkpoints, video_path):
     not_a_ckpt.mkdir()
     r = x2l("index", video_path, "--model", not_a_ckpt, "--out", tmp_path / "o", check=False)
     assert r.returncode == 1 and "no config.json" in r.stderr
-    r = x2l("ask", tmp_path / "missing.kv", "--model", tiny_checkpoints["qwen2-vl"], "--question", "q", check=False)
-    assert r.returncode == 1 and "no such KV file" in r.stderr
-    garbage = tmp_path / "garbage.kv"
-    garbage.write_bytes(os.urandom(64))
+    r = x2l("ask", tmp_path / "empty-store", "--model", tiny_checkpoints["qwen2-vl"], "--question", "q", check=False)
+    assert r.returncode == 1 and "holds 0 videos" in r.stderr
+    garbage = tmp_path / "garbage-store"
+    garbage.mkdir()
+    (garbage / "store.json").write_bytes(os.urandom(64))
     r = x2l("ask", garbage, "--model", tiny_checkpoints["qwen2-vl"], "--question", "q", check=False)
-    assert r.returncode == 1 and "not a readable x2l KV file" in r.stderr
+    assert r.returncode == 1 and "store.json" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_debug_shows_the_traceback(tmp_path, tiny_checkpoints):

@@ -66,22 +66,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add = sub.add_parser
     sub.add_parser = lambda *a, **k: _add(*a, parents=[common], **k)  # every command takes --debug
 
-    p = sub.add_parser("index", help="pre-fill a video and write its bi-level compressed KV")
+    p = sub.add_parser("index", help="pre-fill a video and write its bi-level compressed KV to a store")
     p.add_argument("video", help="video file")
-    p.add_argument("--out", required=True, help="output KV file")
+    p.add_argument("--out", required=True, help="store URI: a local folder or s3://bucket/prefix")
     p.add_argument("--video-id", default=None, help="id to store it under (default: the file name)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the video if it is stored with other settings (default: refuse)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     _model_options(p)
     _sampling_options(p)
     _compression_options(p)
 
     p = sub.add_parser("ask", help="answer questions about an indexed video")
-    p.add_argument("kv", help="KV file written by `x2l index`")
+    p.add_argument("store", help="store URI written by `x2l index` (local folder or s3://bucket/prefix)")
+    p.add_argument("--video-id", default=None, help="video to ask about (default: the store's only video)")
     p.add_argument("--question", action="append", required=True, help="question text; repeat to batch several")
     p.add_argument("--options", nargs="+", default=None, help="multiple-choice options (apply to every question)")
     p.add_argument("--json", action="store_true", help="print one JSON object per question")
     _model_options(p)
     _retrieval_options(p)
+
+    p = sub.add_parser("store", help="inspect a KV store")
+    store_sub = p.add_subparsers(dest="store_command", required=True)
+    q = store_sub.add_parser("ls", help="list committed videos with their sizes")
+    q.add_argument("store", help="store URI")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q = store_sub.add_parser("info", help="one video's sizes per level, chunk times and settings")
+    q.add_argument("store", help="store URI")
+    q.add_argument("video_id")
+    q.add_argument("--json", action="store_true", help="print the whole meta.json")
 
     p = sub.add_parser("tiny-model", help="write a random-weight checkpoint in the HF layout (tests, demo, timings)")
     p.add_argument("out_dir")
@@ -103,54 +116,99 @@ def _load_model(args):
 
 def cmd_index(args) -> None:
     from x2l.engine import Indexer
-    from x2l.kvfile import save_videokv
+    from x2l.store import KVStore
     from x2l.video import probe_video
 
     probe_video(args.video)  # refuse a bad file before spending time on the model
     sampling = SamplingConfig(args.fps, args.max_frames, args.frames_per_chunk, args.min_pixels, args.max_pixels)
     compression = CompressionConfig(args.l_keep, args.h_keep, args.scorer, args.context)
     model = _load_model(args)
+    store = KVStore(args.out, model.fingerprint)
     indexer = Indexer(model, sampling, compression)
     t = time.perf_counter()
     kv = indexer.index(args.video, args.video_id)
-    save_videokv(kv, args.out)
+    before = store.backend.stats.snapshot()
+    meta = store.write(kv, source=str(Path(args.video).resolve()), overwrite=args.overwrite)
+    written = (store.backend.stats.snapshot() - before).bytes_written
     stats = indexer.last_stats
-    h = sum(c.h.nbytes for c in kv.chunks)
-    delta = sum(c.delta.nbytes for c in kv.chunks)
-    sink = kv.sink_keys.nbytes + kv.sink_values.nbytes
     result = {
-        "video_id": kv.video_id, "out": str(args.out), "frames": stats.frames, "chunks": kv.n_chunks,
-        "tokens": stats.tokens, "bytes": {"sink": sink, "h": h, "l_delta": delta, "full": kv.full_bytes},
+        "video_id": kv.video_id, "store": args.out, "frames": stats.frames, "chunks": kv.n_chunks,
+        "tokens": stats.tokens, "bytes": meta["bytes"], "bytes_written": written,
         "seconds": {k: round(v, 4) for k, v in stats.seconds.items()} | {"total": round(time.perf_counter() - t, 4)},
     }
     if args.json:
         print(json.dumps(result))
     else:
+        b = meta["bytes"]
+        note = "" if written else " (already stored with the same fingerprint: nothing written)"
         print(f"indexed {kv.video_id}: {stats.frames} frames, {kv.n_chunks} chunks, {stats.tokens} tokens "
-              f"in {result['seconds']['total']:.2f} s -> {args.out}")
-        print(f"  KV bytes: sink {sink:,}  H {h:,}  L delta {delta:,}  (uncompressed {kv.full_bytes:,})")
+              f"in {result['seconds']['total']:.2f} s -> {args.out}{note}")
+        print(f"  KV bytes: sink {b['sink']:,}  H {b['h']:,}  L delta {b['delta']:,}  (uncompressed {b['full']:,})")
+
+
+def _pick_video(store, video_id: str | None) -> str:
+    if video_id is not None:
+        return video_id
+    videos = store.list_videos()
+    if len(videos) != 1:
+        from x2l.errors import ConfigError
+
+        ids = ", ".join(repr(v["video_id"]) for v in videos[:10]) or "none"
+        raise ConfigError(f"store {store.backend.uri} holds {len(videos)} videos ({ids}): pick one with --video-id")
+    return videos[0]["video_id"]
 
 
 def cmd_ask(args) -> None:
-    from x2l.engine import Answerer, InMemorySource, Question
-    from x2l.kvfile import load_videokv
+    from x2l.engine import Answerer, Question
+    from x2l.store import KVStore
 
-    kv = load_videokv(args.kv)
     model = _load_model(args)
-    if kv.meta.get("model_fingerprint") not in (None, model.fingerprint):
-        raise X2LError(f"{args.kv} was indexed with another model (fingerprint {kv.meta['model_fingerprint']}, "
-                       f"{args.model} has {model.fingerprint}); re-index it with this model")
+    store = KVStore(args.store, model.fingerprint)
+    video_id = _pick_video(store, args.video_id)
+    store.info(video_id)  # unknown id: a clear error before any work
     retrieval = RetrievalConfig(args.top_k, args.budget_bytes, None, args.max_new_tokens)
-    answers = Answerer(model, InMemorySource([kv]), retrieval).answer(
-        [Question(kv.video_id, q, args.options) for q in args.question]
-    )
+    answers = Answerer(model, store, retrieval).answer([Question(video_id, q, args.options) for q in args.question])
     for a in answers:
         if args.json:
             print(json.dumps(a.to_dict()))
         else:
             print(f"Q: {a.question.question}\nA: {a.text}")
             print(f"   chunks {a.selected_chunks} of {a.n_chunks} at L; {a.tokens_in_cache} tokens in cache, "
-                  f"{a.kv_bytes_used:,} of {a.kv_bytes_full:,} KV bytes")
+                  f"{a.kv_bytes_used:,} of {a.kv_bytes_full:,} KV bytes; {a.store_bytes_read:,} bytes read from "
+                  f"the store, {a.cache_hits} cache hits")
+
+
+def cmd_store(args) -> None:
+    from x2l.store import KVStore
+
+    store = KVStore(args.store)
+    if args.store_command == "ls":
+        videos = store.list_videos()
+        if args.json:
+            print(json.dumps(videos))
+            return
+        print(f"{len(videos)} videos in {args.store}")
+        for v in videos:
+            b = v["bytes"]
+            print(f"  {v['video_id']}: {v['chunks']} chunks, H {b['h']:,} B, L delta {b['delta']:,} B, "
+                  f"uncompressed {b['full']:,} B")
+        return
+    meta = store.info(args.video_id)
+    if args.json:
+        print(json.dumps(meta, indent=1))
+        return
+    b = meta["bytes"]
+    print(f"{meta['video_id']} (key {meta['video_key']}), source {meta['source']}")
+    print(f"  model {meta['model_family']} {meta['model_fingerprint']}, schema {meta['schema_version']}, "
+          f"written {meta['created']}")
+    print(f"  sampling {meta['sampling']}")
+    print(f"  compression {meta['compression']}")
+    print(f"  bytes: sink {b['sink']:,}  H {b['h']:,}  L delta {b['delta']:,}  uncompressed {b['full']:,}  "
+          f"file {meta['parquet_bytes']:,}")
+    print(f"  {meta['n_chunks']} chunks:")
+    for c in meta["chunks"]:
+        print(f"    {c['chunk']:4d}  {c['start_s']:8.2f}-{c['end_s']:8.2f} s  {c['n_tokens']} tokens  "
+              f"H {c['h_bytes']:,} B  L delta {c['delta_bytes']:,} B")
 
 
 def cmd_tiny_model(args) -> None:
@@ -166,7 +224,7 @@ def cmd_demo(args) -> None:
     run_demo(Path(args.workdir))
 
 
-COMMANDS = {"index": cmd_index, "ask": cmd_ask, "tiny-model": cmd_tiny_model, "demo": cmd_demo}
+COMMANDS = {"index": cmd_index, "ask": cmd_ask, "store": cmd_store, "tiny-model": cmd_tiny_model, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

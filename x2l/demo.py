@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 
 from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig
-from x2l.engine import Answerer, InMemorySource, Indexer, Question
-from x2l.kvfile import save_videokv
+from x2l.engine import Answerer, Indexer, Question
+from x2l.store import KVStore
 from x2l.models import load_model
 from x2l.models.tiny import write_tiny_checkpoint
 from x2l.synthetic import write_video
@@ -36,7 +36,9 @@ def run_demo(workdir: Path) -> None:
     model = load_model(model_dir)
     indexer = Indexer(model, SamplingConfig(), CompressionConfig())
     kv = indexer.index(video, "sample")
-    out = save_videokv(kv, workdir / "sample.kv.safetensors")
+    store = KVStore(str(workdir / "store"), model.fingerprint)
+    store.write(kv, source=str(video), overwrite=True)
+    out = workdir / "store"
     st = indexer.last_stats
     h = sum(c.h.nbytes for c in kv.chunks)
     delta = sum(c.delta.nbytes for c in kv.chunks)
@@ -46,11 +48,12 @@ def run_demo(workdir: Path) -> None:
           f"(H is {h / kv.full_bytes:.1%}, H+L {(h + delta) / kv.full_bytes:.1%} of uncompressed)")
 
     t = time.perf_counter()
-    answers = Answerer(model, InMemorySource([kv]), RetrievalConfig(top_k=3, max_new_tokens=12)).answer(DEMO_QUESTIONS)
+    answers = Answerer(model, store, RetrievalConfig(top_k=3, max_new_tokens=12)).answer(DEMO_QUESTIONS)
     dt = time.perf_counter() - t
     print(f"[3/3] answered {len(answers)} questions in one batch in {dt:.2f} s:")
     for a in answers:
         print(f"      Q: {a.question.question}")
         print(f"      A: {a.text!r}  (chunks {a.selected_chunks} at L of {a.n_chunks}; "
-              f"{a.kv_bytes_used:,} of {a.kv_bytes_full:,} KV bytes in the cache)")
+              f"{a.kv_bytes_used:,} of {a.kv_bytes_full:,} KV bytes in the cache, {a.store_bytes_read:,} bytes "
+              f"read from the store)")
     print(f"done in {time.perf_counter() - t0:.1f} s; files in {workdir}/")
