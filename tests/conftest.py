@@ -10,7 +10,14 @@ store_uri  (function, parametrised "local" / "s3"): a fresh, empty store URI per
 
 from __future__ import annotations
 
+import os
 import uuid
+
+# In-process Ray clusters (ray.init(address="local")) bind loopback only and skip token auth (which would otherwise
+# write ~/.ray/auth_token); the `ray_head` fixture's processes get their own token through LocalRayHead.env().
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import pytest
 

@@ -300,3 +300,15 @@ def test_s3_credentials_are_enforced(s3_server, monkeypatch):
     with pytest.raises(StoreError, match="refused access"):
         anon.read_bytes("obj")
     assert open_backend(uri, good).read_bytes("obj") == b"ok"
+
+
+def test_list_files_lists_objects_not_directories(store_uri):
+    from x2l.store.backend import open_backend
+
+    b = open_backend(store_uri)
+    b.write_bytes("d/one.txt", b"1")
+    b.write_bytes("d/two.txt", b"2")
+    b.write_bytes("d/sub/three.txt", b"3")
+    assert b.list_files("d") == ["one.txt", "two.txt"]
+    assert b.list_dirs("d") == ["sub"]
+    assert b.list_files("missing") == []

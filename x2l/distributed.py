@@ -13,6 +13,7 @@ a video is committed by its meta.json, written last, so a retried video is never
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import tempfile
@@ -52,6 +53,20 @@ class IndexJobConfig:
     attn: str = "sdpa"
     overwrite: bool = False
     run_id: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}")
+
+
+def map_with_actors(ds, fn, batch_size: int | None = None, **kwargs):
+    """`ds.map` (batch_size None) or `ds.map_batches` with an actor pool whose restart and retry settings are
+    explicit. Ray Data's defaults are the same today; Ray 2.60 marks `ray_remote_args` deprecated (removal planned
+    for 2.64, hence the pin in pyproject.toml) without a named replacement for these two, so the warning is muted."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        fault_tolerance = {"max_restarts": ACTOR_MAX_RESTARTS, "max_task_retries": ACTOR_MAX_TASK_RETRIES}
+        if batch_size is None:
+            return ds.map(fn, **kwargs, **fault_tolerance)
+        return ds.map_batches(fn, batch_size=batch_size, **kwargs, **fault_tolerance)
 
 
 def stats_row(video_id: str, uri: str, status: str, reason: str = "", **values) -> dict:
@@ -189,12 +204,70 @@ def build_pipeline(rows: list[dict], cfg: IndexJobConfig):
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
     ds = ds.map(fetch_and_decode, fn_kwargs={"model_dir": cfg.model, "sampling": cfg.sampling, "store": cfg.store},
                 num_cpus=cfg.decode_cpus)
-    return ds.map(
-        IndexActor,
-        fn_constructor_kwargs={"cfg": cfg},
-        concurrency=cfg.concurrency,
-        num_cpus=cfg.num_cpus_per_actor,
-        num_gpus=cfg.num_gpus_per_actor or None,
-        max_restarts=ACTOR_MAX_RESTARTS,
-        max_task_retries=ACTOR_MAX_TASK_RETRIES,
-    )
+    return map_with_actors(ds, IndexActor, fn_constructor_kwargs={"cfg": cfg}, concurrency=cfg.concurrency,
+                           num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None)
+
+
+@dataclass(frozen=True)
+class AnswerJobConfig:
+    """What the in-job answering actors need; plain values so Ray can ship them."""
+
+    store: StoreConfig
+    model: str
+    out: str
+    top_k: int = 3
+    max_new_tokens: int = 32
+    dtype: str = "auto"
+    attn: str = "sdpa"
+    torch_threads: int | None = None
+    use_gpu: bool = False
+
+
+class AnswerActor:
+    """Holds the model and the store (with its L cache); answers a batch of questions in one engine call and writes
+    the batch's answers as one part file before returning them, so a killed job keeps every finished batch."""
+
+    def __init__(self, cfg: AnswerJobConfig):
+        import torch
+
+        from x2l.config import RetrievalConfig
+        from x2l.engine import Answerer
+        from x2l.models import load_model
+        from x2l.store import KVStore
+        from x2l.store.backend import open_backend
+
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        self.cfg = cfg
+        self.model = load_model(cfg.model, cfg.dtype, cfg.attn, "cuda" if cfg.use_gpu else "cpu")
+        self.store = KVStore(cfg.store, self.model.fingerprint)
+        self.answerer = Answerer(self.model, self.store, RetrievalConfig(cfg.top_k, max_new_tokens=cfg.max_new_tokens))
+        self.out = open_backend(cfg.out, cfg.store)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        from x2l.engine import Question
+        from x2l.questions import answer_row, write_part
+
+        questions = [{"id": str(i), "video_id": str(v), "question": str(q),
+                      "options": json.loads(o) if o else None}
+                     for i, v, q, o in zip(batch["id"], batch["video_id"], batch["question"], batch["options"])]
+        rows = self._answer(questions, lambda qs: [a.to_dict() for a in self.answerer.answer(
+            [Question(q["video_id"], q["question"], q["options"]) for q in qs])])
+        part = hashlib.sha256("\n".join(q["id"] for q in questions).encode()).hexdigest()[:16]
+        write_part(self.out, part, [answer_row(q, r) for q, r in zip(questions, rows)])
+        return {"id": [q["id"] for q in questions]}
+
+    @staticmethod
+    def _answer(questions: list[dict], run) -> list[dict]:
+        """All together; if that fails, video by video, so one bad video fails only its own questions."""
+        try:
+            return run(questions)
+        except Exception:  # noqa: BLE001
+            results: dict[str, dict] = {}
+            for vid in dict.fromkeys(q["video_id"] for q in questions):
+                group = [q for q in questions if q["video_id"] == vid]
+                try:
+                    results |= {q["id"]: r for q, r in zip(group, run(group))}
+                except Exception as e:  # noqa: BLE001 - recorded in the answer row; a rerun retries it
+                    results |= {q["id"]: {"error": f"{type(e).__name__}: {e}"} for q in group}
+            return [results[q["id"]] for q in questions]

@@ -41,3 +41,82 @@ class InMemorySource:
     def fetch_deltas(self, video_id: str, chunks: list[int]) -> Fetch:
         video = self.load_h(video_id)
         return Fetch({c: video.chunks[c].delta for c in chunks}, {c: 0 for c in chunks}, set(chunks))
+
+
+def h_bytes(video: VideoKV) -> int:
+    """Memory a video's loaded H level takes: the sink and every chunk's H (keys, values, indices)."""
+    return (video.sink_keys.nbytes + video.sink_values.nbytes
+            + sum(c.h.nbytes + c.h.index.nbytes for c in video.chunks))
+
+
+class HCache:
+    """Keeps videos' H levels in memory within a byte budget, least recently used out; L deltas pass through.
+
+    Wraps any KVSource (normally the store, whose own LRU caches L deltas). `preload()` fills the budget at start;
+    other videos load on first use. A video whose H alone exceeds the budget is served but not kept.
+    """
+
+    def __init__(self, source: KVSource, budget_bytes: int):
+        from collections import OrderedDict
+        from threading import Lock
+
+        self.source = source
+        self.budget = budget_bytes
+        self._videos: OrderedDict[str, VideoKV] = OrderedDict()
+        self._sizes: dict[str, int] = {}
+        self._lock = Lock()
+        self.loads = 0
+        self.hits = 0
+        self.evictions = 0
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(self._sizes.values())
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return list(self._videos)
+
+    def preload(self, video_ids: Iterable[str]) -> list[str]:
+        """Load videos in order while they fit; returns the ids loaded."""
+        done = []
+        for vid in video_ids:
+            video = self.source.load_h(vid)
+            with self._lock:
+                if self.used_bytes + h_bytes(video) > self.budget:
+                    break
+            self._keep(vid, video)
+            done.append(vid)
+        return done
+
+    def _keep(self, video_id: str, video: VideoKV) -> None:
+        size = h_bytes(video)
+        with self._lock:
+            self.loads += 1
+            if size > self.budget:
+                return
+            self._videos[video_id] = video
+            self._sizes[video_id] = size
+            self._videos.move_to_end(video_id)
+            while self.used_bytes > self.budget:
+                old, _ = self._videos.popitem(last=False)
+                del self._sizes[old]
+                self.evictions += 1
+
+    def load_h(self, video_id: str) -> VideoKV:
+        with self._lock:
+            if video_id in self._videos:
+                self.hits += 1
+                self._videos.move_to_end(video_id)
+                return self._videos[video_id]
+        video = self.source.load_h(video_id)
+        self._keep(video_id, video)
+        return video
+
+    def fetch_deltas(self, video_id: str, chunks: list[int]) -> Fetch:
+        return self.source.fetch_deltas(video_id, chunks)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"videos": len(self._videos), "bytes": self.used_bytes, "budget_bytes": self.budget,
+                    "loads": self.loads, "hits": self.hits, "evictions": self.evictions}

@@ -248,9 +248,17 @@ class Backend(ABC):
     def exists(self, key: str) -> bool:
         """Whether an object (or a non-empty directory) exists at key."""
 
-    @abstractmethod
     def list_dirs(self, prefix: str = "") -> list[str]:
         """Sorted names of the immediate child directories under prefix ("" = root); [] if there are none."""
+        return self._children(prefix, dirs=True)
+
+    def list_files(self, prefix: str = "") -> list[str]:
+        """Sorted names of the immediate child objects (files) under prefix; [] if there are none."""
+        return self._children(prefix, dirs=False)
+
+    @abstractmethod
+    def _children(self, prefix: str, dirs: bool) -> list[str]:
+        """Names of the immediate children under prefix that are directories (dirs) or files (not dirs)."""
 
     @abstractmethod
     def remove_prefix(self, prefix: str) -> None:
@@ -346,10 +354,11 @@ class LocalBackend(Backend):
     def exists(self, key: str) -> bool:
         return os.path.exists(self._path(key))
 
-    def list_dirs(self, prefix: str = "") -> list[str]:
+    def _children(self, prefix: str, dirs: bool) -> list[str]:
         path = self._path(prefix, allow_empty=True)
         try:
-            return sorted(e.name for e in os.scandir(path) if e.is_dir())
+            return sorted(e.name for e in os.scandir(path)
+                          if (e.is_dir() if dirs else e.is_file()) and ".tmp-" not in e.name)  # skip writes in flight
         except (FileNotFoundError, NotADirectoryError):
             return []
 
@@ -466,14 +475,15 @@ class S3Backend(Backend):
         with self._errors(key):
             return self.fs.exists(path)
 
-    def list_dirs(self, prefix: str = "") -> list[str]:
+    def _children(self, prefix: str, dirs: bool) -> list[str]:
         path = self._path(prefix, allow_empty=True)
         with self._errors(prefix):
             try:
-                entries = self.fs.ls(path, detail=True)
+                entries = self.fs.ls(path, detail=True, refresh=True)
             except FileNotFoundError:
                 return []
-        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
+        kind = "directory" if dirs else "file"
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == kind)
 
     def remove_prefix(self, prefix: str) -> None:
         path = self._path(prefix)  # a non-empty prefix: never the bucket itself

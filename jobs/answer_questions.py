@@ -1,0 +1,197 @@
+"""Answer a file of questions about an indexed archive, in bulk.
+
+    ray job submit --working-dir . -- python jobs/answer_questions.py --store URI --questions FILE --out URI \\
+        (--serve-address http://HOST:PORT | --model DIR) [options]
+    python jobs/answer_questions.py ...                                    # no cluster: Ray starts locally
+
+With --serve-address the questions go to the running Serve app over HTTP (many in flight, so its dynamic batching
+fills); otherwise an in-job Ray Data actor pool loads the model and answers batches of --batch-size questions.
+Answers are written as they come, in parts under OUT/parts/; at the end OUT/answers.parquet and OUT/answers.jsonl
+hold one row per question with its stats, OUT/summary.json the run's numbers, and the store gets a run manifest
+(runs/<run_id>/). A rerun answers only questions without an answer yet (failed ones are retried).
+Question files: JSONL, CSV or Parquet with video_id, question, optional options and id (see x2l/questions.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from x2l.config import StoreConfig
+from x2l.errors import X2LError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", required=True, help="KV store root: local folder or s3://bucket/prefix")
+    p.add_argument("--questions", required=True, help="question file (.jsonl, .csv, .parquet), local or s3://")
+    p.add_argument("--out", required=True, help="output folder (local or s3://) for parts, answers and summary")
+    p.add_argument("--serve-address", default=None, help="base URL of a running x2l Serve app (e.g. "
+                                                         "http://127.0.0.1:8000); default: answer in-job")
+    p.add_argument("--token", default=os.environ.get("X2L_API_TOKEN"),
+                   help="bearer token for the Serve app (default: $X2L_API_TOKEN)")
+    p.add_argument("--in-flight", type=int, default=16, help="questions in flight to the Serve app (default 16)")
+    p.add_argument("--model", default=None, help="checkpoint directory (in-job answering only)")
+    p.add_argument("--concurrency", type=int, default=1, help="in-job answering actors (default 1)")
+    p.add_argument("--batch-size", type=int, default=8, help="questions per in-job engine call (default 8)")
+    p.add_argument("--num-gpus-per-actor", type=float, default=0.0, help="GPUs per in-job actor (default 0)")
+    p.add_argument("--num-cpus-per-actor", type=float, default=0.5, help="logical CPUs per actor (default 0.5)")
+    p.add_argument("--torch-threads", type=int, default=None, help="torch threads per actor (default: Ray's)")
+    p.add_argument("--top-k", type=int, default=3, help="chunks re-loaded at L (default 3; in-job only, the Serve "
+                                                         "app uses its own unless the question sets top_k)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="decode limit (default 32)")
+    p.add_argument("--run-id", default=None, help="run id (default: timestamp-pid)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS / the running "
+                                                       "cluster / a new local one); 'local' always starts a new one")
+    return p.parse_args(argv)
+
+
+def load_question_file(uri: str, store: StoreConfig) -> list[dict]:
+    from x2l.questions import read_questions
+    from x2l.store.backend import open_backend
+
+    if uri.startswith("s3://"):
+        parent, name = uri.rsplit("/", 1)
+        data = open_backend(parent, store).read_bytes(name)
+    else:
+        path = Path(uri)
+        if not path.is_file():
+            raise X2LError(f"question file {uri}: no such file")
+        data = path.read_bytes()
+    return read_questions(data, uri)
+
+
+def answer_over_http(args, todo: list[dict], out) -> None:
+    """Send questions to the Serve app; flush answers to a part every 16 answers."""
+    import httpx
+
+    from x2l.questions import answer_row, write_part
+
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    client = httpx.Client(base_url=args.serve_address, headers=headers, timeout=600)
+
+    def ask(q: dict) -> dict:
+        body = {"video_id": q["video_id"], "question": q["question"], "options": q["options"],
+                "top_k": args.top_k, "max_new_tokens": args.max_new_tokens}
+        try:
+            r = client.post("/v1/answer", json={"questions": [body]})
+        except httpx.HTTPError as e:
+            return {"error": f"serve app unreachable: {e}"}
+        if r.status_code == 422:
+            return {"error": f"rejected: {r.text[:300]}"}
+        try:
+            return r.json()["answers"][0]
+        except (ValueError, KeyError, IndexError):
+            return {"error": f"HTTP {r.status_code}: {r.text[:300]}"}
+
+    pending: list[dict] = []
+    with ThreadPoolExecutor(args.in_flight) as pool:
+        for q, result in zip(todo, pool.map(ask, todo)):
+            pending.append(answer_row(q, result))
+            if len(pending) >= 16:
+                write_part(out, _part_name(pending), pending)
+                pending = []
+    if pending:
+        write_part(out, _part_name(pending), pending)
+
+
+def _part_name(rows: list[dict]) -> str:
+    return hashlib.sha256("\n".join(r["id"] for r in rows).encode()).hexdigest()[:16]
+
+
+def answer_in_job(args, todo: list[dict]) -> None:
+    import ray
+
+    from x2l.distributed import AnswerActor, AnswerJobConfig, map_with_actors
+
+    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+    env_vars = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "X2L_"))}
+    ray.init(address=args.ray_address, ignore_reinit_error=True, runtime_env=None if in_job else {"env_vars": env_vars})
+    cfg = AnswerJobConfig(StoreConfig(uri=args.store), str(Path(args.model).resolve()), args.out, args.top_k,
+                          args.max_new_tokens, torch_threads=args.torch_threads,
+                          use_gpu=args.num_gpus_per_actor > 0)
+    rows = [q | {"options": json.dumps(q["options"]) if q["options"] else ""} for q in todo]
+    map_with_actors(ray.data.from_items(rows), AnswerActor, batch_size=args.batch_size,
+                    fn_constructor_kwargs={"cfg": cfg}, concurrency=args.concurrency,
+                    num_cpus=args.num_cpus_per_actor, num_gpus=args.num_gpus_per_actor or None).materialize()
+
+
+def summarize(rows: list[dict], wall_s: float, run_id: str, started: str, config: dict) -> dict:
+    ok = [r for r in rows if r["error"] is None]
+    lat = sorted(r["total_s"] for r in ok if r["total_s"] is not None)
+    selected = sum(len(r["selected_chunks"] or []) for r in ok)
+    hits = sum(r["cache_hits"] or 0 for r in ok)
+    return {
+        "run_id": run_id, "started": started, "wall_s": round(wall_s, 3), "questions": len(rows),
+        "answered": len(ok), "failed": len(rows) - len(ok),
+        "errors": {r["id"]: r["error"] for r in rows if r["error"] is not None},
+        "questions_per_second": round(len(ok) / wall_s, 3) if wall_s > 0 else 0.0,
+        "latency_s": {"p50": round(statistics.median(lat), 4) if lat else None,
+                      "p95": round(lat[min(len(lat) - 1, int(0.95 * len(lat)))], 4) if lat else None},
+        "store_bytes_read": sum(r["store_bytes_read"] or 0 for r in ok),
+        "kv_bytes_used": sum(r["kv_bytes_used"] or 0 for r in ok),
+        "kv_bytes_full": sum(r["kv_bytes_full"] or 0 for r in ok),
+        "l_cache_hit_rate": round(hits / selected, 4) if selected else None,
+        "config": config,
+    }
+
+
+def run(args) -> int:
+    from x2l.questions import consolidate, read_parts
+    from x2l.store import KVStore
+    from x2l.store.backend import open_backend
+    from x2l.store.runs import write_run
+
+    if not args.serve_address and not args.model:
+        raise X2LError("give --serve-address (a running Serve app) or --model (answer in-job)")
+    store_cfg = StoreConfig(uri=args.store)
+    store = KVStore(store_cfg)  # unreachable store: fails here
+    questions = load_question_file(args.questions, store_cfg)
+    if not questions:
+        raise X2LError(f"question file {args.questions} has no questions")
+    out = open_backend(args.out, store_cfg)
+    done = {qid for qid, row in read_parts(out).items() if row["error"] is None}
+    todo = [q for q in questions if q["id"] not in done]
+    run_id = args.run_id or time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+    print(f"answer_questions: {len(questions)} questions, {len(done)} already answered, {len(todo)} to answer; "
+          f"{'via ' + args.serve_address if args.serve_address else 'in-job'}; run {run_id}", flush=True)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    t0 = time.perf_counter()
+    if todo:
+        if args.serve_address:
+            answer_over_http(args, todo, out)
+        else:
+            answer_in_job(args, todo)
+    wall = time.perf_counter() - t0
+    rows = consolidate(out, questions)
+    new = [r for r in rows if r["id"] in {q["id"] for q in todo}]
+    config = {"store": args.store, "questions": args.questions, "out": args.out, "serve_address": args.serve_address,
+              "model": args.model, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens,
+              "concurrency": args.concurrency, "batch_size": args.batch_size}
+    summary = summarize(new, wall, run_id, started, config) | {"already_answered": len(done)}
+    out.write_bytes("summary.json", json.dumps(summary, indent=1).encode())
+    write_run(store.backend, run_id, new, summary, kind="answer")
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "errors")}, indent=1))
+    for qid, err in summary["errors"].items():
+        print(f"answer_questions: failed {qid}: {err}", file=sys.stderr)
+    return 0 if summary["answered"] or not todo else 1  # non-zero only when nothing could be answered
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except X2LError as e:
+        print(f"answer_questions: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""The Ray Serve query tier and the bulk answering job, on a real local Ray with a real indexed store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+
+from x2l.config import RetrievalConfig, SamplingConfig
+from x2l.engine import Answerer, Indexer, Question
+from x2l.store import KVStore
+from x2l.synthetic import write_video
+
+ROOT = Path(__file__).resolve().parents[1]
+VIDEOS = {"cats.mp4": 32, "dogs.mp4": 40, "birds.mp4": 24, "fish.mp4": 48}  # frames at 4 fps, sampled at 2 fps
+SAMPLING = SamplingConfig(fps=2, frames_per_chunk=4)
+TOKEN_ENV = "X2L_TEST_API_TOKEN"
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory, tiny_checkpoints):
+    """Four indexed videos in a local store, and the model directory that indexed them."""
+    from x2l.models import load_model
+
+    root = tmp_path_factory.mktemp("archive")
+    model_dir = tiny_checkpoints["qwen2-vl"]
+    model = load_model(model_dir)
+    store = KVStore(str(root / "store"), model.fingerprint)
+    for i, (name, frames) in enumerate(VIDEOS.items()):
+        path = write_video(root / name, n_frames=frames, fps=4, size=(64, 96 + 28 * i))
+        store.write(Indexer(model, SAMPLING).index(path, name))
+    return {"store": str(root / "store"), "model": str(model_dir), "model_obj": model}
+
+
+@pytest.fixture(scope="module")
+def serve_app(archive):
+    """The x2l Serve app on an in-process local Ray: the main app at /, a small-H-budget one at /tight, and one
+    that demands a bearer token at /auth."""
+    import ray
+    from ray import serve
+
+    from x2l.cluster import free_port
+    from x2l.serve import app
+
+    os.environ[TOKEN_ENV] = "s3cret"  # replicas inherit the driver's environment at ray.init
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    base = {"store": archive["store"], "model": archive["model"], "max_batch_size": 8, "batch_wait_timeout_s": 0.2,
+            "max_question_chars": 200, "max_questions_per_request": 20, "num_cpus": 0.2}
+    serve.run(app(base), name="main", route_prefix="/")
+    one_video = KVStore(archive["store"]).list_videos()[0]["bytes"]
+    serve.run(app(base | {"h_budget_bytes": one_video["sink"] + one_video["h"] * 2}), name="tight",
+              route_prefix="/tight")
+    serve.run(app(base | {"token_env": TOKEN_ENV}), name="auth", route_prefix="/auth")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+    os.environ.pop(TOKEN_ENV, None)
+
+
+def ask(url: str, questions: list[dict], **kw) -> httpx.Response:
+    return httpx.post(url + "/v1/answer", json={"questions": questions}, timeout=120, **kw)
+
+
+def engine_answers(archive, questions: list[dict], top_k: int = 3) -> list:
+    store = KVStore(archive["store"])
+    answerer = Answerer(archive["model_obj"], store, RetrievalConfig(top_k=top_k, max_new_tokens=32))
+    return answerer.answer([Question(q["video_id"], q["question"], q.get("options")) for q in questions])
+
+
+QUESTIONS = [
+    {"video_id": "cats.mp4", "question": "What color is the cat?"},
+    {"video_id": "dogs.mp4", "question": "How many dogs run?", "options": ["one", "two", "three"]},
+    {"video_id": "birds.mp4", "question": "Where does the bird land?"},
+]
+
+
+def test_http_and_handle_answers_equal_the_single_process_engine(serve_app, archive):
+    from ray import serve
+
+    expected = engine_answers(archive, QUESTIONS)
+    r = ask(serve_app, QUESTIONS)
+    assert r.status_code == 200
+    got = r.json()["answers"]
+    handle = serve.get_deployment_handle("QueryModel", app_name="main")
+    via_handle = [handle.answer.remote(q).result() for q in QUESTIONS]
+    for e, h, d in zip(expected, got, via_handle):
+        assert h["answer"] == d["answer"] == e.text
+        assert h["selected_chunks"] == d["selected_chunks"] == e.selected_chunks
+        assert {"load_h", "relevance", "fetch", "assemble", "decode", "queue", "total"} <= set(h["seconds"])
+        assert h["store_bytes_read"] >= 0 and h["cache_hits"] >= 0
+
+
+def test_batching_is_real(serve_app):
+    before = httpx.get(serve_app + "/v1/stats").json()
+    qs = [{"video_id": list(VIDEOS)[i % 4], "question": f"What happens at second {i}?"} for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(lambda q: ask(serve_app, [q]).status_code, qs))
+    assert codes == [200] * 16
+    after = httpx.get(serve_app + "/v1/stats").json()
+    sizes = after["batch_sizes"][len(before["batch_sizes"]):]
+    calls = after["decode_calls"] - before["decode_calls"]
+    assert sum(sizes) == 16 and max(sizes) > 1
+    assert calls < 16
+
+
+def test_error_statuses_and_the_service_keeps_answering(serve_app):
+    assert httpx.get(serve_app + "/healthz").json() == {"status": "ok"}
+    r = ask(serve_app, [{"video_id": "unicorns.mp4", "question": "Where?"}])
+    assert r.status_code == 404 and "unknown video id 'unicorns.mp4'" in r.json()["answers"][0]["error"]["message"]
+    r = httpx.post(serve_app + "/v1/answer", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    r = ask(serve_app, [{"video_id": "cats.mp4"}])  # missing field
+    assert r.status_code == 422 and "question" in r.text
+    r = ask(serve_app, [{"video_id": "cats.mp4", "question": "x" * 201}])
+    assert r.status_code == 413 and "limit is 200" in r.json()["answers"][0]["error"]["message"]
+    r = ask(serve_app, [{"video_id": "cats.mp4", "question": "q"}] * 21)
+    assert r.status_code == 413 and "limit is 20" in r.json()["error"]["message"]
+    # one bad question fails alone
+    r = ask(serve_app, [{"video_id": "nope.mp4", "question": "q"}, QUESTIONS[0]])
+    assert r.status_code == 200
+    bad, good = r.json()["answers"]
+    assert bad["error"]["status"] == 404 and "answer" in good
+    # and the service still answers
+    assert ask(serve_app, QUESTIONS[:1]).status_code == 200
+    videos = httpx.get(serve_app + "/v1/videos").json()["videos"]
+    assert sorted(v["video_id"] for v in videos) == sorted(VIDEOS)
+
+
+def test_bearer_token(serve_app):
+    url = serve_app + "/auth"
+    assert httpx.get(url + "/healthz").status_code == 200  # open
+    assert httpx.get(url + "/v1/videos").status_code == 401
+    assert ask(url, QUESTIONS[:1]).status_code == 401
+    assert ask(url, QUESTIONS[:1], headers={"Authorization": "Bearer wrong"}).status_code == 401
+    r = ask(url, QUESTIONS[:1], headers={"Authorization": "Bearer s3cret"})
+    assert r.status_code == 200 and "answer" in r.json()["answers"][0]
+
+
+def test_h_memory_budget_evicts_and_reloads_with_right_answers(serve_app, archive):
+    url = serve_app + "/tight"
+    qs = [{"video_id": v, "question": f"What moves in {v}?"} for v in VIDEOS] * 2
+    expected = engine_answers(archive, qs)
+    for q, e in zip(qs, expected):  # one at a time: every switch of video evicts
+        r = ask(url, [q])
+        assert r.status_code == 200 and r.json()["answers"][0]["answer"] == e.text
+    h = httpx.get(url + "/v1/stats").json()["h_cache"]
+    assert h["evictions"] >= 4 and h["loads"] > len(VIDEOS) and h["videos"] <= 2
+    assert h["bytes"] <= h["budget_bytes"]
+
+
+def test_store_unreachable_gives_503(tmp_path, archive, monkeypatch):
+    """The query deployment over an S3 store whose server went away answers 503 and says why."""
+    from x2l.serve import QueryModel
+    from x2l.store.s3_server import LocalS3Server
+
+    with LocalS3Server(str(tmp_path / "s3")) as server:
+        for k, v in server.env().items():
+            monkeypatch.setenv(k, v)
+        uri = server.uri("gone")
+        src = KVStore(archive["store"])
+        dst = KVStore(uri, archive["model_obj"].fingerprint)
+        for vid in ("cats.mp4", "dogs.mp4"):
+            video = src.load_h(vid)
+            for c, d in src.fetch_deltas(vid, list(range(video.n_chunks))).levels.items():
+                video.chunks[c].delta = d
+            meta = src.committed(vid)
+            dst.write(video, source=meta["source"], source_hash=meta["source_sha256"])
+        # the deployment's own class, run in this process; an H budget of 0 keeps nothing in memory
+        model = QueryModel.func_or_class({"store": uri, "model": archive["model"], "h_budget_bytes": 0})
+    # the server is stopped now
+    results = model._answer_batch([{"video_id": "dogs.mp4", "question": "q", "_arrived": time.time()}])
+    assert results[0]["error"]["status"] == 503 and "unreachable" in results[0]["error"]["message"]
+
+
+def write_questions(path: Path, n: int) -> list[dict]:
+    rows = [{"id": f"q{i:03d}", "video_id": list(VIDEOS)[i % 4], "question": f"What is on screen at {i} s?",
+             "options": ["A. a cat", "B. a dog"] if i % 5 == 0 else None} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def run_bulk(archive, questions: Path, out: Path, *extra) -> subprocess.Popen:
+    from x2l.cluster import loopback_env
+
+    return subprocess.Popen([sys.executable, "jobs/answer_questions.py", "--store", archive["store"],
+                             "--questions", str(questions), "--out", str(out), *map(str, extra)],
+                            cwd=ROOT, env=loopback_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group: the driver and the Ray it started
+
+
+def test_bulk_job_in_job_pool_killed_halfway_then_rerun_writes_every_answer_once(archive, tmp_path):
+    qfile, out = tmp_path / "questions.jsonl", tmp_path / "answers"
+    rows = write_questions(qfile, 56)
+    args = ["--model", archive["model"], "--ray-address", "local", "--batch-size", 4, "--concurrency", 1]
+    proc = run_bulk(archive, qfile, out, *args)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list((out / "parts").glob("*.parquet"))) < 3:
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started die mid-run
+    proc.wait()
+    partial = {r["id"] for p in (out / "parts").glob("*.parquet") for r in pq.read_table(p).to_pylist()}
+    assert 0 < len(partial) < len(rows)
+    proc = run_bulk(archive, qfile, out, *args)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+    assert f"{len(partial)} already answered, {len(rows) - len(partial)} to answer" in output
+    answers = pq.read_table(out / "answers.parquet").to_pylist()
+    assert [a["id"] for a in answers] == [r["id"] for r in rows]  # every question once, in order
+    assert all(a["error"] is None and a["answer"] is not None for a in answers)
+    jsonl = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert [a["id"] for a in jsonl] == [r["id"] for r in rows]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["answered"] == len(rows) - len(partial) and summary["already_answered"] == len(partial)
+
+
+def test_bulk_job_through_the_serve_app(serve_app, archive, tmp_path):
+    qfile, out = tmp_path / "questions.jsonl", tmp_path / "answers"
+    rows = write_questions(qfile, 50)
+    proc = run_bulk(archive, qfile, out, "--serve-address", serve_app, "--in-flight", 16)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+    answers = pq.read_table(out / "answers.parquet").to_pylist()
+    assert [a["id"] for a in answers] == [r["id"] for r in rows]
+    assert all(a["error"] is None for a in answers)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["answered"] == 50 and summary["latency_s"]["p50"] > 0
+    assert 0 <= summary["l_cache_hit_rate"] <= 1
+    # the run manifest reached the store
+    from x2l.store.backend import open_backend
+    from x2l.store.runs import read_runs
+
+    assert any(s["kind"] == "answer" and s["run_id"] == summary["run_id"]
+               for s in read_runs(open_backend(archive["store"])))
+    # a rerun has nothing left to do
+    proc = run_bulk(archive, qfile, out, "--serve-address", serve_app)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "50 already answered, 0 to answer" in output
