@@ -321,10 +321,10 @@ def test_rayservice_deploys_serve_app_with_documented_args():
     serve_cfg = yaml.safe_load(doc["spec"]["serveConfigV2"])
     (app,) = serve_cfg["applications"]
     assert app["import_path"] == SERVE_IMPORT_PATH
-    # TODO(lead): make strict once x2l/serve.py settles, e.g. `from x2l.serve import ServeConfig;
-    # ServeConfig.from_args(app["args"])`. For now: the module file defines a top-level `app` (parsed, not imported)
-    # and mentions every arg key, so renaming or dropping one there fails here.
     check_import_path(app["import_path"], "rayservice")
+    from x2l.serve import ServeConfig
+
+    ServeConfig.from_args(app["args"])  # unknown or mistyped args fail here
     args = app["args"]
     assert {"store", "model"} <= set(args) <= SERVE_ARGS, sorted(args)
     serve_src = (ROOT / "x2l" / "serve.py").read_text()
@@ -366,3 +366,18 @@ def test_readme_commands_scripts_options_and_import_paths_exist():
         if m := SCRIPT.search(u):
             used |= set(OPT.findall(m.group(2)))
     assert used and not [o for o in used if o not in text], sorted(o for o in used if o not in text)
+
+
+def test_serve_config_for_serve_deploy_builds_the_app_config():
+    """infra/serve_config.yaml: every arg is one ServeConfig takes (with its type), and each is documented."""
+    from x2l.serve import ServeConfig
+
+    doc = yaml.safe_load((ROOT / "infra" / "serve_config.yaml").read_text())
+    [app] = doc["applications"]
+    assert app["import_path"] == "x2l.serve:app"
+    check_import_path(app["import_path"], "serve_config")
+    cfg = ServeConfig.from_args(app["args"])
+    assert cfg.max_ongoing_requests >= cfg.max_batch_size
+    readme = README.read_text()
+    for key in app["args"]:
+        assert f"`{key}`" in readme, f"infra/README.md does not document Serve arg {key}"
