@@ -1,59 +1,121 @@
-"""`make demo`: the main job on embedded defaults, end to end on this machine, saying what it did."""
+"""`make demo`: the whole main job on embedded defaults, on this machine, saying what it does.
+
+1. a checkpoint and a small synthetic corpus; 2. a local Ray head (127.0.0.1); 3. the corpus indexing job submitted
+with `ray job submit`; 4. the Serve app over the store; 5. the sample questions over HTTP, with answers and stats;
+6. everything shut down.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig
-from x2l.engine import Answerer, Indexer, Question
-from x2l.store import KVStore
-from x2l.models import load_model
-from x2l.models.tiny import write_tiny_checkpoint
 from x2l.synthetic import write_video
 
-DEMO_QUESTIONS = [
-    Question("sample", "What color is the ball?", ["red", "green", "blue", "yellow"]),
-    Question("sample", "What happens at the end of the video?"),
-    Question("sample", "How many times does the square flash?", ["one", "two", "three", "four"]),
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = {"street/cars.mp4": 48, "park/dogs.mp4": 40, "kitchen/cooking.mp4": 56}  # seconds
+SAMPLE_QUESTIONS = [
+    {"video_id": "street/cars.mp4", "question": "What color is the car?", "options": ["red", "blue", "green"]},
+    {"video_id": "park/dogs.mp4", "question": "How many dogs are there?", "options": ["one", "two", "three"]},
+    {"video_id": "kitchen/cooking.mp4", "question": "What happens at the end of the video?"},
+    {"video_id": "street/cars.mp4", "question": "Does a car stop?", "options": ["yes", "no"]},
 ]
 
 
-def run_demo(workdir: Path) -> None:
-    workdir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+def step(n: int, text: str) -> None:
+    print(f"[{n}/6] {text}", flush=True)
+
+
+def _model(workdir: Path) -> tuple[Path, str]:
+    from x2l.models.tiny import write_tiny_checkpoint
+
     model_dir = workdir / "model-small"
     if not (model_dir / "config.json").exists():
         write_tiny_checkpoint(model_dir, family="qwen2-vl", size="small")
-    video = workdir / "sample.mp4"
-    if not video.exists():
-        write_video(video, n_frames=60 * 8, fps=8, size=(224, 400))
-    print(f"[1/3] model: random-weight Qwen2-VL 'small' checkpoint at {model_dir}")
-    print(f"      video: {video} (60 s, 400x224, synthetic)")
-    print("      NOTE: the weights are random, so the answers below are noise; the demo shows the pipeline, "
-          "its sizes and its timings.")
+    return model_dir, "a random-weight Qwen2-VL 'small' checkpoint: its answers are noise"
 
-    model = load_model(model_dir)
-    indexer = Indexer(model, SamplingConfig(), CompressionConfig())
-    kv = indexer.index(video, "sample")
-    store = KVStore(str(workdir / "store"), model.fingerprint)
-    store.write(kv, source=str(video), overwrite=True)
-    out = workdir / "store"
-    st = indexer.last_stats
-    h = sum(c.h.nbytes for c in kv.chunks)
-    delta = sum(c.delta.nbytes for c in kv.chunks)
-    secs = ", ".join(f"{k} {v:.2f}s" for k, v in st.seconds.items())
-    print(f"[2/3] indexed: {st.frames} frames -> {kv.n_chunks} chunks, {st.tokens} tokens ({secs}) -> {out}")
-    print(f"      KV bytes: H {h:,}  L delta {delta:,}  uncompressed {kv.full_bytes:,}  "
-          f"(H is {h / kv.full_bytes:.1%}, H+L {(h + delta) / kv.full_bytes:.1%} of uncompressed)")
 
-    t = time.perf_counter()
-    answers = Answerer(model, store, RetrievalConfig(top_k=3, max_new_tokens=12)).answer(DEMO_QUESTIONS)
-    dt = time.perf_counter() - t
-    print(f"[3/3] answered {len(answers)} questions in one batch in {dt:.2f} s:")
-    for a in answers:
-        print(f"      Q: {a.question.question}")
-        print(f"      A: {a.text!r}  (chunks {a.selected_chunks} at L of {a.n_chunks}; "
-              f"{a.kv_bytes_used:,} of {a.kv_bytes_full:,} KV bytes in the cache, {a.store_bytes_read:,} bytes "
-              f"read from the store)")
-    print(f"done in {time.perf_counter() - t0:.1f} s; files in {workdir}/")
+def run_demo(workdir: Path) -> None:
+    import httpx
+
+    from x2l.cluster import LocalRayHead, free_port
+
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model_dir, about = _model(workdir)
+    corpus = workdir / "corpus"
+    for name, seconds in CORPUS.items():
+        if not (corpus / name).exists():
+            (corpus / name).parent.mkdir(parents=True, exist_ok=True)
+            write_video(corpus / name, n_frames=seconds * 4, fps=4, size=(224, 400))
+    store = workdir / "store"
+    step(1, f"model {model_dir} ({about}); corpus {corpus}: {len(CORPUS)} synthetic videos")
+
+    with LocalRayHead(num_cpus=2) as head:
+        step(2, f"Ray head on 127.0.0.1 (dashboard {head.dashboard_url})")
+        cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", head.dashboard_url,
+               "--working-dir", str(ROOT), "--", "python", "jobs/index_corpus.py", "--corpus", str(corpus),
+               "--store", str(store), "--model", str(model_dir), "--concurrency", "1", "--torch-threads", "2"]
+        step(3, "ray job submit -- python jobs/index_corpus.py --corpus ... --store ... --model ...")
+        r = subprocess.run(cmd, env=head.env(), capture_output=True, text=True)
+        summary = _json_block(r.stdout)
+        if r.returncode != 0 or summary is None:
+            raise RuntimeError(f"indexing job failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+        print(f"      indexed {summary['indexed']}, skipped {summary['skipped']} (already in the store), failed "
+              f"{summary['failed']}; {summary['tokens']} tokens; {summary['videos_per_minute']} videos/min; "
+              f"bytes H {summary['bytes']['h']:,}, L delta {summary['bytes']['delta']:,}, "
+              f"uncompressed {summary['bytes']['full']:,}")
+
+        os.environ.update({k: v for k, v in head.env().items() if k.startswith("RAY_")})
+        import logging
+
+        import ray
+        from ray import serve
+
+        from x2l.serve import app
+
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+        ray.init(address=head.address, logging_level="ERROR", log_to_driver=False)
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(app({"store": str(store), "model": str(model_dir), "max_batch_size": 8, "torch_threads": 2}),
+                  name="x2l", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        step(4, f"Serve app x2l.serve:app at {url} (POST /v1/answer, GET /v1/videos, /v1/stats, /healthz)")
+
+        t = time.perf_counter()
+        r = httpx.post(url + "/v1/answer", json={"questions": SAMPLE_QUESTIONS}, timeout=300)
+        dt = time.perf_counter() - t
+        step(5, f"POST /v1/answer with {len(SAMPLE_QUESTIONS)} questions -> HTTP {r.status_code} in {dt:.2f} s")
+        for q, a in zip(SAMPLE_QUESTIONS, r.json()["answers"]):
+            print(f"      Q ({q['video_id']}): {q['question']}")
+            if "error" in a:
+                print(f"      error: {a['error']}")
+                continue
+            print(f"      A: {a['answer']!r}  chunks {a['selected_chunks']} of {a['n_chunks']} at L; "
+                  f"{a['kv_bytes_used']:,} of {a['kv_bytes_full']:,} KV bytes; {a['store_bytes_read']:,} bytes "
+                  f"read, {a['cache_hits']} cache hits; {a['seconds']['total']:.3f} s")
+        stats = httpx.get(url + "/v1/stats").json()
+        print(f"      server: {stats['questions']} questions in batches of {stats['batch_sizes']}, "
+              f"{stats['decode_calls']} decode calls; H cache {stats['h_cache']['videos']} videos "
+              f"({stats['h_cache']['bytes']:,} B); L cache {stats['l_cache']['hits']} hits, "
+              f"{stats['l_cache']['misses']} misses")
+        serve.shutdown()
+        ray.shutdown()
+        step(6, "Serve and Ray shut down")
+    print(f"done in {time.perf_counter() - t0:.0f} s; files in {workdir}/ (rerun: committed videos are skipped)")
+
+
+def _json_block(text: str) -> dict | None:
+    """The summary JSON object the indexing job prints last."""
+    start = text.rfind("\n{")
+    end = text.rfind("}")
+    try:
+        return json.loads(text[start + 1:end + 1]) if start >= 0 and end > start else None
+    except json.JSONDecodeError:
+        return None
