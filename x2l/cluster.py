@@ -3,8 +3,8 @@
 Everything binds to loopback: `--node-ip-address=127.0.0.1` and RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (without it Ray's
 agents bind the address of the default route). Token authentication is on with a fresh random token that only
 `env()` carries (Ray would otherwise turn it on or off depending on whether ~/.ray/auth_token happens to exist). Its
-temp dir is private, which is also how `stop()` finds the processes this head started (their command lines name that
-dir) and ends exactly those, by PID.
+`ray start` runs in a session of its own, which is how `stop()` finds the processes this head started and ends
+exactly those, by PID.
 """
 
 from __future__ import annotations
@@ -95,14 +95,20 @@ class LocalRayHead:
         return "\n".join(path.read_text().splitlines()[-n:]) if path.exists() else ""
 
     def _our_pids(self) -> list[int]:
+        """Processes of the session our `ray start` leads (Ray renames its processes, "ray::DashboardAgent", so
+        command lines cannot be trusted), plus any whose command line names our temp dir."""
+        session = self.proc.pid if self.proc else None
         pids = []
         for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    if self.temp_dir.encode() in (entry / "cmdline").read_bytes():
-                        pids.append(int(entry.name))
-                except OSError:
-                    pass
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                sid = int(stat.rsplit(")", 1)[1].split()[3])
+                if sid == session or self.temp_dir.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                pass
         return pids
 
     def stop(self, grace: float = 10.0) -> None:
