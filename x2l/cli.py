@@ -96,6 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("video_id")
     q.add_argument("--json", action="store_true", help="print the whole meta.json")
 
+    from x2l.report import Prices
+
+    d_p = Prices()
+    p = sub.add_parser("report", help="cost and throughput report of a store's indexing and answering runs")
+    p.add_argument("store", help="store URI")
+    p.add_argument("--out", default="report", help="local folder for report.md, report.json and plots (default report)")
+    p.add_argument("--gpu-dollars-per-hour", type=float, default=d_p.gpu_per_hour,
+                   help=f"price of one accelerator-hour (default {d_p.gpu_per_hour}: AWS g5.xlarge on demand)")
+    p.add_argument("--storage-dollars-per-gb-month", type=float, default=d_p.storage_per_gb_month,
+                   help=f"object storage price (default {d_p.storage_per_gb_month}: S3 Standard)")
+    p.add_argument("--put-dollars-per-1k", type=float, default=d_p.put_per_1k,
+                   help=f"price of 1,000 PUT requests (default {d_p.put_per_1k})")
+    p.add_argument("--get-dollars-per-1k", type=float, default=d_p.get_per_1k,
+                   help=f"price of 1,000 GET requests (default {d_p.get_per_1k})")
+    p.add_argument("--serve-devices", type=float, default=d_p.serve_devices,
+                   help=f"accelerators behind the Serve app for runs answered over HTTP (default {d_p.serve_devices:g})")
+
     p = sub.add_parser("tiny-model", help="write a random-weight checkpoint in the HF layout (tests, demo, timings)")
     p.add_argument("out_dir")
     p.add_argument("--family", default="qwen2-vl", choices=["qwen2-vl", "qwen2.5-vl"], help="default qwen2-vl")
@@ -211,6 +228,19 @@ def cmd_store(args) -> None:
               f"H {c['h_bytes']:,} B  L delta {c['delta_bytes']:,} B")
 
 
+def cmd_report(args) -> None:
+    from x2l.report import Prices, write_report
+
+    prices = Prices(args.gpu_dollars_per_hour, args.storage_dollars_per_gb_month, args.put_dollars_per_1k,
+                    args.get_dollars_per_1k, args.serve_devices)
+    report = write_report(args.store, args.out, prices)
+    d = report["dollars"]
+    print(f"wrote {args.out}/report.md, report.json and {len(report['plots'])} plots: "
+          f"{report['indexing']['videos_indexed']} videos, {report['answering']['questions']} questions; "
+          f"${d['per_indexed_video_hour'] or 0:.4f} per indexed video-hour, "
+          f"${d['per_1000_questions'] or 0:.4f} per 1,000 questions")
+
+
 def cmd_tiny_model(args) -> None:
     from x2l.models.tiny import write_tiny_checkpoint
 
@@ -224,7 +254,8 @@ def cmd_demo(args) -> None:
     run_demo(Path(args.workdir))
 
 
-COMMANDS = {"index": cmd_index, "ask": cmd_ask, "store": cmd_store, "tiny-model": cmd_tiny_model, "demo": cmd_demo}
+COMMANDS = {"index": cmd_index, "ask": cmd_ask, "store": cmd_store, "report": cmd_report,
+            "tiny-model": cmd_tiny_model, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
+from dataclasses import asdict, dataclass
 
 
 def decode_wait_share(rows: list[dict]) -> float:
@@ -50,3 +52,251 @@ def summarize_index_run(rows: list[dict], skipped: list[dict], wall_s: float, ru
         "decode_wait_share": round(decode_wait_share(indexed), 4),
         "config": config,
     }
+
+
+# --- the report over a store's runs -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Prices:
+    """Prices the dollars follow from; every one is a flag of `x2l report` with this default.
+
+    gpu_per_hour: one accelerator-hour (default 1.006: an AWS g5.xlarge, 1 A10G, on demand in us-east-1, 2025).
+    storage_per_gb_month: object storage (default 0.023: S3 Standard, first 50 TB). put_per_1k / get_per_1k:
+    requests (defaults 0.005 and 0.0004: S3 Standard PUT and GET). devices_for_cpu_runs: how many accelerators a
+    run on CPU-only actors is billed as (default 1 per actor, so CPU runs still get a comparable figure).
+    """
+
+    gpu_per_hour: float = 1.006
+    storage_per_gb_month: float = 0.023
+    put_per_1k: float = 0.005
+    get_per_1k: float = 0.0004
+    serve_devices: float = 1.0  # accelerators behind a Serve app (an answer run through HTTP does not know them)
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of the values, or None for none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def index_devices(config: dict) -> float:
+    """Accelerators an indexing run held: actors x GPUs per actor, or one per actor on CPU."""
+    gpus = config.get("num_gpus_per_actor") or 0
+    return config.get("concurrency", 1) * (gpus if gpus > 0 else 1)
+
+
+def answer_devices(config: dict, prices: Prices) -> float:
+    if config.get("serve_address"):
+        return prices.serve_devices
+    return config.get("concurrency", 1) * 1.0
+
+
+def build_report(index_runs: list[tuple[dict, list[dict]]], answer_runs: list[tuple[dict, list[dict]]],
+                 prices: Prices = Prices()) -> dict:
+    """Every number of the report from recorded run summaries and rows (formulas in `REPORT_FORMULAS`)."""
+    indexed = [r for _, rows in index_runs for r in rows if r["status"] == "indexed"]
+    video_hours = sum(r["duration_s"] for r in indexed) / 3600
+    index_device_hours = sum(s["wall_s"] * index_devices(s["config"]) for s, _ in index_runs) / 3600
+    tokens = sum(r["tokens"] for r in indexed)
+    prefill_s = sum(r["prefill_s"] for r in indexed)
+    level = {k: sum(r[f"bytes_{k}"] for r in indexed) for k in ("sink", "h", "delta", "full")}
+    stored = level["sink"] + level["h"] + level["delta"]
+    puts = 2 * len(indexed)  # kv.parquet + meta.json per committed video
+    index_dollars = index_device_hours * prices.gpu_per_hour + puts / 1000 * prices.put_per_1k
+    storage_month = stored / 1e9 * prices.storage_per_gb_month
+
+    answers = [r for _, rows in answer_runs for r in rows if r.get("error") is None]
+    latency = [r["total_s"] for r in answers if r.get("total_s") is not None]
+    read = [r["store_bytes_read"] or 0 for r in answers]
+    selected = sum(len(r["selected_chunks"] or []) for r in answers)
+    hits = sum(r["cache_hits"] or 0 for r in answers)
+    gets = selected - hits  # one ranged GET per L delta fetched from storage
+    answer_device_hours = sum(s["wall_s"] * answer_devices(s["config"], prices) for s, _ in answer_runs) / 3600
+    answer_dollars = answer_device_hours * prices.gpu_per_hour + gets / 1000 * prices.get_per_1k
+    per_vh = (lambda x: x / video_hours) if video_hours else (lambda x: None)
+    return {
+        "prices": asdict(prices),
+        "indexing": {
+            "runs": len(index_runs), "videos_indexed": len(indexed), "video_hours": round(video_hours, 6),
+            "device_hours": round(index_device_hours, 6), "tokens": tokens,
+            "video_hours_per_device_hour": round(video_hours / index_device_hours, 4) if index_device_hours else None,
+            "tokens_per_second": round(tokens / sum(s["wall_s"] for s, _ in index_runs), 2) if index_runs else None,
+            "prefill_tokens_per_second": round(tokens / prefill_s, 2) if prefill_s else None,
+            "decode_wait_share": round(decode_wait_share(indexed), 4),
+        },
+        "storage": {
+            "bytes": level | {"stored": stored},
+            "bytes_per_video_hour": {k: per_vh(v) for k, v in (level | {"stored": stored}).items()},
+            "stored_vs_full": round(stored / level["full"], 4) if level["full"] else None,
+            "h_vs_full": round(level["h"] / level["full"], 4) if level["full"] else None,
+        },
+        "answering": {
+            "runs": len(answer_runs), "questions": len(answers), "device_hours": round(answer_device_hours, 6),
+            "latency_s": {f"p{q}": _pct(latency, q) for q in (50, 90, 95, 99)},
+            "store_bytes_read": {"mean": sum(read) / len(read) if read else None, "p95": _pct(read, 95),
+                                 "total": sum(read)},
+            "l_cache_hit_rate": round(hits / selected, 4) if selected else None,
+            "kv_bytes_used_vs_full": (round(sum(r["kv_bytes_used"] for r in answers)
+                                            / sum(r["kv_bytes_full"] for r in answers), 4) if answers else None),
+        },
+        "dollars": {
+            "indexing": round(index_dollars, 6),
+            "per_indexed_video_hour": round(per_vh(index_dollars + storage_month), 6) if video_hours else None,
+            "storage_per_month": round(storage_month, 6),
+            "answering": round(answer_dollars, 6),
+            "per_1000_questions": round(answer_dollars / len(answers) * 1000, 6) if answers else None,
+        },
+    }
+
+
+REPORT_FORMULAS = """\
+- video-hours: sum of indexed videos' durations / 3600. Device-hours: run wall time x actors x GPUs per actor (one
+  device per actor on CPU-only runs; a Serve-answered run counts `--serve-devices`).
+- cost per indexed video-hour: (indexing device-hours x GPU $/h + 2 PUTs per video x $/1k PUT / 1000 + one month
+  of storage of every level stored x $/GB-month) / video-hours.
+- cost per 1,000 questions: (answering device-hours x GPU $/h + one GET per L delta fetched from storage x
+  $/1k GET / 1000) / answered questions x 1000.
+- latency percentiles: nearest rank over answered questions' `total_s` (at the ingress for Serve runs, the batch's
+  engine time for in-job runs). L-cache hit rate: cache hits / chunks selected.
+"""
+
+
+def load_runs(store_uri: str, config=None) -> tuple[list, list]:
+    """(index runs, answer runs) of a store, each as (summary, rows), oldest first."""
+    from x2l.store.backend import open_backend
+    from x2l.store.runs import read_run_rows, read_runs
+
+    backend = open_backend(store_uri, config)
+    index_runs, answer_runs = [], []
+    for summary in read_runs(backend):
+        kind = summary.get("kind", "index")
+        rows = read_run_rows(backend, summary["run_id"], kind)
+        (index_runs if kind == "index" else answer_runs).append((summary, rows))
+    return index_runs, answer_runs
+
+
+def _mb(x: float | None) -> str:
+    return "n/a" if x is None else f"{x / 1e6:,.3f} MB"
+
+
+def _num(x, fmt: str = "{:,.3f}") -> str:
+    return "n/a" if x is None else fmt.format(x)
+
+
+def render_markdown(report: dict, store_uri: str) -> str:
+    i, s, a, d, p = (report[k] for k in ("indexing", "storage", "answering", "dollars", "prices"))
+    lat = a["latency_s"]
+    return f"""# x2l report: {store_uri}
+
+## Indexing
+| | |
+| --- | --- |
+| runs / videos indexed | {i['runs']} / {i['videos_indexed']} |
+| video-hours indexed | {i['video_hours']:.4f} |
+| device-hours | {i['device_hours']:.4f} |
+| video-hours per device-hour | {_num(i['video_hours_per_device_hour'])} |
+| tokens/s (wall) / pre-fill tokens/s | {_num(i['tokens_per_second'], '{:,.1f}')} / {_num(i['prefill_tokens_per_second'], '{:,.1f}')} |
+| share of actor time waiting on decode | {i['decode_wait_share']:.1%} |
+
+## Storage
+| level | bytes | per video-hour |
+| --- | --- | --- |
+""" + "".join(f"| {k} | {s['bytes'][k]:,} | {_mb(s['bytes_per_video_hour'][k])} |\n"
+              for k in ("sink", "h", "delta", "stored", "full")) + f"""
+Stored (sink + H + L delta) is {_num(s['stored_vs_full'], '{:.1%}')} of the uncompressed KV; H alone is
+{_num(s['h_vs_full'], '{:.1%}')}.
+
+## Answering
+| | |
+| --- | --- |
+| runs / questions answered | {a['runs']} / {a['questions']} |
+| latency p50 / p90 / p95 / p99 | {' / '.join(_num(lat[k], '{:.3f} s') for k in ('p50', 'p90', 'p95', 'p99'))} |
+| bytes read from the store per question: mean / p95 | {_mb(a['store_bytes_read']['mean'])} / {_mb(a['store_bytes_read']['p95'])} |
+| L-cache hit rate | {_num(a['l_cache_hit_rate'], '{:.1%}')} |
+| attention cache used vs uncompressed | {_num(a['kv_bytes_used_vs_full'], '{:.1%}')} |
+
+## Dollars
+Prices: GPU ${p['gpu_per_hour']}/h, storage ${p['storage_per_gb_month']}/GB-month, PUT ${p['put_per_1k']}/1k,
+GET ${p['get_per_1k']}/1k.
+
+| | |
+| --- | --- |
+| per indexed video-hour | {_num(d['per_indexed_video_hour'], '${:,.4f}')} |
+| per 1,000 questions | {_num(d['per_1000_questions'], '${:,.4f}')} |
+| storage per month | ${d['storage_per_month']:,.6f} |
+
+How the numbers are computed:
+{REPORT_FORMULAS}"""
+
+
+def render_plots(report: dict, index_runs: list, answer_runs: list, out_dir) -> list[str]:
+    """PNG plots next to the report; returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    names = []
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    runs = [(s["run_id"], s.get("tokens_per_second", 0.0)) for s, _ in index_runs]
+    ax.bar([r for r, _ in runs], [t for _, t in runs], color="#4c72b0")
+    ax.set_ylabel("pre-filled tokens / s (wall)")
+    ax.set_title("Indexing throughput per run")
+    ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+    names.append(_save(fig, out_dir / "indexing_throughput.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    per = report["storage"]["bytes_per_video_hour"]
+    if per["full"] is not None:
+        bottom = 0.0
+        for k, color in (("sink", "#999999"), ("h", "#55a868"), ("delta", "#4c72b0")):
+            ax.bar(["x2l stored"], [per[k] / 1e6], bottom=bottom, color=color, label=k)
+            bottom += per[k] / 1e6
+        ax.bar(["uncompressed KV"], [per["full"] / 1e6], color="#c44e52", label="full")
+        ax.legend()
+    ax.set_ylabel("MB per video-hour")
+    ax.set_title("Storage per video-hour by level")
+    names.append(_save(fig, out_dir / "storage_per_video_hour.png"))
+
+    answers = [r for _, rows in answer_runs for r in rows if r.get("error") is None]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    lat = sorted(r["total_s"] for r in answers if r.get("total_s") is not None)
+    if lat:
+        ax1.plot(lat, [(i + 1) / len(lat) for i in range(len(lat))], color="#4c72b0")
+    ax1.set_xlabel("latency (s)")
+    ax1.set_ylabel("share of questions")
+    ax1.set_title("Question latency (CDF)")
+    ax2.hist([(r["store_bytes_read"] or 0) / 1e6 for r in answers], bins=20, color="#55a868")
+    ax2.set_xlabel("MB read from the store")
+    ax2.set_title("Bytes read per question")
+    names.append(_save(fig, out_dir / "questions.png"))
+    return names
+
+
+def _save(fig, path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path.name
+
+
+def write_report(store_uri: str, out_dir, prices: Prices = Prices()) -> dict:
+    """report.json, report.md and the PNG plots for a store, into a local folder."""
+    import json
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index_runs, answer_runs = load_runs(store_uri)
+    report = build_report(index_runs, answer_runs, prices)
+    report["plots"] = render_plots(report, index_runs, answer_runs, out_dir)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+    md = render_markdown(report, store_uri) + "\n" + "".join(f"![{n}]({n})\n" for n in report["plots"])
+    (out_dir / "report.md").write_text(md)
+    return report
