@@ -39,3 +39,7 @@ s3: setup
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
+
+# The benchmark of issue 6: rerun vs full-KV reload vs H only vs x2l top-k, on the `medium` random checkpoint.
+bench: setup
+	$(PY) bench/compare.py --workdir bench_out

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from pathlib import Path
 
 from x2l.config import CompressionConfig, SamplingConfig, StoreConfig, to_dict
 from x2l.errors import X2LError
@@ -65,12 +67,12 @@ def run(args: argparse.Namespace) -> int:
 
     from x2l.corpus import list_corpus
     from x2l.distributed import IndexJobConfig, already_indexed, build_pipeline, stats_row
+    from x2l.models import pixel_rule
     from x2l.models.qwen2_vl import checkpoint_fingerprint
     from x2l.report import summarize_index_run
+    from x2l.scorers import make_scorer
     from x2l.store import KVStore
     from x2l.store.runs import write_run
-    from pathlib import Path
-    import os
 
     cfg_kwargs = {"run_id": args.run_id} if args.run_id else {}
     cfg = IndexJobConfig(
@@ -80,9 +82,8 @@ def run(args: argparse.Namespace) -> int:
         concurrency=args.concurrency, num_gpus_per_actor=args.num_gpus_per_actor,
         num_cpus_per_actor=args.num_cpus_per_actor, decode_cpus=args.decode_cpus, torch_threads=args.torch_threads,
         dtype=args.dtype, attn=args.attn, overwrite=args.overwrite, **cfg_kwargs)
-    from x2l.scorers import make_scorer
-
-    make_scorer(cfg.compression.scorer)  # refuse a bad scorer before starting anything
+    make_scorer(cfg.compression.scorer)  # refuse a bad scorer or checkpoint before starting anything
+    pixel_rule(cfg.model)
     fingerprint = checkpoint_fingerprint(Path(cfg.model))
     store = KVStore(cfg.store, fingerprint)  # unreachable or incompatible store: fails here, exit 1
     entries = list_corpus(cfg.corpus, cfg.store)

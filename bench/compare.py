@@ -1,0 +1,187 @@
+"""`make bench`: four ways of answering the same questions about the same videos, in one process.
+
+(a) rerun   re-run the model on the whole video for every question: decode, vision tower, pre-fill every chunk,
+            then the question (what a user does without caching);
+(b) full-kv store the full uncompressed KV and load all of it for every question (a KV-offloading cache such as
+            LMCache): a store indexed with l_keep=1 and full context, read cold for every question;
+(c) h-only  x2l's H level alone (kept in memory, as the query tier keeps it);
+(d) x2l:k   x2l with top-k 1, 2, 4: H in memory, the L delta of the k chunks the question attends to most fetched cold
+            from the store for every question.
+
+The model is the `medium` random checkpoint (Qwen2-VL-2B language-model widths, 4 layers), so compute per layer is
+that of a real model; videos have 32+ chunks. Printed and written (bench_out/bench.json, bench.md): wall time per
+question, bytes read from the store per question, tokens in the attention cache, ratios against (a) and (b), and
+the agreement of each method's answer tokens with (a)'s. One run's ratios; nothing here is asserted in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig, StoreConfig
+from x2l.engine import Answerer, Indexer, Question, greedy_decode
+from x2l.models import load_model
+from x2l.models.tiny import write_tiny_checkpoint
+from x2l.source import HCache
+from x2l.store import KVStore
+from x2l.synthetic import write_video
+from x2l.video import load_video
+
+QUESTIONS = ["What happens at the start?", "Which object moves fastest?", "What color is the square near the end?",
+             "How many times does the light flash?"]
+
+
+def rerun_answer(model, video_path: Path, sampling: SamplingConfig, question: str, max_new: int) -> tuple[list, int]:
+    """(a): everything from the video file, every time; returns (answer tokens, tokens in the cache)."""
+    clip = load_video(video_path, sampling, model.target_size)
+    sink = model.sink()
+    cache = DynamicCache()
+    model.forward(sink.embeds[None], sink.positions[:, None], cache, logits=False)
+    start = sink.next_position
+    fps = clip.n_real_frames / clip.duration_s
+    for i in range(clip.n_chunks):
+        seg = model.chunk(clip.chunk_frames(i), start, fps)
+        start = seg.next_position
+        model.forward(seg.embeds[None], seg.positions[:, None], cache, logits=False)
+    layers = [(l.keys[0], l.values[0]) for l in cache.layers]
+    tokens, _ = greedy_decode(model, [layers], [model.question_ids(question)], [start], [max_new])
+    return tokens[0], layers[0][0].shape[1]
+
+
+def agreement(tokens: list[int], reference: list[int]) -> float:
+    """Share of positions where the two answers carry the same token (over the longer answer)."""
+    n = max(len(tokens), len(reference))
+    return 1.0 if n == 0 else sum(a == b for a, b in zip(tokens, reference)) / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default="bench_out")
+    ap.add_argument("--videos", type=int, default=2)
+    ap.add_argument("--seconds", type=int, default=256, help="video length; 1 fps x 8 frames per chunk -> chunks")
+    ap.add_argument("--pixels", type=int, default=112 * 112, help="per-frame pixel cap (tokens per frame)")
+    ap.add_argument("--max-new-tokens", type=int, default=8)
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    work.mkdir(exist_ok=True)
+    ckpt = work / "model-medium"
+    if not (ckpt / "config.json").exists():
+        write_tiny_checkpoint(ckpt, size="medium")
+    videos = []
+    for v in range(args.videos):
+        path = work / f"bench-{v}-{args.seconds}s.mp4"
+        if not path.exists():
+            write_video(path, n_frames=args.seconds * 2, fps=2, size=(112, 112))
+        videos.append(path)
+    sampling = SamplingConfig(fps=1, max_frames=max(256, args.seconds), frames_per_chunk=8,
+                              min_pixels=28 * 28, max_pixels=args.pixels)
+    model = load_model(ckpt, min_pixels=sampling.min_pixels, max_pixels=sampling.max_pixels)
+
+    # Indexing (once): the x2l store and the full-KV store.
+    stores = {"x2l": work / "store-x2l", "full": work / "store-full"}
+    configs = {"x2l": CompressionConfig(), "full": CompressionConfig(l_keep=1.0, context="full", scorer="uniform")}
+    index_s = {}
+    for name, uri in stores.items():
+        store = KVStore(str(uri), model.fingerprint)
+        t = time.perf_counter()
+        for path in videos:
+            if store.committed(path.name) is None:
+                store.write(Indexer(model, sampling, configs[name]).index(path, path.name))
+        index_s[name] = time.perf_counter() - t
+    n_chunks = KVStore(str(stores["x2l"])).info(videos[0].name)["n_chunks"]
+
+    questions = [Question(p.name, q) for p in videos for q in QUESTIONS]
+    results: dict[str, dict] = {}
+
+    def record(name: str, seconds: float, bytes_read: int, cache_tokens: int, tokens: list) -> None:
+        r = results.setdefault(name, {"seconds": [], "bytes": [], "cache_tokens": [], "tokens": []})
+        r["seconds"].append(seconds)
+        r["bytes"].append(bytes_read)
+        r["cache_tokens"].append(cache_tokens)
+        r["tokens"].append(tokens)
+
+    # (a) rerun
+    for q in questions:
+        t = time.perf_counter()
+        tokens, cache_tokens = rerun_answer(model, work / q.video_id, sampling, q.question, args.max_new_tokens)
+        record("(a) rerun", time.perf_counter() - t, 0, cache_tokens, tokens)
+
+    # (b) full KV: a fresh store handle per question, so everything is read from storage every time
+    for q in questions:
+        t = time.perf_counter()
+        store = KVStore(StoreConfig(uri=str(stores["full"]), l_cache_bytes=0))
+        answerer = Answerer(model, store, RetrievalConfig(top_k=n_chunks, selection="uniform",
+                                                          max_new_tokens=args.max_new_tokens))
+        [a] = answerer.answer([q])
+        record("(b) full-kv", time.perf_counter() - t, store.stats.io.bytes_read, a.tokens_in_cache, a.token_ids)
+
+    # (c), (d): the query tier's setup: H in memory (loaded once per video, not counted per question), L cold
+    store = KVStore(StoreConfig(uri=str(stores["x2l"]), l_cache_bytes=0))
+    h = HCache(store, 1 << 34)
+    t = time.perf_counter()
+    h_bytes_before = store.stats.io.bytes_read
+    h.preload(p.name for p in videos)
+    h_load = {"seconds": time.perf_counter() - t, "bytes": store.stats.io.bytes_read - h_bytes_before}
+    for name, k in [("(c) h-only", 0), ("(d) x2l top-1", 1), ("(d) x2l top-2", 2), ("(d) x2l top-4", 4)]:
+        answerer = Answerer(model, h, RetrievalConfig(top_k=k, max_new_tokens=args.max_new_tokens))
+        answerer.answer(questions[:1])  # warm-up (first-call overheads), not recorded
+        for q in questions:
+            before = store.stats.io.bytes_read
+            t = time.perf_counter()
+            [a] = answerer.answer([q])
+            record(name, time.perf_counter() - t, store.stats.io.bytes_read - before, a.tokens_in_cache, a.token_ids)
+
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    ref_tokens = results["(a) rerun"]["tokens"]
+    a_s, b_s = mean(results["(a) rerun"]["seconds"]), mean(results["(b) full-kv"]["seconds"])
+    b_bytes = mean(results["(b) full-kv"]["bytes"])
+    table = []
+    for name, r in results.items():
+        s, by = mean(r["seconds"]), mean(r["bytes"])
+        table.append({
+            "method": name, "seconds_per_question": round(s, 4), "bytes_read_per_question": int(by),
+            "tokens_in_cache": int(mean(r["cache_tokens"])), "speedup_vs_a": round(a_s / s, 2),
+            "speedup_vs_b": round(b_s / s, 2), "bytes_vs_b": round(by / b_bytes, 4) if b_bytes else None,
+            "token_agreement_with_a": round(mean([agreement(t, ref) for t, ref in zip(r["tokens"], ref_tokens)]), 3),
+            "exact_match_with_a": round(mean([float(t == ref) for t, ref in zip(r["tokens"], ref_tokens)]), 3),
+        })
+    info = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+                   f"{'CUDA' if torch.cuda.is_available() else 'CPU only'}",
+        "model": "medium random checkpoint (Qwen2-VL-2B LM widths, 4 layers), fp32 on CPU",
+        "videos": len(videos), "chunks_per_video": n_chunks, "questions": len(questions),
+        "tokens_per_video": int(mean(results["(a) rerun"]["cache_tokens"])),
+        "index_seconds": {k: round(v, 1) for k, v in index_s.items()},
+        "h_preload": {"seconds": round(h_load["seconds"], 3), "bytes": h_load["bytes"]},
+        "max_new_tokens": args.max_new_tokens,
+    }
+    (work / "bench.json").write_text(json.dumps({"setup": info, "table": table}, indent=1))
+    md = render(info, table)
+    (work / "bench.md").write_text(md)
+    print(md)
+
+
+def render(info: dict, table: list[dict]) -> str:
+    lines = ["| method | s / question | bytes read / question | tokens in cache | vs (a): faster | vs (b): faster | "
+             "vs (b): bytes | token agreement with (a) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in table:
+        bytes_vs_b = "" if r["bytes_vs_b"] is None else f"{r['bytes_vs_b']:.3f}"
+        lines.append(f"| {r['method']} | {r['seconds_per_question']:.3f} | {r['bytes_read_per_question']:,} | "
+                     f"{r['tokens_in_cache']:,} | {r['speedup_vs_a']:.1f}x | {r['speedup_vs_b']:.2f}x | "
+                     f"{bytes_vs_b} | {r['token_agreement_with_a']:.2f} |")
+    return (f"Machine: {info['machine']}. Model: {info['model']}. {info['videos']} videos x "
+            f"{info['chunks_per_video']} chunks ({info['tokens_per_video']:,} tokens each), {info['questions']} "
+            f"questions, {info['max_new_tokens']} new tokens. H of every video preloaded once "
+            f"({info['h_preload']['bytes']:,} bytes in {info['h_preload']['seconds']:.2f} s), not counted per "
+            f"question.\n\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
