@@ -140,13 +140,14 @@ class QueryModel:
         self.questions += len(items)
         results: list[dict | None] = [None] * len(items)
         good: dict[str, list[int]] = {}
+        loaded = set(self.h.loaded())  # known without asking the store
         for i, item in enumerate(items):
             if len(item["question"]) > self.cfg.max_question_chars:
                 results[i] = _error(413, f"question is {len(item['question'])} characters, the limit is "
                                          f"{self.cfg.max_question_chars}")
                 continue
             try:
-                known = self.store.committed(item["video_id"]) is not None
+                known = item["video_id"] in loaded or self.store.committed(item["video_id"]) is not None
             except StoreError as e:
                 results[i] = _error(_status_of(e), f"store unreachable: {e}")
                 continue
