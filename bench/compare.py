@@ -6,7 +6,11 @@
             LMCache): a store indexed with l_keep=1 and full context, read cold for every question;
 (c) h-only  x2l's H level alone (kept in memory, as the query tier keeps it);
 (d) x2l:k   x2l with top-k 1, 2, 4: H in memory, the L delta of the k chunks the question attends to most fetched cold
-            from the store for every question.
+            from the store for every question; and top-2 with the relevance vote taken from the first half of the
+            layers only (the relevance pass then stops there).
+
+Stores live on object storage: a local S3 server (SeaweedFS on 127.0.0.1), as in production (`--store local` for a
+folder).
 
 The model is the `medium` random checkpoint (Qwen2-VL-2B language-model widths, 4 layers), so compute per layer is
 that of a real model; videos have 32+ chunks. Printed and written (bench_out/bench.json, bench.md): wall time per
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -66,7 +71,8 @@ def main() -> None:
     ap.add_argument("--workdir", default="bench_out")
     ap.add_argument("--videos", type=int, default=2)
     ap.add_argument("--seconds", type=int, default=256, help="video length; 1 fps x 8 frames per chunk -> chunks")
-    ap.add_argument("--pixels", type=int, default=112 * 112, help="per-frame pixel cap (tokens per frame)")
+    ap.add_argument("--pixels", type=int, default=168 * 168, help="per-frame pixel cap (tokens per frame)")
+    ap.add_argument("--store", choices=["s3", "local"], default="s3", help="where the stores live (default s3)")
     ap.add_argument("--max-new-tokens", type=int, default=8)
     args = ap.parse_args()
     work = Path(args.workdir)
@@ -78,24 +84,40 @@ def main() -> None:
     for v in range(args.videos):
         path = work / f"bench-{v}-{args.seconds}s.mp4"
         if not path.exists():
-            write_video(path, n_frames=args.seconds * 2, fps=2, size=(112, 112))
+            write_video(path, n_frames=args.seconds * 2, fps=2, size=(168, 168))
         videos.append(path)
     sampling = SamplingConfig(fps=1, max_frames=max(256, args.seconds), frames_per_chunk=8,
                               min_pixels=28 * 28, max_pixels=args.pixels)
     model = load_model(ckpt, min_pixels=sampling.min_pixels, max_pixels=sampling.max_pixels)
 
+    server = None
+    if args.store == "s3":
+        from x2l.store.s3_server import LocalS3Server
+
+        server = LocalS3Server(str(work / "s3")).start()
+        os.environ.update(server.env())
+        stores = {"x2l": server.uri("store-x2l"), "full": server.uri("store-full")}
+    else:
+        stores = {"x2l": str(work / "store-x2l"), "full": str(work / "store-full")}
+    try:
+        run(args, model, sampling, videos, stores, work)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def run(args, model, sampling, videos, stores, work) -> None:
     # Indexing (once): the x2l store and the full-KV store.
-    stores = {"x2l": work / "store-x2l", "full": work / "store-full"}
     configs = {"x2l": CompressionConfig(), "full": CompressionConfig(l_keep=1.0, context="full", scorer="uniform")}
     index_s = {}
     for name, uri in stores.items():
-        store = KVStore(str(uri), model.fingerprint)
+        store = KVStore(uri, model.fingerprint)
         t = time.perf_counter()
         for path in videos:
             if store.committed(path.name) is None:
                 store.write(Indexer(model, sampling, configs[name]).index(path, path.name))
         index_s[name] = time.perf_counter() - t
-    n_chunks = KVStore(str(stores["x2l"])).info(videos[0].name)["n_chunks"]
+    n_chunks = KVStore(stores["x2l"]).info(videos[0].name)["n_chunks"]
 
     questions = [Question(p.name, q) for p in videos for q in QUESTIONS]
     results: dict[str, dict] = {}
@@ -116,21 +138,23 @@ def main() -> None:
     # (b) full KV: a fresh store handle per question, so everything is read from storage every time
     for q in questions:
         t = time.perf_counter()
-        store = KVStore(StoreConfig(uri=str(stores["full"]), l_cache_bytes=0))
+        store = KVStore(StoreConfig(uri=stores["full"], l_cache_bytes=0))
         answerer = Answerer(model, store, RetrievalConfig(top_k=n_chunks, selection="uniform",
                                                           max_new_tokens=args.max_new_tokens))
         [a] = answerer.answer([q])
         record("(b) full-kv", time.perf_counter() - t, store.stats.io.bytes_read, a.tokens_in_cache, a.token_ids)
 
     # (c), (d): the query tier's setup: H in memory (loaded once per video, not counted per question), L cold
-    store = KVStore(StoreConfig(uri=str(stores["x2l"]), l_cache_bytes=0))
+    store = KVStore(StoreConfig(uri=stores["x2l"], l_cache_bytes=0))
     h = HCache(store, 1 << 34)
     t = time.perf_counter()
     h_bytes_before = store.stats.io.bytes_read
     h.preload(p.name for p in videos)
     h_load = {"seconds": time.perf_counter() - t, "bytes": store.stats.io.bytes_read - h_bytes_before}
-    for name, k in [("(c) h-only", 0), ("(d) x2l top-1", 1), ("(d) x2l top-2", 2), ("(d) x2l top-4", 4)]:
-        answerer = Answerer(model, h, RetrievalConfig(top_k=k, max_new_tokens=args.max_new_tokens))
+    half = tuple(range(max(1, model.num_layers // 2)))
+    for name, k, layers in [("(c) h-only", 0, None), ("(d) x2l top-1", 1, None), ("(d) x2l top-2", 2, None),
+                            ("(d) x2l top-4", 4, None), (f"(d) x2l top-2, vote layers 0-{half[-1]}", 2, half)]:
+        answerer = Answerer(model, h, RetrievalConfig(top_k=k, layers=layers, max_new_tokens=args.max_new_tokens))
         answerer.answer(questions[:1])  # warm-up (first-call overheads), not recorded
         for q in questions:
             before = store.stats.io.bytes_read
@@ -156,6 +180,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
                    f"{'CUDA' if torch.cuda.is_available() else 'CPU only'}",
         "model": "medium random checkpoint (Qwen2-VL-2B LM widths, 4 layers), fp32 on CPU",
+        "store": "local S3 server (SeaweedFS, 127.0.0.1)" if args.store == "s3" else "local folder",
         "videos": len(videos), "chunks_per_video": n_chunks, "questions": len(questions),
         "tokens_per_video": int(mean(results["(a) rerun"]["cache_tokens"])),
         "index_seconds": {k: round(v, 1) for k, v in index_s.items()},
@@ -176,7 +201,7 @@ def render(info: dict, table: list[dict]) -> str:
         lines.append(f"| {r['method']} | {r['seconds_per_question']:.3f} | {r['bytes_read_per_question']:,} | "
                      f"{r['tokens_in_cache']:,} | {r['speedup_vs_a']:.1f}x | {r['speedup_vs_b']:.2f}x | "
                      f"{bytes_vs_b} | {r['token_agreement_with_a']:.2f} |")
-    return (f"Machine: {info['machine']}. Model: {info['model']}. {info['videos']} videos x "
+    return (f"Machine: {info['machine']}. Model: {info['model']}. Store: {info['store']}. {info['videos']} videos x "
             f"{info['chunks_per_video']} chunks ({info['tokens_per_video']:,} tokens each), {info['questions']} "
             f"questions, {info['max_new_tokens']} new tokens. H of every video preloaded once "
             f"({info['h_preload']['bytes']:,} bytes in {info['h_preload']['seconds']:.2f} s), not counted per "

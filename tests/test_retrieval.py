@@ -8,7 +8,7 @@ import torch
 from x2l.config import RetrievalConfig, SamplingConfig
 from x2l.engine import Answerer, InMemorySource, Indexer, Question
 from x2l.models.attention import probing
-from x2l.retrieval import RelevanceProbe, chunk_relevance, select_chunks
+from x2l.retrieval import EnoughLayers, RelevanceProbe, chunk_relevance, select_chunks
 
 
 def constructed_attention(hot: list[int], n_chunks=6, sink=3, h=2, d=8, q_len=4, kv_heads=2, groups=2):
@@ -48,7 +48,8 @@ def test_layer_choice_restricts_the_vote():
     query, keys, sink, counts = constructed_attention([2])
     probe = RelevanceProbe(sink + sum(counts), layers=(1,))
     probe(0, query, keys, keys, None, scaling=1.0)
-    probe(1, query, keys * 0, keys, None, scaling=1.0)  # layer 1 attends uniformly
+    with pytest.raises(EnoughLayers):  # the last chosen layer ends the pass
+        probe(1, query, keys * 0, keys, None, scaling=1.0)  # layer 1 attends uniformly
     rel = chunk_relevance(probe.entry_attention(), sink, counts)[0]
     torch.testing.assert_close(rel, torch.full_like(rel, rel[0].item()))
 
@@ -110,3 +111,24 @@ def test_uniform_selection_is_evenly_spaced_and_ignores_the_question(tiny_checkp
     a, b = answerer.answer([Question("v", "What is red?"), Question("v", "Count the dogs.")])
     assert a.selected_chunks == b.selected_chunks == [0, kv.n_chunks - 1]
     assert a.relevance == [] and a.cache_hits == 2 and a.store_bytes_read == 0
+
+
+def test_chosen_layers_stop_the_relevance_pass_early(tiny_checkpoints, video_path):
+    """With layers=(0,), the relevance pass runs layer 0 only, and ranks by layer 0's vote."""
+    from x2l.models import load_model
+
+    model = load_model(tiny_checkpoints["qwen2-vl"])
+    kv = Indexer(model, SamplingConfig(fps=2, frames_per_chunk=4)).index(video_path, "v")
+    prompt = model.question_ids("Where is the ball?")
+    ran: list[int] = []
+    hooks = [layer.register_forward_hook(lambda m, i, o, n=n: ran.append(n))
+             for n, layer in enumerate(model.model.model.language_model.layers)]
+    try:
+        first = Answerer(model, InMemorySource([kv]), RetrievalConfig(layers=(0,))).relevance(kv, [prompt])
+        assert ran == []  # layer 0 stops inside its attention: no decoder layer completes
+        every = Answerer(model, InMemorySource([kv]), RetrievalConfig()).relevance(kv, [prompt])
+        assert ran == [0, 1, 2]
+    finally:
+        for h in hooks:
+            h.remove()
+    assert first.shape == every.shape and not torch.allclose(first, every)

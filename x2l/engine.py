@@ -24,7 +24,7 @@ from x2l.compress import ChunkKV, LevelKV, VideoKV, merge_levels, split_levels
 from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig, to_dict
 from x2l.models.attention import probing
 from x2l.models.base import ModelAdapter, Segment
-from x2l.retrieval import RelevanceProbe, chunk_relevance, select_chunks
+from x2l.retrieval import EnoughLayers, RelevanceProbe, chunk_relevance, select_chunks
 from x2l.scorers import make_scorer
 from x2l.scorers.base import ScoringProbe
 from x2l.source import Fetch, InMemorySource, KVSource
@@ -285,8 +285,11 @@ class Answerer:
             self.model, [h_layers] * len(prompts), prompts, [video.next_position] * len(prompts)
         )
         probe = RelevanceProbe(n_cache, valid, self.retrieval.layers)
-        with probing(probe):
-            self.model.forward(embeds, positions, cache, mask, logits=False)
+        try:
+            with probing(probe):
+                self.model.forward(embeds, positions, cache, mask, logits=False)
+        except EnoughLayers:
+            pass  # the layers after the last voting one are not needed
         sink_len = video.sink_keys.shape[2]
         return chunk_relevance(probe.entry_attention(), sink_len, [c.h.n_entries for c in video.chunks])
 

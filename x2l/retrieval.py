@@ -13,8 +13,16 @@ import torch
 from x2l.models.attention import attention_probs
 
 
+class EnoughLayers(Exception):
+    """Raised by RelevanceProbe once the last chosen layer is seen: the rest of the forward is not needed."""
+
+
 class RelevanceProbe:
-    """Attention of the question tokens over the first `n_cache` cache entries, per layer: [B, Hkv, n_cache]."""
+    """Attention of the question tokens over the first `n_cache` cache entries, per layer: [B, Hkv, n_cache].
+
+    With `layers` chosen, it stops the forward after the last of them (EnoughLayers), so the relevance pass costs
+    only the layers that vote.
+    """
 
     def __init__(self, n_cache: int, valid_rows: torch.Tensor | None = None, layers: tuple[int, ...] | None = None):
         self.n_cache = n_cache
@@ -29,6 +37,8 @@ class RelevanceProbe:
         if self.valid_rows is not None:
             probs = probs * self.valid_rows.to(probs.device)[:, None, None, :, None]
         self.per_layer[layer] = probs.mean(dim=2).sum(dim=2)
+        if self.layers is not None and layer == max(self.layers):
+            raise EnoughLayers
 
     def entry_attention(self) -> torch.Tensor:
         """[B, n_cache]: attention per cache entry, averaged over layers and KV heads."""
