@@ -113,6 +113,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serve-devices", type=float, default=d_p.serve_devices,
                    help=f"accelerators behind the Serve app for runs answered over HTTP (default {d_p.serve_devices:g})")
 
+    p = sub.add_parser("eval", help="accuracy of full / h / uniform:K / x2l:K answering on a benchmark, with bytes")
+    p.add_argument("--bench", required=True, choices=["needle", "videomme", "mlvu", "longvideobench", "vnbench"],
+                   help="benchmark; `needle` generates x2l's synthetic held-out split into --data")
+    p.add_argument("--data", required=True, help="the benchmark's folder in its published layout (needle: where "
+                                                 "its videos are written)")
+    p.add_argument("--methods", default="full,h,uniform:2,x2l:1,x2l:2,x2l:4",
+                   help="comma-separated: full, h, uniform:K, x2l:K (default full,h,uniform:2,x2l:1,x2l:2,x2l:4)")
+    p.add_argument("--out", default="eval_out", help="folder for the stores and results (default eval_out)")
+    p.add_argument("--split", default=None, help="benchmark split (default: the benchmark's evaluation split)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="first N questions (needle: how many to generate, default 200)")
+    p.add_argument("--batch-size", type=int, default=8, help="questions per engine call (default 8)")
+    p.add_argument("--eval-max-new-tokens", dest="max_new_tokens", type=int, default=8,
+                   help="decode limit per answer (default 8: a letter)")
+    _model_options(p)
+    _sampling_options(p)
+    _compression_options(p)
+
     p = sub.add_parser("tiny-model", help="write a random-weight checkpoint in the HF layout (tests, demo, timings)")
     p.add_argument("out_dir")
     p.add_argument("--family", default="qwen2-vl", choices=["qwen2-vl", "qwen2.5-vl"], help="default qwen2-vl")
@@ -241,6 +259,31 @@ def cmd_report(args) -> None:
           f"${d['per_1000_questions'] or 0:.4f} per 1,000 questions")
 
 
+def cmd_eval(args) -> None:
+    from x2l.eval.evaluate import evaluate, parse_method, write_results
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        parse_method(m)
+    if args.bench == "needle":
+        from x2l.eval import needle
+
+        questions = needle.make_split("test", args.limit or 200, args.data)
+        sampling = SamplingConfig(needle.FPS, args.max_frames, needle.FRAMES_PER_CHUNK, args.min_pixels,
+                                  args.max_pixels)
+    else:
+        from x2l.eval.benchmarks import load_benchmark
+
+        questions = load_benchmark(args.bench, args.data, args.split)[: args.limit]
+        sampling = SamplingConfig(args.fps, args.max_frames, args.frames_per_chunk, args.min_pixels, args.max_pixels)
+    compression = CompressionConfig(args.l_keep, args.h_keep, args.scorer, args.context)
+    model = _load_model(args)
+    result = evaluate(questions, model, args.out, methods, sampling, compression, args.batch_size,
+                      args.max_new_tokens, log=lambda m: print(m, flush=True))
+    write_results(result, args.out, f"x2l eval: {args.bench} ({len(questions)} questions, model {args.model})")
+    print(f"wrote {args.out}/results.json, results.md and accuracy_vs_bytes.png")
+
+
 def cmd_tiny_model(args) -> None:
     from x2l.models.tiny import write_tiny_checkpoint
 
@@ -254,7 +297,7 @@ def cmd_demo(args) -> None:
     run_demo(Path(args.workdir))
 
 
-COMMANDS = {"index": cmd_index, "ask": cmd_ask, "store": cmd_store, "report": cmd_report,
+COMMANDS = {"index": cmd_index, "ask": cmd_ask, "store": cmd_store, "report": cmd_report, "eval": cmd_eval,
             "tiny-model": cmd_tiny_model, "demo": cmd_demo}
 
 

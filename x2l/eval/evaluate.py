@@ -1,0 +1,159 @@
+"""`x2l eval`: accuracy of each answering method on a benchmark, with the bytes each answer needed.
+
+Methods (every one answers every question):
+
+- `full`: the uncompressed KV (a store indexed with l_keep=1 and full context, every chunk re-loaded): equal to a
+  one-shot pre-fill of the whole prompt;
+- `h`: the H level of every chunk alone (top_k=0);
+- `uniform:K`: K chunks chosen without looking at the question (evenly spaced) re-loaded at L: the control;
+- `x2l:K`: the K chunks the question attends to most over [sink + every H] re-loaded at L (Video-X^2L).
+
+Videos are indexed through the store (once: a rerun reuses committed videos), answers are read back through it.
+Per method: accuracy overall and per category, mean KV bytes of the cache each answer was decoded over (sink + H of
+every chunk + the L deltas it re-loaded; `full`: every token) and their ratio to the uncompressed cache, and the
+bytes fetched from the store for L deltas. Written as results.json, results.md and accuracy_vs_bytes.png.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig, StoreConfig
+from x2l.engine import Answerer, Indexer, Question
+from x2l.errors import ConfigError
+from x2l.eval.answers import extract_letter
+from x2l.eval.benchmarks import BenchQuestion
+
+METHODS = ("full", "h", "uniform:2", "x2l:1", "x2l:2", "x2l:4")
+
+
+def parse_method(method: str) -> tuple[str, int]:
+    name, _, k = method.partition(":")
+    if name in ("full", "h") and not k:
+        return name, 0
+    if name in ("uniform", "x2l") and k.isdigit() and int(k) > 0:
+        return name, int(k)
+    raise ConfigError(f"unknown method {method!r}: use full, h, uniform:K or x2l:K (K >= 1)")
+
+
+def index_into(store, model, paths: list[str], sampling: SamplingConfig, compression: CompressionConfig,
+               log=print) -> None:
+    """Index every video not yet committed with these settings (ids are the paths)."""
+    indexer = Indexer(model, sampling, compression)
+    t = time.perf_counter()
+    for i, path in enumerate(paths):
+        meta = store.committed(path)
+        if meta is None or meta.get("compression") != _dict(compression) or meta.get("sampling") != _dict(sampling):
+            store.write(indexer.index(path, path), overwrite=True)
+        if (i + 1) % 25 == 0 or i + 1 == len(paths):
+            log(f"  {i + 1}/{len(paths)} videos in {store.backend.uri} ({time.perf_counter() - t:.0f} s)")
+
+
+def _dict(cfg) -> dict:
+    from x2l.config import to_dict
+
+    return to_dict(cfg)
+
+
+def evaluate(questions: list[BenchQuestion], model, workdir: str | Path, methods=METHODS,
+             sampling: SamplingConfig = SamplingConfig(), compression: CompressionConfig = CompressionConfig(),
+             batch_size: int = 8, max_new_tokens: int = 8, log=print) -> dict:
+    """Accuracy per method and category, bytes per question; per-question rows under "questions"."""
+    from x2l.store import KVStore
+
+    parsed = [(m, *parse_method(m)) for m in methods]
+    workdir = Path(workdir)
+    paths = sorted({q.video for q in questions})
+    stores = {}
+    if any(kind == "full" for _, kind, _ in parsed):
+        stores["full"] = KVStore(StoreConfig(uri=str(workdir / "store-full"), l_cache_bytes=0), model.fingerprint)
+        log(f"indexing {len(paths)} videos, uncompressed (for `full`)")
+        index_into(stores["full"], model, paths, sampling,
+                   CompressionConfig(1.0, compression.h_keep, compression.scorer, "full"), log)
+    if any(kind != "full" for _, kind, _ in parsed):
+        stores["x2l"] = KVStore(StoreConfig(uri=str(workdir / "store"), l_cache_bytes=0), model.fingerprint)
+        log(f"indexing {len(paths)} videos, compressed (l_keep {compression.l_keep:g}, h_keep "
+            f"{compression.h_keep:g}, scorer {compression.scorer}, context {compression.context})")
+        index_into(stores["x2l"], model, paths, sampling, compression, log)
+
+    rows = {q.qid: {"qid": q.qid, "video": q.video, "category": q.category, "answer": q.answer} for q in questions}
+    results = {}
+    for method, kind, k in parsed:
+        store = stores["full" if kind == "full" else "x2l"]
+        # `full` re-loads every chunk: "uniform" over all of them, with no relevance pass
+        retrieval = RetrievalConfig(top_k=k, max_new_tokens=max_new_tokens,
+                                    selection="uniform" if kind in ("uniform", "full") else "attention")
+        answerer = Answerer(model, store, retrieval)
+        correct: dict[str, list[bool]] = defaultdict(list)
+        used, ratio, fetched = [], [], []
+        t = time.perf_counter()
+        for s in range(0, len(questions), batch_size):
+            batch = questions[s:s + batch_size]
+            asked = [Question(q.video, q.question, list(q.options), id=q.qid,
+                              top_k=store.info(q.video)["n_chunks"] if kind == "full" else None) for q in batch]
+            for q, a in zip(batch, answerer.answer(asked)):
+                ok = extract_letter(a.text, list(q.options)) == q.answer
+                correct[q.category].append(ok)
+                used.append(a.kv_bytes_used)
+                ratio.append(a.kv_bytes_used / a.kv_bytes_full)
+                fetched.append(a.store_bytes_read)
+                rows[q.qid][method] = {"text": a.text, "ok": ok, "selected": a.selected_chunks,
+                                       "kv_bytes": a.kv_bytes_used}
+        flat = [ok for oks in correct.values() for ok in oks]
+        results[method] = {
+            "accuracy": sum(flat) / len(flat),
+            "by_category": {c: sum(v) / len(v) for c, v in sorted(correct.items())},
+            "n": len(flat),
+            "kv_bytes_mean": sum(used) / len(used),
+            "kv_ratio_mean": sum(ratio) / len(ratio),
+            "store_bytes_read_mean": sum(fetched) / len(fetched),
+            "seconds": round(time.perf_counter() - t, 1),
+        }
+        log(f"{method}: accuracy {results[method]['accuracy']:.3f}, {results[method]['kv_ratio_mean']:.1%} of the "
+            f"full KV ({results[method]['seconds']} s)")
+    return {"methods": results, "compression": _dict(compression), "sampling": _dict(sampling),
+            "questions": list(rows.values())}
+
+
+def render_markdown(result: dict, title: str) -> str:
+    methods = result["methods"]
+    categories = sorted({c for m in methods.values() for c in m["by_category"]})
+    head = ["method", "accuracy", *categories, "KV bytes / question", "of full KV", "L bytes fetched / question"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, m in methods.items():
+        cells = [name, f"{m['accuracy']:.1%}", *(f"{m['by_category'].get(c, float('nan')):.1%}" for c in categories),
+                 f"{m['kv_bytes_mean']:,.0f}", f"{m['kv_ratio_mean']:.1%}", f"{m['store_bytes_read_mean']:,.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    n = next(iter(methods.values()))["n"] if methods else 0
+    return f"# {title}\n\n{n} questions. Compression: {result['compression']}.\n\n" + "\n".join(lines) + "\n"
+
+
+def render_plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, m in result["methods"].items():
+        ax.scatter(m["kv_ratio_mean"] * 100, m["accuracy"] * 100, s=40)
+        ax.annotate(name, (m["kv_ratio_mean"] * 100, m["accuracy"] * 100), textcoords="offset points",
+                    xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("KV bytes per answer, % of the uncompressed cache")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(result: dict, out: str | Path, title: str) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / "results.md").write_text(render_markdown(result, title) + "\n![accuracy vs bytes](accuracy_vs_bytes.png)\n")
+    render_plot(result, out / "accuracy_vs_bytes.png")
