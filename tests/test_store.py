@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import socket
 import threading
 import time
@@ -20,8 +19,9 @@ import x2l.store.kvstore as kvstore_mod
 import x2l.store.schema as schema_mod
 from x2l.compress import ChunkKV, LevelKV, VideoKV
 from x2l.config import RetrievalConfig, SamplingConfig, StoreConfig
-from x2l.engine import Answerer, InMemorySource, Indexer, Question
+from x2l.engine import Answerer, Indexer, Question
 from x2l.errors import CorruptionError, IncompatibleError, NotFoundError, StoreError
+from x2l.source import InMemorySource
 from x2l.store import SCHEMA_VERSION, Fetch, KVStore, video_key
 from x2l.store.keys import kv_path, meta_path
 

@@ -39,7 +39,7 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
 def _compression_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("compression")
     g.add_argument("--l-keep", type=float, default=D_COMP.l_keep, help=f"L level keep fraction (default {D_COMP.l_keep:g})")
-    g.add_argument("--h-keep", type=float, default=D_COMP.h_keep, help=f"H level keep fraction (default 1/16)")
+    g.add_argument("--h-keep", type=float, default=D_COMP.h_keep, help="H level keep fraction (default 1/16)")
     g.add_argument("--scorer", default=D_COMP.scorer,
                    help="token scorer: attention[:Q] (Q voting queries spread over the chunk, default 64; 0 = all), "
                         "window_attention[:W] (last W queries, default 32), key_norm, value_norm, uniform (default attention)")

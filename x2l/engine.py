@@ -27,7 +27,7 @@ from x2l.models.base import ModelAdapter, Segment
 from x2l.retrieval import EnoughLayers, RelevanceProbe, chunk_relevance, select_chunks
 from x2l.scorers import make_scorer
 from x2l.scorers.base import ScoringProbe
-from x2l.source import Fetch, InMemorySource, KVSource
+from x2l.source import Fetch, KVSource
 from x2l.video import VideoClip, load_video
 
 

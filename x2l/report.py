@@ -235,8 +235,9 @@ def render_plots(report: dict, index_runs: list, answer_runs: list, out_dir) -> 
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from pathlib import Path
+
+    import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
     names = []

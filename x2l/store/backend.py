@@ -400,8 +400,8 @@ class S3Backend(Backend):
 
     @contextmanager
     def _errors(self, key: str = "") -> Iterator[None]:
-        from botocore.exceptions import BotoCoreError, ConnectionError as BotoConnectionError, HTTPClientError
-        from botocore.exceptions import NoCredentialsError
+        from botocore.exceptions import BotoCoreError, HTTPClientError, NoCredentialsError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
         from fsspec.exceptions import FSTimeoutError
 
         try:
