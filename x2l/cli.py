@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig
-from x2l.errors import X2LError
+from x2l.errors import ConfigError, X2LError
 
 D_SAMPLING, D_COMP, D_RETR = SamplingConfig(), CompressionConfig(), RetrievalConfig()
 
@@ -137,8 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="tiny", choices=["tiny", "small", "medium"], help="default tiny")
     p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
 
-    p = sub.add_parser("demo", help="write a small checkpoint and a sample video, index it, ask, and report")
+    p = sub.add_parser("demo", help="index sample needle videos with `ray job submit`, answer over Serve's HTTP, report")
     p.add_argument("--workdir", default="demo_out", help="where the demo writes its files (default demo_out)")
+    p.add_argument("--model", default=None,
+                   help="checkpoint to run (default: the shipped needle model, models/needle-qwen2vl)")
     return parser
 
 
@@ -186,8 +188,6 @@ def _pick_video(store, video_id: str | None) -> str:
         return video_id
     videos = store.list_videos()
     if len(videos) != 1:
-        from x2l.errors import ConfigError
-
         ids = ", ".join(repr(v["video_id"]) for v in videos[:10]) or "none"
         raise ConfigError(f"store {store.backend.uri} holds {len(videos)} videos ({ids}): pick one with --video-id")
     return videos[0]["video_id"]
@@ -265,10 +265,12 @@ def cmd_eval(args) -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         parse_method(m)
+    targets = None
     if args.bench == "needle":
         from x2l.eval import needle
 
-        questions = needle.make_split("test", args.limit or 200, args.data)
+        items = needle.make_items(args.split or "test", args.limit or 200)
+        questions, targets = needle.write_videos(items, args.data), needle.target_chunks(items)
         sampling = SamplingConfig(needle.FPS, args.max_frames, needle.FRAMES_PER_CHUNK, args.min_pixels,
                                   args.max_pixels)
     else:
@@ -279,7 +281,7 @@ def cmd_eval(args) -> None:
     compression = CompressionConfig(args.l_keep, args.h_keep, args.scorer, args.context)
     model = _load_model(args)
     result = evaluate(questions, model, args.out, methods, sampling, compression, args.batch_size,
-                      args.max_new_tokens, log=lambda m: print(m, flush=True))
+                      args.max_new_tokens, targets, log=lambda m: print(m, flush=True))
     write_results(result, args.out, f"x2l eval: {args.bench} ({len(questions)} questions, model {args.model})")
     print(f"wrote {args.out}/results.json, results.md and accuracy_vs_bytes.png")
 
@@ -292,9 +294,12 @@ def cmd_tiny_model(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from x2l.demo import run_demo
+    from x2l.demo import MODEL, run_demo
 
-    run_demo(Path(args.workdir))
+    model = Path(args.model) if args.model else MODEL
+    if not (model / "config.json").is_file():
+        raise ConfigError(f"{model}: no checkpoint there (config.json missing)")
+    run_demo(Path(args.workdir), model.resolve())
 
 
 COMMANDS = {"index": cmd_index, "ask": cmd_ask, "store": cmd_store, "report": cmd_report, "eval": cmd_eval,

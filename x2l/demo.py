@@ -1,8 +1,9 @@
 """`make demo`: the whole main job on embedded defaults, on this machine, saying what it does.
 
-1. a checkpoint and a small synthetic corpus; 2. a local Ray head (127.0.0.1); 3. the corpus indexing job submitted
-with `ray job submit`; 4. the Serve app over the store; 5. the sample questions over HTTP, with answers and stats;
-6. everything shut down.
+1. the shipped needle checkpoint (trained on CPU, so its answers can be checked) and a small corpus of the needle
+benchmark's held-out videos; 2. a local Ray head (127.0.0.1); 3. the corpus indexing job submitted with
+`ray job submit`; 4. the Serve app over the store; 5. the sample questions over HTTP, with answers (right or wrong)
+and stats; 6. everything shut down.
 """
 
 from __future__ import annotations
@@ -14,47 +15,39 @@ import sys
 import time
 from pathlib import Path
 
-from x2l.synthetic import write_video
+from x2l.eval import needle
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = {"street/cars.mp4": 48, "park/dogs.mp4": 40, "kitchen/cooking.mp4": 56}  # seconds
-SAMPLE_QUESTIONS = [
-    {"video_id": "street/cars.mp4", "question": "What color is the car?", "options": ["red", "blue", "green"]},
-    {"video_id": "park/dogs.mp4", "question": "How many dogs are there?", "options": ["one", "two", "three"]},
-    {"video_id": "kitchen/cooking.mp4", "question": "What happens at the end of the video?"},
-    {"video_id": "street/cars.mp4", "question": "Does a car stop?", "options": ["yes", "no"]},
-]
+MODEL = ROOT / "models" / "needle-qwen2vl"  # trained on the synthetic needle task (models/needle-qwen2vl/TRAINING.md)
+N_VIDEOS = 6  # the first questions of the needle benchmark's held-out split, one video each, families round-robin
 
 
 def step(n: int, text: str) -> None:
     print(f"[{n}/6] {text}", flush=True)
 
 
-def _model(workdir: Path) -> tuple[Path, str]:
-    from x2l.models.tiny import write_tiny_checkpoint
+def sample_corpus(corpus: Path) -> list[dict]:
+    """Held-out needle videos under `corpus` (written once) and their questions, with the right answer."""
+    items = needle.make_items("test", N_VIDEOS)
+    questions = needle.write_videos(items, corpus)
+    return [{"video_id": Path(q.video).name, "question": q.question, "options": list(q.options), "expected": q.answer,
+             "family": q.category} for q in questions]
 
-    model_dir = workdir / "model-small"
-    if not (model_dir / "config.json").exists():
-        write_tiny_checkpoint(model_dir, family="qwen2-vl", size="small")
-    return model_dir, "a random-weight Qwen2-VL 'small' checkpoint: its answers are noise"
 
-
-def run_demo(workdir: Path) -> None:
+def run_demo(workdir: Path, model_dir: Path = MODEL) -> None:
     import httpx
+
+    from x2l.eval.answers import extract_letter
 
     from x2l.cluster import LocalRayHead, free_port
 
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    model_dir, about = _model(workdir)
     corpus = workdir / "corpus"
-    for name, seconds in CORPUS.items():
-        if not (corpus / name).exists():
-            (corpus / name).parent.mkdir(parents=True, exist_ok=True)
-            write_video(corpus / name, n_frames=seconds * 4, fps=4, size=(224, 400))
+    questions = sample_corpus(corpus)
     store = workdir / "store"
-    step(1, f"model {model_dir} ({about}); corpus {corpus}: {len(CORPUS)} synthetic videos")
+    step(1, f"model {model_dir}; corpus {corpus}: {len(questions)} synthetic needle videos (16-32 chunks of 8 s)")
 
     with LocalRayHead(num_cpus=2) as head:
         step(2, f"Ray head on 127.0.0.1 (dashboard {head.dashboard_url})")
@@ -89,17 +82,22 @@ def run_demo(workdir: Path) -> None:
         step(4, f"Serve app x2l.serve:app at {url} (POST /v1/answer, GET /v1/videos, /v1/stats, /healthz)")
 
         t = time.perf_counter()
-        r = httpx.post(url + "/v1/answer", json={"questions": SAMPLE_QUESTIONS}, timeout=300)
+        body = {"questions": [{k: q[k] for k in ("video_id", "question", "options")} for q in questions]}
+        r = httpx.post(url + "/v1/answer", json=body, timeout=300)
         dt = time.perf_counter() - t
-        step(5, f"POST /v1/answer with {len(SAMPLE_QUESTIONS)} questions -> HTTP {r.status_code} in {dt:.2f} s")
-        for q, a in zip(SAMPLE_QUESTIONS, r.json()["answers"]):
-            print(f"      Q ({q['video_id']}): {q['question']}")
+        step(5, f"POST /v1/answer with {len(questions)} questions -> HTTP {r.status_code} in {dt:.2f} s")
+        right = 0
+        for q, a in zip(questions, r.json()["answers"]):
+            print(f"      Q ({q['video_id']}, {q['family']}): {q['question']} {' '.join(q['options'])}")
             if "error" in a:
                 print(f"      error: {a['error']}")
                 continue
-            print(f"      A: {a['answer']!r}  chunks {a['selected_chunks']} of {a['n_chunks']} at L; "
+            ok = extract_letter(a["answer"], q["options"]) == q["expected"]
+            right += ok
+            print(f"      A: {a['answer']!r} ({'right' if ok else 'wrong, expected ' + q['expected']})  chunks {a['selected_chunks']} of {a['n_chunks']} at L; "
                   f"{a['kv_bytes_used']:,} of {a['kv_bytes_full']:,} KV bytes; {a['store_bytes_read']:,} bytes "
                   f"read, {a['cache_hits']} cache hits; {a['seconds']['total']:.3f} s")
+        print(f"      {right} of {len(questions)} answers right")
         stats = httpx.get(url + "/v1/stats").json()
         print(f"      server: {stats['questions']} questions in batches of {stats['batch_sizes']}, "
               f"{stats['decode_calls']} decode calls; H cache {stats['h_cache']['videos']} videos "

@@ -60,8 +60,12 @@ def _dict(cfg) -> dict:
 
 def evaluate(questions: list[BenchQuestion], model, workdir: str | Path, methods=METHODS,
              sampling: SamplingConfig = SamplingConfig(), compression: CompressionConfig = CompressionConfig(),
-             batch_size: int = 8, max_new_tokens: int = 8, log=print) -> dict:
-    """Accuracy per method and category, bytes per question; per-question rows under "questions"."""
+             batch_size: int = 8, max_new_tokens: int = 8, targets: dict[str, list[int]] | None = None,
+             log=print) -> dict:
+    """Accuracy per method and category, bytes per question; per-question rows under "questions".
+
+    targets: optional {qid: chunks the answer is in} (the needle benchmark knows them): then uniform and x2l also
+    report `selection_hit_rate`, the share of those chunks their selection re-loaded at L."""
     from x2l.store import KVStore
 
     parsed = [(m, *parse_method(m)) for m in methods]
@@ -88,7 +92,7 @@ def evaluate(questions: list[BenchQuestion], model, workdir: str | Path, methods
                                     selection="uniform" if kind in ("uniform", "full") else "attention")
         answerer = Answerer(model, store, retrieval)
         correct: dict[str, list[bool]] = defaultdict(list)
-        used, ratio, fetched = [], [], []
+        used, ratio, fetched, hits = [], [], [], []
         t = time.perf_counter()
         for s in range(0, len(questions), batch_size):
             batch = questions[s:s + batch_size]
@@ -102,6 +106,8 @@ def evaluate(questions: list[BenchQuestion], model, workdir: str | Path, methods
                 fetched.append(a.store_bytes_read)
                 rows[q.qid][method] = {"text": a.text, "ok": ok, "selected": a.selected_chunks,
                                        "kv_bytes": a.kv_bytes_used}
+                if targets and targets.get(q.qid) and kind in ("uniform", "x2l"):
+                    hits.append(len(set(targets[q.qid]) & set(a.selected_chunks)) / len(targets[q.qid]))
         flat = [ok for oks in correct.values() for ok in oks]
         results[method] = {
             "accuracy": sum(flat) / len(flat),
@@ -110,6 +116,7 @@ def evaluate(questions: list[BenchQuestion], model, workdir: str | Path, methods
             "kv_bytes_mean": sum(used) / len(used),
             "kv_ratio_mean": sum(ratio) / len(ratio),
             "store_bytes_read_mean": sum(fetched) / len(fetched),
+            "selection_hit_rate": sum(hits) / len(hits) if hits else None,
             "seconds": round(time.perf_counter() - t, 1),
         }
         log(f"{method}: accuracy {results[method]['accuracy']:.3f}, {results[method]['kv_ratio_mean']:.1%} of the "
@@ -121,11 +128,16 @@ def evaluate(questions: list[BenchQuestion], model, workdir: str | Path, methods
 def render_markdown(result: dict, title: str) -> str:
     methods = result["methods"]
     categories = sorted({c for m in methods.values() for c in m["by_category"]})
-    head = ["method", "accuracy", *categories, "KV bytes / question", "of full KV", "L bytes fetched / question"]
+    hit = any(m.get("selection_hit_rate") is not None for m in methods.values())
+    head = ["method", "accuracy", *categories, "KV bytes / question", "of full KV", "L bytes fetched / question",
+            *(["answer chunks re-loaded"] if hit else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, m in methods.items():
         cells = [name, f"{m['accuracy']:.1%}", *(f"{m['by_category'].get(c, float('nan')):.1%}" for c in categories),
                  f"{m['kv_bytes_mean']:,.0f}", f"{m['kv_ratio_mean']:.1%}", f"{m['store_bytes_read_mean']:,.0f}"]
+        if hit:
+            rate = m.get("selection_hit_rate")
+            cells.append("-" if rate is None else f"{rate:.1%}")
         lines.append("| " + " | ".join(cells) + " |")
     n = next(iter(methods.values()))["n"] if methods else 0
     return f"# {title}\n\n{n} questions. Compression: {result['compression']}.\n\n" + "\n".join(lines) + "\n"

@@ -1,0 +1,160 @@
+"""The synthetic needle benchmark (x2l.eval.needle) and the trained needle checkpoint shipped in models/.
+
+- the generator is deterministic: same (split, seed) -> same questions, same frames, byte-identical video files;
+- the held-out split never shares a video with the training data (disjoint seed streams, distinct videos);
+- questions are right about their videos (the asked colour is in the rendered frame, counts match, ...);
+- the shipped model reaches its reported full-KV accuracy on a fixed 16-question subset of the held-out split.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from x2l.eval import needle as nd
+
+MODEL = Path(__file__).resolve().parents[1] / "models" / "needle-qwen2vl"
+
+
+def test_same_seed_same_questions_and_frames():
+    a = nd.make_items("test", 8, seed=0)
+    b = nd.make_items("test", 8, seed=0)
+    assert a == b
+    assert [x.family for x in a] == list(nd.FAMILIES) * 2
+    for x, y in zip(a[:4], b[:4]):
+        assert np.array_equal(x.video.frames(), y.video.frames())
+    c = nd.make_items("test", 8, seed=1)
+    assert all(x.video != y.video for x, y in zip(a, c))
+
+
+def test_same_seed_same_video_bytes(tmp_path):
+    item = nd.make_item("test", 0, 3, n_chunks=4)
+    p1 = item.video.write(tmp_path / "a.mp4")
+    p2 = item.video.write(tmp_path / "b.mp4")
+    assert p1.read_bytes() == p2.read_bytes()
+    qs = nd.write_videos([item], tmp_path / "split")
+    assert Path(qs[0].video).read_bytes() == p1.read_bytes()
+
+
+def test_held_out_split_is_disjoint_from_training():
+    from x2l.eval.train_needle import TrainConfig, pool_video
+
+    cfg = TrainConfig()
+    test = nd.make_items("test", 200, seed=0)
+    train = [pool_video(i, cfg.seed, cfg.pool_chunks) for i in range(cfg.pool_videos)]
+    assert not {t.video.seed for t in test} & {v.seed for v in train}
+    assert not {t.video.key for t in test} & {v.key for v in train}
+    assert not {t.video.haystack for t in test} & {v.haystack for v in train}
+    # the stream ids themselves differ: no (split, seed, index) of "train" reproduces a "test" item
+    assert len({nd.video_seed(s, 0, i) for s in nd.SPLITS for i in range(200)}) == 3 * 200
+
+
+def test_questions_match_their_videos(tmp_path):
+    from x2l.config import SamplingConfig
+    from x2l.video import load_video
+
+    items = nd.make_items("test", 24, seed=0)
+    for it in items:
+        v = it.video
+        assert nd.TEST_CHUNKS[0] <= v.n_chunks <= nd.TEST_CHUNKS[1]
+        assert len({n.chunk for n in v.needles}) == len(v.needles) <= nd.MAX_NEEDLES
+        assert it.options == nd.OPTIONS[it.family] and it.answer in nd.letters(len(it.options))
+        answer = it.options[nd.letters(len(it.options)).index(it.answer)].split(". ", 1)[1]
+        if it.family in ("retrieval", "detail"):
+            kind = "disc" if it.family == "retrieval" else "grid"
+            (target,) = [n for n in v.needles if n.kind == kind]
+            frame = v.frame(target.first_frame).astype(int)
+            if kind == "disc":
+                y, x = 28 + target.offset[0], 28 + target.offset[1]
+            else:
+                cell = nd.CELLS[int(it.question.split("cell ")[1][0]) - 1]
+                y, x = (14 if cell.startswith("top") else 42), (14 if cell.endswith("left") else 42)
+            assert tuple(frame[y, x]) == nd.RGB[answer], (it.qid, answer)
+        elif it.family == "counting":
+            assert int(answer) == sum(n.kind == "triangle" for n in v.needles)
+        else:
+            disc, tri = (next(n for n in v.needles if n.kind == k) for k in ("disc", "triangle"))
+            assert (answer == "the disc") == (disc.first_frame < tri.first_frame)
+    # the real decoding path returns the frames that were rendered (H.264 at high quality: small error)
+    q = nd.write_videos(items[:1], tmp_path)[0]
+    clip = load_video(q.video, SamplingConfig(fps=nd.FPS, frames_per_chunk=nd.FRAMES_PER_CHUNK))
+    rendered = items[0].video.frames().astype(int)
+    assert clip.frames.shape == rendered.shape
+    assert np.abs(clip.frames.astype(int) - rendered).mean() < 3
+
+
+def test_bench_question_records(tmp_path):
+    items = nd.make_items("test", 4, seed=0, n_chunks=nd.MAX_NEEDLES)
+    qs = nd.write_videos(items, tmp_path)
+    for it, q in zip(items, qs):
+        assert q.benchmark == "needle" and q.qid == it.qid and q.category == it.family
+        assert q.options[0].startswith("A. ") and q.answer in "ABCD" and Path(q.video).is_file()
+        assert q.duration == f"{it.video.n_frames}s"
+
+
+def test_answer_letters_are_single_tokens():
+    from x2l.models.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    for letter in nd.letters(4):
+        assert len(tok.encode(letter, add_special_tokens=False)) == 1
+
+
+def test_training_is_deterministic_given_the_seed(tmp_path):
+    import torch
+
+    from x2l.eval.train_needle import TrainConfig, train
+    from x2l.models import load_model
+
+    cfg = TrainConfig(seed=3, steps=3, pool_videos=4, pool_chunks=8, start_chunks=7, max_chunks=8,
+                      tokens_per_batch=600, compress_after=0.0, val_per_family=0, log_every=1, threads=1)
+    threads = torch.get_num_threads()
+    try:
+        a = train(tmp_path / "a", cfg, log=lambda s: None)
+        b = train(tmp_path / "b", cfg, log=lambda s: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    load_model(tmp_path / "a", dtype="float32", device="cpu")  # a standard checkpoint the adapter loads
+
+
+def test_shipped_model_reaches_reported_full_kv_accuracy(tmp_path):
+    import torch
+
+    from x2l.eval.train_needle import CHECK_SUBSET, check_subset_accuracy
+    from x2l.models import load_model
+
+    assert sum(f.stat().st_size for f in MODEL.iterdir()) < 20 * 2**20
+    reported = json.loads((MODEL / "x2l_needle.json").read_text())["check_subset"]
+    assert {k: reported[k] for k in CHECK_SUBSET} == CHECK_SUBSET
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, threads))
+    try:
+        correct = check_subset_accuracy(load_model(MODEL, dtype="float32", device="cpu"), tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    assert correct == reported["full_correct"], (correct, reported)
+    assert correct >= 0.9 * CHECK_SUBSET["n"]
+
+
+def test_x2l_eval_on_needle_with_the_shipped_model(tmp_path):
+    """`x2l eval --bench needle`: the held-out split generated, indexed through the store, every method scored."""
+    import subprocess
+    import sys
+
+    out, data = tmp_path / "eval", tmp_path / "videos"
+    cmd = [str(Path(sys.executable).parent / "x2l"), "eval", "--bench", "needle", "--data", str(data), "--limit", "8",
+           "--model", str(MODEL), "--methods", "full,h,uniform:2,x2l:2", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in data.glob("*.mp4")) == sorted(f"{it.video.key}.mp4" for it in nd.make_items("test", 8))
+    methods = json.loads((out / "results.json").read_text())["methods"]
+    assert {c for m in methods.values() for c in m["by_category"]} == set(nd.FAMILIES)
+    assert methods["full"]["kv_ratio_mean"] == 1.0 and methods["x2l:2"]["kv_ratio_mean"] <= 0.25
+    assert methods["full"]["selection_hit_rate"] is None and methods["h"]["selection_hit_rate"] is None
+    # task-aware selection finds the needles' chunks; evenly spaced chunks mostly miss them
+    assert methods["x2l:2"]["selection_hit_rate"] > methods["uniform:2"]["selection_hit_rate"]
+    assert "answer chunks re-loaded" in (out / "results.md").read_text()

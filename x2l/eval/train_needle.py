@@ -1,0 +1,791 @@
+"""Train a small Qwen2-VL checkpoint from scratch on the synthetic needle benchmark, on a CPU.
+
+    python -m x2l.eval.train_needle --out models/needle-qwen2vl --seed 0
+
+The model is the real Qwen2-VL architecture (transformers' Qwen2VLForConditionalGeneration), narrow and shallow, and
+the checkpoint is a standard HF directory (config, safetensors, tokenizer, preprocessor configs) that
+`x2l.models.load_model` loads through the normal adapter.
+
+Training is teacher-forced, laid out exactly as inference lays it out: the x2l adapter's sink ids and positions, each
+chunk wrapped in vision start/end with the adapter's chunk positions, the adapter's question ids (question, lettered
+options, instruction, answer prefix), then the answer letter and <|im_end|>; the loss is on those two tokens. Vision
+features come from the model's own vision tower with gradients (a batched re-statement of its forward that
+`check_vision` proves equal to `get_video_features`).
+
+Which cache a question sees: the full pre-fill, or (for `compressed_frac` of the questions after `compress_after` of
+the steps) the mixed cache x2l assembles: sink, H of every chunk, L of k chunks (the needle chunks first, sometimes
+random ones). A 1 M-parameter model trained only on full caches does not tolerate KV compression the way large
+pretrained VLMs do (our first run: 90% full KV, 54% with x2l top-2, ordering and counting at chance), so it is shown
+compressed haystack during training. A detail question always sees its grid's chunk at L (`detail_needs_l`): a run
+that also showed grids at H only learned to read the cell colours from the 1/16 H tokens (detail 95% with H alone:
+each KV head and layer keeps its own tokens, and together they cover the four cells), which leaves the detail
+family measuring nothing about selective re-loading.
+
+Data: `pool_videos` videos from the "train" split seed stream (never the held-out "test" stream) are written as
+H.264 and decoded once through x2l.video.load_video, then cut into a pool of 8-frame chunks labelled with the needle
+each holds (or none). A training example is composed from that pool: the family's needle chunks at random chunk
+indices, haystack chunks elsewhere, the question and answer derived from the needles' labels with the benchmark's
+own `make_question`. A curriculum grows the number of chunks per video from 2 to `max_chunks`.
+
+Deterministic given the seed and the thread count: fixed step count, seeded data order, seeded init.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from x2l.config import CompressionConfig, SamplingConfig
+from x2l.eval import needle as nd
+from x2l.models.tiny import build_tokenizer, model_class, preprocessor_config, special_token_ids
+from x2l.video import load_video
+
+FAMILY = "qwen2-vl"
+
+
+# --- model -----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSpec:
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 384
+    mrope: tuple[int, int, int] = (4, 6, 6)  # head_dim / 2 rotary pairs split over (time, height, width)
+    rope_theta: float = 1_000_000.0
+    vision_depth: int = 1
+    vision_dim: int = 64
+    vision_heads: int = 2
+    vision_mlp_ratio: int = 2
+    pixels: int = nd.FRAME_SIZE[0] * nd.FRAME_SIZE[1]  # min = max pixels: frames are taken at 56x56
+
+
+def needle_config(spec: ModelSpec, tokenizer):
+    """A Qwen2VLConfig in the layout of x2l.models.tiny.tiny_config, with the needle model's widths."""
+    from transformers import Qwen2VLConfig
+
+    ids = special_token_ids(tokenizer)
+    head_dim = spec.hidden // spec.heads
+    assert sum(spec.mrope) * 2 == head_dim, (spec.mrope, head_dim)
+    text_config = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": spec.hidden,
+        "intermediate_size": spec.intermediate,
+        "num_hidden_layers": spec.layers,
+        "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.kv_heads,
+        "max_position_embeddings": 32768,
+        "max_window_layers": spec.layers,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "mrope_section": list(spec.mrope), "rope_theta": spec.rope_theta},
+        "bos_token_id": ids["bos_token_id"],
+        "eos_token_id": ids["eos_token_id"],
+        "pad_token_id": ids["pad_token_id"],
+    }
+    vision_config = dict(depth=spec.vision_depth, embed_dim=spec.vision_dim, num_heads=spec.vision_heads,
+                         mlp_ratio=spec.vision_mlp_ratio, hidden_size=spec.hidden, patch_size=14,
+                         temporal_patch_size=2, spatial_merge_size=2, in_channels=3)
+    return Qwen2VLConfig(text_config=text_config, vision_config=vision_config,
+                         **{k: ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                                "vision_end_token_id")})
+
+
+def write_checkpoint(model, tokenizer, spec: ModelSpec, out: Path, extra: dict | None = None) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    pre = dict(preprocessor_config(FAMILY, "tiny"), min_pixels=spec.pixels, max_pixels=spec.pixels,
+               size={"shortest_edge": spec.pixels, "longest_edge": spec.pixels})
+    for name, kind in (("preprocessor_config.json", {"image_processor_type": "Qwen2VLImageProcessor"}),
+                       ("video_preprocessor_config.json", {"video_processor_type": "Qwen2VLVideoProcessor"})):
+        (out / name).write_text(json.dumps(dict(pre, **kind), indent=2, sort_keys=True) + "\n")
+    if extra is not None:
+        (out / "x2l_needle.json").write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def init_checkpoint(out: Path, spec: ModelSpec, seed: int) -> Path:
+    """The seeded random-init checkpoint that training starts from (then loaded through the x2l adapter)."""
+    tokenizer = build_tokenizer()
+    config = needle_config(spec, tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(FAMILY)(config)
+    return write_checkpoint(model.float(), tokenizer, spec, out)
+
+
+# --- vision with gradients --------------------------------------------------------------------------------------------
+def vision_features(visual, pixels: torch.Tensor, n_slices: int, gh: int, gw: int) -> torch.Tensor:
+    """The Qwen2-VL vision tower over `n_slices` temporal slices of one (gh, gw) patch grid, batched.
+
+    Same math as `Qwen2VisionTransformerPretrainedModel.forward` (each temporal slice attends within itself), but
+    one batched attention instead of a Python loop per slice. pixels [n_slices*gh*gw, C*tp*p*p] -> [n_slices*gh*gw/m^2,
+    hidden]."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+    from transformers.vision_utils import get_vision_position_ids
+
+    grid = torch.tensor([[1, gh, gw]])
+    pos = get_vision_position_ids(grid, visual.spatial_merge_size).repeat(n_slices, 1)
+    x = visual.patch_embed(pixels)
+    cos, sin = visual.rotary_pos_emb(x, pos)
+    L = gh * gw
+    for blk in visual.blocks:
+        attn = blk.attn
+        h = blk.norm1(x)
+        q, k, v = attn.qkv(h).reshape(x.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+        q, k, v = (t.reshape(n_slices, L, attn.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v, scale=attn.scaling)
+        x = x + attn.proj(o.transpose(1, 2).reshape(x.shape[0], -1))
+        x = x + blk.mlp(blk.norm2(x))
+    return visual.merger(x)
+
+
+def check_vision(adapter, frames: np.ndarray) -> float:
+    """Max abs difference between the adapter's chunk features (stock vision forward) and vision_features."""
+    seg = adapter.chunk(frames, 0, nd.FPS)
+    pixels, (gt, gh, gw) = adapter.pixel_values(frames)
+    with torch.no_grad():
+        mine = vision_features(adapter.model.model.visual, pixels, gt, gh, gw)
+    return float((seg.embeds[1:-1] - mine).abs().max())
+
+
+# --- data --------------------------------------------------------------------------------------------------------------
+KIND_INDEX = {k: i for i, k in enumerate(nd.KINDS)}
+
+
+@dataclass
+class ChunkPool:
+    """Decoded 8-frame chunks with the needle each holds (kind -1: haystack only)."""
+
+    frames: np.ndarray  # uint8 [N, 8, H, W, 3]
+    kind: np.ndarray  # int [N]
+    slot: np.ndarray  # int [N]
+    colors: list[tuple[str, ...]]
+    offset: list[tuple[int, int]]
+
+    def token_labels(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per vision token of each chunk [N, 16]: needle kind (0 none, 1+KIND_INDEX), region colour (0 none,
+        1+COLORS index) and grid cell (0 not a grid token, 1+CELLS index): the auxiliary perception targets."""
+        per_slot = 4  # merged tokens per temporal slot at 56x56, raster order: TL, TR, BL, BR (= nd.CELLS)
+        kind = np.zeros((len(self.kind), nd.SLOTS * per_slot), np.int64)
+        color, cell = np.zeros_like(kind), np.zeros_like(kind)
+        for i, (k, s) in enumerate(zip(self.kind, self.slot)):
+            if k < 0:
+                continue
+            span = slice(s * per_slot, (s + 1) * per_slot)
+            cells = self.colors[i] if len(self.colors[i]) == per_slot else self.colors[i] * per_slot
+            kind[i, span] = k + 1
+            color[i, span] = [nd.COLORS.index(c) + 1 for c in cells]
+            if nd.KINDS[k] == "grid":
+                cell[i, span] = np.arange(1, per_slot + 1)
+        return kind, color, cell
+
+    def of_kind(self, kind: str) -> np.ndarray:
+        return np.flatnonzero(self.kind == KIND_INDEX[kind])
+
+    @property
+    def haystack(self) -> np.ndarray:
+        return np.flatnonzero(self.kind < 0)
+
+
+def pool_video(index: int, seed: int, n_chunks: int) -> nd.NeedleVideo:
+    """Training pool video `index`: needles of random kinds in about half of its chunks ("train" stream only)."""
+    rng = nd.item_rng("train", seed, index)
+    chosen = np.flatnonzero(rng.random(n_chunks) < 0.5)
+    needles = [nd.random_needle(nd.KINDS[int(rng.integers(len(nd.KINDS)))], int(c), rng) for c in chosen]
+    return nd.NeedleVideo(nd.video_seed("train", seed, index), n_chunks, tuple(needles), nd.random_haystack(rng))
+
+
+def build_pool(n_videos: int, n_chunks: int, seed: int, target_size, workdir: Path, log=print) -> ChunkPool:
+    frames, kind, slot, colors, offset = [], [], [], [], []
+    t = time.perf_counter()
+    for i in range(n_videos):
+        video = pool_video(i, seed, n_chunks)
+        path = video.write(workdir / f"pool-{i}.mp4")
+        clip = load_video(path, SamplingConfig(fps=nd.FPS, frames_per_chunk=nd.FRAMES_PER_CHUNK), target_size,
+                          num_threads=1)
+        path.unlink()
+        by_chunk = {n.chunk: n for n in video.needles}
+        for c in range(clip.n_chunks):
+            frames.append(clip.chunk_frames(c))
+            n = by_chunk.get(c)
+            kind.append(KIND_INDEX[n.kind] if n else -1)
+            slot.append(n.slot if n else -1)
+            colors.append(n.colors if n else ())
+            offset.append(n.offset if n else (0, 0))
+        if (i + 1) % 50 == 0:
+            log(f"pool: {i + 1}/{n_videos} videos decoded ({time.perf_counter() - t:.0f} s)")
+    pool = ChunkPool(np.stack(frames), np.array(kind), np.array(slot), colors, offset)
+    pool.tok_kind, pool.tok_color, pool.tok_cell = (torch.from_numpy(a) for a in pool.token_labels())
+    return pool
+
+
+@dataclass
+class VideoExample:
+    """A composed training video (pool chunk indices in temporal order) and the questions asked about it:
+    (family, question token ids, answer letter, the chunks holding the needles it asks about). All questions share
+    one pre-fill of the video."""
+
+    chunks: list[int]
+    questions: list[tuple[str, list[int], str, tuple[int, ...]]]  # (family, ids, answer, chunks it is about)
+
+
+def _place(pool: ChunkPool, kinds: list[str], n_chunks: int, rng: np.random.Generator, family: str | None):
+    assert n_chunks >= len(kinds), (kinds, n_chunks)
+    while True:
+        where = rng.choice(n_chunks, size=len(kinds), replace=False)
+        picks = [int(rng.choice(pool.of_kind(k))) for k in kinds]
+        needles = [nd.Needle(k, int(c), int(pool.slot[p]), pool.colors[p], pool.offset[p])
+                   for k, c, p in zip(kinds, where, picks)]
+        if family is None or nd.valid(family, needles):
+            break
+    chunks = [int(c) for c in rng.choice(pool.haystack, size=n_chunks)]
+    for c, p in zip(where, picks):
+        chunks[int(c)] = p
+    return chunks, needles
+
+
+TARGET_KINDS = {"retrieval": ("disc",), "ordering": ("disc", "triangle"), "counting": ("triangle",),
+                "detail": ("grid",)}
+
+
+def _ask(adapter, family: str, needles: list[nd.Needle], rng, cell: int | None = None):
+    question, options, answer = nd.make_question(family, needles, rng, cell=cell)
+    targets = tuple(sorted({n.chunk for n in needles if n.kind in TARGET_KINDS[family]}))
+    return family, adapter.question_ids(question, list(options)), answer, targets
+
+
+def compose(pool: ChunkPool, family: str, n_chunks: int, rng: np.random.Generator, adapter,
+            kinds: list[str] | None = None, all_cells: bool = False) -> VideoExample:
+    """A video of `family` drawn from the pool the way make_item draws a test video, with its question (a detail
+    video with `all_cells` gets one question per grid cell)."""
+    kinds = kinds if kinds is not None else nd.family_kinds(family, rng)
+    chunks, needles = _place(pool, kinds, n_chunks, rng, family)
+    if family == "detail" and all_cells:
+        return VideoExample(chunks, [_ask(adapter, family, needles, rng, cell) for cell in range(len(nd.CELLS))])
+    return VideoExample(chunks, [_ask(adapter, family, needles, rng)])
+
+
+def mixed_kinds(rng: np.random.Generator) -> list[str]:
+    """A video for every family at once: a disc, 1-4 triangles and a grid."""
+    return ["disc", "grid"] + ["triangle"] * int(rng.integers(1, 5))
+
+
+def compose_mixed(pool: ChunkPool, n_chunks: int, rng: np.random.Generator, adapter, kinds: list[str]) -> VideoExample:
+    """A video holding a disc, triangles and a grid, asked retrieval, counting, every grid cell, and ordering
+    (when there is a single triangle)."""
+    chunks, needles = _place(pool, kinds, n_chunks, rng, None)
+    disc = [n for n in needles if n.kind == "disc"]
+    tris = [n for n in needles if n.kind == "triangle"]
+    grid = [n for n in needles if n.kind == "grid"]
+    qs = [_ask(adapter, "retrieval", disc + tris, rng), _ask(adapter, "counting", tris + disc, rng)]
+    qs += [_ask(adapter, "detail", grid, rng, cell) for cell in range(len(nd.CELLS))]
+    if len(tris) == 1:
+        qs.append(_ask(adapter, "ordering", disc + tris, rng))
+    return VideoExample(chunks, qs)
+
+
+class Layout:
+    """Token ids and positions of the whole prompt, from the x2l adapter's own pieces."""
+
+    def __init__(self, adapter):
+        from x2l.models.qwen2_vl import SYSTEM_PROMPT
+
+        tok = adapter.tokenizer
+        self.adapter = adapter
+        sink = adapter.sink()
+        self.sink_ids = tok.encode(SYSTEM_PROMPT, add_special_tokens=False)
+        self.sink_pos = sink.positions
+        assert sink.n_tokens == len(self.sink_ids)
+        dummy = np.zeros((nd.FRAMES_PER_CHUNK, *nd.FRAME_SIZE, 3), np.uint8)
+        seg = adapter.chunk(dummy, 0, nd.FPS)
+        self.chunk_pos = seg.positions  # [3, n] at start 0; a chunk at start s is this + s
+        self.chunk_step = seg.next_position
+        self.chunk_len = seg.n_tokens
+        self.n_vision = seg.n_tokens - 2
+        for s in (3, 17):  # positions are a pure shift of the start (checked against the adapter)
+            assert torch.equal(adapter.chunk(dummy, s, nd.FPS).positions, self.chunk_pos + s)
+        self.vs, self.ve = adapter._vision_start, adapter._vision_end
+        self.pad = tok.convert_tokens_to_ids("<|video_pad|>")
+        self.im_end = tok.convert_tokens_to_ids("<|im_end|>")
+        self.letter_ids = {l: tok.convert_tokens_to_ids(l) for l in nd.letters(4)}
+        for l, i in self.letter_ids.items():
+            assert tok.encode(l, add_special_tokens=False) == [i], f"letter {l} is not a single token"
+
+    def prefix(self, n_chunks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """ids [P] (video pad where vision goes), positions [3, P], vision mask [P], question start position."""
+        ids = list(self.sink_ids)
+        pos = [self.sink_pos]
+        start = int(self.sink_pos.max()) + 1
+        for _ in range(n_chunks):
+            ids += [self.vs] + [self.pad] * self.n_vision + [self.ve]
+            pos.append(self.chunk_pos + start)
+            start += self.chunk_step
+        vision = torch.zeros(len(ids), dtype=torch.bool)
+        for c in range(n_chunks):
+            s = len(self.sink_ids) + c * self.chunk_len + 1
+            vision[s : s + self.n_vision] = True
+        return torch.tensor(ids), torch.cat(pos, dim=1), vision, start
+
+    def tails(self, questions: list[tuple[list[int], str]], start: int) -> dict:
+        """Question + answer letter + <|im_end|> per question, right-padded: ids [M, L], positions [3, M, L],
+        (row, col) of the two predicting positions per question and their targets."""
+        tails = [q + [self.letter_ids[a], self.im_end] for q, a in questions]
+        width = max(len(t) for t in tails)
+        ids = torch.full((len(tails), width), self.pad, dtype=torch.long)
+        rows, cols, targets = [], [], []
+        for m, t in enumerate(tails):
+            ids[m, : len(t)] = torch.tensor(t)
+            last_q = len(t) - 3  # the last question token predicts the letter, the letter predicts <|im_end|>
+            rows += [m, m]
+            cols += [last_q, last_q + 1]
+            targets += [t[-2], t[-1]]
+        positions = torch.arange(start, start + width).view(1, 1, -1).expand(3, len(tails), -1)
+        return dict(ids=ids, positions=positions, rows=torch.tensor(rows), cols=torch.tensor(cols),
+                    targets=torch.tensor(targets))
+
+
+def pixels_for(adapter, pool: ChunkPool, chunks: list[int]) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    frames = pool.frames[chunks].reshape(-1, *pool.frames.shape[2:])  # chunks in order along time
+    return adapter.pixel_values(frames)
+
+
+class AuxHeads(torch.nn.Module):
+    """Training-only linear probes on the vision features (the LM's input embeddings of video tokens): needle kind,
+    region colour and grid cell per token. They give the vision tower a dense signal early on; they are not saved."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.kind = torch.nn.Linear(hidden, 1 + len(nd.KINDS))
+        self.color = torch.nn.Linear(hidden, 1 + len(nd.COLORS))
+        self.cell = torch.nn.Linear(hidden, 1 + len(nd.CELLS))
+
+
+class PrefixScorer:
+    """Probe that runs x2l's token scorer on every chunk of the one-shot pre-fill, as indexing with
+    CompressionConfig(context="full") scores them: each chunk's own queries over [everything before + the chunk].
+    Keeps [B, n_chunks, Hkv, chunk_len] per layer (no gradient)."""
+
+    def __init__(self, scorer, spans: list[tuple[int, int]]):
+        self.scorer = scorer
+        self.spans = spans
+        self.per_layer: dict[int, torch.Tensor] = {}
+
+    def __call__(self, layer, query, key, value, mask, scaling) -> None:
+        with torch.no_grad():
+            out = []
+            for s, e in self.spans:
+                m = None if mask is None else mask[:, :, s:e, :e]
+                out.append(self.scorer.score(query[:, :, s:e], key[:, :, :e], value[:, :, :e], m, scaling))
+            self.per_layer[layer] = torch.stack(out, dim=1)
+
+    def scores(self) -> torch.Tensor:
+        """[layers, B, n_chunks, Hkv, chunk_len]"""
+        return torch.stack([self.per_layer[k] for k in sorted(self.per_layer)])
+
+
+@dataclass(frozen=True)
+class CompressionPlan:
+    """How a training question sees its video: the full pre-fill (None) or x2l's mixed cache, i.e. the sink, the L
+    level of `selected` chunks and the H level of every other chunk, levels chosen by x2l's scorer and split rule."""
+
+    selected: tuple[int, ...] | None = None
+
+
+def _run_tails(lm, embed, layout, questions, start, cache_layers, lengths=None):
+    """Pre-fill question tails over per-question caches ([M, Hkv, S, D] per layer; `lengths` valid entries each)."""
+    from transformers import DynamicCache
+
+    t = layout.tails(questions, start)
+    mask = None
+    if lengths is not None:
+        s = cache_layers[0][0].shape[2]
+        mask = torch.zeros(len(questions), s + t["ids"].shape[1], dtype=torch.long)
+        for m, n in enumerate(lengths):
+            mask[m, :n] = 1
+        mask[:, s:] = 1
+    out = lm(inputs_embeds=embed(t["ids"]), position_ids=t["positions"], attention_mask=mask,
+             past_key_values=DynamicCache(ddp_cache_data=cache_layers), use_cache=True)
+    return out.last_hidden_state[t["rows"], t["cols"]], t["targets"]
+
+
+def forward_loss(adapter, layout: Layout, pool: ChunkPool, videos: list[VideoExample], aux: AuxHeads | None = None,
+                 aux_weight: float = 0.0, plans: list[CompressionPlan] | None = None,
+                 compression: CompressionConfig = CompressionConfig()):
+    """Teacher-forced loss over each question's answer letter and <|im_end|> (+ aux_weight x the perception loss).
+
+    The videos (same number of chunks) are pre-filled once, as in a one-shot pre-fill of the whole prompt; every
+    question then runs over its video's cache at the positions inference gives it: the whole cache, or (plans) the
+    mixed cache x2l would assemble (see CompressionPlan), gathered from the pre-fill so gradients flow through it.
+    Returns (loss, letter correct [M], answer loss, families [M])."""
+    from x2l.compress import merge_levels, split_levels
+    from x2l.models.attention import probing
+    from x2l.scorers import make_scorer
+
+    model = adapter.model
+    lm = model.model.language_model
+    embed = model.get_input_embeddings()
+    n = len(videos[0].chunks)
+    assert all(len(v.chunks) == n for v in videos)
+    ids, pos, vision, start = layout.prefix(n)
+    b = len(videos)
+    chunks = [c for v in videos for c in v.chunks]
+    pixels, (gt, gh, gw) = pixels_for(adapter, pool, chunks)
+    vis = vision_features(model.model.visual, pixels, gt, gh, gw)  # [B*n*16, hidden] in (video, chunk, token) order
+    embeds = embed(ids.expand(b, -1)).masked_scatter(vision.expand(b, -1)[..., None], vis.to(model.dtype))
+    questions = [(i, q) for i, v in enumerate(videos) for q in v.questions]
+    plans = plans or [CompressionPlan()] * len(questions)
+    compressed = any(p.selected is not None for p in plans)
+    sink = len(layout.sink_ids)
+    spans = [(sink + c * layout.chunk_len, sink + (c + 1) * layout.chunk_len) for c in range(n)]
+    probe = PrefixScorer(make_scorer(compression.scorer), spans)
+    cache = DynamicCache()
+    with probing(probe) if compressed else contextlib.nullcontext():
+        lm(inputs_embeds=embeds, position_ids=pos[:, None].expand(3, b, -1), past_key_values=cache, use_cache=True)
+    keys = torch.stack([layer.keys for layer in cache.layers])  # [layers, B, Hkv, P, D]
+    values = torch.stack([layer.values for layer in cache.layers])
+
+    hidden, targets, order = [], [], []
+    full = [m for m, p in enumerate(plans) if p.selected is None]
+    if full:
+        owner = torch.tensor([questions[m][0] for m in full])
+        h, t = _run_tails(lm, embed, layout, [questions[m][1][1:3] for m in full], start,
+                          [(keys[l][owner], values[l][owner]) for l in range(len(keys))])
+        hidden.append(h)
+        targets.append(t)
+        order += full
+    comp = [m for m, p in enumerate(plans) if p.selected is not None]
+    if comp:
+        scores = probe.scores()  # [layers, B, n, Hkv, len]
+        levels = {}  # (video, chunk) -> (H, L)
+        for i in sorted({questions[m][0] for m in comp}):
+            for c, (s, e) in enumerate(spans):
+                hl, dl = split_levels(keys[:, i, :, s:e], values[:, i, :, s:e], scores[:, i, c],
+                                      compression.l_keep, compression.h_keep)
+                levels[i, c] = (hl, None, dl)
+        caches = []
+        for m in comp:
+            i = questions[m][0]
+            parts_k, parts_v = [keys[:, i, :, :sink]], [values[:, i, :, :sink]]
+            for c in range(n):
+                hl, ll, dl = levels[i, c]
+                if c in plans[m].selected:
+                    if ll is None:
+                        ll = merge_levels(hl, dl)
+                        levels[i, c] = (hl, ll, dl)
+                    part = ll
+                else:
+                    part = hl
+                parts_k.append(part.keys)
+                parts_v.append(part.values)
+            caches.append((torch.cat(parts_k, dim=2), torch.cat(parts_v, dim=2)))  # [layers, Hkv, S_m, D]
+        lengths = [k.shape[2] for k, _ in caches]
+        width = max(lengths)
+        pk = torch.stack([F.pad(k, (0, 0, 0, width - k.shape[2])) for k, _ in caches], dim=1)  # [layers, M, Hkv, S, D]
+        pv = torch.stack([F.pad(v, (0, 0, 0, width - v.shape[2])) for _, v in caches], dim=1)
+        h, t = _run_tails(lm, embed, layout, [questions[m][1][1:3] for m in comp], start,
+                          [(pk[l], pv[l]) for l in range(len(pk))], lengths)
+        hidden.append(h)
+        targets.append(t)
+        order += comp
+    # rows come in (question, [letter, im_end]) pairs; restore question order
+    perm = torch.tensor(order)
+    hidden = torch.cat(hidden).view(len(order), 2, -1)[perm.argsort()].reshape(2 * len(order), -1)
+    targets = torch.cat(targets).view(len(order), 2)[perm.argsort()].reshape(-1)
+    logits = model.lm_head(hidden).float()
+    loss = answer_loss = F.cross_entropy(logits, targets)
+    if aux is not None and aux_weight > 0:
+        idx = torch.tensor(chunks)
+        loss = loss + aux_weight * (F.cross_entropy(aux.kind(vis), pool.tok_kind[idx].reshape(-1))
+                                    + F.cross_entropy(aux.color(vis), pool.tok_color[idx].reshape(-1))
+                                    + F.cross_entropy(aux.cell(vis), pool.tok_cell[idx].reshape(-1)))
+    letter = logits[0::2].argmax(dim=-1) == targets[0::2]
+    return loss, letter, answer_loss.detach(), [q[0] for _, q in questions]
+
+
+def plan_compression(cfg: "TrainConfig", videos: list[VideoExample], rng: np.random.Generator) -> list[CompressionPlan]:
+    """Per question: the full cache (probability 1 - cfg.compressed_frac), else an x2l mixed cache whose re-loaded
+    chunks are k of them (k from cfg.top_k_choices), the chunks the question is about first (an oracle retrieval),
+    or with probability cfg.random_select_frac k chunks at random (a retrieval miss).
+
+    Detail questions are never asked over a cache that holds their grid's chunk at H only (cfg.detail_needs_l):
+    the model is taught that haystack and other needles may be compressed, not that fine detail must survive
+    1/16 compression (which a model trained on H-only views of the grid learns to do, defeating the benchmark)."""
+    plans = []
+    for v in videos:
+        n = len(v.chunks)
+        for family, _, _, targets in v.questions:
+            if rng.random() >= cfg.compressed_frac:
+                plans.append(CompressionPlan())
+                continue
+            k = int(rng.choice(cfg.top_k_choices))
+            keep = list(targets) if family == "detail" and cfg.detail_needs_l else []
+            if rng.random() < cfg.random_select_frac:
+                chosen = [int(c) for c in rng.choice(n, size=min(k, n), replace=False)]
+            else:
+                rest = [c for c in rng.permutation(n) if c not in targets]
+                chosen = (list(rng.permutation(list(targets))) + rest)[:k]
+            chosen = set(int(c) for c in chosen) | set(keep)
+            plans.append(CompressionPlan(tuple(sorted(chosen))))
+    return plans
+
+
+# --- training --------------------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    steps: int = 2400
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    warmup: int = 100
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    aux_weight: float = 0.3  # training-only perception probes (AuxHeads)
+    tokens_per_batch: int = 4096  # video tokens + question_tokens per question, per step
+    question_tokens: int = 40  # what a question costs in the budget (its tail is short and shares the video's pre-fill)
+    max_batch: int = 32  # videos per step
+    mixed_frac: float = 0.5  # videos holding every needle kind, asked every family
+    family_weights: tuple[float, float, float, float] = (0.15, 0.2, 0.4, 0.25)  # single-family videos (FAMILIES)
+    compressed_frac: float = 0.5  # questions answered over an x2l mixed cache instead of the full one ...
+    compress_after: float = 0.15  # ... from this fraction of the steps on
+    top_k_choices: tuple[int, ...] = (0, 1, 2, 2, 3, 4)  # chunks re-loaded at L in a mixed cache
+    random_select_frac: float = 0.1  # mixed caches whose L chunks are random (a retrieval miss)
+    detail_needs_l: bool = True  # detail questions always see their grid's chunk at L (see plan_compression)
+    pool_videos: int = 240
+    pool_chunks: int = 24
+    min_chunks: int = 1  # raised per batch to the most needles one of its examples has
+    start_chunks: int = 6  # longest video at step 0
+    max_chunks: int = 32
+    hold: float = 0.4  # videos stay short (min_chunks..start_chunks) for this fraction of the steps
+    ramp: float = 0.75  # by this fraction of the steps the longest video has grown to max_chunks
+    long_frac: float = 0.4  # after the ramp, this fraction of batches are long (16..max_chunks chunks)
+    threads: int = 2
+    log_every: int = 50
+    val_every: int = 400
+    val_per_family: int = 24
+
+
+def chunks_for_step(cfg: TrainConfig, step: int, rng: np.random.Generator) -> int:
+    p = step / max(1, cfg.steps)
+    grow = min(1.0, max(0.0, (p - cfg.hold) / (cfg.ramp - cfg.hold)))
+    top = int(round(cfg.start_chunks + (cfg.max_chunks - cfg.start_chunks) * grow))
+    if p >= cfg.ramp and rng.random() < cfg.long_frac:
+        return int(rng.integers(16, cfg.max_chunks + 1))
+    return int(rng.integers(cfg.min_chunks, top + 1))
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def evaluate_teacher_forced(adapter, layout, pool, val: dict[str, list[VideoExample]]) -> dict[str, float]:
+    """Letter accuracy per family on composed videos (teacher forced: the argmax of the first answer token)."""
+    model = adapter.model
+    model.eval()
+    acc = {}
+    with torch.no_grad():
+        for fam, exs in val.items():
+            ok = []
+            for i in range(0, len(exs), 8):
+                _, letter, _, _ = forward_loss(adapter, layout, pool, exs[i : i + 8])
+                ok += letter.tolist()
+            acc[fam] = float(np.mean(ok))
+    model.train()
+    return acc
+
+
+def sample_batch(cfg: TrainConfig, step: int, rng: np.random.Generator, pool: ChunkPool, layout: Layout,
+                 adapter) -> list[VideoExample]:
+    """The videos of one step: a length from the curriculum, then videos until the token budget is spent; each
+    video is a single-family one (like the test split; a detail video asks every cell) or, with probability
+    cfg.mixed_frac, a video holding every needle kind and asked every family."""
+    n = chunks_for_step(cfg, step, rng)
+    plans = []
+    tokens = 0
+    weights = np.array(cfg.family_weights) / sum(cfg.family_weights)
+    while tokens < cfg.tokens_per_batch and len(plans) < cfg.max_batch:
+        if rng.random() < cfg.mixed_frac:
+            kinds = mixed_kinds(rng)
+            plans.append((None, kinds))
+            n_q = 7
+        else:
+            family = nd.FAMILIES[int(rng.choice(len(nd.FAMILIES), p=weights))]
+            kinds = nd.family_kinds(family, rng)
+            plans.append((family, kinds))
+            n_q = 4 if family == "detail" else 1
+        n = max(n, len(kinds))
+        tokens += len(layout.sink_ids) + n * layout.chunk_len + n_q * cfg.question_tokens
+    return [compose_mixed(pool, n, rng, adapter, kinds) if family is None
+            else compose(pool, family, n, rng, adapter, kinds, all_cells=True)
+            for family, kinds in plans]
+
+
+def train(out: str | Path, cfg: TrainConfig = TrainConfig(), spec: ModelSpec = ModelSpec(),
+          minutes: float | None = None, log=print) -> dict:
+    from x2l.models import load_model
+
+    t_start = time.perf_counter()
+    torch.set_num_threads(cfg.threads)
+    out = Path(out)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 7919]))
+    with tempfile.TemporaryDirectory() as tmp:
+        init = init_checkpoint(Path(tmp) / "init", spec, cfg.seed)
+        adapter = load_model(init, dtype="float32", device="cpu")
+        log(f"model: {sum(p.numel() for p in adapter.model.parameters()) / 1e6:.2f} M parameters")
+        pool = build_pool(cfg.pool_videos, cfg.pool_chunks, cfg.seed, adapter.target_size, Path(tmp), log)
+    log(f"pool: {len(pool.kind)} chunks, {int((pool.kind >= 0).sum())} with a needle "
+        f"({time.perf_counter() - t_start:.0f} s)")
+    diff = check_vision(adapter, pool.frames[0])
+    assert diff < 1e-4, f"batched vision forward differs from the stock one by {diff}"
+    layout = Layout(adapter)
+
+    vrng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 104729]))
+    val = {}
+    for f in nd.FAMILIES:  # batches of 8 videos of one length, 16..max_chunks chunks
+        val[f] = [compose(pool, f, n, vrng, adapter)
+                  for n in vrng.integers(16, cfg.max_chunks + 1, size=cfg.val_per_family // 8) for _ in range(8)]
+
+    model = adapter.model
+    model.train()
+    aux = AuxHeads(model.config.text_config.hidden_size)
+    params = list(model.named_parameters()) + [("aux." + n, p) for n, p in aux.named_parameters()]
+    decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    history = []
+    run_loss, run_n, run_acc = 0.0, 0, {f: [] for f in nd.FAMILIES}
+    t_train = time.perf_counter()
+    stopped_early = False
+    step = 0
+    for step in range(cfg.steps):
+        if minutes is not None and time.perf_counter() - t_start > minutes * 60:
+            stopped_early = True
+            log(f"time cap of {minutes} min reached at step {step}: stopping (run not reproducible by steps)")
+            break
+        videos = sample_batch(cfg, step, rng, pool, layout, adapter)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        plans = (plan_compression(cfg, videos, rng) if step >= cfg.compress_after * cfg.steps else None)
+        loss, letter, answer_loss, fams = forward_loss(adapter, layout, pool, videos, aux, cfg.aux_weight, plans)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.clip)
+        opt.step()
+        run_loss += float(answer_loss) * len(fams)
+        run_n += len(fams)
+        for f, ok in zip(fams, letter.tolist()):
+            run_acc[f].append(ok)
+        if (step + 1) % cfg.log_every == 0:
+            el = time.perf_counter() - t_train
+            acc = {f: float(np.mean(v)) for f, v in run_acc.items() if v}
+            log(f"step {step + 1}/{cfg.steps} chunks {len(videos[0].chunks):2d} videos {len(videos):2d} "
+                f"questions {len(fams):3d} answer loss {run_loss / run_n:.4f} acc "
+                + " ".join(f"{f[:4]} {a:.2f}" for f, a in acc.items()) + f" lr {lr_at(cfg, step):.2e} ({el:.0f} s)")
+            history.append({"step": step + 1, "loss": run_loss / run_n, "acc": acc, "seconds": round(el, 1)})
+            run_loss, run_n, run_acc = 0.0, 0, {f: [] for f in nd.FAMILIES}
+        if cfg.val_every and cfg.val_per_family >= 8 and (step + 1) % cfg.val_every == 0:
+            acc = evaluate_teacher_forced(adapter, layout, pool, val)
+            log(f"val (16-{cfg.max_chunks} chunks, teacher forced): " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+            history[-1]["val"] = acc
+    model.eval()
+    val_acc = evaluate_teacher_forced(adapter, layout, pool, val) if cfg.val_per_family >= 8 else {}
+    log("final val: " + " ".join(f"{k} {v:.3f}" for k, v in val_acc.items()))
+    wall = time.perf_counter() - t_start
+    info = {
+        "train_config": asdict(cfg),
+        "model_spec": asdict(spec),
+        "steps_done": step + 1 if not stopped_early else step,
+        "stopped_early": stopped_early,
+        "wall_seconds": round(wall, 1),
+        "final_train_loss": history[-1]["loss"] if history else None,
+        "final_val_teacher_forced": val_acc,
+        "history": history,
+        "torch_threads": torch.get_num_threads(),
+        "machine": f"{os.cpu_count()} CPU(s), torch {torch.__version__}",
+    }
+    tmp_out = out.with_name(out.name + ".tmp")
+    if tmp_out.exists():
+        shutil.rmtree(tmp_out)
+    write_checkpoint(model, adapter.tokenizer, spec, tmp_out, info)
+    for f in ("TRAINING.md",):  # keep the human-written notes of an earlier run
+        if (out / f).exists():
+            shutil.copy(out / f, tmp_out / f)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp_out.rename(out)
+    log(f"wrote {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB) in {wall / 60:.1f} min")
+    return info
+
+
+CHECK_SUBSET = {"split": "test", "seed": 0, "n": 16}  # what tests/test_needle.py re-runs against the shipped model
+
+
+def check_subset_accuracy(model, workdir: str | Path) -> int:
+    """Questions of the fixed check subset answered right with the full KV, through the store like `x2l eval`."""
+    from x2l.eval.evaluate import evaluate
+
+    items = nd.make_items(CHECK_SUBSET["split"], CHECK_SUBSET["n"], CHECK_SUBSET["seed"])
+    questions = nd.write_videos(items, Path(workdir) / "videos")
+    sampling = SamplingConfig(fps=nd.FPS, frames_per_chunk=nd.FRAMES_PER_CHUNK)
+    result = evaluate(questions, model, workdir, ["full"], sampling, log=lambda s: None)
+    return round(result["methods"]["full"]["accuracy"] * CHECK_SUBSET["n"])
+
+
+def record_check_subset(model_dir: str | Path, workdir: str | Path) -> dict:
+    """Write the check subset's full-KV score into the checkpoint's x2l_needle.json (the test asserts it)."""
+    from x2l.models import load_model
+
+    correct = check_subset_accuracy(load_model(model_dir, dtype="float32", device="cpu"), workdir)
+    info_path = Path(model_dir) / "x2l_needle.json"
+    info = json.loads(info_path.read_text())
+    info["check_subset"] = dict(CHECK_SUBSET, method="full", full_correct=correct)
+    info_path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    return info["check_subset"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="wall-clock cap (the run stops early if it is reached; then it is not reproducible)")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--pool-videos", type=int, default=None)
+    ap.add_argument("--record-check", action="store_true",
+                    help="do not train: score the checkpoint at --out on the fixed 16-question check subset (full KV) "
+                         "and record it in its x2l_needle.json, which tests/test_needle.py asserts")
+    args = ap.parse_args(argv)
+    if args.record_check:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(record_check_subset(args.out, tmp))
+        return
+    cfg = TrainConfig(seed=args.seed)
+    over = {k: v for k, v in (("steps", args.steps), ("threads", args.threads),
+                              ("pool_videos", args.pool_videos)) if v is not None}
+    if over:
+        cfg = TrainConfig(**{**asdict(cfg), **over})
+    train(args.out, cfg, minutes=args.minutes, log=lambda s: print(s, flush=True))
+
+
+if __name__ == "__main__":
+    main()
