@@ -69,7 +69,7 @@ def agreement(tokens: list[int], reference: list[int]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="bench_out")
-    ap.add_argument("--videos", type=int, default=2)
+    ap.add_argument("--videos", type=int, default=1)
     ap.add_argument("--seconds", type=int, default=256, help="video length; 1 fps x 8 frames per chunk -> chunks")
     ap.add_argument("--pixels", type=int, default=168 * 168, help="per-frame pixel cap (tokens per frame)")
     ap.add_argument("--store", choices=["s3", "local"], default="s3", help="where the stores live (default s3)")
