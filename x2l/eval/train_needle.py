@@ -763,14 +763,18 @@ def record_check_subset(model_dir: str | Path, workdir: str | Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 epilog="Every other setting is TrainConfig's default; the run records them all in "
+                                        "OUT/x2l_needle.json.")
+    ap.add_argument("--out", required=True, help="checkpoint folder to write (replaced when the run completes)")
+    ap.add_argument("--seed", type=int, default=0, help="weights, data and order seed (default 0)")
     ap.add_argument("--minutes", type=float, default=None,
                     help="wall-clock cap (the run stops early if it is reached; then it is not reproducible)")
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--pool-videos", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {TrainConfig.steps})")
+    ap.add_argument("--threads", type=int, default=None,
+                    help=f"torch threads (default {TrainConfig.threads}; results depend on it)")
+    ap.add_argument("--pool-videos", type=int, default=None,
+                    help=f"training videos written and decoded (default {TrainConfig.pool_videos})")
     ap.add_argument("--record-check", action="store_true",
                     help="do not train: score the checkpoint at --out on the fixed 16-question check subset (full KV) "
                          "and record it in its x2l_needle.json, which tests/test_needle.py asserts")
