@@ -265,6 +265,8 @@ def cmd_eval(args) -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         parse_method(m)
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
     targets = None
     if args.bench == "needle":
         from x2l.eval import needle

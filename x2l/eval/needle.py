@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from x2l.errors import ConfigError
 from x2l.eval.benchmarks import BenchQuestion
 
 BENCHMARK = "needle"
@@ -220,7 +221,7 @@ def _draw(img: np.ndarray, n: Needle) -> None:
 def item_rng(split: str, seed: int, index: int) -> np.random.Generator:
     """The generator of question `index` of `split` under `seed`: streams never overlap across splits."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLITS)}")
+        raise ConfigError(f"unknown needle split {split!r}; expected one of {', '.join(SPLITS)}")
     return np.random.default_rng(np.random.SeedSequence([SPLITS[split], seed, index]))
 
 
