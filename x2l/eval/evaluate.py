@@ -145,19 +145,25 @@ def render_markdown(result: dict, title: str) -> str:
 
 def render_plot(result: dict, path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, m in result["methods"].items():
-        ax.scatter(m["kv_ratio_mean"] * 100, m["accuracy"] * 100, s=40)
-        ax.annotate(name, (m["kv_ratio_mean"] * 100, m["accuracy"] * 100), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)
-    ax.set_xlabel("KV bytes per answer, % of the uncompressed cache")
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    markers = {"full": "s", "h": "v", "uniform": "x"}
+    for name, m in result["methods"].items():  # a legend, not labels: cheap methods sit close together
+        ax.scatter(m["kv_ratio_mean"] * 100, m["accuracy"] * 100, s=45, label=name,
+                   marker=markers.get(name.partition(":")[0], "o"))
+    ax.set_xscale("log")
+    ax.set_xticks([1, 2, 5, 10, 20, 50, 100], ["1", "2", "5", "10", "20", "50", "100"])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlim(0.7 * min(m["kv_ratio_mean"] * 100 for m in result["methods"].values()), 130)
+    ax.set_xlabel("KV bytes per answer, % of the uncompressed cache (log scale)")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 105)
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
