@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="tiny", choices=["tiny", "small", "medium"], help="default tiny")
     p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
 
-    p = sub.add_parser("demo", help="index sample needle videos with `ray job submit`, answer over Serve's HTTP, report")
+    p = sub.add_parser("demo",
+                       help="index sample needle videos with `ray job submit`, answer over Serve's HTTP, report")
     p.add_argument("--workdir", default="demo_out", help="where the demo writes its files (default demo_out)")
     p.add_argument("--model", default=None,
                    help="checkpoint to run (default: the shipped needle model, models/needle-qwen2vl)")

@@ -37,9 +37,8 @@ def sample_corpus(corpus: Path) -> list[dict]:
 def run_demo(workdir: Path, model_dir: Path = MODEL) -> None:
     import httpx
 
-    from x2l.eval.answers import extract_letter
-
     from x2l.cluster import LocalRayHead, free_port
+    from x2l.eval.answers import extract_letter
 
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -94,7 +93,8 @@ def run_demo(workdir: Path, model_dir: Path = MODEL) -> None:
                 continue
             ok = extract_letter(a["answer"], q["options"]) == q["expected"]
             right += ok
-            print(f"      A: {a['answer']!r} ({'right' if ok else 'wrong, expected ' + q['expected']})  chunks {a['selected_chunks']} of {a['n_chunks']} at L; "
+            verdict = "right" if ok else f"wrong, expected {q['expected']}"
+            print(f"      A: {a['answer']!r} ({verdict})  chunks {a['selected_chunks']} of {a['n_chunks']} at L; "
                   f"{a['kv_bytes_used']:,} of {a['kv_bytes_full']:,} KV bytes; {a['store_bytes_read']:,} bytes "
                   f"read, {a['cache_hits']} cache hits; {a['seconds']['total']:.3f} s")
         print(f"      {right} of {len(questions)} answers right")

@@ -342,15 +342,6 @@ def write_videos(items: list[NeedleItem], root: str | Path) -> list[BenchQuestio
     return out
 
 
-def make_split(split: str, n: int, root: str | Path, seed: int = 0,
-               n_chunks: int | tuple[int, int] = TEST_CHUNKS) -> list[BenchQuestion]:
-    """The first `n` questions of `split` (families round-robin), their videos written under `root`.
-
-    The held-out split is `make_split("test", n, root, seed=0)`; training draws only from split "train".
-    """
-    return write_videos(make_items(split, n, seed, n_chunks), root)
-
-
 def target_chunks(items: list[NeedleItem]) -> dict[str, list[int]]:
     """{qid: the chunks holding the needles its question is about}: what a task-aware selection should re-load."""
     about = {"retrieval": ("disc",), "ordering": ("disc", "triangle"), "counting": ("triangle",), "detail": ("grid",)}
@@ -359,5 +350,5 @@ def target_chunks(items: list[NeedleItem]) -> dict[str, list[int]]:
 
 __all__ = [
     "BenchQuestion", "CELLS", "COLORS", "FAMILIES", "KINDS", "Needle", "NeedleItem", "NeedleVideo", "OPTIONS",
-    "make_item", "make_items", "make_question", "make_split", "target_chunks", "write_videos",
+    "make_item", "make_items", "make_question", "target_chunks", "write_videos",
 ]
