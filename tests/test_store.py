@@ -23,7 +23,8 @@ from x2l.engine import Answerer, Indexer, Question
 from x2l.errors import CorruptionError, IncompatibleError, NotFoundError, StoreError
 from x2l.source import InMemorySource
 from x2l.store import SCHEMA_VERSION, Fetch, KVStore, video_key
-from x2l.store.keys import kv_path, meta_path
+from x2l.store.keys import kv_path, meta_path, video_dir
+from x2l.store.maintenance import gc, verify
 
 FP = "model-fp-test"
 
@@ -91,8 +92,13 @@ def rewrite(store: KVStore, key: str, edit) -> None:
     store.backend.write_bytes(key, bytes(edit(data)))
 
 
+def kv_of(store: KVStore, video_id: str) -> str:
+    """The key of the KV file the video's commit names."""
+    return kv_path(video_key(video_id), store.committed(video_id)["write_id"])
+
+
 def column_chunk(store: KVStore, video_id: str, row_group: int, column: str):
-    with store.backend.open_input(kv_path(video_key(video_id))) as f:
+    with store.backend.open_input(kv_of(store, video_id)) as f:
         md = pq.ParquetFile(f).metadata
     rg = md.row_group(row_group)
     return next(rg.column(i) for i in range(rg.num_columns) if rg.column(i).path_in_schema == column)
@@ -166,7 +172,7 @@ def test_round_trip_of_indexer_output(store, indexed, video_path):
         "delta": sum(c.delta.nbytes for c in indexed.chunks),
         "full": indexed.full_bytes,
     }
-    assert meta["parquet_bytes"] == store.backend.size(kv_path(meta["video_key"]))
+    assert meta["parquet_bytes"] == store.backend.size(kv_path(meta["video_key"], meta["write_id"]))
     assert meta["schema_version"] == SCHEMA_VERSION and meta["created"]
     assert store.committed("vid") == meta == store.info("vid")
     assert json.loads(store.backend.read_bytes(meta_path(meta["video_key"]))) == meta
@@ -328,16 +334,26 @@ def test_writer_killed_before_commit_is_invisible_and_redone(store, monkeypatch)
         m.setattr(store.backend, "write_bytes", die_on_commit)
         store.write(video)
     key = video_key("crash")
-    assert store.backend.exists(kv_path(key)) and not store.backend.exists(meta_path(key))
+    orphan = [f for f in store.backend.list_files(video_dir(key)) if f.startswith("kv-")]
+    assert len(orphan) == 1 and not store.backend.exists(meta_path(key))
     for s in (store, KVStore(store.config)):
         assert s.list_videos() == [] and s.committed("crash") is None
         with pytest.raises(NotFoundError, match="'crash'"):
             s.load_h("crash")
         with pytest.raises(NotFoundError, match="'crash'"):
             s.fetch_deltas("crash", [0])
-    store.write(video)
+    meta = store.write(video)
     assert [v["video_id"] for v in store.list_videos()] == ["crash"]
     assert_round_trip(store, video)
+    # the killed write's file is garbage: verify names it, gc (past the grace period) removes it and nothing else
+    report = verify(store)
+    assert [v["status"] for v in report.videos] == ["ok"]
+    assert report.unreferenced == [f"{video_dir(key)}/{orphan[0]}"]
+    assert gc(store).removed == [] and gc(store).kept_recent == report.unreferenced  # younger than the grace period
+    assert gc(store, grace_s=0).removed == report.unreferenced
+    assert sorted(store.backend.list_files(video_dir(key))) == sorted(["meta.json", meta["kv_file"]])
+    assert verify(store).unreferenced == []
+    assert_round_trip(KVStore(store.config), video)
 
 
 def test_flipped_byte_in_a_delta_blob_is_detected(store_uri):
@@ -345,7 +361,7 @@ def test_flipped_byte_in_a_delta_blob_is_detected(store_uri):
     with KVStore(store_uri) as s:
         s.write(video)
         col = column_chunk(s, "flip", 1 + 2, "keys")  # chunk 2's delta keys
-        key = kv_path(video_key("flip"))
+        key = kv_of(s, "flip")
         rewrite(s, key, lambda b: b[: (o := col.data_page_offset + col.total_compressed_size // 2)]
                 + bytes([b[o] ^ 0x10]) + b[o + 1:])
     with KVStore(store_uri) as s:
@@ -361,7 +377,7 @@ def test_flipped_byte_in_an_h_blob_is_detected(store_uri):
     with KVStore(store_uri) as s:
         s.write(video)
         col = column_chunk(s, "fliph", 0, "values")
-        rewrite(s, kv_path(video_key("fliph")), lambda b: b[: (o := col.data_page_offset + col.total_compressed_size
+        rewrite(s, kv_of(s, "fliph"), lambda b: b[: (o := col.data_page_offset + col.total_compressed_size
                                                                   - 100)] + bytes([b[o] ^ 1]) + b[o + 1:])
     with KVStore(store_uri) as s, pytest.raises(CorruptionError, match="video 'fliph'.*H row group"):
         s.load_h("fliph")
@@ -383,8 +399,8 @@ def test_truncated_or_garbled_file_is_corruption(store_uri):
     with KVStore(store_uri) as s:
         s.write(synthetic("t", n_chunks=3))
         s.write(synthetic("g", n_chunks=3))
-        rewrite(s, kv_path(video_key("t")), lambda b: b[: len(b) // 2])
-        rewrite(s, kv_path(video_key("g")), lambda b: b[:-200] + bytes(200))  # same size, footer zeroed
+        rewrite(s, kv_of(s, "t"), lambda b: b[: len(b) // 2])
+        rewrite(s, kv_of(s, "g"), lambda b: b[:-200] + bytes(200))  # same size, footer zeroed
     with KVStore(store_uri) as s:
         with pytest.raises(CorruptionError, match="video 't'.*truncated"):
             s.load_h("t")

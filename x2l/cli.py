@@ -13,6 +13,7 @@ from pathlib import Path
 
 from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig
 from x2l.errors import ConfigError, X2LError
+from x2l.store.keys import GRACE_S
 
 D_SAMPLING, D_COMP, D_RETR = SamplingConfig(), CompressionConfig(), RetrievalConfig()
 
@@ -95,6 +96,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("store", help="store URI")
     q.add_argument("video_id")
     q.add_argument("--json", action="store_true", help="print the whole meta.json")
+    q = store_sub.add_parser("verify", help="check every row's checksum and each video's commit; list damaged videos "
+                                            "and files no commit names (exit 1 if any video is damaged)")
+    q.add_argument("store", help="store URI")
+    q.add_argument("video_id", nargs="?", default=None, help="check only this video (default: all)")
+    q.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    q = store_sub.add_parser("gc", help="remove files no commit names (racing writers' losers, replaced files, "
+                                        "killed writers' leftovers) older than the grace period")
+    q.add_argument("store", help="store URI")
+    q.add_argument("--grace-s", type=float, default=GRACE_S,
+                   help=f"keep unreferenced files younger than this many seconds: a writer may be about to commit "
+                        f"them (default {GRACE_S:g}; 0 only when no writer runs)")
+    q.add_argument("--dry-run", action="store_true", help="report what would be removed, remove nothing")
+    q.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    q = store_sub.add_parser("rm", help="remove a video: uncommit it first, then delete its files")
+    q.add_argument("store", help="store URI")
+    q.add_argument("video_id")
 
     from x2l.report import Prices
 
@@ -214,21 +231,28 @@ def cmd_ask(args) -> None:
                   f"the store, {a.cache_hits} cache hits")
 
 
-def cmd_store(args) -> None:
+def cmd_store(args) -> int | None:
     from x2l.store import KVStore
 
     store = KVStore(args.store)
     if args.store_command == "ls":
-        videos = store.list_videos()
+        videos = store.list_videos(damaged=True)
         if args.json:
             print(json.dumps(videos))
-            return
-        print(f"{len(videos)} videos in {args.store}")
+            return None
+        damaged = [v for v in videos if "damaged" in v]
+        print(f"{len(videos) - len(damaged)} videos in {args.store}" + (f", {len(damaged)} damaged" if damaged else ""))
         for v in videos:
+            if "damaged" in v:
+                print(f"  {v['video_id'] if v['video_id'] is not None else '(key ' + v['video_key'] + ')'}: DAMAGED: "
+                      f"{v['damaged']}")
+                continue
             b = v["bytes"]
             print(f"  {v['video_id']}: {v['chunks']} chunks, H {b['h']:,} B, L delta {b['delta']:,} B, "
                   f"uncompressed {b['full']:,} B")
-        return
+        return None
+    if args.store_command in ("verify", "gc", "rm"):
+        return _store_upkeep(store, args)
     meta = store.info(args.video_id)
     if args.json:
         print(json.dumps(meta, indent=1))
@@ -245,6 +269,46 @@ def cmd_store(args) -> None:
     for c in meta["chunks"]:
         print(f"    {c['chunk']:4d}  {c['start_s']:8.2f}-{c['end_s']:8.2f} s  {c['n_tokens']} tokens  "
               f"H {c['h_bytes']:,} B  L delta {c['delta_bytes']:,} B")
+
+
+def _store_upkeep(store, args) -> int:
+    from x2l.store.maintenance import gc, verify
+
+    if args.store_command == "rm":
+        meta = store.remove(args.video_id)
+        note = "" if meta is not None else " (its commit was damaged or missing)"
+        print(f"removed {args.video_id!r} from {args.store}{note}")
+        return 0
+    if args.store_command == "gc":
+        if args.grace_s < 0:
+            raise ConfigError(f"--grace-s must be >= 0, got {args.grace_s:g}")
+        report = gc(store, args.grace_s, args.dry_run)
+        if args.json:
+            print(json.dumps(report.to_dict()))
+        else:
+            verb = "would remove" if args.dry_run else "removed"
+            print(f"{verb} {len(report.removed)} unreferenced files ({report.removed_bytes:,} B) from {args.store}; "
+                  f"kept {len(report.kept_recent)} younger than {args.grace_s:g} s")
+            for key in report.removed:
+                print(f"  {key}")
+        return 0
+    report = verify(store, args.video_id)
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    else:
+        d = report.to_dict()
+        print(f"{d['ok']} videos ok, {d['damaged']} damaged, {len(report.unreferenced)} unreferenced files "
+              f"in {args.store}")
+        for v in report.damaged:
+            print(f"  DAMAGED {v['video_id'] if v['video_id'] is not None else '(key ' + v['video_key'] + ')'}: "
+                  f"{v['error']}")
+        for key in report.unreferenced:
+            print(f"  unreferenced {key} (x2l store gc removes it)")
+    if report.damaged:
+        print(f"x2l: error: {len(report.damaged)} damaged videos in {args.store} (index them again to repair, or "
+              f"x2l store rm)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_report(args) -> None:
@@ -317,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
     try:
-        COMMANDS[args.command](args)
+        rc = COMMANDS[args.command](args)
     except X2LError as e:
         if args.debug:
             raise
@@ -331,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"x2l: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

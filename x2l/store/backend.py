@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
@@ -201,6 +202,15 @@ def _check_key(key: str, allow_empty: bool = False) -> str:
     return key
 
 
+@dataclass(frozen=True)
+class FileEntry:
+    """One object as listed: its name under the listed prefix, size in bytes, last modification (Unix seconds)."""
+
+    name: str
+    size: int
+    mtime: float
+
+
 class Backend(ABC):
     """Objects under one root (a directory or an s3://bucket/prefix), addressed by relative keys."""
 
@@ -263,6 +273,18 @@ class Backend(ABC):
     @abstractmethod
     def remove_prefix(self, prefix: str) -> None:
         """Remove everything under prefix/ (and an object named prefix); no error if nothing is there."""
+
+    @abstractmethod
+    def list_entries(self, prefix: str = "") -> list[FileEntry]:
+        """Every object directly under prefix, writes in flight (local `.tmp-` files) included, with size and age;
+        sorted by name; [] if there are none. For `x2l store verify` / `gc`."""
+
+    @abstractmethod
+    def remove(self, key: str) -> None:
+        """Remove one object; no error if it is not there."""
+
+    def remove_empty_dir(self, prefix: str) -> None:
+        """Remove the folder prefix if it is empty (a no-op where folders are only key prefixes, as on S3)."""
 
     def _check_read(self, key: str, start: int, length: int, data: bytes) -> bytes:
         if len(data) != length:
@@ -369,6 +391,32 @@ class LocalBackend(Backend):
                 shutil.rmtree(path)
             elif os.path.lexists(path):
                 os.unlink(path)
+
+    def list_entries(self, prefix: str = "") -> list[FileEntry]:
+        path = self._path(prefix, allow_empty=True)
+        out = []
+        try:
+            for e in os.scandir(path):
+                try:
+                    if e.is_file(follow_symlinks=False):
+                        st = e.stat(follow_symlinks=False)
+                        out.append(FileEntry(e.name, st.st_size, st.st_mtime))
+                except FileNotFoundError:  # removed while listing (a write finished)
+                    continue
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(out, key=lambda f: f.name)
+
+    def remove(self, key: str) -> None:
+        path = self._path(key)
+        with self._errors(key):
+            _unlink_quiet(path)
+
+    def remove_empty_dir(self, prefix: str) -> None:
+        try:
+            os.rmdir(self._path(prefix))
+        except OSError:  # not empty (a writer got there first) or already gone
+            pass
 
 
 class S3Backend(Backend):
@@ -498,6 +546,31 @@ class S3Backend(Backend):
             for name in dirs:
                 bucket, key, _ = self.fs.split_path(name)
                 self.fs.call_s3("delete_object", Bucket=bucket, Key=key + "/")
+
+    def list_entries(self, prefix: str = "") -> list[FileEntry]:
+        path = self._path(prefix, allow_empty=True)
+        with self._errors(prefix):
+            try:
+                entries = self.fs.ls(path, detail=True, refresh=True)
+            except FileNotFoundError:
+                return []
+        out = []
+        for e in entries:
+            if e["type"] != "file":
+                continue
+            modified = e.get("LastModified")
+            # No modification time listed: count the object as new, so gc never collects it early.
+            out.append(FileEntry(e["name"].rstrip("/").rsplit("/", 1)[-1], int(e.get("size", 0)),
+                                 modified.timestamp() if modified is not None else time.time()))
+        return sorted(out, key=lambda f: f.name)
+
+    def remove(self, key: str) -> None:
+        path = self._path(key)
+        with self._errors(key):
+            try:
+                self.fs.rm_file(path)
+            except FileNotFoundError:
+                pass
 
 
 def open_backend(uri: str, config: StoreConfig | None = None, fs_options: dict | None = None) -> Backend:

@@ -15,8 +15,10 @@ from x2l.errors import StoreError
 
 STORE_DOC = "store.json"
 VIDEOS = "videos"
-KV_FILE = "kv.parquet"
 META_FILE = "meta.json"
+KV_PREFIX, KV_SUFFIX = "kv-", ".parquet"  # one object per write: videos/<key>/kv-<write_id>.parquet
+GRACE_S = 3600.0  # `gc` leaves unreferenced files younger than this alone: a writer may be about to commit them
+TMP_MARK = ".tmp-"  # a local write in flight (or left by a killed writer): .<name>.tmp-<uuid>
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 SLUG_CHARS = 60
@@ -38,8 +40,13 @@ def video_dir(key: str) -> str:
     return f"{VIDEOS}/{key}"
 
 
-def kv_path(key: str) -> str:
-    return f"{VIDEOS}/{key}/{KV_FILE}"
+def kv_file(write_id: str) -> str:
+    """The name of one write's KV object: each write has its own, so racing writers never share a file."""
+    return f"{KV_PREFIX}{write_id}{KV_SUFFIX}"
+
+
+def kv_path(key: str, write_id: str) -> str:
+    return f"{VIDEOS}/{key}/{kv_file(write_id)}"
 
 
 def meta_path(key: str) -> str:

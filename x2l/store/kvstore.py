@@ -1,14 +1,17 @@
 """KVStore: indexed videos' compressed KV in a local directory or on S3 (layout in DESIGN.md, "Storage").
 
-    <root>/store.json                      schema version + model fingerprint, written by the first writer
-    <root>/videos/<video_key>/kv.parquet   sink + every H in row group 0, chunk c's L delta in row group 1 + c
-    <root>/videos/<video_key>/meta.json    written last: its presence commits the video
+    <root>/store.json                                  schema version + model fingerprint, written by the first writer
+    <root>/videos/<video_key>/kv-<write_id>.parquet   one per write: sink + every H in row group 0, chunk c's L
+                                                       delta in row group 1 + c
+    <root>/videos/<video_key>/meta.json               the commit: names its write's KV file, carries its own checksum
 
-Readers see committed videos only, verify every row's checksum and refuse stores or videos written by another model
-fingerprint or schema version. A reader keeps each open video's meta and Parquet footer (small LRU), so a lazy fetch
-reads the chunk's row group and nothing else, and keeps fetched deltas in an LRU cache with a byte budget.
-Committed videos are immutable except through `write(..., overwrite=True)`; a reader in another process that still
-holds the old footer then gets CorruptionError (never wrong tensors) until it calls load_h again.
+Readers see committed videos only, verify the commit's checksum and every row's checksum, and refuse stores or videos
+written by another model fingerprint or schema version; a damaged video is an error of that video (listed as damaged
+by `list_videos(damaged=True)`), never of the store. Racing writers never share a file and the last commit wins
+whole (writer.py). A reader keeps each open video's meta and Parquet footer (small LRU), so a lazy fetch reads the
+chunk's row group and nothing else, and keeps fetched deltas in an LRU cache with a byte budget; reading a meta.json
+that names another write (or none) drops what it held of the video. Files no commit names are garbage: `verify`
+reports them, `gc` removes them (maintenance.py), `remove` deletes a video (uncommit first).
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ from x2l.config import StoreConfig
 from x2l.errors import CorruptionError, IncompatibleError, NotFoundError, StoreError
 from x2l.store.backend import IOStats, open_backend
 from x2l.store.cache import LRU
-from x2l.store.keys import STORE_DOC, VIDEOS, meta_path, video_key
+from x2l.store.keys import STORE_DOC, VIDEOS, kv_file, kv_path, meta_path, video_dir, video_key
 from x2l.store.reader import Tally, open_parquet, read_delta, read_h
-from x2l.store.schema import SCHEMA_VERSION
+from x2l.store.schema import META_CHECKSUM, SCHEMA_VERSION, meta_checksum
 from x2l.store.writer import build_meta, check_complete, new_write_id, resolve_source, video_fingerprint, write_parquet
 
 STORE_FORMAT = "x2l-kvstore"
@@ -89,6 +92,9 @@ class KVStore:
         self._pool: ThreadPoolExecutor | None = None
         self._hits = self._misses = 0
         self._doc = self._read_json(STORE_DOC, "the store document")
+        self._doc_stored = self._doc is not None
+        if self._doc is None:
+            self._doc = self._doc_from_metas()
         if self._doc is not None:
             self._check_doc(model_fingerprint)
 
@@ -115,49 +121,95 @@ class KVStore:
         if doc.get("format") != STORE_FORMAT or doc.get("schema_version") != SCHEMA_VERSION:
             raise IncompatibleError(f"store {uri} has format {doc.get('format')!r} schema version "
                                     f"{doc.get('schema_version')!r}; this x2l ({__version__}) reads "
-                                    f"{STORE_FORMAT!r} schema version {SCHEMA_VERSION}")
+                                    f"{STORE_FORMAT!r} schema version {SCHEMA_VERSION}: index into a new store")
         if model_fingerprint is not None and doc.get("model_fingerprint") != model_fingerprint:
             raise IncompatibleError(f"store {uri} holds KV of model fingerprint {doc.get('model_fingerprint')}, "
                                     f"not of model fingerprint {model_fingerprint}: use another store")
 
+    def _new_doc(self, model_fingerprint: str, model_family: str | None, **extra) -> dict:
+        return {"format": STORE_FORMAT, "schema_version": SCHEMA_VERSION, "model_fingerprint": model_fingerprint,
+                "model_family": model_family, "x2l_version": __version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())} | extra
+
+    def _doc_from_metas(self) -> dict | None:
+        """A store without store.json but with committed videos: the document rebuilt from their (checksummed)
+        commits, which must all name one model fingerprint; None when nothing is committed. Readers check it as
+        they would store.json; the next writer stores it (issue 11: never trust such a store blindly)."""
+        fingerprints: dict[str, tuple[str | None, str]] = {}
+        for key in self.backend.list_dirs(VIDEOS):
+            try:
+                meta = self._load_meta(key, check_doc=False)[0]
+            except (CorruptionError, IncompatibleError):
+                continue  # a damaged video says nothing about the store
+            if meta is not None:
+                fingerprints.setdefault(meta.get("model_fingerprint"), (meta.get("model_family"), meta["video_id"]))
+        if not fingerprints:
+            return None
+        if len(fingerprints) > 1:
+            seen = ", ".join(f"{fp} (e.g. video {vid!r})" for fp, (_, vid) in fingerprints.items())
+            raise IncompatibleError(f"store {self.backend.uri} has no store.json and its videos were written by "
+                                    f"several models: {seen}; split or re-index it")
+        fp, (family, _) = next(iter(fingerprints.items()))
+        return self._new_doc(fp, family, rebuilt_from_metas=True)
+
     def _ensure_doc(self, model_fingerprint: str, model_family: str | None) -> None:
-        """The first writer writes store.json; later writers must match it."""
-        if self._doc is None:
-            self._doc = self._read_json(STORE_DOC, "the store document")
-        if self._doc is None:
-            doc = {"format": STORE_FORMAT, "schema_version": SCHEMA_VERSION, "model_fingerprint": model_fingerprint,
-                   "model_family": model_family, "x2l_version": __version__,
-                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            self.backend.write_bytes(STORE_DOC, json.dumps(doc, indent=1).encode())
-            self._doc = doc
+        """The first writer writes store.json (or stores the one rebuilt from the commits); later writers must
+        match it."""
+        if not self._doc_stored:
+            stored = self._read_json(STORE_DOC, "the store document")
+            if stored is not None:
+                self._doc = stored
+            elif self._doc is None:
+                self._doc = self._doc_from_metas() or self._new_doc(model_fingerprint, model_family)
+            self._check_doc(model_fingerprint)
+            if stored is None:
+                self.backend.write_bytes(STORE_DOC, json.dumps(self._doc, indent=1).encode())
+            self._doc_stored = True
         self._check_doc(model_fingerprint)
 
     # --- committed videos ------------------------------------------------------------------------------------------
     def _read_meta(self, key: str, video_id: str | None = None) -> dict | None:
         return self._load_meta(key, video_id)[0]
 
-    def _load_meta(self, key: str, video_id: str | None = None) -> tuple[dict | None, int]:
-        """(the committed meta or None, bytes read), checked against the store and the key."""
-        meta, nbytes = self._load_json(meta_path(key), "meta.json")
+    def _load_meta(self, key: str, video_id: str | None = None, check_doc: bool = True) -> tuple[dict | None, int]:
+        """(the committed meta or None, bytes read), checked: its own checksum, the schema, the key, the store's
+        model. CorruptionError / IncompatibleError name the video: a damaged commit is an error of that video."""
+        named = f"video {video_id!r}" if video_id is not None else f"video key {key!r}"
+        meta, nbytes = self._load_json(meta_path(key), f"{named}: meta.json")
+        held = self._open.get(key)
+        if held is not None and (meta is None or held.meta.get("write_id") != meta.get("write_id")):
+            self._forget(key)  # removed or recommitted since this reader opened it
         if meta is None:
             return None, 0
-        where = self.backend.where(meta_path(key))
+        if video_id is None and isinstance(meta.get("video_id"), str):
+            named = f"video {meta['video_id']!r}"
+        where = f"{named}: {self.backend.where(meta_path(key))}"
         if meta.get("schema_version") != SCHEMA_VERSION:
             raise IncompatibleError(f"{where} has schema version {meta.get('schema_version')!r}, this x2l reads "
-                                    f"{SCHEMA_VERSION}")
-        required = ("video_id", "video_key", "write_id", "fingerprint", "n_chunks", "chunks", "parquet_bytes",
-                    "next_position", "bytes")
-        if any(k not in meta for k in required) or meta["video_key"] != key:
-            raise CorruptionError(f"{where} is not a valid commit (needs {list(required)} and video_key {key!r})")
+                                    f"{SCHEMA_VERSION}: re-index the video")
+        try:
+            actual = meta_checksum(meta)
+        except (TypeError, ValueError) as e:
+            raise CorruptionError(f"{where} cannot be checksummed: {e}") from e
+        if meta.get(META_CHECKSUM) != actual:
+            raise CorruptionError(f"{where}: commit checksum mismatch (stored {meta.get(META_CHECKSUM)!r}, computed "
+                                  f"{actual}): the commit record was edited or damaged")
+        required = ("video_id", "video_key", "write_id", "kv_file", "fingerprint", "n_chunks", "chunks",
+                    "parquet_bytes", "next_position", "bytes")
+        if any(k not in meta for k in required) or meta["video_key"] != key or meta["kv_file"] != kv_file(
+                str(meta["write_id"])):
+            raise CorruptionError(f"{where} is not a valid commit (needs {list(required)}, video_key {key!r} and "
+                                  f"the kv file of its write id)")
         if video_id is not None and meta["video_id"] != video_id:
             raise CorruptionError(f"{where} is for video {meta['video_id']!r}, not {video_id!r}")
-        if self._doc is not None and meta.get("model_fingerprint") != self._doc.get("model_fingerprint"):
+        if check_doc and self._doc is not None and meta.get("model_fingerprint") != self._doc.get("model_fingerprint"):
             raise IncompatibleError(f"{where} was written by model fingerprint {meta.get('model_fingerprint')}, the "
                                     f"store holds {self._doc.get('model_fingerprint')}")
         return meta, nbytes
 
     def committed(self, video_id: str) -> dict | None:
-        """The video's meta if it is committed, else None."""
+        """The video's meta if it is committed, else None. CorruptionError / IncompatibleError (naming the video)
+        for a damaged commit."""
         return self._read_meta(video_key(video_id), video_id)
 
     def info(self, video_id: str) -> dict:
@@ -167,14 +219,58 @@ class KVStore:
             raise NotFoundError(f"video {video_id!r} is not in store {self.backend.uri} (index it first)")
         return meta
 
-    def list_videos(self) -> list[dict]:
-        """Committed videos: id, key, chunks and bytes per level."""
+    def check_kv_file(self, meta: dict) -> None:
+        """The KV file a commit names exists with the committed size (one metadata request, no data);
+        CorruptionError naming the video otherwise."""
+        key = kv_path(meta["video_key"], meta["write_id"])
+        try:
+            size = self.backend.size(key)
+        except NotFoundError as e:
+            raise CorruptionError(f"video {meta['video_id']!r}: {self.backend.where(key)}, named by its commit, is "
+                                  f"missing") from e
+        if size != meta["parquet_bytes"]:
+            raise CorruptionError(f"video {meta['video_id']!r}: {self.backend.where(key)} is {size} bytes, the commit "
+                                  f"says {meta['parquet_bytes']} (truncated or replaced)")
+
+    def healthy(self, video_id: str) -> dict | None:
+        """The video's meta if it is committed and its commit and KV file pass the cheap checks (checksummed meta,
+        file present with the committed size); None if it is absent or damaged (a rerun should write it again)."""
+        try:
+            meta = self.committed(video_id)
+            if meta is not None:
+                self.check_kv_file(meta)
+            return meta
+        except (CorruptionError, IncompatibleError):
+            return None
+
+    def _peek_video_id(self, key: str) -> str | None:
+        """The video id a (possibly damaged) meta.json claims, if it can be read at all: for reports."""
+        try:
+            meta = json.loads(self.backend.read_bytes(meta_path(key)))
+        except (StoreError, ValueError, UnicodeDecodeError):
+            return None
+        vid = meta.get("video_id") if isinstance(meta, dict) else None
+        return vid if isinstance(vid, str) else None
+
+    def list_videos(self, damaged: bool = False) -> list[dict]:
+        """Committed videos whose commit and KV file pass the cheap checks: id, key, chunks and bytes per level.
+
+        A damaged video (invalid or edited meta.json, missing or truncated KV file, another model or schema) is
+        never an error of the listing: with damaged=True it is listed as {"video_id" (None if unreadable),
+        "video_key", "damaged": reason}."""
         out = []
         for key in self.backend.list_dirs(VIDEOS):
-            meta = self._read_meta(key)
-            if meta is not None:
-                out.append({"video_id": meta["video_id"], "video_key": key, "chunks": meta["n_chunks"],
-                            "bytes": meta["bytes"], "parquet_bytes": meta["parquet_bytes"]})
+            try:
+                meta = self._read_meta(key)
+                if meta is None:
+                    continue
+                self.check_kv_file(meta)
+            except (CorruptionError, IncompatibleError) as e:
+                if damaged:
+                    out.append({"video_id": self._peek_video_id(key), "video_key": key, "damaged": str(e)})
+                continue
+            out.append({"video_id": meta["video_id"], "video_key": key, "chunks": meta["n_chunks"],
+                        "bytes": meta["bytes"], "parquet_bytes": meta["parquet_bytes"]})
         return out
 
     # --- writing ---------------------------------------------------------------------------------------------------
@@ -182,10 +278,12 @@ class KVStore:
               overwrite: bool = False) -> dict:
         """Store a fully indexed video and return its meta.
 
-        The same video already committed with the same fingerprint (model, sampling, compression, source bytes) is a
-        no-op returning the stored meta. Another fingerprint is refused (IncompatibleError) unless overwrite=True.
+        The same video already committed with the same fingerprint (model, sampling, compression, source bytes) and
+        readable (see `healthy`) is a no-op returning the stored meta; a committed but damaged one is written again
+        (repaired). Another fingerprint is refused (IncompatibleError) unless overwrite=True.
         source defaults to video.meta["source"]; its sha256 is computed when it is a local file and no source_hash
-        is given.
+        is given. Racing writers of one video are safe: each writes its own KV file and the last commit wins whole
+        (module writer.py); replaced and losing files stay until `gc`.
         """
         key = video_key(video.video_id)
         check_complete(video)
@@ -200,25 +298,46 @@ class KVStore:
         inputs = {"model_fingerprint": model_fp, "sampling": video.meta.get("sampling"),
                   "compression": video.meta.get("compression"), "source_sha256": source_hash}
         fingerprint = video_fingerprint(model_fp, inputs["sampling"], inputs["compression"], source_hash)
-        old = self._read_meta(key, video.video_id)
+        try:
+            old = self._read_meta(key, video.video_id)
+        except (CorruptionError, IncompatibleError):
+            old = None  # a damaged commit: this write repairs it
         if old is not None and not overwrite:
-            if old["fingerprint"] == fingerprint:
+            if old["fingerprint"] != fingerprint:
+                differ = [k for k, v in inputs.items() if old.get(k) != v]
+                raise IncompatibleError(
+                    f"video {video.video_id!r} is already stored with fingerprint {old['fingerprint']}; this one has "
+                    f"{fingerprint} (differs in {', '.join(differ) or 'its inputs'}): pass overwrite=True to "
+                    f"replace it")
+            try:
+                self.check_kv_file(old)
                 return old
-            differ = [k for k, v in inputs.items() if old.get(k) != v]
-            raise IncompatibleError(
-                f"video {video.video_id!r} is already stored with fingerprint {old['fingerprint']}; this one has "
-                f"{fingerprint} (differs in {', '.join(differ) or 'its inputs'}): pass overwrite=True to replace it")
-        if old is not None:  # decommit first: a crash below leaves the video absent, never half old, half new
-            self.backend.remove_prefix(meta_path(key))
-        self._forget(key)
+            except CorruptionError:
+                pass  # committed but unreadable: write it again
         write_id = new_write_id()
         size = write_parquet(self.backend, key, video, write_id)
-        meta = build_meta(video, key, write_id, source, source_hash, fingerprint, size)
         try:
+            meta = build_meta(video, key, write_id, source, source_hash, fingerprint, size)
             data = json.dumps(meta, indent=1).encode()
         except (TypeError, ValueError) as e:
             raise StoreError(f"video {video.video_id!r}: meta is not JSON-serialisable: {e}") from e
-        self.backend.write_bytes(meta_path(key), data)  # the commit
+        self.backend.write_bytes(meta_path(key), data)  # the commit: one atomic replace, names this write's file
+        self._forget(key)
+        return meta
+
+    def remove(self, video_id: str) -> dict | None:
+        """Uncommit the video (remove meta.json), then delete its files. Returns the meta it had (None when the
+        commit was damaged or absent); NotFoundError if the store has nothing under the video's key."""
+        key = video_key(video_id)
+        if not self.backend.list_entries(video_dir(key)) and not self.backend.exists(video_dir(key)):
+            raise NotFoundError(f"video {video_id!r} is not in store {self.backend.uri}")
+        try:
+            meta = self._read_meta(key, video_id)
+        except (CorruptionError, IncompatibleError):
+            meta = None
+        self.backend.remove(meta_path(key))  # uncommitted first: a crash below leaves garbage, never a broken video
+        self._forget(key)
+        self.backend.remove_prefix(video_dir(key))
         return meta
 
     # --- reading ---------------------------------------------------------------------------------------------------

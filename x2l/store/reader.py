@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from x2l.compress import ChunkKV, LevelKV, VideoKV
-from x2l.errors import CorruptionError, StoreError
+from x2l.errors import CorruptionError, NotFoundError, StoreError
 from x2l.store.backend import Backend, IOStats
 from x2l.store.keys import kv_path
 from x2l.store.schema import COLUMNS, decode_level, decode_row, table_rows
@@ -51,8 +51,11 @@ class Tally(IOStats):
 def open_parquet(backend: Backend, meta: dict, file_meta: pq.FileMetaData | None = None,
                  tally: Tally | None = None) -> Iterator[pq.ParquetFile]:
     """The video's kv.parquet; with `file_meta` (a cached footer) nothing but the row groups asked for is read."""
-    key = kv_path(meta["video_key"])
-    f = backend.open_input(key)
+    key = kv_path(meta["video_key"], meta["write_id"])
+    try:
+        f = backend.open_input(key)
+    except NotFoundError as e:
+        raise CorruptionError(f"{name(meta)}: {backend.where(key)}, named by its commit, is missing") from e
     if tally is not None:
         f.stats = tally
     try:
@@ -70,7 +73,7 @@ def open_parquet(backend: Backend, meta: dict, file_meta: pq.FileMetaData | None
 
 def check_layout(pf: pq.ParquetFile, meta: dict) -> None:
     """The file is the one this commit wrote and has its layout: 1 + n row groups of n + 1 and 1 rows."""
-    what = f"{name(meta)}: kv.parquet"
+    what = f"{name(meta)}: {meta['kv_file']}"
     kv = pf.schema_arrow.metadata or {}
     if kv.get(b"x2l.write_id", b"").decode() != meta["write_id"]:
         raise CorruptionError(f"{what} was not written by this commit (write id {kv.get(b'x2l.write_id')!r}, "

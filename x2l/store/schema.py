@@ -32,7 +32,8 @@ import torch
 from x2l.compress import LevelKV
 from x2l.errors import CorruptionError, StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: one kv-<write_id>.parquet per write, named by a checksummed meta.json (issue 11)
+META_CHECKSUM = "meta_checksum"
 
 DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -67,6 +68,13 @@ def row_checksum(row: dict) -> str:
         h.update(data.nbytes.to_bytes(8, "little"))
         h.update(data)
     return h.hexdigest()
+
+
+def meta_checksum(meta: dict) -> str:
+    """sha256 (hex) of meta.json's canonical JSON (sorted keys, no whitespace, ASCII) without the checksum field:
+    any edit of the commit record (next_position, chunk times, the KV file it names, ...) fails it."""
+    body = {k: v for k, v in meta.items() if k != META_CHECKSUM}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:

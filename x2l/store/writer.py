@@ -1,7 +1,10 @@
-"""Writing one video: kv.parquet first (streamed, one row group at a time), then meta.json, whose presence commits it.
+"""Writing one video: its own kv-<write_id>.parquet first (streamed, one row group at a time), then meta.json, which
+names that file and commits it.
 
-A writer killed in between leaves a kv.parquet without meta.json: readers never look at it and the next write of
-that video simply replaces it. One writer per video at a time (a store is written by jobs that own their videos).
+Every write has a fresh write id and so its own KV object; meta.json is replaced in one atomic step (a rename on a
+local folder, one PUT on S3). Writers racing on one video therefore never touch each other's bytes: the last
+meta.json wins whole and names a complete file, and the losers' files are unreferenced garbage for `gc`. A writer
+killed before its commit leaves only such garbage (issue 11).
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from x2l import __version__
 from x2l.compress import VideoKV
 from x2l.errors import StoreError
 from x2l.store.backend import Backend
-from x2l.store.keys import kv_path
-from x2l.store.schema import SCHEMA, SCHEMA_VERSION, WRITER_OPTIONS, encode_row, table_of
+from x2l.store.keys import kv_file, kv_path
+from x2l.store.schema import META_CHECKSUM, SCHEMA, SCHEMA_VERSION, WRITER_OPTIONS, encode_row, meta_checksum, table_of
 
 
 def source_sha256(path: str) -> str:
@@ -52,11 +55,11 @@ def check_complete(video: VideoKV) -> None:
 
 
 def write_parquet(backend: Backend, key: str, video: VideoKV, write_id: str) -> int:
-    """Stream kv.parquet (see schema.py for the layout); returns its size in bytes."""
+    """Stream this write's kv-<write_id>.parquet (see schema.py for the layout); returns its size in bytes."""
     schema = SCHEMA.with_metadata({"x2l.schema_version": str(SCHEMA_VERSION), "x2l.write_id": write_id,
                                    "x2l.video_id": video.video_id})
     sink_tokens = video.sink_keys.shape[-2]
-    with backend.open_output(kv_path(key)) as f:
+    with backend.open_output(kv_path(key, write_id)) as f:
         with pq.ParquetWriter(f, schema, **WRITER_OPTIONS) as w:
             rows = [encode_row(-1, "sink", sink_tokens, 0.0, 0.0, video.sink_keys, video.sink_values, None)]
             rows += [encode_row(c.chunk, "h", c.n_tokens, c.start_s, c.end_s, c.h.keys, c.h.values, c.h.index)
@@ -72,18 +75,20 @@ def write_parquet(backend: Backend, key: str, video: VideoKV, write_id: str) -> 
 
 def build_meta(video: VideoKV, key: str, write_id: str, source: str | None, source_hash: str | None,
                fingerprint: str, parquet_bytes: int) -> dict:
-    """meta.json: the indexer's own meta plus what readers need without opening the Parquet file."""
+    """meta.json: the indexer's own meta plus what readers need without opening the Parquet file, the KV file it
+    commits (`kv_file`) and its own checksum (`meta_checksum`, see schema.meta_checksum)."""
     layers, heads, sink_tokens, head_dim = video.sink_keys.shape
     chunks = [{
         "chunk": c.chunk, "start_s": c.start_s, "end_s": c.end_s, "n_tokens": c.n_tokens,
         "h_entries": c.h.n_entries, "delta_entries": c.delta.n_entries,  # per (layer, KV head): equal in all
         "h_bytes": c.h.nbytes, "delta_bytes": c.delta.nbytes,
     } for c in video.chunks]
-    return {
+    meta = {
         **video.meta,
         "video_id": video.video_id,
         "video_key": key,
         "write_id": write_id,
+        "kv_file": kv_file(write_id),
         "source": source,
         "source_sha256": source_hash,
         "fingerprint": fingerprint,
@@ -107,6 +112,8 @@ def build_meta(video: VideoKV, key: str, write_id: str, source: str | None, sour
         "x2l_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    meta.pop(META_CHECKSUM, None)
+    return meta | {META_CHECKSUM: meta_checksum(meta)}
 
 
 def resolve_source(video: VideoKV, source: str | None, source_hash: str | None) -> tuple[str | None, str | None]:

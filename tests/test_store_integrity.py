@@ -1,0 +1,260 @@
+"""Store integrity (issue 11) on a local folder and on the real local S3 server: racing writers of one video (forced
+interleaving: the last commit wins whole, readers always see one whole commit), damaged videos as errors of that
+video only, the checksummed commit record, repair by rerun, verify / gc / rm, and a store without store.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import pytest
+import torch
+
+from test_store import FP, assert_round_trip, kv_of, rewrite, synthetic
+from x2l.compress import VideoKV
+from x2l.errors import CorruptionError, IncompatibleError, NotFoundError
+from x2l.store import KVStore, video_key
+from x2l.store.keys import kv_path, meta_path, video_dir
+from x2l.store.maintenance import gc, verify
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def whole_read(store: KVStore, video_id: str) -> VideoKV | None:
+    """Every tensor of the committed video as one reader sees it, or None if nothing is committed."""
+    try:
+        got = store.load_h(video_id)
+        deltas = store.fetch_deltas(video_id, list(range(got.n_chunks))).levels
+    except NotFoundError:
+        return None
+    for c in got.chunks:
+        c.delta = deltas[c.chunk]
+    return got
+
+
+def equals(got: VideoKV, video: VideoKV) -> bool:
+    if got.n_chunks != video.n_chunks or got.next_position != video.next_position:
+        return False
+    if not (same_bits(got.sink_keys, video.sink_keys) and same_bits(got.sink_values, video.sink_values)):
+        return False
+    return all(same_bits(g.h.keys, c.h.keys) and same_bits(g.delta.values, c.delta.values)
+               and torch.equal(g.delta.index, c.delta.index) for g, c in zip(got.chunks, video.chunks))
+
+
+# --- racing writers ---------------------------------------------------------------------------------------------------
+def test_racing_writers_last_commit_wins_whole(store_uri, monkeypatch):
+    """Writer A pauses between its KV file and its commit while writer B writes both: B is seen whole, then A's
+    commit wins whole; a reader polling all along only ever sees nothing, B or A, each complete."""
+    a = synthetic("race", n_chunks=4, seed=1)
+    b = synthetic("race", n_chunks=3, seed=2)  # same video and settings, other bytes and length (another job)
+    writer_a, writer_b, reader = KVStore(store_uri), KVStore(store_uri), KVStore(store_uri)
+    paused, resume = threading.Event(), threading.Event()
+    real = writer_a.backend.write_bytes
+
+    def pause_before_commit(key, data):
+        if key.endswith("meta.json"):
+            paused.set()
+            assert resume.wait(120)
+        return real(key, data)
+
+    monkeypatch.setattr(writer_a.backend, "write_bytes", pause_before_commit)
+    seen, stop, problems = [], threading.Event(), []
+
+    def poll() -> None:
+        with KVStore(store_uri) as r:
+            while not stop.is_set():
+                try:
+                    got = whole_read(r, "race")
+                except Exception as e:  # noqa: BLE001 - any failed read is a finding
+                    problems.append(repr(e))
+                    continue
+                seen.append(None if got is None else "a" if equals(got, a) else "b" if equals(got, b) else "mixed")
+
+    out: list[dict] = []
+    thread_a = threading.Thread(target=lambda: out.append(writer_a.write(a)))
+    poller = threading.Thread(target=poll)
+    poller.start()
+    thread_a.start()
+    assert paused.wait(120)
+    assert reader.committed("race") is None and reader.list_videos() == []  # A's file alone commits nothing
+    meta_b = writer_b.write(b)
+    assert equals(whole_read(reader, "race"), b)
+    resume.set()
+    thread_a.join()
+    meta_a = out[0]
+    stop.set()
+    poller.join()
+    assert problems == [] and seen and set(seen) <= {None, "a", "b"}, (problems, set(seen))
+    assert meta_a["write_id"] != meta_b["write_id"] and reader.committed("race") == meta_a
+    for s in (reader, KVStore(store_uri)):  # a reader that held B's footer and a fresh one
+        assert_round_trip(s, a)
+    report = verify(reader)
+    assert [(v["video_id"], v["status"]) for v in report.videos] == [("race", "ok")]
+    assert report.unreferenced == [kv_path(video_key("race"), meta_b["write_id"])]  # B lost: its file is garbage
+    assert gc(reader, grace_s=0).removed == report.unreferenced
+    assert_round_trip(KVStore(store_uri), a)
+
+
+def test_rerun_repairs_a_committed_but_unreadable_video(store_uri):
+    video = synthetic("fix", n_chunks=3)
+    with KVStore(store_uri) as s:
+        meta = s.write(video)
+        rewrite(s, kv_of(s, "fix"), lambda d: d[: len(d) // 2])  # committed, listed, unreadable
+        assert s.healthy("fix") is None
+        before = s.backend.stats.snapshot()
+        again = s.write(video)  # the same video and settings: not "already indexed, 0 bytes"
+        assert (s.backend.stats.snapshot() - before).bytes_written > meta["parquet_bytes"]
+        assert again["write_id"] != meta["write_id"] and s.healthy("fix") == again
+        s.backend.write_bytes(meta_path(video_key("fix")), b"{not json")  # a broken commit is repaired too
+        third = s.write(video)
+        assert third["write_id"] not in (meta["write_id"], again["write_id"])
+    assert_round_trip(KVStore(store_uri), video)
+
+
+# --- damaged videos --------------------------------------------------------------------------------------------------
+def damage(store: KVStore) -> None:
+    """Eight videos; 't' gets a truncated KV file, 'm' an invalid meta.json."""
+    for i, vid in enumerate("abcdeftm"):
+        store.write(synthetic(vid, n_chunks=2, d=8, h=4, n_tokens=32, seed=i))
+    rewrite(store, kv_of(store, "t"), lambda d: d[: len(d) // 2])
+    store.backend.write_bytes(meta_path(video_key("m")), b'{"video_id": "m", "n_chunks": ')
+
+
+def test_a_damaged_video_is_an_error_of_that_video(store_uri):
+    with KVStore(store_uri) as s:
+        damage(s)
+    with KVStore(store_uri, model_fingerprint=FP) as s:
+        assert sorted(v["video_id"] for v in s.list_videos()) == list("abcdef")
+        listed = {v["video_key"]: v for v in s.list_videos(damaged=True)}
+        assert len(listed) == 8
+        t, m = listed[video_key("t")], listed[video_key("m")]
+        assert t["video_id"] == "t" and "truncated" in t["damaged"]
+        assert m["video_id"] is None and "not valid JSON" in m["damaged"]
+        with pytest.raises(CorruptionError, match="video 't'.*truncated"):
+            s.load_h("t")
+        with pytest.raises(CorruptionError, match="video 'm'.*meta.json.*not valid JSON"):
+            s.load_h("m")
+        for i, vid in enumerate("abcdef"):
+            assert_round_trip(s, synthetic(vid, n_chunks=2, d=8, h=4, n_tokens=32, seed=i))
+        report = verify(s)
+        assert {v["video_key"]: v["status"] for v in report.videos} == {
+            video_key(v): "damaged" if v in "tm" else "ok" for v in "abcdeftm"}
+        assert report.unreferenced == []  # a damaged commit keeps its KV file (gc does not touch it)
+        assert gc(s, grace_s=0).removed == []
+
+
+def test_hand_edited_commit_is_corruption_naming_the_video(store_uri):
+    with KVStore(store_uri) as s:
+        s.write(synthetic("e", n_chunks=2))
+        key = meta_path(video_key("e"))
+        meta = json.loads(s.backend.read_bytes(key))
+        s.backend.write_bytes(key, json.dumps(meta | {"next_position": meta["next_position"] + 1}).encode())
+    with KVStore(store_uri) as s:
+        for op in (lambda: s.load_h("e"), lambda: s.info("e"), lambda: s.fetch_deltas("e", [0])):
+            with pytest.raises(CorruptionError, match="video 'e'.*commit checksum mismatch"):
+                op()
+        assert s.list_videos() == [] and "checksum" in s.list_videos(damaged=True)[0]["damaged"]
+        assert verify(s).damaged[0]["video_id"] == "e"
+
+
+def test_verify_finds_a_flipped_delta_byte(store_uri):
+    from test_store import column_chunk
+
+    with KVStore(store_uri) as s:
+        s.write(synthetic("ok", n_chunks=2, seed=1))
+        s.write(synthetic("flip", n_chunks=3, seed=2))
+        col = column_chunk(s, "flip", 1 + 2, "values")
+        o = col.data_page_offset + col.total_compressed_size // 2
+        rewrite(s, kv_of(s, "flip"), lambda d: d[:o] + bytes([d[o] ^ 4]) + d[o + 1:])
+        assert [v["video_id"] for v in s.list_videos()] == ["flip", "ok"]  # the cheap checks pass
+        report = verify(s)
+        assert [(v["video_id"], v["status"]) for v in report.videos] == [("flip", "damaged"), ("ok", "ok")]
+        assert "chunk 2 delta" in report.damaged[0]["error"]
+        assert verify(s, "ok").damaged == []
+        with pytest.raises(NotFoundError, match="'nope'"):
+            verify(s, "nope")
+
+
+# --- rm and gc -------------------------------------------------------------------------------------------------------
+def test_rm_uncommits_then_deletes(store_uri):
+    with KVStore(store_uri) as s:
+        s.write(synthetic("keep", n_chunks=1, d=4))
+        s.write(synthetic("gone", n_chunks=1, d=4))
+        s.load_h("gone")
+        removed = []
+        real = s.backend.remove_prefix
+        s.backend.remove_prefix = lambda p: (removed.append((p, s.backend.exists(meta_path(video_key("gone"))))),
+                                             real(p))
+        assert s.remove("gone")["video_id"] == "gone"
+        assert removed == [(video_dir(video_key("gone")), False)]  # the commit was gone before any file went
+        assert [v["video_id"] for v in s.list_videos()] == ["keep"] and s.committed("gone") is None
+        assert s.backend.list_entries(video_dir(video_key("gone"))) == []
+        with pytest.raises(NotFoundError, match="'gone'"):
+            s.load_h("gone")
+        with pytest.raises(NotFoundError, match="'gone'"):
+            s.remove("gone")
+        s.backend.write_bytes(meta_path(video_key("keep")), b"garbage")  # a damaged video can be removed too
+        assert s.remove("keep") is None and s.list_videos(damaged=True) == []
+
+
+def test_gc_keeps_live_and_recent_files(tmp_path):
+    store = KVStore(str(tmp_path / "store"))
+    live = store.write(synthetic("v", n_chunks=1, d=4))
+    folder = tmp_path / "store" / video_dir(video_key("v"))
+    stale = [folder / "kv-0000.parquet", folder / ".kv-1111.parquet.tmp-abc", tmp_path / "store" / ".store.json.tmp-x"]
+    orphan = tmp_path / "store" / video_dir("never-committed-0123") / "kv-2222.parquet"
+    orphan.parent.mkdir()
+    for f in [*stale, orphan]:
+        f.write_bytes(b"x" * 10)
+    fresh = folder / "kv-3333.parquet"  # a writer about to commit
+    fresh.write_bytes(b"y")
+    hour_ago = time.time() - 7200
+    for f in [*stale, orphan, folder / "meta.json", folder / live["kv_file"]]:
+        os.utime(f, (hour_ago, hour_ago))
+    dry = gc(store, dry_run=True)
+    assert all(f.exists() for f in [*stale, orphan]) and len(dry.removed) == 4
+    report = gc(store)  # default grace period: the fresh file stays
+    assert sorted(report.removed) == sorted(
+        [f"{video_dir(video_key('v'))}/kv-0000.parquet", f"{video_dir(video_key('v'))}/.kv-1111.parquet.tmp-abc",
+         ".store.json.tmp-x", f"{video_dir('never-committed-0123')}/kv-2222.parquet"])
+    assert report.removed_bytes == 40 and report.kept_recent == [f"{video_dir(video_key('v'))}/kv-3333.parquet"]
+    assert fresh.exists() and not orphan.parent.exists() and (folder / live["kv_file"]).exists()
+    assert_round_trip(store, synthetic("v", n_chunks=1, d=4))
+
+
+# --- the store document ----------------------------------------------------------------------------------------------
+def test_store_without_store_json_is_rebuilt_from_its_commits(store_uri):
+    with KVStore(store_uri) as s:
+        s.write(synthetic("a", n_chunks=1, d=4))
+        s.backend.remove("store.json")
+    with pytest.raises(IncompatibleError, match=f"model fingerprint {FP}.*not of model fingerprint other"):
+        KVStore(store_uri, model_fingerprint="other")
+    with KVStore(store_uri) as s:  # readers check its commits against the rebuilt document
+        with pytest.raises(IncompatibleError, match=f"{FP}.*other"):
+            s.write(synthetic("b", n_chunks=1, d=4, fp="other"))
+        assert not s.backend.exists("store.json")
+        s.write(synthetic("c", n_chunks=1, d=4))  # the next writer stores it
+        doc = json.loads(s.backend.read_bytes("store.json"))
+        assert doc["model_fingerprint"] == FP and doc["rebuilt_from_metas"] is True
+    with KVStore(store_uri, model_fingerprint=FP) as s:
+        assert sorted(v["video_id"] for v in s.list_videos()) == ["a", "c"]
+
+
+def test_store_without_store_json_and_two_models_is_refused(store_uri):
+    with KVStore(store_uri) as s:
+        s.write(synthetic("a", n_chunks=1, d=4))
+    with KVStore(store_uri + "-2") as other:
+        meta = other.write(synthetic("b", n_chunks=1, d=4, fp="other-model"))
+        files = {k: other.backend.read_bytes(f"{video_dir(meta['video_key'])}/{k}") for k in ("meta.json",
+                                                                                            meta["kv_file"])}
+    with KVStore(store_uri) as s:
+        for name, data in files.items():
+            s.backend.write_bytes(f"{video_dir(meta['video_key'])}/{name}", data)
+        assert [v["video_id"] for v in s.list_videos()] == ["a"]  # b is another model's: damaged here
+        s.backend.remove("store.json")
+    with pytest.raises(IncompatibleError, match="no store.json.*several models"):
+        KVStore(store_uri)
