@@ -26,6 +26,7 @@ from pathlib import Path
 
 from x2l.config import StoreConfig
 from x2l.errors import X2LError
+from x2l.prompt import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,6 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=3, help="chunks re-loaded at L (default 3; in-job only, the Serve "
                                                          "app uses its own unless the question sets top_k)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="decode limit (default 32)")
+    p.add_argument("--max-prompt-chars", type=int, default=MAX_PROMPT_CHARS,
+                   help=f"refuse a question whose text and options exceed this many characters (default "
+                        f"{MAX_PROMPT_CHARS}); refused questions get an error row and are never sent")
+    p.add_argument("--max-prompt-tokens", type=int, default=MAX_PROMPT_TOKENS,
+                   help=f"refuse a question whose prompt exceeds this many tokens (default {MAX_PROMPT_TOKENS}; "
+                        f"in-job: checked by each actor; over HTTP the Serve app applies its own)")
     p.add_argument("--run-id", default=None, help="run id (default: timestamp-pid)")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS / the running "
                                                        "cluster / a new local one); 'local' always starts a new one")
@@ -116,11 +123,32 @@ def answer_in_job(args, todo: list[dict]) -> None:
     ray.init(address=args.ray_address, ignore_reinit_error=True, runtime_env=None if in_job else {"env_vars": env_vars})
     cfg = AnswerJobConfig(StoreConfig(uri=args.store), str(Path(args.model).resolve()), args.out, args.top_k,
                           args.max_new_tokens, torch_threads=args.torch_threads,
-                          use_gpu=args.num_gpus_per_actor > 0)
+                          use_gpu=args.num_gpus_per_actor > 0, max_prompt_chars=args.max_prompt_chars,
+                          max_prompt_tokens=args.max_prompt_tokens)
     rows = [q | {"options": json.dumps(q["options"]) if q["options"] else ""} for q in todo]
     map_with_actors(ray.data.from_items(rows), AnswerActor, batch_size=args.batch_size,
                     fn_constructor_kwargs={"cfg": cfg}, concurrency=args.concurrency,
                     num_cpus=args.num_cpus_per_actor, num_gpus=args.num_gpus_per_actor or None).materialize()
+
+
+def refuse_questions(todo: list[dict], limits, out) -> list[dict]:
+    """Questions the prompt bounds refuse (empty, too many characters) get their error row now, in one part, and
+    are never sent to a model; returns the rest."""
+    from x2l.prompt import PromptError, check_prompt
+    from x2l.questions import answer_row
+
+    keep, refused = [], []
+    for q in todo:
+        try:
+            check_prompt(q["question"], q["options"], limits)
+            keep.append(q)
+        except PromptError as e:
+            refused.append(answer_row(q, {"error": {"status": e.status, "message": str(e)}}))
+    if refused:
+        from x2l.questions import write_part
+
+        write_part(out, _part_name(refused), refused)
+    return keep
 
 
 def summarize(rows: list[dict], wall_s: float, run_id: str, started: str, config: dict) -> dict:
@@ -164,11 +192,14 @@ def run(args) -> int:
           f"{'via ' + args.serve_address if args.serve_address else 'in-job'}; run {run_id}", flush=True)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     t0 = time.perf_counter()
-    if todo:
+    from x2l.prompt import PromptLimits
+
+    send = refuse_questions(todo, PromptLimits(args.max_prompt_chars, args.max_prompt_tokens), out)
+    if send:
         if args.serve_address:
-            answer_over_http(args, todo, out)
+            answer_over_http(args, send, out)
         else:
-            answer_in_job(args, todo)
+            answer_in_job(args, send)
     wall = time.perf_counter() - t0
     rows = consolidate(out, questions)
     new = [r for r in rows if r["id"] in {q["id"] for q in todo}]

@@ -53,6 +53,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def utf8(text: str) -> bool:
+    """Whether a name decoded from the file system is valid UTF-8 (Python keeps undecodable bytes as surrogates)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def printable(text: str) -> str:
+    """A name with its undecodable bytes written as \\xNN, for rows and messages."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -93,19 +107,24 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     t0 = time.perf_counter()
-    todo, skipped = [], []
+    todo, skipped, refused = [], [], []
     for e in entries:
+        if not (utf8(e.video_id) and utf8(e.uri)):  # a file name that is not UTF-8: a failed row, the job goes on
+            refused.append(stats_row(printable(e.video_id), printable(e.uri), "failed",
+                                     f"file name {printable(e.uri)!r} is not valid UTF-8: rename the file or list it "
+                                     f"with an id in a .txt/.csv corpus file"))
+            continue
         size = os.path.getsize(e.uri) if "://" not in e.uri and os.path.exists(e.uri) else None
-        meta = store.committed(e.video_id)
+        meta = store.healthy(e.video_id)  # committed and readable; a damaged video is indexed again (repaired)
         if not cfg.overwrite and already_indexed(meta, fingerprint, cfg, e.uri, size):
             skipped.append(stats_row(e.video_id, e.uri, "skipped", "already committed with the same model, "
                                      "settings and source"))
         else:
             todo.append({"video_id": e.video_id, "uri": e.uri})
     print(f"index_corpus: {len(entries)} videos in {cfg.corpus}: {len(todo)} to index, {len(skipped)} already "
-          f"committed; store {cfg.store.uri}; run {cfg.run_id}", flush=True)
+          f"committed, {len(refused)} refused; store {cfg.store.uri}; run {cfg.run_id}", flush=True)
 
-    rows: list[dict] = []
+    rows: list[dict] = list(refused)
     if todo:
         # Outside a submitted job, workers do not see this process's environment: pass on the store credentials.
         # Inside one (`ray job submit --runtime-env-json ...`) the job's runtime env already reaches every worker.
@@ -113,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         env_vars = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "X2L_"))}
         ray.init(address=args.ray_address, ignore_reinit_error=True,
                  runtime_env=None if in_job else {"env_vars": env_vars})
-        rows = build_pipeline(todo, cfg).take_all()
+        rows += build_pipeline(todo, cfg).take_all()
     wall = time.perf_counter() - t0
     config = {"corpus": cfg.corpus, "store": cfg.store.uri, "model": cfg.model, "model_fingerprint": fingerprint,
               "sampling": to_dict(cfg.sampling), "compression": to_dict(cfg.compression),

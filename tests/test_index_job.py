@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,8 @@ from x2l.synthetic import write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = {"a.mp4": 24, "b.mp4": 40, "deep/c.mp4": 56, "deep/er/d.mp4": 32}  # frames at 4 fps: 6-14 s, 2 fps sampled
-BAD = {"corrupt.mp4": "not a readable video", "empty.mp4": "empty (0 bytes)", "short.mp4": "too short"}
+BAD = {"corrupt.mp4": "not a readable video", "empty.mp4": "empty (0 bytes)", "short.mp4": "too short",
+       "bad-\\xff.mp4": "is not valid UTF-8"}  # a file named b"bad-\xff.mp4": its row shows the byte escaped
 JOB_ARGS = ["--fps", "2", "--frames-per-chunk", "4"]
 
 
@@ -29,6 +31,7 @@ def corpus(tmp_path_factory):
     (root / "corrupt.mp4").write_bytes((root / "a.mp4").read_bytes()[:400])
     (root / "empty.mp4").write_bytes(b"")
     write_video(root / "short.mp4", n_frames=4, fps=4, size=(64, 96))  # 1 s: 2 frames < one chunk of 4
+    (root / os.fsdecode(b"bad-\xff.mp4")).write_bytes((root / "a.mp4").read_bytes())  # fine video, bad name
     (root / "notes.txt").write_text("not part of the corpus")
     return root
 
@@ -73,14 +76,19 @@ def test_ray_job_submit_indexes_corpus_then_rerun_skips(ray_head, corpus, tiny_c
     r = submit(ray_head, "--corpus", corpus, "--store", store, "--model", model, "--concurrency", 2, *JOB_ARGS)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     write_ids = check_first_run(str(store), model)
+    damaged = KVStore(str(store)).committed("b.mp4")  # committed but unreadable: the rerun must repair it
+    kv = store / "videos" / damaged["video_key"] / damaged["kv_file"]
+    kv.write_bytes(kv.read_bytes()[:1000])
 
     r = submit(ray_head, "--corpus", corpus, "--store", store, "--model", model, *JOB_ARGS)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary, rows = last_run(str(store))
-    assert summary["indexed"] == 0 and summary["skipped"] == len(GOOD)  # nothing recomputed
-    assert {r["video_id"] for r in rows if r["status"] == "skipped"} == set(GOOD)
+    assert summary["indexed"] == 1 and summary["skipped"] == len(GOOD) - 1  # only the damaged one recomputed
+    assert {r["video_id"] for r in rows if r["status"] == "skipped"} == set(GOOD) - {"b.mp4"}
     store_h = KVStore(str(store))
-    assert {vid: store_h.committed(vid)["write_id"] for vid in GOOD} == write_ids  # untouched
+    assert {vid: store_h.committed(vid)["write_id"] for vid in GOOD if vid != "b.mp4"} == {
+        vid: w for vid, w in write_ids.items() if vid != "b.mp4"}  # untouched
+    assert store_h.committed("b.mp4")["write_id"] != write_ids["b.mp4"]
     for vid in GOOD:
         store_h.load_h(vid)
 

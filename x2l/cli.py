@@ -13,6 +13,7 @@ from pathlib import Path
 
 from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig
 from x2l.errors import ConfigError, X2LError
+from x2l.prompt import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS
 from x2l.store.keys import GRACE_S
 
 D_SAMPLING, D_COMP, D_RETR = SamplingConfig(), CompressionConfig(), RetrievalConfig()
@@ -84,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", action="append", required=True, help="question text; repeat to batch several")
     p.add_argument("--options", nargs="+", default=None, help="multiple-choice options (apply to every question)")
     p.add_argument("--json", action="store_true", help="print one JSON object per question")
+    p.add_argument("--max-prompt-chars", type=int, default=MAX_PROMPT_CHARS,
+                   help=f"refuse a question whose text and options exceed this many characters "
+                        f"(default {MAX_PROMPT_CHARS})")
+    p.add_argument("--max-prompt-tokens", type=int, default=MAX_PROMPT_TOKENS,
+                   help=f"refuse a question whose prompt exceeds this many tokens (default {MAX_PROMPT_TOKENS})")
     _model_options(p)
     _retrieval_options(p)
 
@@ -215,7 +221,20 @@ def cmd_ask(args) -> None:
     from x2l.engine import Answerer, Question
     from x2l.store import KVStore
 
+    from x2l.prompt import PromptError, PromptLimits, check_prompt
+
+    limits = PromptLimits(args.max_prompt_chars, args.max_prompt_tokens)
+
+    def check(count_tokens=None) -> None:
+        for n, q in enumerate(args.question, start=1):
+            try:
+                check_prompt(q, args.options, limits, count_tokens)
+            except PromptError as e:
+                raise ConfigError(f"--question {n} ({q[:40]!r}{'...' if len(q) > 40 else ''}): {e}") from e
+
+    check()  # characters and empty questions: before the model is loaded
     model = _load_model(args)
+    check(lambda q, o: len(model.question_ids(q, o)))
     store = KVStore(args.store, model.fingerprint)
     video_id = _pick_video(store, args.video_id)
     store.info(video_id)  # unknown id: a clear error before any work

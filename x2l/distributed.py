@@ -26,6 +26,7 @@ import numpy as np
 
 from x2l.config import CompressionConfig, SamplingConfig, StoreConfig, to_dict
 from x2l.errors import X2LError
+from x2l.prompt import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS
 
 FAULT_ENV = "X2L_FAULT_EXIT_ONCE"  # tests: path of a marker file; the first actor to index a video exits mid-video
 ACTOR_MAX_RESTARTS = -1  # restart a crashed actor as often as needed
@@ -110,8 +111,9 @@ def fetch_and_decode(row: dict, model_dir: str, sampling: SamplingConfig, store:
         rule = pixel_rule(model_dir, sampling.min_pixels, sampling.max_pixels)
         path, sha, size, tmp = _local_copy(row["uri"], store)
         clip = load_video(path, sampling, rule.target_size)
-    except (X2LError, OSError) as e:
-        msg = str(e).replace(str(tmp), row["uri"]) if tmp else str(e)
+    except Exception as e:  # noqa: BLE001 - any per-video surprise is a failed row, never the end of the job
+        msg = str(e) if isinstance(e, (X2LError, OSError)) else f"{type(e).__name__}: {e}"
+        msg = msg.replace(str(tmp), row["uri"]) if tmp else msg
         return {**stats_row(row["video_id"], row["uri"], "failed", msg, decode_s=time.perf_counter() - t),
                 "frames_data": np.zeros((0, 1, 1, 3), np.uint8), "timestamps": np.zeros(0), "clip": {}}
     finally:
@@ -221,6 +223,8 @@ class AnswerJobConfig:
     attn: str = "sdpa"
     torch_threads: int | None = None
     use_gpu: bool = False
+    max_prompt_chars: int = MAX_PROMPT_CHARS
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS
 
 
 class AnswerActor:
@@ -251,11 +255,29 @@ class AnswerActor:
         questions = [{"id": str(i), "video_id": str(v), "question": str(q),
                       "options": json.loads(o) if o else None}
                      for i, v, q, o in zip(batch["id"], batch["video_id"], batch["question"], batch["options"])]
-        rows = self._answer(questions, lambda qs: [a.to_dict() for a in self.answerer.answer(
-            [Question(q["video_id"], q["question"], q["options"]) for q in qs])])
+        refused = self._refused(questions)
+        asked = [q for q in questions if q["id"] not in refused]
+        answered = self._answer(asked, lambda qs: [a.to_dict() for a in self.answerer.answer(
+            [Question(q["video_id"], q["question"], q["options"]) for q in qs])]) if asked else []
+        by_id = refused | {q["id"]: r for q, r in zip(asked, answered)}
+        rows = [by_id[q["id"]] for q in questions]
         part = hashlib.sha256("\n".join(q["id"] for q in questions).encode()).hexdigest()[:16]
         write_part(self.out, part, [answer_row(q, r) for q, r in zip(questions, rows)])
         return {"id": [q["id"] for q in questions]}
+
+    def _refused(self, questions: list[dict]) -> dict[str, dict]:
+        """Error results of the questions over the prompt bounds (x2l.prompt), by id: they never join the batch."""
+        from x2l.prompt import PromptError, PromptLimits, check_prompt
+
+        limits = PromptLimits(self.cfg.max_prompt_chars, self.cfg.max_prompt_tokens)
+        out = {}
+        for q in questions:
+            try:
+                check_prompt(q["question"], q["options"], limits,
+                             lambda text, options: len(self.model.question_ids(text, options)))
+            except PromptError as e:
+                out[q["id"]] = {"error": {"status": e.status, "message": str(e)}}
+        return out
 
     @staticmethod
     def _answer(questions: list[dict], run) -> list[dict]:

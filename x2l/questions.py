@@ -71,8 +71,9 @@ def read_questions(data: bytes, name: str) -> list[dict]:
     out, seen = [], set()
     for n, row in enumerate(rows, start=1):
         where = f"{name} row {n}"
-        if not isinstance(row, dict) or not row.get("video_id") or not row.get("question"):
-            raise ConfigError(f"{where}: needs non-empty 'video_id' and 'question'")
+        if not isinstance(row, dict) or not row.get("video_id") or row.get("question") is None:
+            raise ConfigError(f"{where}: needs a non-empty 'video_id' and a 'question'")
+        # an empty or over-long question is refused on its own by the prompt bounds (x2l.prompt), not here
         options = _options(row.get("options"), where)
         qid = str(row["id"]) if row.get("id") not in (None, "") else question_id(row["video_id"], row["question"], options)
         if qid in seen:

@@ -13,9 +13,15 @@ one relevance pass, and the whole batch decodes together. `Ingress` is the FastA
 
 Each question succeeds or fails alone: the response lists one result per question, either an answer or
 {"error": {"status", "message"}}; the HTTP status is 200 when any question was answered, else the first error's
-(404 unknown video, 413 question too long, 503 store unreachable, 500 otherwise). Whole-request errors: 422
-malformed body or missing field, 413 too many questions, 401 missing/wrong bearer token when the environment
-variable named by `token_env` (default X2L_API_TOKEN) is set on the replicas (/healthz stays open).
+(404 unknown or removed video, 413 question + options over `max_prompt_chars` characters or `max_prompt_tokens`
+tokens, 422 empty question, 500 damaged video (the message names it), 503 store unreachable, 500 otherwise). The
+ingress refuses over-long and empty questions before they reach a replica, so they never share a batch. Whole-request
+errors: 422 malformed body or missing field, 413 too many questions, 401 missing/wrong bearer token when the
+environment variable named by `token_env` (default X2L_API_TOKEN) is set on the replicas (/healthz stays open).
+
+A damaged video (issue 11) is an error of that video only: the app starts and preloads every healthy video,
+`GET /v1/videos` lists damaged ones with `"damaged": reason`, and a video removed from the store stops being answered
+(each batch reads the commit of each of its videos: one small read per video per batch).
 """
 # No `from __future__ import annotations` here: FastAPI reads the route signatures' annotations at runtime.
 
@@ -33,6 +39,7 @@ from ray.serve.handle import DeploymentHandle
 
 from x2l.config import RetrievalConfig, StoreConfig
 from x2l.errors import ConfigError, CorruptionError, IncompatibleError, NotFoundError, StoreError
+from x2l.prompt import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, PromptError, PromptLimits, check_prompt
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,8 @@ class ServeConfig:
     l_cache_bytes: int = 256 << 20
     top_k: int = 3
     max_new_tokens: int = 32
-    max_question_chars: int = 2000
+    max_prompt_chars: int = MAX_PROMPT_CHARS
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS
     max_questions_per_request: int = 64
     dtype: str = "auto"
     attn: str = "sdpa"
@@ -74,9 +82,15 @@ class ServeConfig:
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"x2l.serve argument {name}={value!r}: expected {kind.__name__}") from e
         cfg = cls(**values)
-        if cfg.max_batch_size < 1 or cfg.max_questions_per_request < 1 or cfg.max_question_chars < 1:
-            raise ConfigError("max_batch_size, max_questions_per_request and max_question_chars must be >= 1")
+        if (cfg.max_batch_size < 1 or cfg.max_questions_per_request < 1 or cfg.max_prompt_chars < 1
+                or cfg.max_prompt_tokens < 1):
+            raise ConfigError("max_batch_size, max_questions_per_request, max_prompt_chars and max_prompt_tokens "
+                              "must be >= 1")
         return cfg
+
+    @property
+    def prompt_limits(self) -> PromptLimits:
+        return PromptLimits(self.max_prompt_chars, self.max_prompt_tokens)
 
     @property
     def max_ongoing_requests(self) -> int:
@@ -86,6 +100,13 @@ class ServeConfig:
 
 def _error(status: int, message: str) -> dict:
     return {"error": {"status": status, "message": message}}
+
+
+def _store_error(e: StoreError) -> dict:
+    """A store failure as a question's error: damage names the video (500), the rest is the store being down."""
+    if isinstance(e, (CorruptionError, IncompatibleError)):
+        return _error(500, f"{type(e).__name__}: {e}")
+    return _error(_status_of(e), f"store unreachable: {e}")
 
 
 def _status_of(e: Exception) -> int:
@@ -116,7 +137,8 @@ class QueryModel:
         self.model = load_model(cfg.model, cfg.dtype, cfg.attn, "cuda" if cfg.num_gpus > 0 else "cpu")
         self.store = KVStore(StoreConfig(uri=cfg.store, l_cache_bytes=cfg.l_cache_bytes), self.model.fingerprint)
         self.h = HCache(self.store, cfg.h_budget_bytes)
-        self.preloaded = self.h.preload(v["video_id"] for v in self.store.list_videos())
+        self.preloaded = self.h.preload(v["video_id"] for v in self.store.list_videos())  # healthy ones; a damaged
+        self.limits = cfg.prompt_limits                                                  # one is skipped
         self.answerer = Answerer(self.model, self.h, RetrievalConfig(top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens))
         self._batched.set_max_batch_size(cfg.max_batch_size)
         self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
@@ -140,21 +162,29 @@ class QueryModel:
         self.questions += len(items)
         results: list[dict | None] = [None] * len(items)
         good: dict[str, list[int]] = {}
-        loaded = set(self.h.loaded())  # known without asking the store
+        commits: dict[str, dict | StoreError | None] = {}  # one commit read per video per batch
         for i, item in enumerate(items):
-            if len(item["question"]) > self.cfg.max_question_chars:
-                results[i] = _error(413, f"question is {len(item['question'])} characters, the limit is "
-                                         f"{self.cfg.max_question_chars}")
+            try:  # the ingress checked already; a replica called through its handle checks too
+                check_prompt(item["question"], item.get("options"), self.limits, self.model_tokens)
+            except PromptError as e:
+                results[i] = _error(e.status, str(e))
                 continue
-            try:
-                known = item["video_id"] in loaded or self.store.committed(item["video_id"]) is not None
-            except StoreError as e:
-                results[i] = _error(_status_of(e), f"store unreachable: {e}")
+            vid = item["video_id"]
+            if vid not in commits:
+                try:
+                    commits[vid] = self.store.committed(vid)
+                except StoreError as e:
+                    commits[vid] = e
+                if commits[vid] is None or isinstance(commits[vid], (CorruptionError, IncompatibleError)):
+                    self.h.discard(vid)  # removed or damaged since it was loaded: never answered from memory
+            commit = commits[vid]
+            if isinstance(commit, StoreError) and not (type(commit) is StoreError and vid in self.h.loaded()):
+                results[i] = _store_error(commit)  # (store down: a video whose H is loaded is still tried)
                 continue
-            if not known:
-                results[i] = _error(404, f"unknown video id {item['video_id']!r}")
+            if commit is None:
+                results[i] = _error(404, f"unknown video id {vid!r}")
                 continue
-            good.setdefault(item["video_id"], []).append(i)
+            good.setdefault(vid, []).append(i)
 
         def run(idx: list[int]) -> None:
             questions = [Question(items[i]["video_id"], items[i]["question"], items[i].get("options"),
@@ -176,9 +206,13 @@ class QueryModel:
                             results[i] = _error(_status_of(e), f"{type(e).__name__}: {e}")
         return results
 
+    def model_tokens(self, question: str, options: list[str] | None) -> int:
+        return len(self.model.question_ids(question, options))
+
     def videos(self) -> list[dict]:
+        """Every committed video, damaged ones with {"damaged": reason} (issue 11)."""
         loaded = set(self.h.loaded())
-        return [v | {"h_loaded": v["video_id"] in loaded} for v in self.store.list_videos()]
+        return [v | {"h_loaded": v["video_id"] in loaded} for v in self.store.list_videos(damaged=True)]
 
     def stats(self) -> dict:
         s = self.store.stats
@@ -196,7 +230,7 @@ class QueryModel:
 
 class QuestionIn(BaseModel):
     video_id: str = Field(min_length=1)
-    question: str = Field(min_length=1)
+    question: str  # empty / whitespace-only: refused per question (422), like an over-long one (413)
     options: list[str] | None = None
     top_k: int | None = Field(default=None, ge=0)
     max_new_tokens: int | None = Field(default=None, ge=1, le=4096)
@@ -213,9 +247,22 @@ api = FastAPI(title="x2l", description="Questions over an indexed video archive 
 @serve.ingress(api)
 class Ingress:
     def __init__(self, query: DeploymentHandle, config: dict):
+        from transformers import AutoTokenizer
+
+        from x2l.models.qwen2_vl import question_token_ids
+
         self.query = query
         self.cfg = ServeConfig(**config)
         self.token = os.environ.get(self.cfg.token_env) or None
+        tokenizer = AutoTokenizer.from_pretrained(self.cfg.model)  # to bound prompts in tokens before any replica
+        self.count_tokens = lambda q, o: len(question_token_ids(tokenizer, q, o))
+
+    def _refused(self, q: "QuestionIn") -> dict | None:
+        try:
+            check_prompt(q.question, q.options, self.cfg.prompt_limits, self.count_tokens)
+        except PromptError as e:
+            return _error(e.status, str(e))
+        return None
 
     def _denied(self, request: Request) -> JSONResponse | None:
         if self.token and request.headers.get("authorization") != f"Bearer {self.token}":
@@ -249,9 +296,14 @@ class Ingress:
             return JSONResponse(_error(413, f"{len(body.questions)} questions in one request, the limit is "
                                             f"{self.cfg.max_questions_per_request}"), 413)
         t = time.perf_counter()
-        calls = [self.query.answer.remote(q.model_dump()) for q in body.questions]
+        refused = [self._refused(q) for q in body.questions]  # never sent: they cannot fail a batch
+        calls = [self.query.answer.remote(q.model_dump()) if r is None else None
+                 for q, r in zip(body.questions, refused)]
         results = []
-        for call in calls:
+        for call, r in zip(calls, refused):
+            if call is None:
+                results.append(r)
+                continue
             try:
                 results.append(await call)
             except Exception as e:  # noqa: BLE001 - a replica failure fails this question, not the request

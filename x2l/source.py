@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from x2l.compress import LevelKV, VideoKV
-from x2l.errors import NotFoundError
+from x2l.errors import CorruptionError, IncompatibleError, NotFoundError
 
 
 @dataclass
@@ -78,10 +78,14 @@ class HCache:
             return list(self._videos)
 
     def preload(self, video_ids: Iterable[str]) -> list[str]:
-        """Load videos in order while they fit; returns the ids loaded."""
+        """Load videos in order while they fit; returns the ids loaded. A video that fails to load (damaged) is
+        skipped: it fails its own questions later, never the start (issue 11)."""
         done = []
         for vid in video_ids:
-            video = self.source.load_h(vid)
+            try:
+                video = self.source.load_h(vid)
+            except (CorruptionError, IncompatibleError, NotFoundError):
+                continue
             with self._lock:
                 if self.used_bytes + h_bytes(video) > self.budget:
                     break
@@ -112,6 +116,12 @@ class HCache:
         video = self.source.load_h(video_id)
         self._keep(video_id, video)
         return video
+
+    def discard(self, video_id: str) -> None:
+        """Forget a video's H (it was removed from the store or found damaged)."""
+        with self._lock:
+            if self._videos.pop(video_id, None) is not None:
+                del self._sizes[video_id]
 
     def fetch_deltas(self, video_id: str, chunks: list[int]) -> Fetch:
         return self.source.fetch_deltas(video_id, chunks)

@@ -14,10 +14,13 @@ original Qwen2-VL rule, transformers 5.23's `get_rope_index` advances by max(h, 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import os
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,26 +59,109 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h, w
 
 
-def checkpoint_fingerprint(path: Path) -> str:
-    """Identity of config + tokenizer + weights, cheap enough for multi-GB checkpoints.
+FINGERPRINT_CACHE = ".x2l-fingerprint.json"
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")
 
-    Config and tokenizer files are hashed whole; each weight file contributes its name, size, and the bytes of its
-    first and last MiB plus three evenly spaced MiB samples (safetensors headers sit at the start).
+
+def weight_files(path: Path) -> list[Path]:
+    """The checkpoint's safetensors weight files, sorted. x2l loads nothing else (pickled weights can run code):
+    ModelError in one line when the weights are only `pytorch_model.bin` & co. or missing."""
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLED_WEIGHTS) if path.is_dir() else []
+    if pickled:
+        raise ModelError(f"checkpoint {path} has weights only as {', '.join(pickled)} (PyTorch pickle): x2l loads "
+                         f"safetensors only; convert it (load it with transformers and save_pretrained, which "
+                         f"writes model.safetensors)")
+    raise ModelError(f"checkpoint {path} has no *.safetensors weight files")
+
+
+def _cache_files(path: Path) -> list[Path]:
+    """Where weight digests are cached: beside the checkpoint, else (read-only checkpoint) in the user's cache."""
+    user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "x2l" / "fingerprints"
+    tag = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
+    return [path / FINGERPRINT_CACHE, user / f"{tag}.json"]
+
+
+def _stat_key(f: Path) -> list[int]:
+    """What must be unchanged for a cached digest to hold: size, inode, modification and status-change times (ns).
+    Any write to the file moves mtime and ctime, and ctime cannot be set back by a user (utime moves it too)."""
+    st = f.stat()
+    return [st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def weight_digests(path: Path, files: list[Path]) -> dict[str, str]:
+    """sha256 of every weight file, whole. Digests are cached (JSON, see _cache_files) keyed by _stat_key, so only
+    new or changed files are read; an unreadable or unwritable cache just means hashing again."""
+    cached: dict = {}
+    for cache in reversed(_cache_files(path)):  # the one beside the checkpoint wins
+        try:
+            doc = json.loads(cache.read_text())
+            cached |= doc.get("files", {}) if isinstance(doc, dict) else {}
+        except (OSError, ValueError):
+            pass
+    out, entries, fresh = {}, {}, False
+    for f in files:
+        key = _stat_key(f)
+        hit = cached.get(f.name)
+        if isinstance(hit, dict) and hit.get("stat") == key and isinstance(hit.get("sha256"), str):
+            digest = hit["sha256"]
+        else:
+            with f.open("rb") as fh:
+                digest = hashlib.file_digest(fh, "sha256").hexdigest()
+            fresh = True
+        out[f.name] = digest
+        entries[f.name] = {"stat": key, "sha256": digest}
+    if fresh:
+        data = json.dumps({"files": entries}, indent=1)
+        for cache in _cache_files(path):
+            tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            try:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp.write_text(data)
+                os.replace(tmp, cache)
+                break
+            except OSError:  # read-only checkpoint folder: try the next place; none writable: no cache
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+    return out
+
+
+def checkpoint_fingerprint(path: Path) -> str:
+    """Identity of config + tokenizer + weights: two checkpoints that differ in any byte of these differ.
+
+    Config, tokenizer and preprocessor files and the safetensors index are hashed whole, and every safetensors
+    weight file by its name and its whole sha256 (weight_digests: computed once, then cached beside the checkpoint
+    keyed by size, inode, mtime and ctime). ModelError for a checkpoint without safetensors weights (issue 11).
     """
+    path = Path(path)
+    files = weight_files(path)
     h = hashlib.sha256()
-    for name in ("config.json", "tokenizer.json", "preprocessor_config.json", "video_preprocessor_config.json"):
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
+                 "video_preprocessor_config.json", "model.safetensors.index.json"):
         f = path / name
         if f.exists():
             h.update(name.encode() + b"\0" + f.read_bytes())
-    mib = 1 << 20
-    for f in sorted(path.glob("*.safetensors")):
-        size = f.stat().st_size
-        h.update(f"{f.name}\0{size}\0".encode())
-        with f.open("rb") as fh:
-            for off in sorted({0, size // 4, size // 2, 3 * size // 4, max(0, size - mib)}):
-                fh.seek(off)
-                h.update(fh.read(mib))
+    for name, digest in weight_digests(path, files).items():
+        h.update(f"{name}\0{digest}\0".encode())
     return h.hexdigest()[:32]
+
+
+def question_token_ids(tokenizer, question: str, options: list[str] | None = None) -> list[int]:
+    """Token ids of the question turn up to where the answer starts: the user's text (question, then lettered
+    options) tokenized with special-token parsing off, so text such as "<|im_end|>" or "<|vision_start|>" in a
+    question stays plain text and never becomes a control token (issue 11), then the instruction and the template's
+    own tokens. For ordinary text the ids equal tokenizing the whole turn at once (the split falls on a newline or
+    before a special token, where the pre-tokenizer splits anyway)."""
+    user = question.strip()
+    template = ANSWER_PREFIX
+    if options:
+        lines = [o if _LABELLED.match(o) else f"{chr(ord('A') + i)}. {o}" for i, o in enumerate(options)]
+        user += "\n" + "\n".join(lines) + "\n"
+        template = MC_INSTRUCTION + ANSWER_PREFIX
+    return (tokenizer.encode(user, add_special_tokens=False, split_special_tokens=True)
+            + tokenizer.encode(template, add_special_tokens=False))
 
 
 @dataclass(frozen=True)
@@ -148,8 +234,10 @@ class Qwen2VLAdapter:
                           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}.get(dtype)
             if self.dtype is None:
                 raise ModelError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+        weight_files(self.path)  # safetensors only: a pickled checkpoint is refused before transformers sees it
         try:
-            self.model = model_cls.from_pretrained(self.path, dtype=self.dtype, attn_implementation=attn_implementation)
+            self.model = model_cls.from_pretrained(self.path, dtype=self.dtype, attn_implementation=attn_implementation,
+                                                   use_safetensors=True)
             self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot load checkpoint {self.path}: {e}") from e
@@ -237,11 +325,7 @@ class Qwen2VLAdapter:
         return [self._vision_start] + [self._video_pad] * (n_tokens - 2) + [self._vision_end]
 
     def question_ids(self, question: str, options: list[str] | None = None) -> list[int]:
-        text = question.strip()
-        if options:
-            lines = [o if _LABELLED.match(o) else f"{chr(ord('A') + i)}. {o}" for i, o in enumerate(options)]
-            text += "\n" + "\n".join(lines) + "\n" + MC_INSTRUCTION
-        return self.tokenizer.encode(text + ANSWER_PREFIX, add_special_tokens=False)
+        return question_token_ids(self.tokenizer, question, options)
 
     # --- model ---------------------------------------------------------------------------------------------------
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
