@@ -42,9 +42,26 @@ def archive(tmp_path_factory, tiny_checkpoints):
 
 
 @pytest.fixture(scope="module")
-def serve_app(archive):
-    """The x2l Serve app on an in-process local Ray: the main app at /, a small-H-budget one at /tight, and one
-    that demands a bearer token at /auth."""
+def damaged_store(archive, tmp_path_factory) -> str:
+    """A copy of the archive's store where birds.mp4 has a truncated KV file and fish.mp4 an invalid meta.json."""
+    import shutil
+
+    from x2l.store.keys import meta_path
+
+    root = tmp_path_factory.mktemp("damaged")
+    shutil.copytree(archive["store"], root / "store")
+    store = KVStore(str(root / "store"))
+    birds = store.committed("birds.mp4")
+    kv = root / "store" / "videos" / birds["video_key"] / birds["kv_file"]
+    kv.write_bytes(kv.read_bytes()[: kv.stat().st_size // 2])
+    (root / "store" / meta_path(store.committed("fish.mp4")["video_key"])).write_text('{"video_id": "fish.mp4", ')
+    return str(root / "store")
+
+
+@pytest.fixture(scope="module")
+def serve_app(archive, damaged_store):
+    """The x2l Serve app on an in-process local Ray: the main app at /, a small-H-budget one at /tight, one that
+    demands a bearer token at /auth, and one over a store with two damaged videos at /damaged."""
     import ray
     from ray import serve
 
@@ -56,12 +73,13 @@ def serve_app(archive):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = {"store": archive["store"], "model": archive["model"], "max_batch_size": 8, "batch_wait_timeout_s": 0.2,
-            "max_question_chars": 200, "max_questions_per_request": 20, "num_cpus": 0.2}
+            "max_prompt_chars": 200, "max_prompt_tokens": 150, "max_questions_per_request": 20, "num_cpus": 0.2}
     serve.run(app(base), name="main", route_prefix="/")
     one_video = KVStore(archive["store"]).list_videos()[0]["bytes"]
     serve.run(app(base | {"h_budget_bytes": one_video["sink"] + one_video["h"] * 2}), name="tight",
               route_prefix="/tight")
     serve.run(app(base | {"token_env": TOKEN_ENV}), name="auth", route_prefix="/auth")
+    serve.run(app(base | {"store": damaged_store}), name="damaged", route_prefix="/damaged")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
@@ -123,7 +141,7 @@ def test_error_statuses_and_the_service_keeps_answering(serve_app):
     r = ask(serve_app, [{"video_id": "cats.mp4"}])  # missing field
     assert r.status_code == 422 and "question" in r.text
     r = ask(serve_app, [{"video_id": "cats.mp4", "question": "x" * 201}])
-    assert r.status_code == 413 and "limit is 200" in r.json()["answers"][0]["error"]["message"]
+    assert r.status_code == 413 and "201 characters, the limit is 200" in r.json()["answers"][0]["error"]["message"]
     r = ask(serve_app, [{"video_id": "cats.mp4", "question": "q"}] * 21)
     assert r.status_code == 413 and "limit is 20" in r.json()["error"]["message"]
     # one bad question fails alone
@@ -135,6 +153,57 @@ def test_error_statuses_and_the_service_keeps_answering(serve_app):
     assert ask(serve_app, QUESTIONS[:1]).status_code == 200
     videos = httpx.get(serve_app + "/v1/videos").json()["videos"]
     assert sorted(v["video_id"] for v in videos) == sorted(VIDEOS)
+
+
+def test_prompt_bounds_cover_options_and_tokens_and_refuse_alone(serve_app, archive):
+    """The bound is on question + options, in characters and tokens; empty questions are refused; each refusal
+    fails its own question only, at the ingress (never sent) and at a replica called through its handle."""
+    from ray import serve
+
+    refused = [
+        ({"video_id": "cats.mp4", "question": "Which?", "options": ["o" * 40] * 5}, 413, "230 characters"),
+        ({"video_id": "cats.mp4", "question": "视频" * 50}, 413, "tokens, the limit is 150"),  # 100 chars
+        ({"video_id": "cats.mp4", "question": "  \n\t "}, 422, "question is empty"),
+        ({"video_id": "cats.mp4", "question": ""}, 422, "question is empty"),
+    ]
+    before = httpx.get(serve_app + "/v1/stats").json()["questions"]
+    r = ask(serve_app, [q for q, _, _ in refused] + [QUESTIONS[0]])
+    assert r.status_code == 200
+    *bad, good = r.json()["answers"]
+    for (_, status, text), got in zip(refused, bad):
+        assert got["error"]["status"] == status and text in got["error"]["message"], got
+    assert good["answer"] == engine_answers(archive, QUESTIONS[:1])[0].text
+    assert httpx.get(serve_app + "/v1/stats").json()["questions"] == before + 1  # refused ones never reached it
+    handle = serve.get_deployment_handle("QueryModel", app_name="main")
+    calls = [handle.answer.remote(q) for q, _, _ in refused] + [handle.answer.remote(QUESTIONS[0])]
+    *bad, good = [c.result() for c in calls]  # sent together: they share batches with the good one
+    assert [b["error"]["status"] for b in bad] == [s for _, s, _ in refused] and "answer" in good
+
+
+def test_damaged_videos_fail_alone_and_removed_videos_stop_being_answered(serve_app, archive, damaged_store):
+    url = serve_app + "/damaged"
+    assert httpx.get(url + "/healthz").status_code == 200
+    r = httpx.get(url + "/v1/videos")
+    assert r.status_code == 200
+    videos = {v["video_id"] or "?": v for v in r.json()["videos"]}
+    assert sorted(videos) == ["?", "birds.mp4", "cats.mp4", "dogs.mp4"]  # fish's meta is unreadable: key only
+    assert "truncated" in videos["birds.mp4"]["damaged"] and "not valid JSON" in videos["?"]["damaged"]
+    assert videos["cats.mp4"]["h_loaded"] and "damaged" not in videos["cats.mp4"]
+    qs = [{"video_id": v, "question": f"What moves in {v}?"} for v in VIDEOS]
+    expected = engine_answers(archive, qs)
+    r = ask(url, qs)
+    assert r.status_code == 200
+    got = dict(zip(VIDEOS, r.json()["answers"]))
+    for (v, g), e in zip(got.items(), expected):
+        if v in ("birds.mp4", "fish.mp4"):
+            assert g["error"]["status"] == 500 and f"video {v!r}" in g["error"]["message"], g
+        else:
+            assert g["answer"] == e.text
+    KVStore(damaged_store).remove("dogs.mp4")  # its H is loaded in the replica
+    r = ask(url, [qs[1], qs[0]])
+    gone, cats = r.json()["answers"]
+    assert gone["error"]["status"] == 404 and "'dogs.mp4'" in gone["error"]["message"] and "answer" in cats
+    assert "dogs.mp4" not in {v["video_id"] for v in httpx.get(url + "/v1/videos").json()["videos"]}
 
 
 def test_bearer_token(serve_app):
@@ -263,3 +332,36 @@ def test_bulk_job_through_the_serve_app(serve_app, archive, tmp_path):
     proc = run_bulk(archive, qfile, out, "--serve-address", serve_app)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0 and "50 already answered, 0 to answer" in output
+
+
+def test_bulk_job_refuses_bad_questions_alone(archive, tmp_path):
+    """The bulk job's own check (characters, empty: never sent) and the in-job actor's (tokens too): each refused
+    question gets its error row, its batch neighbours are answered."""
+    import importlib.util
+
+    import numpy as np
+
+    from x2l.config import StoreConfig
+    from x2l.distributed import AnswerActor, AnswerJobConfig
+    from x2l.prompt import PromptLimits
+    from x2l.questions import read_parts
+    from x2l.store.backend import open_backend
+
+    spec = importlib.util.spec_from_file_location("answer_questions", ROOT / "jobs" / "answer_questions.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    out = open_backend(str(tmp_path / "out"))
+    todo = [{"id": "opts", "video_id": "cats.mp4", "question": "Which?", "options": ["o" * 100] * 3},
+            {"id": "blank", "video_id": "cats.mp4", "question": " \t", "options": None},
+            {"id": "fine", "video_id": "cats.mp4", "question": "What?", "options": ["a", "b"]}]
+    assert [q["id"] for q in job.refuse_questions(todo, PromptLimits(max_chars=200), out)] == ["fine"]
+    rows = read_parts(out)
+    assert "306 characters, the limit is 200" in rows["opts"]["error"] and "empty" in rows["blank"]["error"]
+
+    actor = AnswerActor(AnswerJobConfig(StoreConfig(uri=archive["store"]), archive["model"], str(tmp_path / "out2"),
+                                        max_prompt_tokens=150))
+    actor({"id": np.array(["long", "ok"]), "video_id": np.array(["cats.mp4", "cats.mp4"]),
+           "question": np.array(["视频" * 50, QUESTIONS[0]["question"]]), "options": np.array(["", ""])})
+    rows = read_parts(open_backend(str(tmp_path / "out2")))
+    assert "tokens, the limit is 150" in rows["long"]["error"] and rows["ok"]["error"] is None
+    assert rows["ok"]["answer"] == engine_answers(archive, QUESTIONS[:1])[0].text
