@@ -258,3 +258,42 @@ def test_store_without_store_json_and_two_models_is_refused(store_uri):
         s.backend.remove("store.json")
     with pytest.raises(IncompatibleError, match="no store.json.*several models"):
         KVStore(store_uri)
+
+
+def test_store_commands(tmp_path):
+    """`x2l store ls / verify / gc / rm` as a user runs them, on a store with a damaged video and garbage."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def x2l(*args):
+        return subprocess.run([str(Path(sys.executable).parent / "x2l"), "store", *map(str, args)],
+                              capture_output=True, text=True, timeout=300)
+
+    uri = str(tmp_path / "store")
+    with KVStore(uri) as s:
+        for i, vid in enumerate(("good", "bad", "extra")):
+            s.write(synthetic(vid, n_chunks=2, d=8, h=4, n_tokens=32, seed=i))
+        rewrite(s, kv_of(s, "bad"), lambda d: d[:-10])
+        junk = f"{video_dir(video_key('good'))}/kv-feedbeef.parquet"
+        s.backend.write_bytes(junk, b"loser")
+    r = x2l("ls", uri)
+    assert r.returncode == 0 and "2 videos" in r.stdout and "1 damaged" in r.stdout
+    assert "bad: DAMAGED:" in r.stdout and "truncated" in r.stdout
+    r = x2l("verify", uri)
+    assert r.returncode == 1 and "2 videos ok, 1 damaged, 1 unreferenced files" in r.stdout
+    assert f"unreferenced {junk}" in r.stdout and r.stderr.startswith("x2l: error: 1 damaged videos")
+    assert x2l("verify", uri, "good").returncode == 0
+    report = json.loads(x2l("verify", uri, "--json").stdout)
+    assert (report["ok"], report["damaged"], report["unreferenced"]) == (2, 1, [junk])
+    r = x2l("gc", uri)
+    assert r.returncode == 0 and "removed 0 unreferenced files" in r.stdout and "kept 1 younger than 3600 s" in r.stdout
+    r = x2l("gc", uri, "--grace-s", 0, "--json")
+    assert json.loads(r.stdout)["removed"] == [junk]
+    assert x2l("gc", uri, "--grace-s", -1).stderr.startswith("x2l: error: --grace-s must be >= 0")
+    r = x2l("rm", uri, "bad")
+    assert r.returncode == 0 and "removed 'bad'" in r.stdout
+    r = x2l("rm", uri, "bad")
+    assert r.returncode == 1 and r.stderr == f"x2l: error: video 'bad' is not in store {uri}\n"
+    r = x2l("verify", uri)
+    assert r.returncode == 0 and "2 videos ok, 0 damaged, 0 unreferenced files" in r.stdout
