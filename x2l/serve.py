@@ -137,8 +137,8 @@ class QueryModel:
         self.model = load_model(cfg.model, cfg.dtype, cfg.attn, "cuda" if cfg.num_gpus > 0 else "cpu")
         self.store = KVStore(StoreConfig(uri=cfg.store, l_cache_bytes=cfg.l_cache_bytes), self.model.fingerprint)
         self.h = HCache(self.store, cfg.h_budget_bytes)
-        self.preloaded = self.h.preload(v["video_id"] for v in self.store.list_videos())  # healthy ones; a damaged
-        self.limits = cfg.prompt_limits                                                  # one is skipped
+        self.preloaded = self.h.preload(v["video_id"] for v in self.store.list_videos())  # healthy videos only
+        self.limits = cfg.prompt_limits
         self.answerer = Answerer(self.model, self.h, RetrievalConfig(top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens))
         self._batched.set_max_batch_size(cfg.max_batch_size)
         self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
@@ -177,6 +177,8 @@ class QueryModel:
                     commits[vid] = e
                 if commits[vid] is None or isinstance(commits[vid], (CorruptionError, IncompatibleError)):
                     self.h.discard(vid)  # removed or damaged since it was loaded: never answered from memory
+                elif isinstance(commits[vid], dict):
+                    self.h.discard(vid, keep_write_id=commits[vid]["write_id"])  # recommitted: reload H and L
             commit = commits[vid]
             if isinstance(commit, StoreError) and not (type(commit) is StoreError and vid in self.h.loaded()):
                 results[i] = _store_error(commit)  # (store down: a video whose H is loaded is still tried)

@@ -117,11 +117,13 @@ class HCache:
         self._keep(video_id, video)
         return video
 
-    def discard(self, video_id: str) -> None:
-        """Forget a video's H (it was removed from the store or found damaged)."""
+    def discard(self, video_id: str, keep_write_id: str | None = None) -> None:
+        """Forget a video's H: it was removed from the store or found damaged, or (keep_write_id given) it was
+        loaded from another write than keep_write_id, the one committed now."""
         with self._lock:
-            if self._videos.pop(video_id, None) is not None:
-                del self._sizes[video_id]
+            video = self._videos.get(video_id)
+            if video is not None and (keep_write_id is None or video.meta.get("write_id") != keep_write_id):
+                del self._videos[video_id], self._sizes[video_id]
 
     def fetch_deltas(self, video_id: str, chunks: list[int]) -> Fetch:
         return self.source.fetch_deltas(video_id, chunks)

@@ -9,8 +9,9 @@ Readers see committed videos only, verify the commit's checksum and every row's 
 written by another model fingerprint or schema version; a damaged video is an error of that video (listed as damaged
 by `list_videos(damaged=True)`), never of the store. Racing writers never share a file and the last commit wins
 whole (writer.py). A reader keeps each open video's meta and Parquet footer (small LRU), so a lazy fetch reads the
-chunk's row group and nothing else, and keeps fetched deltas in an LRU cache with a byte budget; reading a meta.json
-that names another write (or none) drops what it held of the video. Files no commit names are garbage: `verify`
+chunk's row group and nothing else, and keeps fetched deltas in an LRU cache with a byte budget. Deltas are fetched
+from the write the reader last loaded H from (load_h moves it to the current commit), so H and L always come from one
+write; a replaced write's file stays readable until `gc` removes it. Files no commit names are garbage: `verify`
 reports them, `gc` removes them (maintenance.py), `remove` deletes a video (uncommit first).
 """
 
@@ -176,9 +177,6 @@ class KVStore:
         model. CorruptionError / IncompatibleError name the video: a damaged commit is an error of that video."""
         named = f"video {video_id!r}" if video_id is not None else f"video key {key!r}"
         meta, nbytes = self._load_json(meta_path(key), f"{named}: meta.json")
-        held = self._open.get(key)
-        if held is not None and (meta is None or held.meta.get("write_id") != meta.get("write_id")):
-            self._forget(key)  # removed or recommitted since this reader opened it
         if meta is None:
             return None, 0
         if video_id is None and isinstance(meta.get("video_id"), str):
