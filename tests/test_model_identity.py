@@ -27,7 +27,8 @@ def weights_only(root: Path, mib: int = 12) -> Path:
     root.mkdir(parents=True)
     (root / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
     g = torch.Generator().manual_seed(0)
-    save_file({"w": torch.randint(0, 256, (mib * MIB,), dtype=torch.uint8, generator=g)}, str(root / "model.safetensors"))
+    weights = torch.randint(0, 256, (mib * MIB,), dtype=torch.uint8, generator=g)
+    save_file({"w": weights}, str(root / "model.safetensors"))
     return root
 
 
@@ -117,7 +118,7 @@ def test_a_pickled_checkpoint_is_refused_in_one_line(tmp_path, tiny_checkpoints)
     assert r.stderr.startswith("x2l: error: checkpoint") and "safetensors only" in r.stderr
 
 
-# --- prompts -----------------------------------------------------------------------------------------------------------
+# --- prompts -------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tokenizer(tiny_checkpoints):
     from transformers import AutoTokenizer

@@ -161,7 +161,8 @@ def test_prompt_bounds_cover_options_and_tokens_and_refuse_alone(serve_app, arch
     from ray import serve
 
     refused = [
-        ({"video_id": "cats.mp4", "question": "Which?", "options": ["o" * 40] * 5}, 413, "206 characters, the limit is 200"),
+        ({"video_id": "cats.mp4", "question": "Which?", "options": ["o" * 40] * 5}, 413,
+         "206 characters, the limit is 200"),
         ({"video_id": "cats.mp4", "question": "视频" * 50}, 413, "tokens, the limit is 150"),  # 100 chars
         ({"video_id": "cats.mp4", "question": "  \n\t "}, 422, "question is empty"),
         ({"video_id": "cats.mp4", "question": ""}, 422, "question is empty"),
