@@ -205,6 +205,19 @@ def test_damaged_videos_fail_alone_and_removed_videos_stop_being_answered(serve_
     gone, cats = r.json()["answers"]
     assert gone["error"]["status"] == 404 and "'dogs.mp4'" in gone["error"]["message"] and "answer" in cats
     assert "dogs.mp4" not in {v["video_id"] for v in httpx.get(url + "/v1/videos").json()["videos"]}
+    # cats.mp4 recommitted with other KV (overwrite): its loaded H is dropped, H and L come from the new write
+    import dataclasses
+
+    src = KVStore(archive["store"])
+    other = src.load_h("fish.mp4")
+    for c, d in src.fetch_deltas("fish.mp4", list(range(other.n_chunks))).levels.items():
+        other.chunks[c].delta = d
+    KVStore(damaged_store).write(dataclasses.replace(other, video_id="cats.mp4"), source_hash="0" * 64,
+                                 overwrite=True)
+    expected = Answerer(archive["model_obj"], KVStore(damaged_store), RetrievalConfig(top_k=3, max_new_tokens=32))
+    e = expected.answer([Question("cats.mp4", qs[0]["question"])])[0]
+    got = ask(url, [qs[0]]).json()["answers"][0]
+    assert got["answer"] == e.text and got["n_chunks"] == other.n_chunks != src.committed("cats.mp4")["n_chunks"]
 
 
 def test_bearer_token(serve_app):
