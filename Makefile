@@ -38,7 +38,7 @@ s3: setup
 	$(PY) -m x2l.store.s3_server --dir .x2l/s3
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) demo_out eval_out bench_out report .pytest_cache
 
 # The benchmark of issue 6: rerun vs full-KV reload vs H only vs x2l top-k, on the `medium` random checkpoint.
 bench: setup

@@ -144,7 +144,7 @@ def test_relevance_probe_matches_model_attention_weights(eager_model, video_path
     with probing(probe), torch.no_grad():
         out = eager_model.model.model.language_model(
             inputs_embeds=eager_model.embed_ids(torch.tensor([ids])), position_ids=pos,
-            past_key_values=DynamicCache(ddp_cache_data=[(k[None], v[None]) for k, v in layers]),
+            cache=DynamicCache(ddp_cache_data=[(k[None], v[None]) for k, v in layers]),
             use_cache=True, output_attentions=True,
         )
     g = eager_model.model.config.text_config.num_attention_heads // eager_model.num_kv_heads

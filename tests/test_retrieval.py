@@ -84,7 +84,7 @@ def test_engine_selects_the_top_chunks_of_the_models_own_attention(tiny_checkpoi
     with torch.no_grad():
         out = model.model.model.language_model(
             inputs_embeds=model.embed_ids(torch.tensor([ids])), position_ids=pos, use_cache=True,
-            past_key_values=DynamicCache(ddp_cache_data=[(k[None], v[None]) for k, v in layers]),
+            cache=DynamicCache(ddp_cache_data=[(k[None], v[None]) for k, v in layers]),
             output_attentions=True)
     sink, h = kv.sink_keys.shape[2], kv.chunks[0].h.n_entries
     g = model.model.config.text_config.num_attention_heads // model.num_kv_heads

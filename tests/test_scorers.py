@@ -47,7 +47,7 @@ def run_scorer(chunk_run, scorer):
     probe = ScoringProbe(scorer)
     with probing(probe), torch.no_grad():
         out = model.model.model.language_model(inputs_embeds=seg.embeds[None], position_ids=seg.positions[:, None],
-                                               past_key_values=cache, use_cache=True, output_attentions=True)
+                                               cache=cache, use_cache=True, output_attentions=True)
     return probe.scores(), out.attentions, cache
 
 

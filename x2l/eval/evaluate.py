@@ -9,7 +9,7 @@ Methods (every one answers every question):
 - `x2l:K`: the K chunks the question attends to most over [sink + every H] re-loaded at L (Video-X^2L).
 
 Videos are indexed through the store (once: a rerun reuses committed videos), answers are read back through it.
-Per method: accuracy overall and per category, mean KV bytes of the cache each answer was decoded over (sink + H of
+Per method: accuracy overall (with its 95% Wilson interval) and per category, mean KV bytes of the cache each answer was decoded over (sink + H of
 every chunk + the L deltas it re-loaded; `full`: every token) and their ratio to the uncompressed cache, and the
 bytes fetched from the store for L deltas. Written as results.json, results.md and accuracy_vs_bytes.png.
 """
@@ -26,6 +26,7 @@ from x2l.engine import Answerer, Indexer, Question
 from x2l.errors import ConfigError
 from x2l.eval.answers import extract_letter
 from x2l.eval.benchmarks import BenchQuestion
+from x2l.eval.intervals import overlapping_pairs, wilson_interval
 
 METHODS = ("full", "h", "uniform:2", "x2l:1", "x2l:2", "x2l:4")
 
@@ -111,6 +112,7 @@ def evaluate(questions: list[BenchQuestion], model, workdir: str | Path, methods
         flat = [ok for oks in correct.values() for ok in oks]
         results[method] = {
             "accuracy": sum(flat) / len(flat),
+            "accuracy_ci95": list(wilson_interval(sum(flat), len(flat))),
             "by_category": {c: sum(v) / len(v) for c, v in sorted(correct.items())},
             "n": len(flat),
             "kv_bytes_mean": sum(used) / len(used),
@@ -119,8 +121,9 @@ def evaluate(questions: list[BenchQuestion], model, workdir: str | Path, methods
             "selection_hit_rate": sum(hits) / len(hits) if hits else None,
             "seconds": round(time.perf_counter() - t, 1),
         }
-        log(f"{method}: accuracy {results[method]['accuracy']:.3f}, {results[method]['kv_ratio_mean']:.1%} of the "
-            f"full KV ({results[method]['seconds']} s)")
+        lo, hi = results[method]["accuracy_ci95"]
+        log(f"{method}: accuracy {results[method]['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}, n={len(flat)}), "
+            f"{results[method]['kv_ratio_mean']:.1%} of the full KV ({results[method]['seconds']} s)")
     return {"methods": results, "compression": _dict(compression), "sampling": _dict(sampling),
             "questions": list(rows.values())}
 
@@ -129,18 +132,30 @@ def render_markdown(result: dict, title: str) -> str:
     methods = result["methods"]
     categories = sorted({c for m in methods.values() for c in m["by_category"]})
     hit = any(m.get("selection_hit_rate") is not None for m in methods.values())
-    head = ["method", "accuracy", *categories, "KV bytes / question", "of full KV", "L bytes fetched / question",
+    head = ["method", "accuracy", "95% CI", *categories, "KV bytes / question", "of full KV", "L bytes fetched / question",
             *(["answer chunks re-loaded"] if hit else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, m in methods.items():
-        cells = [name, f"{m['accuracy']:.1%}", *(f"{m['by_category'].get(c, float('nan')):.1%}" for c in categories),
+        lo, hi = m["accuracy_ci95"]
+        cells = [name, f"{m['accuracy']:.1%}", f"{lo:.1%} - {hi:.1%}", *(f"{m['by_category'].get(c, float('nan')):.1%}" for c in categories),
                  f"{m['kv_bytes_mean']:,.0f}", f"{m['kv_ratio_mean']:.1%}", f"{m['store_bytes_read_mean']:,.0f}"]
         if hit:
             rate = m.get("selection_hit_rate")
             cells.append("-" if rate is None else f"{rate:.1%}")
         lines.append("| " + " | ".join(cells) + " |")
     n = next(iter(methods.values()))["n"] if methods else 0
-    return f"# {title}\n\n{n} questions. Compression: {result['compression']}.\n\n" + "\n".join(lines) + "\n"
+    return (f"# {title}\n\n{n} questions. Compression: {result['compression']}.\n\n" + "\n".join(lines) + "\n\n"
+            + _overlap_note(methods) + "\n")
+
+
+def _overlap_note(methods: dict) -> str:
+    """Which methods these questions cannot tell apart: their 95% intervals overlap."""
+    pairs = overlapping_pairs({name: tuple(m["accuracy_ci95"]) for name, m in methods.items()})
+    if not pairs:
+        return "95% CI: Wilson score interval. No two methods' intervals overlap."
+    listed = ", ".join(f"{a} / {b}" for a, b in pairs)
+    return (f"95% CI: Wilson score interval. Intervals overlap (accuracy difference not shown by these "
+            f"{next(iter(methods.values()))['n']} questions): {listed}.")
 
 
 def render_plot(result: dict, path: Path) -> None:
@@ -153,14 +168,16 @@ def render_plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     markers = {"full": "s", "h": "v", "uniform": "x"}
     for name, m in result["methods"].items():  # a legend, not labels: cheap methods sit close together
-        ax.scatter(m["kv_ratio_mean"] * 100, m["accuracy"] * 100, s=45, label=name,
-                   marker=markers.get(name.partition(":")[0], "o"))
+        lo, hi = m["accuracy_ci95"]
+        ax.errorbar(m["kv_ratio_mean"] * 100, m["accuracy"] * 100, capsize=3, label=name, markersize=6,
+                    yerr=[[(m["accuracy"] - lo) * 100], [(hi - m["accuracy"]) * 100]], linestyle="none",
+                    marker=markers.get(name.partition(":")[0], "o"))
     ax.set_xscale("log")
     ax.set_xticks([1, 2, 5, 10, 20, 50, 100], ["1", "2", "5", "10", "20", "50", "100"])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlim(0.7 * min(m["kv_ratio_mean"] * 100 for m in result["methods"].values()), 130)
     ax.set_xlabel("KV bytes per answer, % of the uncompressed cache (log scale)")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel("accuracy (%), 95% Wilson interval")
     ax.set_ylim(0, 105)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="lower right")

@@ -419,7 +419,7 @@ def _run_tails(lm, embed, layout, questions, start, cache_layers, lengths=None):
             mask[m, :n] = 1
         mask[:, s:] = 1
     out = lm(inputs_embeds=embed(t["ids"]), position_ids=t["positions"], attention_mask=mask,
-             past_key_values=DynamicCache(ddp_cache_data=cache_layers), use_cache=True)
+             cache=DynamicCache(ddp_cache_data=cache_layers), use_cache=True)
     return out.last_hidden_state[t["rows"], t["cols"]], t["targets"]
 
 
@@ -455,7 +455,7 @@ def forward_loss(adapter, layout: Layout, pool: ChunkPool, videos: list[VideoExa
     probe = PrefixScorer(make_scorer(compression.scorer), spans)
     cache = DynamicCache()
     with probing(probe) if compressed else contextlib.nullcontext():
-        lm(inputs_embeds=embeds, position_ids=pos[:, None].expand(3, b, -1), past_key_values=cache, use_cache=True)
+        lm(inputs_embeds=embeds, position_ids=pos[:, None].expand(3, b, -1), cache=cache, use_cache=True)
     keys = torch.stack([layer.keys for layer in cache.layers])  # [layers, B, Hkv, P, D]
     values = torch.stack([layer.values for layer in cache.layers])
 

@@ -344,7 +344,7 @@ class Qwen2VLAdapter:
             out = self.model.model.language_model(
                 inputs_embeds=embeds.to(self.device, self.dtype),
                 position_ids=positions.to(self.device),
-                past_key_values=cache,
+                cache=cache,  # transformers >= 5.24 name; `past_key_values` logs a deprecation
                 attention_mask=None if attention_mask is None else attention_mask.to(self.device),
                 use_cache=True,
             )
