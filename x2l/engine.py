@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +29,9 @@ from x2l.scorers import make_scorer
 from x2l.scorers.base import ScoringProbe
 from x2l.source import Fetch, KVSource
 from x2l.video import VideoClip, load_video
+
+
+ChunkDone = Callable[[int, int], None]  # (chunks done, chunks in the video)
 
 
 def _cache(layers: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
@@ -60,15 +63,17 @@ class Indexer:
         self.scorer = make_scorer(compression.scorer)
         self.last_stats = IndexStats()
 
-    def index(self, path: str | Path, video_id: str | None = None) -> VideoKV:
+    def index(self, path: str | Path, video_id: str | None = None, on_chunk: ChunkDone | None = None) -> VideoKV:
+        """Decode and index one video file (the id defaults to the file name); `on_chunk(done, total)` after each
+        chunk's pre-fill, for progress."""
         t0 = time.perf_counter()
         clip = load_video(path, self.sampling, self.model.target_size)
         decode_s = time.perf_counter() - t0
-        kv = self.index_clip(clip, video_id if video_id is not None else Path(path).name)
+        kv = self.index_clip(clip, video_id if video_id is not None else Path(path).name, on_chunk)
         self.last_stats.seconds["decode"] += decode_s
         return kv
 
-    def index_clip(self, clip: VideoClip, video_id: str) -> VideoKV:
+    def index_clip(self, clip: VideoClip, video_id: str, on_chunk: ChunkDone | None = None) -> VideoKV:
         stats = self.last_stats = IndexStats(frames=clip.n_real_frames, chunks=clip.n_chunks)
         model, comp = self.model, self.compression
         t = time.perf_counter()
@@ -110,6 +115,8 @@ class Indexer:
                 context = [(torch.cat([ck, h.keys[l][None]], dim=2), torch.cat([cv, h.values[l][None]], dim=2))
                            for l, (ck, cv) in enumerate(context)]
             stats.seconds["compress"] += time.perf_counter() - t
+            if on_chunk is not None:
+                on_chunk(i + 1, clip.n_chunks)
 
         meta = {
             "video_id": video_id,

@@ -17,6 +17,7 @@ bytes fetched from the store for L deltas. Written as results.json, results.md a
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -27,6 +28,7 @@ from x2l.errors import ConfigError
 from x2l.eval.answers import extract_letter
 from x2l.eval.benchmarks import BenchQuestion
 from x2l.eval.intervals import overlapping_pairs, wilson_interval
+from x2l.progress import Progress
 
 METHODS = ("full", "h", "uniform:2", "x2l:1", "x2l:2", "x2l:4")
 
@@ -41,16 +43,17 @@ def parse_method(method: str) -> tuple[str, int]:
 
 
 def index_into(store, model, paths: list[str], sampling: SamplingConfig, compression: CompressionConfig,
-               log=print) -> None:
-    """Index every video not yet committed with these settings (ids are the paths)."""
+               progress: bool = True) -> None:
+    """Index every video not yet committed with these settings (ids are the paths); a line per video on stderr."""
     indexer = Indexer(model, sampling, compression)
-    t = time.perf_counter()
-    for i, path in enumerate(paths):
-        meta = store.committed(path)
-        if meta is None or meta.get("compression") != _dict(compression) or meta.get("sampling") != _dict(sampling):
-            store.write(indexer.index(path, path), overwrite=True)
-        if (i + 1) % 25 == 0 or i + 1 == len(paths):
-            log(f"  {i + 1}/{len(paths)} videos in {store.backend.uri} ({time.perf_counter() - t:.0f} s)")
+    with Progress(len(paths), f"index into {store.backend.uri}", "video", enabled=progress) as bar:
+        for path in paths:
+            meta = store.committed(path)
+            fresh = (meta is None or meta.get("compression") != _dict(compression)
+                     or meta.get("sampling") != _dict(sampling))
+            if fresh:
+                store.write(indexer.index(path, path), overwrite=True)
+            bar.update(item=f"{path} {'indexed' if fresh else 'already stored'}")
 
 
 def _dict(cfg) -> dict:
@@ -62,27 +65,31 @@ def _dict(cfg) -> dict:
 def evaluate(questions: list[BenchQuestion], model, workdir: str | Path, methods=METHODS,
              sampling: SamplingConfig = SamplingConfig(), compression: CompressionConfig = CompressionConfig(),
              batch_size: int = 8, max_new_tokens: int = 8, targets: dict[str, list[int]] | None = None,
-             log=print) -> dict:
+             log=print, progress: bool = True) -> dict:
     """Accuracy per method and category, bytes per question; per-question rows under "questions".
+
+    `log` gets one result line per method; progress (a line per video indexed, questions answered per method) goes
+    to stderr unless `progress` is False.
 
     targets: optional {qid: chunks the answer is in} (the needle benchmark knows them): then uniform and x2l also
     report `selection_hit_rate`, the share of those chunks their selection re-loaded at L."""
     from x2l.store import KVStore
 
     parsed = [(m, *parse_method(m)) for m in methods]
+    note = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
     workdir = Path(workdir)
     paths = sorted({q.video for q in questions})
     stores = {}
     if any(kind == "full" for _, kind, _ in parsed):
         stores["full"] = KVStore(StoreConfig(uri=str(workdir / "store-full"), l_cache_bytes=0), model.fingerprint)
-        log(f"indexing {len(paths)} videos, uncompressed (for `full`)")
+        note(f"indexing {len(paths)} videos, uncompressed (for `full`)")
         index_into(stores["full"], model, paths, sampling,
-                   CompressionConfig(1.0, compression.h_keep, compression.scorer, "full"), log)
+                   CompressionConfig(1.0, compression.h_keep, compression.scorer, "full"), progress)
     if any(kind != "full" for _, kind, _ in parsed):
         stores["x2l"] = KVStore(StoreConfig(uri=str(workdir / "store"), l_cache_bytes=0), model.fingerprint)
-        log(f"indexing {len(paths)} videos, compressed (l_keep {compression.l_keep:g}, h_keep "
-            f"{compression.h_keep:g}, scorer {compression.scorer}, context {compression.context})")
-        index_into(stores["x2l"], model, paths, sampling, compression, log)
+        note(f"indexing {len(paths)} videos, compressed (l_keep {compression.l_keep:g}, h_keep "
+             f"{compression.h_keep:g}, scorer {compression.scorer}, context {compression.context})")
+        index_into(stores["x2l"], model, paths, sampling, compression, progress)
 
     rows = {q.qid: {"qid": q.qid, "video": q.video, "category": q.category, "answer": q.answer} for q in questions}
     results = {}
@@ -95,6 +102,7 @@ def evaluate(questions: list[BenchQuestion], model, workdir: str | Path, methods
         correct: dict[str, list[bool]] = defaultdict(list)
         used, ratio, fetched, hits = [], [], [], []
         t = time.perf_counter()
+        bar = Progress(len(questions), method, "question", enabled=progress)
         for s in range(0, len(questions), batch_size):
             batch = questions[s:s + batch_size]
             asked = [Question(q.video, q.question, list(q.options), id=q.qid,
@@ -109,6 +117,8 @@ def evaluate(questions: list[BenchQuestion], model, workdir: str | Path, methods
                                        "kv_bytes": a.kv_bytes_used}
                 if targets and targets.get(q.qid) and kind in ("uniform", "x2l"):
                     hits.append(len(set(targets[q.qid]) & set(a.selected_chunks)) / len(targets[q.qid]))
+            bar.update(len(batch))
+        bar.close()
         flat = [ok for oks in correct.values() for ok in oks]
         results[method] = {
             "accuracy": sum(flat) / len(flat),

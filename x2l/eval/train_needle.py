@@ -746,7 +746,7 @@ def check_subset_accuracy(model, workdir: str | Path) -> int:
     items = nd.make_items(CHECK_SUBSET["split"], CHECK_SUBSET["n"], CHECK_SUBSET["seed"])
     questions = nd.write_videos(items, Path(workdir) / "videos")
     sampling = SamplingConfig(fps=nd.FPS, frames_per_chunk=nd.FRAMES_PER_CHUNK)
-    result = evaluate(questions, model, workdir, ["full"], sampling, log=lambda s: None)
+    result = evaluate(questions, model, workdir, ["full"], sampling, log=lambda s: None, progress=False)
     return round(result["methods"]["full"]["accuracy"] * CHECK_SUBSET["n"])
 
 
