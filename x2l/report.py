@@ -33,6 +33,7 @@ def summarize_index_run(rows: list[dict], skipped: list[dict], wall_s: float, ru
     return {
         "run_id": run_id,
         "started": started,
+        "status": "ok" if indexed else ("failed" if failed else "empty"),
         "wall_s": round(wall_s, 3),
         "videos": len(rows) + len(skipped),
         "indexed": len(indexed),
