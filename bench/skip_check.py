@@ -4,7 +4,8 @@ committed takes, on a local S3 server (SeaweedFS), before and after the check be
 before: the loop the job ran on the driver until issue 12 (one `store.committed()` read after the other, before any
         work started): its wall time is the job's start-up delay.
 after:  the `check_committed` stage (x2l/distributed.py) over the same rows as a Ray Data stage on a local Ray
-        (ray.init not counted): wall time until every row is classified; decoding of "todo" rows would overlap it.
+        (ray.init not counted): the time until its first rows come out (when decoding of "todo" rows could start:
+        the start-up delay now) and until every row is classified.
         Also one CheckCommitted task's thread pool over all rows in-process (no Ray), for reference.
 
 The N videos are committed as meta.json records copied from one really indexed video (a commit is its meta.json;
@@ -87,14 +88,19 @@ def main() -> None:
 
         t = time.perf_counter()
         ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // CHECK_BATCH)))
-        out = ds.map_batches(check_committed, batch_size=CHECK_BATCH, num_cpus=cfg.decode_cpus,
-                             fn_kwargs={"cfg": cfg, "model_fingerprint": model.fingerprint}).take_all()
+        ds = ds.map_batches(check_committed, batch_size=CHECK_BATCH, num_cpus=cfg.decode_cpus,
+                            fn_kwargs={"cfg": cfg, "model_fingerprint": model.fingerprint})
+        out, first_s = [], None
+        for batch in ds.iter_batches(batch_size=None):
+            first_s = first_s or time.perf_counter() - t
+            out += [{"status": s} for s in batch["status"]]
         after_s = time.perf_counter() - t
         ray.shutdown()
         staged = sum(r["status"] == "skipped" for r in out)
     print(json.dumps({"videos": args.videos, "skipped": [serial, threaded, staged],
                       "before_serial_driver_s": round(before_s, 3),
                       "after_pipeline_stage_s": round(after_s, 3),
+                      "after_first_rows_out_s": round(first_s, 3),
                       "one_task_threads_in_process_s": round(threads_s, 3),
                       "before_over_after": round(before_s / after_s, 2)}, indent=1))
 

@@ -10,6 +10,9 @@ Answers are written as they come, in parts under OUT/parts/; at the end OUT/answ
 hold one row per question with its stats, OUT/summary.json the run's numbers, and the store gets a run manifest
 (runs/<run_id>/). A rerun answers only questions without an answer yet (failed ones are retried).
 Question files: JSONL, CSV or Parquet with video_id, question, optional options and id (see x2l/questions.py).
+Under `ray job submit --working-dir` local paths must be absolute ("$PWD/..."): a relative one is refused. A model
+the store was not written by, a Ray that does not come up, or resources the cluster cannot give end the job at start
+with one line; the summary is printed before the run's record is written to the store.
 """
 
 from __future__ import annotations

@@ -6,8 +6,10 @@
 A rerun skips videos already committed with the same model, settings and source (checked in parallel, as a stage of
 the pipeline); failed videos get a row with their reason and the run goes on. Local paths must be absolute under
 `ray job submit` (say "$PWD/store": the driver runs in Ray's temporary copy of the working directory); resources the
-cluster cannot give are refused at start. Exit status 0 unless nothing could be indexed (and something needed it), the corpus is
-empty, or the store is unreachable. Writes runs/<run_id>/videos.parquet and runs/<run_id>/summary.json to the store.
+cluster cannot give are refused at start. Exit status 0 unless nothing could be indexed (and something needed it),
+the corpus is empty, the store is unreachable, Ray does not come up or the resources do not fit (one line each), or
+the run's record cannot be written at the end (after the summary is printed). Writes runs/<run_id>/videos.parquet
+and runs/<run_id>/summary.json to the store.
 """
 
 from __future__ import annotations
@@ -94,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
 
     start_ray(args.ray_address)
     # A request the cluster can never meet would wait forever in silence: the actors, and one decode task.
-    check_resources(cfg.concurrency * cfg.num_cpus_per_actor + cfg.decode_cpus, cfg.concurrency * cfg.num_gpus_per_actor,
+    check_resources(cfg.concurrency * cfg.num_cpus_per_actor + cfg.decode_cpus,
+                    cfg.concurrency * cfg.num_gpus_per_actor,
                     f"--concurrency {cfg.concurrency} x (--num-cpus-per-actor {cfg.num_cpus_per_actor:g}, "
                     f"--num-gpus-per-actor {cfg.num_gpus_per_actor:g}) + --decode-cpus {cfg.decode_cpus:g}")
     print(f"index_corpus: {len(entries)} videos in {cfg.corpus}; which are already committed is checked in parallel "

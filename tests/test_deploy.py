@@ -44,7 +44,8 @@ def test_kv_is_cast_to_the_models_dtype_on_load(written, asked, tiny_checkpoints
     [a] = Answerer(model, store, RetrievalConfig(top_k=2, max_new_tokens=4)).answer([Question("v", "What is it?")])
     assert len(a.selected_chunks) == 2 and torch.isfinite(a.first_logits).all()
     # a source that does not cast (KV in the stored dtype) is cast when the cache is assembled
-    [b] = Answerer(model, KVStore(uri), RetrievalConfig(top_k=2, max_new_tokens=4)).answer([Question("v", "What is it?")])
+    plain = Answerer(model, KVStore(uri), RetrievalConfig(top_k=2, max_new_tokens=4))
+    [b] = plain.answer([Question("v", "What is it?")])
     assert b.token_ids == a.token_ids
 
 

@@ -218,7 +218,8 @@ def test_app_builder_refuses_a_missing_model_or_store_before_deploying(archive, 
                         f"store={archive['store']}", f"model={tmp_path / 'nomodel'}"],
                        capture_output=True, text=True, env=loopback_env(), timeout=120, cwd=tmp_path)
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1] == f"Error: x2l.serve: model directory {tmp_path / 'nomodel'} does not exist"
+    last = r.stderr.strip().splitlines()[-1]
+    assert last == f"Error: x2l.serve: model directory {tmp_path / 'nomodel'} does not exist"
 
 
 def test_reindex_while_serving_answers_from_the_new_index(serve_app, archive):

@@ -260,6 +260,7 @@ def build_pipeline(rows: list[dict], cfg: IndexJobConfig, model_fingerprint: str
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // CHECK_BATCH)))
     ds = ds.map_batches(check_committed, batch_size=CHECK_BATCH, num_cpus=cfg.decode_cpus,
                         fn_kwargs={"cfg": cfg, "model_fingerprint": model_fingerprint})
+    ds = ds.repartition(target_num_rows_per_block=1)  # streaming: one video per decode task, as before the check
     ds = ds.map(fetch_and_decode, fn_kwargs={"model_dir": cfg.model, "sampling": cfg.sampling, "store": cfg.store},
                 num_cpus=cfg.decode_cpus)
     return map_with_actors(ds, IndexActor, fn_constructor_kwargs={"cfg": cfg}, concurrency=cfg.concurrency,

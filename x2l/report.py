@@ -197,7 +197,8 @@ class RunFilter:
         try:
             t = datetime.fromisoformat(self.since)
         except ValueError as e:
-            raise ConfigError(f"--since {self.since!r}: not an ISO 8601 date or time (e.g. 2026-11-30T12:00:00Z)") from e
+            raise ConfigError(f"--since {self.since!r}: not an ISO 8601 date or time "
+                              f"(e.g. 2026-11-30T12:00:00Z)") from e
         if t.tzinfo is not None:
             t = t.astimezone(timezone.utc)
         return t.strftime("%Y-%m-%dT%H:%M:%SZ")

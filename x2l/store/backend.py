@@ -175,7 +175,7 @@ def _spool(raw: BinaryIO, fsync: bool) -> Iterator[_Sink]:
 def _unlink_quiet(path: str) -> None:
     try:
         os.unlink(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # never created (its folder could not be: a file is in the way)
         pass
 
 
