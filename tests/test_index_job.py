@@ -84,6 +84,16 @@ def test_ray_job_submit_indexes_corpus_then_rerun_skips(ray_head, corpus, tiny_c
     for vid in GOOD:
         store_h.load_h(vid)
 
+    # other settings without --overwrite: refused by the check stage, before any decoding, naming the flag
+    r = submit(ray_head, "--corpus", corpus, "--store", store, "--model", model, *JOB_ARGS, "--l-keep", 0.25)
+    summary, rows = last_run(str(store))
+    by_id = {row["video_id"]: row for row in rows}
+    for vid in GOOD:
+        assert by_id[vid]["status"] == "failed" and by_id[vid]["decode_s"] == 0, by_id[vid]
+        assert "already stored with other settings or source (differs in compression)" in by_id[vid]["reason"]
+        assert by_id[vid]["reason"].endswith("pass --overwrite to re-index it")
+    assert {vid: store_h.committed(vid)["write_id"] for vid in GOOD} == write_ids
+
 
 def test_actor_killed_mid_video_is_retried_and_commits_each_video_once(ray_head, corpus, tiny_checkpoints, tmp_path):
     store, marker = tmp_path / "store", tmp_path / "crashed.marker"

@@ -218,7 +218,7 @@ CHECK_THREADS = 16  # commit records read at once by one check task (each read i
 
 class CheckCommitted:
     """A batch of corpus rows -> the same rows with status "skipped" (already committed with the same model,
-    settings, source URI and size) or "todo". The batch's commit records are read by CHECK_THREADS threads: the
+    settings, source URI and size), "failed" (committed with other ones, and no --overwrite) or "todo". The batch's commit records are read by CHECK_THREADS threads: the
     check is I/O-bound, so one task keeps many reads in flight; the tasks run in parallel with decoding."""
 
     def __init__(self, cfg: IndexJobConfig, model_fingerprint: str):
@@ -237,6 +237,12 @@ class CheckCommitted:
             return "todo", f"commit unreadable, indexing again: {e}"
         if already_indexed(meta, self.fingerprint, self.cfg, uri, size):
             return "skipped", SKIP_REASON
+        if meta is not None:  # committed, but not like this: refused before any decoding, as the write would be
+            differ = [k for k, v in (("model_fingerprint", self.fingerprint), ("sampling", to_dict(self.cfg.sampling)),
+                                     ("compression", to_dict(self.cfg.compression)), ("source", uri),
+                                     ("source_size", size)) if v is not None and meta.get(k) != v]
+            return "failed", (f"video {video_id!r} is already stored with other settings or source (differs in "
+                              f"{', '.join(differ) or 'its inputs'}): pass --overwrite to re-index it")
         return "todo", ""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
