@@ -173,3 +173,17 @@ def test_per_question_stats_survive_a_bad_video_in_the_batch(reported, tiny_chec
         assert mixed[qid]["error"] is None
         assert mixed[qid]["store_bytes_read"] == clean[qid]["store_bytes_read"] > 0
         assert mixed[qid]["cache_hits"] == clean[qid]["cache_hits"] == 0
+
+
+def test_answer_job_refusing_a_model_is_one_line_before_ray(reported, tiny_checkpoints, tmp_path):
+    from x2l.cluster import loopback_env
+
+    store, _ = reported
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"video_id": "one.mp4", "question": "q"}) + "\n")
+    r = subprocess.run([sys.executable, "jobs/answer_questions.py", "--store", str(store), "--questions", str(q),
+                        "--out", str(tmp_path / "out"), "--model", str(tiny_checkpoints["qwen2.5-vl"])],
+                       cwd=ROOT, env=loopback_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stdout == ""
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith("answer_questions: error: store ") and "not of model fingerprint" in line

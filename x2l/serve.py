@@ -33,8 +33,8 @@ import asyncio
 import hmac
 import os
 import time
-from pathlib import Path
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import click
@@ -43,9 +43,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field, ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from x2l.config import RetrievalConfig, StoreConfig
 from x2l.errors import ConfigError, CorruptionError, IncompatibleError, NotFoundError, StoreError
