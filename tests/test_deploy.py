@@ -82,3 +82,42 @@ def test_device_cuda_without_cuda_is_one_line(tiny_checkpoints, tmp_path):
     r = x2l("ask", tmp_path, "--model", tiny_checkpoints["qwen2-vl"], "--question", "q", "--device", "cuda")
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
     assert r.stderr.startswith("x2l: error: device 'cuda': CUDA is not available on this machine")
+
+
+def test_the_index_jobs_check_stage_classifies_before_decoding(tiny_checkpoints, video_path, tmp_path):
+    """check_committed (the indexing pipeline's first stage): skipped, todo, or failed naming --overwrite."""
+    import dataclasses
+
+    import numpy as np
+
+    from x2l.config import StoreConfig
+    from x2l.distributed import IndexJobConfig, check_committed
+    from x2l.models import load_model
+
+    model = load_model(tiny_checkpoints["qwen2-vl"], "float32", device="cpu")
+    uri = str(tmp_path / "store")
+    store = KVStore(uri, model.fingerprint)
+    src = str(Path(video_path).resolve())
+    for vid, size in (("job.mp4", os.path.getsize(src)), ("cli.mp4", None)):
+        kv = Indexer(model, SAMPLING).index(src, vid)
+        if size is not None:
+            kv.meta |= {"source_size": size}  # as the job's actors write it
+        store.write(kv, source=src)
+    from x2l.store import video_key
+
+    (tmp_path / "store" / "videos" / video_key("bad.mp4")).mkdir(parents=True)
+    (tmp_path / "store" / "videos" / video_key("bad.mp4") / "meta.json").write_text("{not json")
+    cfg = IndexJobConfig(corpus=str(tmp_path), store=StoreConfig(uri=uri), model=str(tiny_checkpoints["qwen2-vl"]),
+                         sampling=SAMPLING)
+    ids = ["job.mp4", "cli.mp4", "new.mp4", "bad.mp4"]
+    batch = {"video_id": np.array(ids), "uri": np.array([src] * 4)}
+    out = check_committed(batch, cfg, model.fingerprint)
+    assert out["status"] == ["skipped", "todo", "todo", "failed"]  # cli.mp4: no size recorded, the write decides
+    assert "cannot be read" in out["reason"][3]
+    other = dataclasses.replace(cfg, sampling=SamplingConfig(fps=1, frames_per_chunk=4))
+    out = check_committed(batch, other, model.fingerprint)
+    assert out["status"][:3] == ["failed", "failed", "todo"]
+    assert out["reason"][0] == ("video 'job.mp4' is already stored with other settings or source (differs in "
+                                "sampling): pass --overwrite to re-index it")
+    forced = check_committed(batch, dataclasses.replace(other, overwrite=True), model.fingerprint)
+    assert forced["status"] == ["todo"] * 4

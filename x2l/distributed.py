@@ -218,8 +218,9 @@ CHECK_THREADS = 16  # commit records read at once by one check task (each read i
 
 class CheckCommitted:
     """A batch of corpus rows -> the same rows with status "skipped" (already committed with the same model,
-    settings, source URI and size), "failed" (committed with other ones, and no --overwrite) or "todo". The batch's commit records are read by CHECK_THREADS threads: the
-    check is I/O-bound, so one task keeps many reads in flight; the tasks run in parallel with decoding."""
+    settings, source URI and size), "failed" (committed with other ones and no --overwrite, or its commit record
+    unreadable) or "todo". The batch's commit records are read by CHECK_THREADS threads: the check is I/O-bound, so
+    one task keeps many reads in flight; the tasks run in parallel with decoding."""
 
     def __init__(self, cfg: IndexJobConfig, model_fingerprint: str):
         from x2l.store import KVStore
@@ -233,17 +234,22 @@ class CheckCommitted:
         size = os.path.getsize(uri) if "://" not in uri and os.path.exists(uri) else None
         try:
             meta = self.store.committed(video_id)
-        except X2LError as e:  # a damaged commit is indexed again (the write replaces it); say why in the log row
-            return "todo", f"commit unreadable, indexing again: {e}"
+        except X2LError as e:  # unreachable, or a damaged commit: the write would fail the same way
+            return "failed", f"its commit record cannot be read: {e}"
         if already_indexed(meta, self.fingerprint, self.cfg, uri, size):
             return "skipped", SKIP_REASON
-        if meta is not None:  # committed, but not like this: refused before any decoding, as the write would be
-            differ = [k for k, v in (("model_fingerprint", self.fingerprint), ("sampling", to_dict(self.cfg.sampling)),
-                                     ("compression", to_dict(self.cfg.compression)), ("source", uri),
-                                     ("source_size", size)) if v is not None and meta.get(k) != v]
-            return "failed", (f"video {video_id!r} is already stored with other settings or source (differs in "
-                              f"{', '.join(differ) or 'its inputs'}): pass --overwrite to re-index it")
-        return "todo", ""
+        if meta is None:
+            return "todo", ""
+        # Committed, but not like this: refused before any decoding, as the write would refuse it. A commit without
+        # a source size (written by `x2l index`) is left to the write, which compares the source bytes' hash.
+        differ = [k for k, v in (("model_fingerprint", self.fingerprint), ("sampling", to_dict(self.cfg.sampling)),
+                                 ("compression", to_dict(self.cfg.compression)), ("source", uri),
+                                 ("source_size", size))
+                  if v is not None and meta.get(k) != v and not (k == "source_size" and meta.get(k) is None)]
+        if not differ:
+            return "todo", ""
+        return "failed", (f"video {video_id!r} is already stored with other settings or source (differs in "
+                          f"{', '.join(differ)}): pass --overwrite to re-index it")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         from concurrent.futures import ThreadPoolExecutor
