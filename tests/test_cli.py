@@ -38,7 +38,9 @@ def test_index_reports_what_it_wrote(indexed, tiny_checkpoints, video_path):
     assert set(res["seconds"]) >= {"decode", "vision", "prefill", "compress", "total"}
     # the same video again: a no-op; other settings: refused without --overwrite
     # (found out before decoding and pre-filling: no stage ran, nothing was written)
-    write_id = json.loads((out / "videos" / "clip-1" / "meta.json").read_text())["write_id"]
+    from x2l.store import KVStore
+
+    write_id = KVStore(str(out)).committed("clip-1")["write_id"]
     again = x2l("index", video_path, "--model", tiny_checkpoints["qwen2-vl"], "--out", out, "--video-id", "clip-1",
                 "--fps", 2, "--frames-per-chunk", 4, "--json")
     res2 = json.loads(again.stdout)
@@ -48,7 +50,7 @@ def test_index_reports_what_it_wrote(indexed, tiny_checkpoints, video_path):
                 "--fps", 2, "--frames-per-chunk", 4, "--l-keep", 0.25, check=False)
     assert other.returncode == 1 and "pass --overwrite" in other.stderr and "compression" in other.stderr
     assert len(other.stderr.strip().splitlines()) == 1
-    assert json.loads((out / "videos" / "clip-1" / "meta.json").read_text())["write_id"] == write_id
+    assert KVStore(str(out)).committed("clip-1")["write_id"] == write_id
 
 
 def test_store_ls_and_info(indexed):
