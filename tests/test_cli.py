@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from x2l.store.schema import SCHEMA_VERSION
+
 X2L = [str(Path(sys.executable).parent / "x2l")]
 
 
@@ -37,12 +39,20 @@ def test_index_reports_what_it_wrote(indexed, tiny_checkpoints, video_path):
     assert 0 < b["h"] < b["delta"] < b["full"] and res["bytes_written"] > b["h"] + b["delta"]
     assert set(res["seconds"]) >= {"decode", "vision", "prefill", "compress", "total"}
     # the same video again: a no-op; other settings: refused without --overwrite
+    # (found out before decoding and pre-filling: no stage ran, nothing was written)
+    from x2l.store import KVStore
+
+    write_id = KVStore(str(out)).committed("clip-1")["write_id"]
     again = x2l("index", video_path, "--model", tiny_checkpoints["qwen2-vl"], "--out", out, "--video-id", "clip-1",
-                "--fps", 2, "--frames-per-chunk", 4)
-    assert "nothing written" in again.stdout
+                "--fps", 2, "--frames-per-chunk", 4, "--json")
+    res2 = json.loads(again.stdout)
+    assert res2["already_stored"] is True and res2["bytes_written"] == 0 and "seconds" not in res2
+    assert res2["chunks"] == 5
     other = x2l("index", video_path, "--model", tiny_checkpoints["qwen2-vl"], "--out", out, "--video-id", "clip-1",
                 "--fps", 2, "--frames-per-chunk", 4, "--l-keep", 0.25, check=False)
-    assert other.returncode == 1 and "overwrite" in other.stderr
+    assert other.returncode == 1 and "pass --overwrite" in other.stderr and "compression" in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1
+    assert KVStore(str(out)).committed("clip-1")["write_id"] == write_id
 
 
 def test_store_ls_and_info(indexed):
@@ -134,8 +144,11 @@ def test_bad_model_and_kv_paths(tmp_path, tiny_checkpoints, video_path):
     not_a_ckpt.mkdir()
     r = x2l("index", video_path, "--model", not_a_ckpt, "--out", tmp_path / "o", check=False)
     assert r.returncode == 1 and "no config.json" in r.stderr
+    (tmp_path / "empty-store").mkdir()
+    (tmp_path / "empty-store" / "store.json").write_text(json.dumps({
+        "format": "x2l-kvstore", "schema_version": SCHEMA_VERSION, "model_fingerprint": None}))
     r = x2l("ask", tmp_path / "empty-store", "--model", tiny_checkpoints["qwen2-vl"], "--question", "q", check=False)
-    assert r.returncode == 1 and "holds 0 videos" in r.stderr
+    assert r.returncode == 1 and "model fingerprint" in r.stderr
     garbage = tmp_path / "garbage-store"
     garbage.mkdir()
     (garbage / "store.json").write_bytes(os.urandom(64))
