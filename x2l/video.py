@@ -13,14 +13,16 @@ Time is presentation time (issue 10; failure modes in /work/shared/references/de
   than one chunk (a short clip, a 1-frame video, a still image), is padded by repeating its last real frame. A
   chunk spans (PTS of its first frame, PTS of the next chunk's first frame), the last one ending at the duration.
 - Decoders, chosen per file from the probe: decord for constant-frame-rate H.264 in MP4 (no edit list, nothing
-  missing, a width decord copies correctly): its random access is fast there and its frames equal PyAV's. PyAV for
+  missing, a width decord copies correctly) whose decoded frames fit in DECORD_MAX_DECODED_BYTES (decord decodes
+  ahead without bound, dmlc/decord#157): its random access is fast there and its frames equal PyAV's. PyAV for
   everything else (variable frame rate, edit lists, HEVC with B-frames, where decord's seeks return wrong frames,
   AV1, VP8/VP9, WebM without cues, GIF, still images, truncated files, widths 16/24/48/72 that decord cannot copy),
   and as the fallback when decord fails. PyAV seeks to the key frame before a sample when one lies between the
   current position and the sample, and otherwise decodes forward; a seek that lands past its target turns seeking off
   and decoding restarts from the beginning.
 - Memory: every frame is resized as it is decoded (decord in batches of at most FRAME_BUDGET_BYTES of native
-  frames), so peak memory is a few native frames plus the output, whatever the sample count.
+  frames), so peak memory is a few native frames (plus the decoder's own buffers) plus the output, whatever the
+  sample count.
 - A file cut short: the frames that decode are used; `frames_promised` (header) and `frames_decoded` are recorded;
   a file none of whose frames decodes fails with "truncated".
 - Every bad-video case raises VideoError naming the file and the cause; decord/PyAV exceptions are chained.
@@ -51,9 +53,12 @@ av.logging.set_level(av.logging.PANIC)  # damaged packets are skipped and counte
 TargetSize = Callable[[int, int], tuple[int, int]]
 
 DECODE_BATCH = 32  # frames resized at once by resize_frames
-FRAME_BUDGET_BYTES = 64 << 20  # native RGB bytes decord may hand back at once (4K: 2 frames; 1080p: 10)
+FRAME_BUDGET_BYTES = 4 << 20  # native RGB bytes per decord call: its get_batch buffers far more than it returns
 DECORD_CODECS = {"h264"}
 DECORD_BAD_WIDTHS = {16, 24, 48, 72}  # decord's row copy fails at these widths (dmlc/decord#336)
+# decord decodes ahead in a background thread with no bound while the caller works (dmlc/decord#157; measured: 500 MB
+# for 100 samples of a 10 s 720p clip): it is used only where decoding the whole file fits in this many bytes
+DECORD_MAX_DECODED_BYTES = 64 << 20
 _MP4_FORMATS = ("mov", "mp4")
 _SEEKABLE_FORMATS = ("mov", "mp4", "matroska", "webm")  # demuxers with accurate key-frame seeking (given an index)
 _TIME_EPS = 1e-6  # seconds: float noise in k / fps never moves a sample to the next frame
@@ -93,7 +98,8 @@ class VideoInfo:
         """"decord" or "pyav": which decoder `load_video` tries first for this file (rules in the module doc)."""
         ok = (any(f in self.format for f in _MP4_FORMATS) and self.codec in DECORD_CODECS and self.constant_rate
               and not self.edit_list and self.frames_promised == self.n_frames and self.pts[0] == 0
-              and self.width not in DECORD_BAD_WIDTHS)
+              and self.width not in DECORD_BAD_WIDTHS
+              and self.n_frames * self.width * self.height * 3 <= DECORD_MAX_DECODED_BYTES)
         return "decord" if ok else "pyav"
 
 
