@@ -124,6 +124,16 @@ def test_short_clips_are_one_padded_chunk(files, kind, n_real, expected, duratio
     assert clip.chunk_times == [(0.0, pytest.approx(duration))]
 
 
+def test_rotated_phone_video_comes_out_upright(tmp_path):
+    path = write_video(tmp_path / "portrait.mp4", 20, 10, size=SIZE, rotation=90)  # drawn 48x80, shown 80x48
+    info = probe_video(path)
+    assert info.rotation == 90 and info.display_size == (80, 48) and info.decoder == "pyav"
+    clip = load_video(path, SamplingConfig(fps=2.0, frames_per_chunk=4))
+    assert clip.frames.shape[1:3] == (80, 48)
+    # the displayed frame is the drawn one turned 90 degrees counter-clockwise; turning it back reads the index
+    assert [read_frame_index(np.rot90(f, -1)) for f in clip.frames] == [0, 5, 10, 15]
+
+
 def test_truncated_download_decodes_what_is_there(tmp_path):
     data = write_video(tmp_path / "full.mp4", 300, 25, size=SIZE, faststart=True).read_bytes()
     (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])  # header lists 300 frames; half the data is there

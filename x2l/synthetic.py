@@ -95,6 +95,7 @@ def write_video(
     pts: Sequence[int] | None = None,
     time_base: Fraction | None = None,
     seekable_output: bool = True,
+    rotation: int = 0,
 ) -> Path:
     """Write a video (yuv420p; container from the suffix: .mp4, .webm, .mkv) of `n_frames` frames at `fps`; frame i
     is `frame_fn(i)` or `index_frame(i, size)`.
@@ -104,7 +105,8 @@ def write_video(
     the key-frame interval (more key frames, more seeks). faststart puts the index (moov) before the data, so a
     truncated copy still opens. pts (in units of time_base, default 1/fps) gives each frame its own presentation
     time: variable frame rate. seekable_output=False writes through a stream the muxer cannot seek back in, as a
-    browser recorder does (WebM without duration and cues).
+    browser recorder does (WebM without duration and cues). rotation (degrees counter-clockwise) is stored as the
+    display matrix, as phones store portrait video; the frames themselves stay as drawn.
     """
     h, w = size
     if h % 2 or w % 2:
@@ -122,6 +124,8 @@ def write_video(
             stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
             stream.codec_context.time_base = tb
             stream.time_base = tb
+            if rotation:
+                stream.set_display_rotation(rotation)
             ticks = list(range(n_frames)) if pts is None else [int(p) for p in pts]
             # each frame lasts until the next one; the last as long as the one before (muxers take the last sample's
             # duration from its packet, so a VFR clip ends where its timestamps say)

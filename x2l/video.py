@@ -16,7 +16,8 @@ Time is presentation time (issue 10; failure modes in /work/shared/references/de
   missing, a width decord copies correctly) whose decoded frames fit in DECORD_MAX_DECODED_BYTES (decord decodes
   ahead without bound, dmlc/decord#157): its random access is fast there and its frames equal PyAV's. PyAV for
   everything else (variable frame rate, edit lists, HEVC with B-frames, where decord's seeks return wrong frames,
-  AV1, VP8/VP9, WebM without cues, GIF, still images, truncated files, widths 16/24/48/72 that decord cannot copy),
+  AV1, VP8/VP9, WebM without cues, GIF, still images, truncated files, widths 16/24/48/72 that decord cannot copy,
+  rotated phone videos, which PyAV turns upright by their display matrix and decord returns as 4-channel garbage),
   and as the fallback when decord fails. PyAV seeks to the key frame before a sample when one lies between the
   current position and the sample, and otherwise decodes forward; a seek that lands past its target turns seeking off
   and decoding restarts from the beginning.
@@ -83,10 +84,16 @@ class VideoInfo:
     native_fps: float  # n_frames / duration_s (informational: sampling uses the timestamps)
     constant_rate: bool  # every frame lasts the same number of ticks
     edit_list: bool  # the demuxer hides frames (MP4 edit list)
+    rotation: int  # display rotation, degrees counter-clockwise (0, 90, 180, 270): phones store portrait this way
     stream_index: int
     time_base: Fraction
     pts: np.ndarray = field(repr=False)
     key_pts: np.ndarray = field(repr=False)
+
+    @property
+    def display_size(self) -> tuple[int, int]:
+        """(height, width) of a frame as a player shows it (after rotation)."""
+        return (self.width, self.height) if self.rotation in (90, 270) else (self.height, self.width)
 
     @property
     def frame_times(self) -> np.ndarray:
@@ -98,7 +105,7 @@ class VideoInfo:
         """"decord" or "pyav": which decoder `load_video` tries first for this file (rules in the module doc)."""
         ok = (any(f in self.format for f in _MP4_FORMATS) and self.codec in DECORD_CODECS and self.constant_rate
               and not self.edit_list and self.frames_promised == self.n_frames and self.pts[0] == 0
-              and self.width not in DECORD_BAD_WIDTHS
+              and self.width not in DECORD_BAD_WIDTHS and self.rotation == 0
               and self.n_frames * self.width * self.height * 3 <= DECORD_MAX_DECODED_BYTES)
         return "decord" if ok else "pyav"
 
@@ -167,8 +174,11 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
         promised = sum(not e.is_discard for e in entries) if entries else (stream.frames or 0)
         pts, durations, keys = [], [], []
         hidden = damaged = 0
+        rotation: int | None = None
         try:
             for packet in container.demux(stream):
+                if rotation is None:  # decode until the first frame: its display matrix is the stream's rotation
+                    rotation = _first_rotation(packet)
                 ts = packet.pts if packet.pts is not None else packet.dts
                 if packet.size == 0 or ts is None:
                     continue
@@ -185,6 +195,7 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
             damaged += 1  # the file ends inside a packet or its index points past the end: keep what was read
         info = dict(path=path, format=fmt, codec=cc.codec.canonical_name, width=cc.width, height=cc.height,
                     frames_promised=int(promised), stream_index=stream.index, time_base=stream.time_base,
+                    rotation=rotation or 0,
                     rate=stream.average_rate or stream.guessed_rate)
     if not pts:
         if promised or damaged:
@@ -218,6 +229,16 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
         pts=pts_a,
         key_pts=np.unique(np.asarray(keys, dtype=np.int64)),
     )
+
+
+def _first_rotation(packet) -> int | None:
+    """The display rotation (degrees counter-clockwise, a multiple of 90) of the first frame `packet` yields, or None
+    while the decoder has not output a frame yet; 0 when the packet cannot be decoded."""
+    try:
+        frames = packet.decode()
+    except (av.error.FFmpegError, RuntimeError):
+        return 0
+    return round(frames[0].rotation / 90) % 4 * 90 if frames else None
 
 
 def sample_times(duration_s: float, fps: float, max_frames: int, resolution_s: float = 0.0) -> np.ndarray:
@@ -329,7 +350,10 @@ def _decode_pyav(info: VideoInfo, wanted: np.ndarray, size: tuple[int, int], num
                 position = ts
                 if ts < t:
                     continue
-                image = resize_frames(frame.to_ndarray(format="rgb24")[None], size)[0]
+                rgb = frame.to_ndarray(format="rgb24")
+                if info.rotation:
+                    rgb = np.rot90(rgb, info.rotation // 90)
+                image = resize_frames(rgb[None], size)[0]
                 while i < len(targets) and targets[i] <= ts:
                     out[int(wanted[i])] = image
                     i += 1
@@ -355,10 +379,11 @@ def load_video(
     path = str(path)
     info = probe_video(path)
     fpc = sampling.frames_per_chunk
+    h, w = info.display_size
     try:
-        size = target_size(info.height, info.width) if target_size else (info.height, info.width)
+        size = target_size(h, w) if target_size else (h, w)
     except X2LError as e:
-        raise VideoError(f"{path}: {info.width}x{info.height} frames: {e}") from e
+        raise VideoError(f"{path}: {w}x{h} frames: {e}") from e
 
     frame_times = info.frame_times
     resolution = min(float(info.time_base), 0.5 / sampling.fps)
