@@ -198,8 +198,10 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
                     rotation=rotation or 0,
                     rate=stream.average_rate or stream.guessed_rate)
     if not pts:
-        if promised or damaged:
+        if promised:
             raise VideoError(f"{path}: truncated: the header lists {promised} frames but none of them is in the file")
+        if damaged:
+            raise VideoError(f"{path}: truncated: not one complete frame in the file")
         raise VideoError(f"{path}: no decodable frames")
     if info["time_base"] is None:
         raise VideoError(f"{path}: frame timestamps have no time base")
@@ -405,7 +407,7 @@ def load_video(
     duration = info.duration_s
     if len(decoded) < len(wanted):  # the file ends (or breaks) before some samples: keep only what decoded
         if not decoded:
-            raise VideoError(f"{path}: truncated: the header lists {info.frames_promised} frames but none decodes")
+            raise VideoError(f"{path}: truncated or damaged: none of its {info.n_frames} frames decodes")
         last = max(decoded)
         frames_decoded = last + 1
         duration = float(frame_times[last + 1]) if last + 1 < info.n_frames else duration
