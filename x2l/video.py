@@ -23,7 +23,7 @@ Time is presentation time (issue 10; failure modes in /work/shared/references/de
   and decoding restarts from the beginning.
 - Memory: every frame is resized as it is decoded (decord in batches of at most FRAME_BUDGET_BYTES of native
   frames), so peak memory is a few native frames (plus the decoder's own buffers) plus the output, whatever the
-  sample count.
+  sample count. PyAV uses frame threading only up to FRAME_THREADING_MAX_PIXELS per frame.
 - A file cut short: the frames that decode are used; `frames_promised` (header) and `frames_decoded` are recorded;
   a file none of whose frames decodes fails with "truncated".
 - Every bad-video case raises VideoError naming the file and the cause; decord/PyAV exceptions are chained.
@@ -55,6 +55,7 @@ TargetSize = Callable[[int, int], tuple[int, int]]
 
 DECODE_BATCH = 32  # frames resized at once by resize_frames
 FRAME_BUDGET_BYTES = 4 << 20  # native RGB bytes per decord call: its get_batch buffers far more than it returns
+FRAME_THREADING_MAX_PIXELS = 1280 * 720  # PyAV decodes larger frames with slice threading only (memory)
 DECORD_CODECS = {"h264"}
 DECORD_BAD_WIDTHS = {16, 24, 48, 72}  # decord's row copy fails at these widths (dmlc/decord#336)
 # decord decodes ahead in a background thread with no bound while the caller works (dmlc/decord#157; measured: 500 MB
@@ -328,7 +329,9 @@ def _decode_pyav(info: VideoInfo, wanted: np.ndarray, size: tuple[int, int], num
     while True:  # one pass; a second, without seeking, only if a seek proved unreliable on this file
         with av.open(info.path) as container:
             stream = container.streams[info.stream_index]
-            stream.thread_type = "AUTO"
+            # frame threading keeps frames in flight per thread, and at large sizes peak memory grew 3-7x with it
+            # (bench/decode.py: 0.5-2 GB over a 4K decode, 0.7 GB at 1080p, against 0.3 GB with slice threading)
+            stream.thread_type = "AUTO" if info.width * info.height <= FRAME_THREADING_MAX_PIXELS else "SLICE"
             stream.thread_count = num_threads
             frames = _packets_frames(container, stream)
             position = keys[0] if keys else None  # decoding starts at the first key frame
