@@ -49,7 +49,9 @@ from x2l.config import SamplingConfig
 from x2l.errors import VideoError, X2LError
 
 decord.logging.set_level(decord.logging.QUIET)  # failures are reported as VideoError instead of FFmpeg log lines
-av.logging.set_level(av.logging.PANIC)  # damaged packets are skipped and counted; FFmpeg's log lines add nothing
+# PyAV's log level stays None (its default: FFmpeg logs dropped in C). Any other level routes FFmpeg's decoder
+# threads through a Python callback that waits for the GIL, which deadlocks when the main thread closes a
+# frame-threaded decoder (seen on an edit-list MP4: avcodec_free_context waiting on a thread stuck in av_log).
 
 TargetSize = Callable[[int, int], tuple[int, int]]
 
