@@ -9,7 +9,8 @@
 Every frame is resized to the Qwen2-VL rule with max_pixels 224*224 (about 150 KB per frame). Each measurement runs
 in its own process, so peak RSS (ru_maxrss) is that decode's alone: "auto" is load_video's own choice, "pyav" and
 "decord" force a decoder (decord is skipped where it cannot give the right frames), "pyav_every_frame" decodes
-every frame with PyAV and keeps the sampled ones (the baseline). Prints one JSON object; nothing is asserted.
+every frame with PyAV and keeps the sampled ones (the baseline). Prints one JSON object and writes it to
+WORKDIR/decode.json; nothing is asserted.
 
     .venv/bin/python bench/decode.py [--workdir bench_out/decode] [--cfr-fps 5]
 """
@@ -125,7 +126,9 @@ def main() -> None:
             results[name][mode] = (json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0
                                    else f"failed: {r.stderr.strip().splitlines()[-1] if r.stderr else r.returncode}")
             print(name, mode, results[name][mode], file=sys.stderr)
-    print(json.dumps(results, indent=1))
+    text = json.dumps(results, indent=1)
+    (Path(args.workdir) / "decode.json").write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":
