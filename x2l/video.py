@@ -23,7 +23,9 @@ Time is presentation time (issue 10; failure modes in /work/shared/references/de
   and decoding restarts from the beginning.
 - Memory: every frame is resized as it is decoded (decord in batches of at most FRAME_BUDGET_BYTES of native
   frames), so peak memory is a few native frames (plus the decoder's own buffers) plus the output, whatever the
-  sample count. PyAV uses frame threading only up to FRAME_THREADING_MAX_PIXELS per frame.
+  sample count. PyAV frame-threads frames above FRAME_THREADING_MAX_PIXELS with at most LARGE_FRAME_THREADS, and
+  glibc's mmap
+  threshold is fixed (`_fix_mmap_threshold`) so that freed native frames go back to the system.
 - A file cut short: the frames that decode are used; `frames_promised` (header) and `frames_decoded` are recorded;
   a file none of whose frames decodes fails with "truncated".
 - Every bad-video case raises VideoError naming the file and the cause; decord/PyAV exceptions are chained.
@@ -31,6 +33,7 @@ Time is presentation time (issue 10; failure modes in /work/shared/references/de
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 from bisect import bisect_right
@@ -57,7 +60,8 @@ TargetSize = Callable[[int, int], tuple[int, int]]
 
 DECODE_BATCH = 32  # frames resized at once by resize_frames
 FRAME_BUDGET_BYTES = 4 << 20  # native RGB bytes per decord call: its get_batch buffers far more than it returns
-FRAME_THREADING_MAX_PIXELS = 1280 * 720  # PyAV decodes larger frames with slice threading only (memory)
+FRAME_THREADING_MAX_PIXELS = 1920 * 1088  # larger frames are decoded by at most LARGE_FRAME_THREADS threads
+LARGE_FRAME_THREADS = 4  # 4K with frame threading: +60 MB peak over slice threading on 2 cores (bench/decode.py)
 DECORD_CODECS = {"h264"}
 DECORD_BAD_WIDTHS = {16, 24, 48, 72}  # decord's row copy fails at these widths (dmlc/decord#336)
 # decord decodes ahead in a background thread with no bound while the caller works (dmlc/decord#157; measured: 500 MB
@@ -66,6 +70,25 @@ DECORD_MAX_DECODED_BYTES = 64 << 20
 _MP4_FORMATS = ("mov", "mp4")
 _SEEKABLE_FORMATS = ("mov", "mp4", "matroska", "webm")  # demuxers with accurate key-frame seeking (given an index)
 _TIME_EPS = 1e-6  # seconds: float noise in k / fps never moves a sample to the next frame
+MMAP_THRESHOLD_BYTES = 1 << 20  # see _fix_mmap_threshold
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_mmap_threshold_fixed = False
+
+
+def _fix_mmap_threshold() -> None:
+    """Make glibc serve every allocation of MMAP_THRESHOLD_BYTES or more with its own mmap, returned to the system on
+    free. By default glibc raises that threshold to the size of each large block freed (up to 32 MiB), after which
+    native frames (25 MB at 4K) come from heaps that fragment and do not shrink: the same 200-sample 4K decode peaked
+    between 0.8 and 4.5 GB from run to run; with the fixed threshold at 0.56 GB every run (bench/decode.py).
+    Process-wide and set once, on the first decode; a no-op where the C library has no mallopt."""
+    global _mmap_threshold_fixed
+    if _mmap_threshold_fixed:
+        return
+    _mmap_threshold_fixed = True
+    try:
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):
+        pass
 
 
 @dataclass(frozen=True)
@@ -331,10 +354,10 @@ def _decode_pyav(info: VideoInfo, wanted: np.ndarray, size: tuple[int, int], num
     while True:  # one pass; a second, without seeking, only if a seek proved unreliable on this file
         with av.open(info.path) as container:
             stream = container.streams[info.stream_index]
-            # frame threading keeps frames in flight per thread, and at large sizes peak memory grew 3-7x with it
-            # (bench/decode.py: 0.5-2 GB over a 4K decode, 0.7 GB at 1080p, against 0.3 GB with slice threading)
-            stream.thread_type = "AUTO" if info.width * info.height <= FRAME_THREADING_MAX_PIXELS else "SLICE"
-            stream.thread_count = num_threads
+            # frame threading keeps a few frames in flight per thread: above 1080p at most LARGE_FRAME_THREADS
+            stream.thread_type = "AUTO"
+            large = info.width * info.height > FRAME_THREADING_MAX_PIXELS
+            stream.thread_count = min(num_threads or LARGE_FRAME_THREADS, LARGE_FRAME_THREADS) if large else num_threads
             frames = _packets_frames(container, stream)
             position = keys[0] if keys else None  # decoding starts at the first key frame
             just_sought = False
@@ -384,6 +407,7 @@ def load_video(
     uint8 [n_chunks * frames_per_chunk, H, W, 3]. Raises VideoError naming the file and the cause.
     """
     path = str(path)
+    _fix_mmap_threshold()
     info = probe_video(path)
     fpc = sampling.frames_per_chunk
     h, w = info.display_size
