@@ -24,8 +24,7 @@ Time is presentation time (issue 10; failure modes in /work/shared/references/de
 - Memory: every frame is resized as it is decoded (decord in batches of at most FRAME_BUDGET_BYTES of native
   frames), so peak memory is a few native frames (plus the decoder's own buffers) plus the output, whatever the
   sample count. PyAV frame-threads frames above FRAME_THREADING_MAX_PIXELS with at most LARGE_FRAME_THREADS, and
-  glibc's mmap
-  threshold is fixed (`_fix_mmap_threshold`) so that freed native frames go back to the system.
+  glibc's mmap threshold is fixed (`_fix_mmap_threshold`) so that freed native frames go back to the system.
 - A file cut short: the frames that decode are used; `frames_promised` (header) and `frames_decoded` are recorded;
   a file none of whose frames decodes fails with "truncated".
 - Every bad-video case raises VideoError naming the file and the cause; decord/PyAV exceptions are chained.
