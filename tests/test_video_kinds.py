@@ -45,7 +45,7 @@ def files(tmp_path_factory):
         "gif": write_gif(d / "anim.gif", 120, delay_ms=100, size=SIZE),
         "narrow": write_video(d / "narrow.mp4", 40, 10, size=(16, 16)),
         "five_s": write_video(d / "five.mp4", 5, 1, size=SIZE),
-        "one_frame": write_video(d / "one.mp4", 1, 25, size=SIZE, frame_fn=None),
+        "one_frame": write_video(d / "one.mp4", 1, 25, size=SIZE),
         "still": write_image(d / "still.png", 7, size=SIZE),
     }
 
