@@ -16,8 +16,9 @@ from x2l.store.runs import read_run_rows, read_runs
 from x2l.synthetic import write_video
 
 ROOT = Path(__file__).resolve().parents[1]
-GOOD = {"a.mp4": 24, "b.mp4": 40, "deep/c.mp4": 56, "deep/er/d.mp4": 32}  # frames at 4 fps: 6-14 s, 2 fps sampled
-BAD = {"corrupt.mp4": "not a readable video", "empty.mp4": "empty (0 bytes)", "short.mp4": "too short",
+GOOD = {"a.mp4": 24, "b.mp4": 40, "deep/c.mp4": 56, "deep/er/d.mp4": 32,  # frames at 4 fps: 6-14 s, 2 fps sampled
+        "short.mp4": 4}  # 1 s: shorter than one chunk
+BAD = {"corrupt.mp4": "not a readable video", "empty.mp4": "empty (0 bytes)",
        "bad-\\xff.mp4": "is not valid UTF-8"}  # a file named b"bad-\xff.mp4": its row shows the byte escaped
 JOB_ARGS = ["--fps", "2", "--frames-per-chunk", "4"]
 
@@ -30,7 +31,6 @@ def corpus(tmp_path_factory):
         write_video(root / name, n_frames=frames, fps=4, size=(64, 96))
     (root / "corrupt.mp4").write_bytes((root / "a.mp4").read_bytes()[:400])
     (root / "empty.mp4").write_bytes(b"")
-    write_video(root / "short.mp4", n_frames=4, fps=4, size=(64, 96))  # 1 s: 2 frames < one chunk of 4
     (root / os.fsdecode(b"bad-\xff.mp4")).write_bytes((root / "a.mp4").read_bytes())  # fine video, bad name
     (root / "notes.txt").write_text("not part of the corpus")
     return root
@@ -57,7 +57,10 @@ def check_first_run(store_uri, model_dir):
     assert set(by_id) == set(GOOD) | set(BAD)
     for vid in GOOD:
         assert by_id[vid]["status"] == "indexed", by_id[vid]
-        assert by_id[vid]["chunks"] >= 3 and by_id[vid]["tokens"] > 0
+        assert by_id[vid]["chunks"] >= (1 if vid == "short.mp4" else 3) and by_id[vid]["tokens"] > 0
+        n = GOOD[vid]  # the decode task's decoder and frame counts reach the stats row and the stored meta
+        assert (by_id[vid]["decoder"], by_id[vid]["frames_promised"], by_id[vid]["frames_decoded"]) == ("decord", n, n)
+        assert KVStore(store_uri).load_h(vid).meta["frames_decoded"] == n
     for vid, reason in BAD.items():
         assert by_id[vid]["status"] == "failed" and reason in by_id[vid]["reason"], by_id[vid]
     assert summary["indexed"] == len(GOOD) and summary["failed"] == len(BAD)

@@ -219,6 +219,7 @@ def cmd_index(args) -> None:
     stats = indexer.last_stats
     result = {
         "video_id": kv.video_id, "store": args.out, "frames": stats.frames, "chunks": kv.n_chunks,
+        "decoder": stats.decoder, "frames_promised": stats.frames_promised, "frames_decoded": stats.frames_decoded,
         "tokens": stats.tokens, "bytes": meta["bytes"], "bytes_written": written,
         "seconds": {k: round(v, 4) for k, v in stats.seconds.items()} | {"total": round(time.perf_counter() - t, 4)},
     }
@@ -229,6 +230,9 @@ def cmd_index(args) -> None:
         note = "" if written else " (already stored with the same fingerprint: nothing written)"
         print(f"indexed {kv.video_id}: {stats.frames} frames, {kv.n_chunks} chunks, {stats.tokens} tokens "
               f"in {result['seconds']['total']:.2f} s -> {args.out}{note}")
+        cut = (f"; the header lists {stats.frames_promised}: truncated file?"
+               if 0 < stats.frames_decoded < stats.frames_promised else "")
+        print(f"  decoded with {stats.decoder}: {kv.meta['duration_s']:.2f} s, {stats.frames_decoded} frames{cut}")
         print(f"  KV bytes: sink {b['sink']:,}  H {b['h']:,}  L delta {b['delta']:,}  (uncompressed {b['full']:,})")
 
 

@@ -36,7 +36,8 @@ ACTOR_MAX_RESTARTS = -1  # restart a crashed actor as often as needed
 ACTOR_MAX_TASK_RETRIES = -1  # and retry the video it was working on
 STAT_FIELDS = ("video_id", "uri", "status", "reason", "duration_s", "frames", "chunks", "tokens", "decode_s", "vision_s",
                "prefill_s", "compress_s", "write_s", "index_s", "bytes_sink", "bytes_h", "bytes_delta", "bytes_full",
-               "bytes_written", "actor", "actor_ready", "t_start", "t_end")
+               "bytes_written", "actor", "actor_ready", "t_start", "t_end", "decoder", "frames_promised",
+               "frames_decoded")
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,8 @@ def map_with_actors(ds, fn, batch_size: int | None = None, **kwargs):
 
 def stats_row(video_id: str, uri: str, status: str, reason: str = "", **values) -> dict:
     row = {k: 0 for k in STAT_FIELDS} | {"video_id": video_id, "uri": uri, "status": status, "reason": reason,
-                                          "actor": "", "actor_ready": 0.0, "t_start": 0.0, "t_end": 0.0}
+                                          "actor": "", "actor_ready": 0.0, "t_start": 0.0, "t_end": 0.0,
+                                          "decoder": ""}
     row.update(values)
     return row
 
@@ -135,7 +137,8 @@ def fetch_and_decode(row: dict, model_dir: str, sampling: SamplingConfig, store:
                  "chunk_times": [list(c) for c in clip.chunk_times], "duration_s": clip.duration_s,
                  "native_fps": clip.native_fps, "codec": clip.codec, "sha256": sha, "size": size}
     return {**stats_row(row["video_id"], row["uri"], "decoded", decode_s=time.perf_counter() - t,
-                        duration_s=clip.duration_s),
+                        duration_s=clip.duration_s, decoder=clip.decoder, frames_promised=clip.frames_promised,
+                        frames_decoded=clip.frames_decoded),
             "frames_data": clip.frames, "timestamps": clip.timestamps, "clip": clip_info}
 
 
@@ -171,7 +174,8 @@ class IndexActor:
         info = row["clip"]
         clip = VideoClip(row["uri"], np.asarray(row["frames_data"]), np.asarray(row["timestamps"]),
                          info["n_real_frames"], info["frames_per_chunk"], [tuple(c) for c in info["chunk_times"]],
-                         info["duration_s"], info["native_fps"], info["codec"])
+                         info["duration_s"], info["native_fps"], info["codec"], decoder=row["decoder"],
+                         frames_promised=row["frames_promised"], frames_decoded=row["frames_decoded"])
         try:
             t = time.perf_counter()
             kv = self.indexer.index_clip(clip, row["video_id"])

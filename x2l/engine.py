@@ -37,11 +37,14 @@ def _cache(layers: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
 
 @dataclass
 class IndexStats:
-    """What indexing one video did: sizes and seconds by stage."""
+    """What indexing one video did: sizes and seconds by stage, and how its frames were decoded (issue 10)."""
 
     frames: int = 0
     chunks: int = 0
     tokens: int = 0
+    decoder: str = ""  # "decord" or "pyav"
+    frames_promised: int = 0  # frames the file's header lists (0: not stated)
+    frames_decoded: int = 0  # frames the file delivered; fewer than promised for a download cut short
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
@@ -69,7 +72,9 @@ class Indexer:
         return kv
 
     def index_clip(self, clip: VideoClip, video_id: str) -> VideoKV:
-        stats = self.last_stats = IndexStats(frames=clip.n_real_frames, chunks=clip.n_chunks)
+        stats = self.last_stats = IndexStats(frames=clip.n_real_frames, chunks=clip.n_chunks, decoder=clip.decoder,
+                                             frames_promised=clip.frames_promised,
+                                             frames_decoded=clip.frames_decoded)
         model, comp = self.model, self.compression
         t = time.perf_counter()
         sink = model.sink()
@@ -121,6 +126,9 @@ class Indexer:
             "frames": clip.n_real_frames,
             "duration_s": clip.duration_s,
             "frame_size": list(clip.frames.shape[1:3]),
+            "decoder": clip.decoder,
+            "frames_promised": clip.frames_promised,
+            "frames_decoded": clip.frames_decoded,
         }
         return VideoKV(video_id, sink_k, sink_v, chunks, start, meta)
 
