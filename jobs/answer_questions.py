@@ -10,6 +10,9 @@ Answers are written as they come, in parts under OUT/parts/; at the end OUT/answ
 hold one row per question with its stats, OUT/summary.json the run's numbers, and the store gets a run manifest
 (runs/<run_id>/). A rerun answers only questions without an answer yet (failed ones are retried).
 Question files: JSONL, CSV or Parquet with video_id, question, optional options and id (see x2l/questions.py).
+Under `ray job submit --working-dir` local paths must be absolute ("$PWD/..."): a relative one is refused. A model
+the store was not written by, a Ray that does not come up, or resources the cluster cannot give end the job at start
+with one line; the summary is printed before the run's record is written to the store.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads per actor (default: Ray's)")
     p.add_argument("--top-k", type=int, default=3, help="chunks re-loaded at L (default 3; in-job only, the Serve "
                                                          "app uses its own unless the question sets top_k)")
+    p.add_argument("--budget-bytes", type=int, default=None,
+                   help="instead of top-k: as many chunks as fit in this many bytes of L delta, per question")
     p.add_argument("--max-new-tokens", type=int, default=32, help="decode limit (default 32)")
     p.add_argument("--max-prompt-chars", type=int, default=MAX_PROMPT_CHARS,
                    help=f"refuse a question whose text and options exceed this many characters (default "
@@ -75,8 +80,9 @@ def load_question_file(uri: str, store: StoreConfig) -> list[dict]:
     return read_questions(data, uri)
 
 
-def answer_over_http(args, todo: list[dict], out) -> None:
-    """Send questions to the Serve app; flush answers to a part every 16 answers."""
+def answer_over_http(args, todo: list[dict], out) -> tuple[float, str]:
+    """Send questions to the Serve app; flush answers to a part every 16 answers. Returns when the first answer
+    arrived (time.perf_counter()) and its question id."""
     import httpx
 
     from x2l.questions import answer_row, write_part
@@ -85,50 +91,69 @@ def answer_over_http(args, todo: list[dict], out) -> None:
     client = httpx.Client(base_url=args.serve_address, headers=headers, timeout=600)
 
     def ask(q: dict) -> dict:
-        body = {"video_id": q["video_id"], "question": q["question"], "options": q["options"],
-                "top_k": args.top_k, "max_new_tokens": args.max_new_tokens}
+        body = {"id": q["id"], "video_id": q["video_id"], "question": q["question"], "options": q["options"],
+                "top_k": args.top_k, "budget_bytes": args.budget_bytes, "max_new_tokens": args.max_new_tokens}
         try:
             r = client.post("/v1/answer", json={"questions": [body]})
         except httpx.HTTPError as e:
             return {"error": f"serve app unreachable: {e}"}
-        if r.status_code == 422:
-            return {"error": f"rejected: {r.text[:300]}"}
         try:
-            return r.json()["answers"][0]
-        except (ValueError, KeyError, IndexError):
+            data = r.json()
+        except ValueError:
             return {"error": f"HTTP {r.status_code}: {r.text[:300]}"}
+        if isinstance(data, dict) and "answers" in data and data["answers"]:
+            return data["answers"][0]
+        if isinstance(data, dict) and isinstance(data.get("error"), dict):  # a whole-request error (401, 413, 422)
+            return {"error": f"HTTP {r.status_code}: {data['error'].get('message')}"}
+        return {"error": f"HTTP {r.status_code}: {r.text[:300]}"}
 
     pending: list[dict] = []
+    first: list[tuple[float, str]] = []
+
+    def timed(q: dict) -> dict:
+        result = ask(q)
+        if "error" not in result and not first:
+            first.append((time.perf_counter(), q["id"]))
+        return result
+
     with ThreadPoolExecutor(args.in_flight) as pool:
-        for q, result in zip(todo, pool.map(ask, todo)):
+        for q, result in zip(todo, pool.map(timed, todo)):
             pending.append(answer_row(q, result))
             if len(pending) >= 16:
                 write_part(out, _part_name(pending), pending)
                 pending = []
     if pending:
         write_part(out, _part_name(pending), pending)
+    return first[0] if first else (time.perf_counter(), "")
 
 
 def _part_name(rows: list[dict]) -> str:
     return hashlib.sha256("\n".join(r["id"] for r in rows).encode()).hexdigest()[:16]
 
 
-def answer_in_job(args, todo: list[dict]) -> None:
+def answer_in_job(args, todo: list[dict]) -> tuple[float, str]:
+    """Answer with an in-job actor pool; returns when the first batch of answers reached the driver and one of its
+    question ids."""
     import ray
 
-    from x2l.distributed import AnswerActor, AnswerJobConfig, map_with_actors
+    from x2l.distributed import AnswerActor, AnswerJobConfig, check_resources, map_with_actors
 
-    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-    env_vars = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "X2L_"))}
-    ray.init(address=args.ray_address, ignore_reinit_error=True, runtime_env=None if in_job else {"env_vars": env_vars})
-    cfg = AnswerJobConfig(StoreConfig(uri=args.store), str(Path(args.model).resolve()), args.out, args.top_k,
-                          args.max_new_tokens, torch_threads=args.torch_threads,
-                          use_gpu=args.num_gpus_per_actor > 0, max_prompt_chars=args.max_prompt_chars,
+    cfg = AnswerJobConfig(StoreConfig(uri=args.store), args.model, args.out, args.top_k, args.max_new_tokens,
+                          torch_threads=args.torch_threads, use_gpu=args.num_gpus_per_actor > 0,
+                          budget_bytes=args.budget_bytes, max_prompt_chars=args.max_prompt_chars,
                           max_prompt_tokens=args.max_prompt_tokens)
+    check_resources(args.concurrency * args.num_cpus_per_actor, args.concurrency * args.num_gpus_per_actor,
+                    f"--concurrency {args.concurrency} x (--num-cpus-per-actor {args.num_cpus_per_actor:g}, "
+                    f"--num-gpus-per-actor {args.num_gpus_per_actor:g})")
     rows = [q | {"options": json.dumps(q["options"]) if q["options"] else ""} for q in todo]
-    map_with_actors(ray.data.from_items(rows), AnswerActor, batch_size=args.batch_size,
-                    fn_constructor_kwargs={"cfg": cfg}, concurrency=args.concurrency,
-                    num_cpus=args.num_cpus_per_actor, num_gpus=args.num_gpus_per_actor or None).materialize()
+    ds = map_with_actors(ray.data.from_items(rows), AnswerActor, batch_size=args.batch_size,
+                         fn_constructor_kwargs={"cfg": cfg}, concurrency=args.concurrency,
+                         num_cpus=args.num_cpus_per_actor, num_gpus=args.num_gpus_per_actor or None)
+    first: tuple[float, str] | None = None
+    for batch in ds.iter_batches(batch_size=None):
+        if first is None and len(batch["id"]):
+            first = (time.perf_counter(), str(batch["id"][0]))
+    return first or (time.perf_counter(), "")
 
 
 def refuse_questions(todo: list[dict], limits, out) -> list[dict]:
@@ -151,16 +176,22 @@ def refuse_questions(todo: list[dict], limits, out) -> list[dict]:
     return keep
 
 
-def summarize(rows: list[dict], wall_s: float, run_id: str, started: str, config: dict) -> dict:
+def summarize(rows: list[dict], wall_s: float, run_id: str, started: str, config: dict,
+              startup_s: float = 0.0) -> dict:
+    """summary.json of an answer run. startup_s: seconds before answering began (Ray start-up, model loading: up to
+    the first answer's arrival less its own latency); throughput and the report's answering device-hours count
+    answer_s = wall_s - startup_s, from the first answer on (issue 12)."""
     ok = [r for r in rows if r["error"] is None]
     lat = sorted(r["total_s"] for r in ok if r["total_s"] is not None)
     selected = sum(len(r["selected_chunks"] or []) for r in ok)
     hits = sum(r["cache_hits"] or 0 for r in ok)
+    answer_s = max(0.0, wall_s - startup_s)
     return {
-        "run_id": run_id, "started": started, "wall_s": round(wall_s, 3), "questions": len(rows),
-        "answered": len(ok), "failed": len(rows) - len(ok),
+        "run_id": run_id, "started": started, "status": "ok" if ok else ("failed" if rows else "empty"),
+        "wall_s": round(wall_s, 3), "startup_s": round(startup_s, 3), "answer_s": round(answer_s, 3),
+        "questions": len(rows), "answered": len(ok), "failed": len(rows) - len(ok),
         "errors": {r["id"]: r["error"] for r in rows if r["error"] is not None},
-        "questions_per_second": round(len(ok) / wall_s, 3) if wall_s > 0 else 0.0,
+        "questions_per_second": round(len(ok) / answer_s, 3) if answer_s > 0 else 0.0,
         "latency_s": {"p50": round(statistics.median(lat), 4) if lat else None,
                       "p95": round(lat[min(len(lat) - 1, int(0.95 * len(lat)))], 4) if lat else None},
         "store_bytes_read": sum(r["store_bytes_read"] or 0 for r in ok),
@@ -172,6 +203,7 @@ def summarize(rows: list[dict], wall_s: float, run_id: str, started: str, config
 
 
 def run(args) -> int:
+    from x2l.distributed import job_path, start_ray
     from x2l.questions import consolidate, read_parts
     from x2l.store import KVStore
     from x2l.store.backend import open_backend
@@ -179,8 +211,19 @@ def run(args) -> int:
 
     if not args.serve_address and not args.model:
         raise X2LError("give --serve-address (a running Serve app) or --model (answer in-job)")
+    args.store, args.out = job_path(args.store, "--store"), job_path(args.out, "--out")
+    args.questions = job_path(args.questions, "--questions")
     store_cfg = StoreConfig(uri=args.store)
-    store = KVStore(store_cfg)  # unreachable store: fails here
+    fingerprint = None
+    if not args.serve_address:
+        from x2l.models.qwen2_vl import checkpoint_fingerprint
+
+        args.model = job_path(args.model, "--model")
+        if not (Path(args.model) / "config.json").is_file():
+            raise X2LError(f"--model {args.model}: not a checkpoint directory (no config.json there)")
+        fingerprint = checkpoint_fingerprint(Path(args.model))  # a model the store refuses: refused here
+    store = KVStore(store_cfg, fingerprint, create=False)  # unreachable or missing store: fails here
+    store.require_exists()
     questions = load_question_file(args.questions, store_cfg)
     if not questions:
         raise X2LError(f"question file {args.questions} has no questions")
@@ -195,24 +238,34 @@ def run(args) -> int:
     from x2l.prompt import PromptLimits
 
     send = refuse_questions(todo, PromptLimits(args.max_prompt_chars, args.max_prompt_tokens), out)
+    first_at, first_id = t0, ""
     if send:
         if args.serve_address:
-            answer_over_http(args, send, out)
+            first_at, first_id = answer_over_http(args, send, out)
         else:
-            answer_in_job(args, send)
+            start_ray(args.ray_address)
+            first_at, first_id = answer_in_job(args, send)
     wall = time.perf_counter() - t0
     rows = consolidate(out, questions)
     new = [r for r in rows if r["id"] in {q["id"] for q in todo}]
+    first_latency = next((r["total_s"] or 0.0 for r in new if r["id"] == first_id), 0.0)
+    startup = max(0.0, first_at - t0 - first_latency) if first_id else 0.0
     config = {"store": args.store, "questions": args.questions, "out": args.out, "serve_address": args.serve_address,
-              "model": args.model, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens,
-              "concurrency": args.concurrency, "batch_size": args.batch_size}
-    summary = summarize(new, wall, run_id, started, config) | {"already_answered": len(done)}
-    out.write_bytes("summary.json", json.dumps(summary, indent=1).encode())
-    write_run(store.backend, run_id, new, summary, kind="answer")
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "errors")}, indent=1))
+              "model": args.model, "top_k": args.top_k, "budget_bytes": args.budget_bytes,
+              "max_new_tokens": args.max_new_tokens, "concurrency": args.concurrency, "batch_size": args.batch_size}
+    summary = summarize(new, wall, run_id, started, config, startup) | {"already_answered": len(done)}
+    # Printed before anything is written: a store gone at the end loses the record, not what the run did.
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "errors")}, indent=1), flush=True)
     for qid, err in summary["errors"].items():
         print(f"answer_questions: failed {qid}: {err}", file=sys.stderr)
-    return 0 if summary["answered"] or not todo else 1  # non-zero only when nothing could be answered
+    code = 0 if summary["answered"] or not todo else 1  # non-zero only when nothing could be answered
+    try:
+        out.write_bytes("summary.json", json.dumps(summary, indent=1).encode())
+        write_run(store.backend, run_id, new, summary, kind="answer")
+    except X2LError as e:
+        print(f"answer_questions: error: the run's record could not be written: {e}", file=sys.stderr)
+        code = 1
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

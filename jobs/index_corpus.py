@@ -3,9 +3,13 @@
     ray job submit --working-dir . -- python jobs/index_corpus.py --corpus URI --store URI --model DIR [options]
     python jobs/index_corpus.py --corpus URI --store URI --model DIR [options]     # no cluster: Ray starts locally
 
-A rerun skips videos already committed with the same model, settings and source; failed videos get a row with their
-reason and the run goes on. Exit status 0 unless nothing could be indexed (and something needed it), the corpus is
-empty, or the store is unreachable. Writes runs/<run_id>/videos.parquet and runs/<run_id>/summary.json to the store.
+A rerun skips videos already committed with the same model, settings and source (checked in parallel, as a stage of
+the pipeline); failed videos get a row with their reason and the run goes on. Local paths must be absolute under
+`ray job submit` (say "$PWD/store": the driver runs in Ray's temporary copy of the working directory); resources the
+cluster cannot give are refused at start. Exit status 0 unless nothing could be indexed (and something needed it),
+the corpus is empty, the store is unreachable, Ray does not come up or the resources do not fit (one line each), or
+the run's record cannot be written at the end (after the summary is printed). Writes runs/<run_id>/videos.parquet
+and runs/<run_id>/summary.json to the store.
 """
 
 from __future__ import annotations
@@ -77,10 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import ray
-
     from x2l.corpus import list_corpus
-    from x2l.distributed import IndexJobConfig, already_indexed, build_pipeline, stats_row
+    from x2l.distributed import IndexJobConfig, build_pipeline, check_resources, job_path, start_ray, stats_row
     from x2l.models import pixel_rule
     from x2l.models.qwen2_vl import checkpoint_fingerprint
     from x2l.report import summarize_index_run
@@ -90,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg_kwargs = {"run_id": args.run_id} if args.run_id else {}
     cfg = IndexJobConfig(
-        corpus=args.corpus, store=StoreConfig(uri=args.store), model=str(Path(args.model).resolve()),
+        corpus=job_path(args.corpus, "--corpus"), store=StoreConfig(uri=job_path(args.store, "--store")),
+        model=job_path(args.model, "--model"),
         sampling=SamplingConfig(args.fps, args.max_frames, args.frames_per_chunk, args.min_pixels, args.max_pixels),
         compression=CompressionConfig(args.l_keep, args.h_keep, args.scorer, args.context),
         concurrency=args.concurrency, num_gpus_per_actor=args.num_gpus_per_actor,
@@ -105,49 +108,47 @@ def run(args: argparse.Namespace) -> int:
         print(f"index_corpus: error: no videos found in corpus {cfg.corpus}", file=sys.stderr)
         return 1
 
+    start_ray(args.ray_address)
+    # A request the cluster can never meet would wait forever in silence: the actors, and one decode task.
+    check_resources(cfg.concurrency * cfg.num_cpus_per_actor + cfg.decode_cpus,
+                    cfg.concurrency * cfg.num_gpus_per_actor,
+                    f"--concurrency {cfg.concurrency} x (--num-cpus-per-actor {cfg.num_cpus_per_actor:g}, "
+                    f"--num-gpus-per-actor {cfg.num_gpus_per_actor:g}) + --decode-cpus {cfg.decode_cpus:g}")
+    print(f"index_corpus: {len(entries)} videos in {cfg.corpus}; which are already committed is checked in parallel "
+          f"as the pipeline runs; store {cfg.store.uri}; run {cfg.run_id}", flush=True)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     t0 = time.perf_counter()
-    todo, skipped, refused = [], [], []
-    for e in entries:
-        if not (utf8(e.video_id) and utf8(e.uri)):  # a file name that is not UTF-8: a failed row, the job goes on
-            refused.append(stats_row(printable(e.video_id), printable(e.uri), "failed",
-                                     f"file name {printable(e.uri)!r} is not valid UTF-8: rename the file or list it "
-                                     f"with an id in a .txt/.csv corpus file"))
-            continue
-        size = os.path.getsize(e.uri) if "://" not in e.uri and os.path.exists(e.uri) else None
-        meta = store.healthy(e.video_id)  # committed and readable; a damaged video is indexed again (repaired)
-        if not cfg.overwrite and already_indexed(meta, fingerprint, cfg, e.uri, size):
-            skipped.append(stats_row(e.video_id, e.uri, "skipped", "already committed with the same model, "
-                                     "settings and source"))
-        else:
-            todo.append({"video_id": e.video_id, "uri": e.uri})
-    print(f"index_corpus: {len(entries)} videos in {cfg.corpus}: {len(todo)} to index, {len(skipped)} already "
-          f"committed, {len(refused)} refused; store {cfg.store.uri}; run {cfg.run_id}", flush=True)
-
-    rows: list[dict] = list(refused)
-    if todo:
-        # Outside a submitted job, workers do not see this process's environment: pass on the store credentials.
-        # Inside one (`ray job submit --runtime-env-json ...`) the job's runtime env already reaches every worker.
-        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-        env_vars = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "X2L_"))}
-        ray.init(address=args.ray_address, ignore_reinit_error=True,
-                 runtime_env=None if in_job else {"env_vars": env_vars})
-        rows += build_pipeline(todo, cfg).take_all()
+    named = [e for e in entries if utf8(e.video_id) and utf8(e.uri)]
+    # a file name that is not UTF-8: a failed row, the job goes on
+    rows: list[dict] = [stats_row(printable(e.video_id), printable(e.uri), "failed",
+                                  f"file name {printable(e.uri)!r} is not valid UTF-8: rename the file or list it "
+                                  f"with an id in a .txt/.csv corpus file") for e in entries if e not in named]
+    if named:
+        rows += build_pipeline([{"video_id": e.video_id, "uri": e.uri} for e in named], cfg, fingerprint).take_all()
     wall = time.perf_counter() - t0
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    rows = [r for r in rows if r["status"] != "skipped"]
     config = {"corpus": cfg.corpus, "store": cfg.store.uri, "model": cfg.model, "model_fingerprint": fingerprint,
               "sampling": to_dict(cfg.sampling), "compression": to_dict(cfg.compression),
               "concurrency": cfg.concurrency, "num_gpus_per_actor": cfg.num_gpus_per_actor,
               "num_cpus_per_actor": cfg.num_cpus_per_actor, "decode_cpus": cfg.decode_cpus}
     summary = summarize_index_run(rows, skipped, wall, cfg.run_id, started, config)
-    write_run(store.backend, cfg.run_id, rows + skipped, summary)
-    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
+    # The summary and the failures are printed before the run is recorded: a store gone at the end loses the
+    # record, not what the run did.
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1), flush=True)
     for r in rows:
         if r["status"] == "failed":
             print(f"index_corpus: failed {r['video_id']}: {r['reason']}", file=sys.stderr)
+    code = 0
+    try:
+        write_run(store.backend, cfg.run_id, rows + skipped, summary)
+    except X2LError as e:
+        print(f"index_corpus: error: the run's record could not be written to the store: {e}", file=sys.stderr)
+        code = 1
     if summary["indexed"] + summary["skipped"] == 0:
         print("index_corpus: error: nothing could be indexed", file=sys.stderr)
         return 1
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from x2l.store.schema import SCHEMA_VERSION
+from x2l.synthetic import write_audio_with_cover_art
+
 X2L = [str(Path(sys.executable).parent / "x2l")]
 
 
@@ -37,12 +40,20 @@ def test_index_reports_what_it_wrote(indexed, tiny_checkpoints, video_path):
     assert 0 < b["h"] < b["delta"] < b["full"] and res["bytes_written"] > b["h"] + b["delta"]
     assert set(res["seconds"]) >= {"decode", "vision", "prefill", "compress", "total"}
     # the same video again: a no-op; other settings: refused without --overwrite
+    # (found out before decoding and pre-filling: no stage ran, nothing was written)
+    from x2l.store import KVStore
+
+    write_id = KVStore(str(out)).committed("clip-1")["write_id"]
     again = x2l("index", video_path, "--model", tiny_checkpoints["qwen2-vl"], "--out", out, "--video-id", "clip-1",
-                "--fps", 2, "--frames-per-chunk", 4)
-    assert "nothing written" in again.stdout
+                "--fps", 2, "--frames-per-chunk", 4, "--json")
+    res2 = json.loads(again.stdout)
+    assert res2["already_stored"] is True and res2["bytes_written"] == 0 and "seconds" not in res2
+    assert res2["chunks"] == 5
     other = x2l("index", video_path, "--model", tiny_checkpoints["qwen2-vl"], "--out", out, "--video-id", "clip-1",
                 "--fps", 2, "--frames-per-chunk", 4, "--l-keep", 0.25, check=False)
-    assert other.returncode == 1 and "overwrite" in other.stderr
+    assert other.returncode == 1 and "pass --overwrite" in other.stderr and "compression" in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1
+    assert KVStore(str(out)).committed("clip-1")["write_id"] == write_id
 
 
 def test_store_ls_and_info(indexed):
@@ -96,7 +107,20 @@ BAD_INPUTS = {
     "missing video": (lambda d: d / "nope.mp4", "no such file"),
     "zero bytes": (lambda d: _file(d / "empty.mp4", b""), "empty"),
     "not a video": (lambda d: _file(d / "notes.mp4", b"hello, not a video"), "not a readable video"),
+    "cover art only": (lambda d: write_audio_with_cover_art(d / "song.m4a"), "no video stream (only an attached picture)"),
+    "cut after header": (lambda d: _cut_after_header(d), "truncated: the header lists 20 frames but none"),
 }
+
+
+def _cut_after_header(d: Path) -> Path:
+    from x2l.synthetic import write_video
+
+    import av
+
+    data = write_video(d / "full.mp4", 20, 10, size=(64, 64), faststart=True).read_bytes()
+    with av.open(str(d / "full.mp4")) as container:
+        first_frame_at = container.streams.video[0].index_entries[0].pos
+    return _file(d / "cut.mp4", data[: first_frame_at + 100])
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
@@ -109,12 +133,17 @@ def test_bad_video_gives_one_line_error(case, tmp_path, tiny_checkpoints):
     assert not (tmp_path / "o").exists()
 
 
-def test_too_short_video_is_refused(tmp_path, tiny_checkpoints):
+def test_clip_shorter_than_a_chunk_is_one_padded_chunk(tmp_path, tiny_checkpoints):
     from x2l.synthetic import write_video
 
-    v = write_video(tmp_path / "short.mp4", n_frames=6, fps=2, size=(64, 64))
-    r = x2l("index", v, "--model", tiny_checkpoints["qwen2-vl"], "--out", tmp_path / "o", check=False)
-    assert r.returncode == 1 and "too short" in r.stderr and "Traceback" not in r.stderr
+    v = write_video(tmp_path / "short.mp4", n_frames=6, fps=2, size=(64, 64))  # 3 s: 3 samples < 8 per chunk
+    r = x2l("index", v, "--model", tiny_checkpoints["qwen2-vl"], "--out", tmp_path / "o", "--json")
+    out = json.loads(r.stdout)
+    assert (out["frames"], out["chunks"]) == (3, 1)
+    assert (out["decoder"], out["frames_promised"], out["frames_decoded"]) == ("decord", 6, 6)
+    info = json.loads(x2l("store", "info", tmp_path / "o", "short.mp4", "--json").stdout)
+    assert (info["decoder"], info["frames_promised"], info["frames_decoded"]) == ("decord", 6, 6)
+    assert info["duration_s"] == 3.0
 
 
 @pytest.mark.parametrize("args,message", [
@@ -134,8 +163,11 @@ def test_bad_model_and_kv_paths(tmp_path, tiny_checkpoints, video_path):
     not_a_ckpt.mkdir()
     r = x2l("index", video_path, "--model", not_a_ckpt, "--out", tmp_path / "o", check=False)
     assert r.returncode == 1 and "no config.json" in r.stderr
+    (tmp_path / "empty-store").mkdir()
+    (tmp_path / "empty-store" / "store.json").write_text(json.dumps({
+        "format": "x2l-kvstore", "schema_version": SCHEMA_VERSION, "model_fingerprint": None}))
     r = x2l("ask", tmp_path / "empty-store", "--model", tiny_checkpoints["qwen2-vl"], "--question", "q", check=False)
-    assert r.returncode == 1 and "holds 0 videos" in r.stderr
+    assert r.returncode == 1 and "model fingerprint" in r.stderr
     garbage = tmp_path / "garbage-store"
     garbage.mkdir()
     (garbage / "store.json").write_bytes(os.urandom(64))

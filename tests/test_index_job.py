@@ -16,8 +16,9 @@ from x2l.store.runs import read_run_rows, read_runs
 from x2l.synthetic import write_video
 
 ROOT = Path(__file__).resolve().parents[1]
-GOOD = {"a.mp4": 24, "b.mp4": 40, "deep/c.mp4": 56, "deep/er/d.mp4": 32}  # frames at 4 fps: 6-14 s, 2 fps sampled
-BAD = {"corrupt.mp4": "not a readable video", "empty.mp4": "empty (0 bytes)", "short.mp4": "too short",
+GOOD = {"a.mp4": 24, "b.mp4": 40, "deep/c.mp4": 56, "deep/er/d.mp4": 32,  # frames at 4 fps: 6-14 s, 2 fps sampled
+        "short.mp4": 4}  # 1 s: shorter than one chunk
+BAD = {"corrupt.mp4": "not a readable video", "empty.mp4": "empty (0 bytes)",
        "bad-\\xff.mp4": "is not valid UTF-8"}  # a file named b"bad-\xff.mp4": its row shows the byte escaped
 JOB_ARGS = ["--fps", "2", "--frames-per-chunk", "4"]
 
@@ -30,7 +31,6 @@ def corpus(tmp_path_factory):
         write_video(root / name, n_frames=frames, fps=4, size=(64, 96))
     (root / "corrupt.mp4").write_bytes((root / "a.mp4").read_bytes()[:400])
     (root / "empty.mp4").write_bytes(b"")
-    write_video(root / "short.mp4", n_frames=4, fps=4, size=(64, 96))  # 1 s: 2 frames < one chunk of 4
     (root / os.fsdecode(b"bad-\xff.mp4")).write_bytes((root / "a.mp4").read_bytes())  # fine video, bad name
     (root / "notes.txt").write_text("not part of the corpus")
     return root
@@ -57,7 +57,10 @@ def check_first_run(store_uri, model_dir):
     assert set(by_id) == set(GOOD) | set(BAD)
     for vid in GOOD:
         assert by_id[vid]["status"] == "indexed", by_id[vid]
-        assert by_id[vid]["chunks"] >= 3 and by_id[vid]["tokens"] > 0
+        assert by_id[vid]["chunks"] >= (1 if vid == "short.mp4" else 3) and by_id[vid]["tokens"] > 0
+        n = GOOD[vid]  # the decode task's decoder and frame counts reach the stats row and the stored meta
+        assert (by_id[vid]["decoder"], by_id[vid]["frames_promised"], by_id[vid]["frames_decoded"]) == ("decord", n, n)
+        assert KVStore(store_uri).load_h(vid).meta["frames_decoded"] == n
     for vid, reason in BAD.items():
         assert by_id[vid]["status"] == "failed" and reason in by_id[vid]["reason"], by_id[vid]
     assert summary["indexed"] == len(GOOD) and summary["failed"] == len(BAD)
@@ -91,6 +94,17 @@ def test_ray_job_submit_indexes_corpus_then_rerun_skips(ray_head, corpus, tiny_c
     assert store_h.committed("b.mp4")["write_id"] != write_ids["b.mp4"]
     for vid in GOOD:
         store_h.load_h(vid)
+    write_ids = {vid: store_h.committed(vid)["write_id"] for vid in GOOD}
+
+    # other settings without --overwrite: refused by the check stage, before any decoding, naming the flag
+    r = submit(ray_head, "--corpus", corpus, "--store", store, "--model", model, *JOB_ARGS, "--l-keep", 0.25)
+    summary, rows = last_run(str(store))
+    by_id = {row["video_id"]: row for row in rows}
+    for vid in GOOD:
+        assert by_id[vid]["status"] == "failed" and by_id[vid]["decode_s"] == 0, by_id[vid]
+        assert "already stored with other settings or source (differs in compression)" in by_id[vid]["reason"]
+        assert by_id[vid]["reason"].endswith("pass --overwrite to re-index it")
+    assert {vid: store_h.committed(vid)["write_id"] for vid in GOOD} == write_ids
 
 
 def test_actor_killed_mid_video_is_retried_and_commits_each_video_once(ray_head, corpus, tiny_checkpoints, tmp_path):
@@ -146,3 +160,67 @@ def test_job_refuses_an_unreachable_store_and_an_empty_corpus(tiny_checkpoints, 
                         str(tmp_path / "s"), "--model", str(tiny_checkpoints["qwen2-vl"])],
                        cwd=ROOT, capture_output=True, text=True, env=loopback_env(), timeout=300)
     assert r.returncode == 1 and "no videos found" in r.stderr
+
+
+def test_relative_paths_under_ray_job_submit_are_refused_with_the_working_form(ray_head, corpus, tiny_checkpoints):
+    """`--working-dir .` runs the driver in Ray's temporary copy: a relative --store would be written there and lost
+    while the job reported success. Refused, with the form that works."""
+    r = submit(ray_head, "--corpus", corpus, "--store", "rel_store", "--model", tiny_checkpoints["qwen2-vl"],
+               *JOB_ARGS)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out[-3000:]
+    assert ("index_corpus: error: --store rel_store: a relative path inside `ray job submit --working-dir` resolves "
+            "in Ray's temporary copy of the working directory") in out
+    assert '--store "$PWD/rel_store"' in out and '"indexed"' not in out
+    assert not (ROOT / "rel_store").exists()
+
+
+def test_resources_the_cluster_cannot_give_are_refused_at_start(ray_head, corpus, tiny_checkpoints, tmp_path):
+    r = submit(ray_head, "--corpus", corpus, "--store", tmp_path / "s", "--model", tiny_checkpoints["qwen2-vl"],
+               "--concurrency", 5, *JOB_ARGS)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out[-3000:]
+    assert ("index_corpus: error: the job needs 3 CPUs and 0 GPUs at once (--concurrency 5 x (--num-cpus-per-actor "
+            "0.5, --num-gpus-per-actor 0) + --decode-cpus 0.5); the Ray cluster has 2 CPUs and 0 GPUs") in out
+    assert "Traceback" not in out
+    r = submit(ray_head, "--corpus", corpus, "--store", tmp_path / "s", "--model", tiny_checkpoints["qwen2-vl"],
+               "--num-gpus-per-actor", 1, *JOB_ARGS)
+    assert r.returncode != 0 and "needs 1 CPUs and 1 GPUs" in r.stdout + r.stderr
+    assert not (tmp_path / "s" / "videos").exists()
+
+
+def test_summary_and_failures_are_printed_when_the_run_record_cannot_be_written(corpus, tiny_checkpoints, tmp_path):
+    """The store goes bad at the end (its runs/ cannot be written): what the run did is still printed, exit 1."""
+    from x2l.cluster import loopback_env
+
+    some = tmp_path / "corpus"
+    some.mkdir()
+    for name in ("a.mp4", "corrupt.mp4"):
+        (some / name).write_bytes((corpus / name).read_bytes())
+    store = tmp_path / "s"
+    store.mkdir()
+    (store / "runs").write_text("a file where the run records' folder should be")
+    r = subprocess.run([sys.executable, "jobs/index_corpus.py", "--corpus", str(some), "--store", str(store),
+                        "--model", str(tiny_checkpoints["qwen2-vl"]), "--ray-address", "local", *JOB_ARGS],
+                       cwd=ROOT, capture_output=True, text=True, env=loopback_env(), timeout=600)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    summary = json.loads(r.stdout[r.stdout.index("{"):r.stdout.rindex("}") + 1])
+    assert summary["indexed"] == 1 and summary["failed"] == 1
+    assert "index_corpus: failed corrupt.mp4: " in r.stderr
+    assert "index_corpus: error: the run's record could not be written to the store" in r.stderr
+    assert [v["video_id"] for v in KVStore(str(store)).list_videos()] == ["a.mp4"]
+
+
+def test_ray_that_does_not_come_up_is_one_line(corpus, tiny_checkpoints, tmp_path):
+    """A local Ray that cannot start (here: its socket paths would be longer than AF_UNIX allows): one line, exit 1."""
+    from x2l.cluster import loopback_env
+
+    too_long = tmp_path / ("x" * 110)
+    r = subprocess.run([sys.executable, "jobs/index_corpus.py", "--corpus", str(corpus), "--store", str(tmp_path / "s"),
+                        "--model", str(tiny_checkpoints["qwen2-vl"]), "--ray-address", "local", *JOB_ARGS],
+                       cwd=ROOT, capture_output=True, text=True, env=loopback_env() | {"RAY_TMPDIR": str(too_long)},
+                       timeout=300)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        "index_corpus: error: Ray did not start or could not be reached (--ray-address local): OSError: ")
+    assert "Traceback" not in r.stderr

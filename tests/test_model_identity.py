@@ -18,6 +18,7 @@ import x2l.models.qwen2_vl as qwen2_vl
 from x2l.errors import ModelError
 from x2l.models.qwen2_vl import ANSWER_PREFIX, MC_INSTRUCTION, checkpoint_fingerprint, question_token_ids
 from x2l.prompt import PromptError, PromptLimits, check_prompt
+from x2l.store.schema import SCHEMA_VERSION
 
 MIB = 1 << 20
 
@@ -111,6 +112,9 @@ def test_a_pickled_checkpoint_is_refused_in_one_line(tmp_path, tiny_checkpoints)
     for op in (lambda: load_model(ckpt), lambda: checkpoint_fingerprint(ckpt)):
         with pytest.raises(ModelError, match="pytorch_model.bin .*safetensors only"):
             op()
+    (tmp_path / "store").mkdir()  # an existing (empty) store: the checkpoint is what is refused
+    (tmp_path / "store" / "store.json").write_text(json.dumps({"format": "x2l-kvstore",
+                                                               "schema_version": SCHEMA_VERSION}))
     r = subprocess.run([str(Path(sys.executable).parent / "x2l"), "ask", str(tmp_path / "store"), "--model", str(ckpt),
                         "--question", "What?"], capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, HF_HUB_OFFLINE="1"))

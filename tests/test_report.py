@@ -42,6 +42,12 @@ def reported(tmp_path_factory, tiny_checkpoints):
     r = subprocess.run([sys.executable, "jobs/report.py", "--store", str(store), "--out", str(root / "rep"), *PRICES],
                        **common)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    # then a failed run: every question is about a video the store does not hold
+    bad = root / "bad.jsonl"
+    bad.write_text("".join(json.dumps({"video_id": "nope.mp4", "question": f"q{i}"}) + "\n" for i in range(3)))
+    r = subprocess.run([sys.executable, "jobs/answer_questions.py", "--store", str(store), "--questions", str(bad),
+                        "--out", str(root / "bad_answers"), "--model", model, "--ray-address", "local"], **common)
+    assert r.returncode == 1 and "answer_questions: failed" in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
     return store, root / "rep"
 
 
@@ -51,7 +57,7 @@ def test_report_numbers_follow_from_the_recorded_stats(reported):
     backend = open_backend(str(store))
     runs = read_runs(backend)
     [index_summary] = [s for s in runs if s["kind"] == "index"]
-    [answer_summary] = [s for s in runs if s["kind"] == "answer"]
+    [answer_summary] = [s for s in runs if s["kind"] == "answer" and s["status"] == "ok"]
     videos = read_run_rows(backend, index_summary["run_id"], "index")
     answers = read_run_rows(backend, answer_summary["run_id"], "answer")
     assert len(videos) == 2 and len(answers) == 12
@@ -80,7 +86,11 @@ def test_report_numbers_follow_from_the_recorded_stats(reported):
     assert report["answering"]["l_cache_hit_rate"] == pytest.approx(hits / selected, abs=1e-4)
     reads = [a["store_bytes_read"] for a in answers]
     assert report["answering"]["store_bytes_read"]["mean"] == pytest.approx(sum(reads) / 12)
-    answer_dollars = answer_summary["wall_s"] / 3600 * 2.5 + (selected - hits) / 1000 * 0.002
+    # answering time counts from the first answer on: Ray start-up and model loading are left out
+    assert answer_summary["startup_s"] > 0
+    assert answer_summary["answer_s"] == pytest.approx(answer_summary["wall_s"] - answer_summary["startup_s"], abs=2e-3)
+    assert answer_summary["questions_per_second"] == pytest.approx(12 / answer_summary["answer_s"], rel=1e-2)
+    answer_dollars = answer_summary["answer_s"] / 3600 * 2.5 + (selected - hits) / 1000 * 0.002
     assert report["dollars"]["per_1000_questions"] == pytest.approx(answer_dollars / 12 * 1000, rel=1e-4)
 
 
@@ -93,3 +103,87 @@ def test_report_files_and_plots(reported):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
         assert f"]({name})" in md
+
+
+def x2l(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).parent / "x2l"), *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_runs_ls_and_report_filters(reported, tmp_path):
+    store, _ = reported
+    r = x2l("runs", "ls", store, "--json")
+    assert r.returncode == 0, r.stderr
+    runs = json.loads(r.stdout)
+    assert [(x["kind"], x["status"]) for x in runs] == [("index", "ok"), ("answer", "ok"), ("answer", "failed")]
+    assert runs[0]["counts"] == {"videos": 2, "indexed": 2, "skipped": 0, "failed": 0}
+    assert runs[2]["counts"] == {"questions": 3, "answered": 0, "already_answered": 0, "failed": 3}
+    assert "3 runs in" in x2l("runs", "ls", store).stdout
+
+    def report(*args) -> dict:
+        r = x2l("report", store, "--out", tmp_path / "r", *PRICES, *args)
+        assert r.returncode == 0, r.stderr
+        return json.loads((tmp_path / "r" / "report.json").read_text())
+
+    failed = read_runs(open_backend(str(store)))[-1]
+    ok_only = report()
+    assert ok_only["runs"] == [runs[0]["run_id"], runs[1]["run_id"]]  # the failed run is left out by default
+    assert ok_only["answering"]["runs"] == 1 and ok_only["answering"]["questions"] == 12
+    with_failed = report("--include-failed")
+    assert with_failed["answering"]["runs"] == 2 and with_failed["answering"]["questions"] == 12
+    extra = failed["answer_s"] / 3600 * 2.5  # the failed run's device time, billed only when asked for
+    assert with_failed["dollars"]["answering"] == pytest.approx(ok_only["dollars"]["answering"] + extra, abs=2e-6)
+    only_index = report("--kind", "index")
+    assert only_index["answering"]["runs"] == 0 and only_index["indexing"]["runs"] == 1
+    one = report("--run-id", runs[1]["run_id"])
+    assert one["runs"] == [runs[1]["run_id"]] and one["indexing"]["runs"] == 0
+    assert report("--since", "2999-01-01")["runs"] == []
+    assert report("--since", runs[0]["started"])["runs"] == ok_only["runs"]
+    r = x2l("report", store, "--since", "yesterday")
+    assert r.returncode == 1 and "--since 'yesterday'" in r.stderr
+
+
+def test_per_question_stats_survive_a_bad_video_in_the_batch(reported, tiny_checkpoints, tmp_path):
+    """A batch with a question about an unknown video: the other questions' bytes read and cache hits are those of
+    the same questions answered without it (the failed video does not re-run the batch with a warm cache)."""
+    import numpy as np
+
+    from x2l.config import StoreConfig
+    from x2l.distributed import AnswerActor, AnswerJobConfig
+
+    store, _ = reported
+    good = [{"id": "1", "video_id": "one.mp4", "question": "What is in it?"},
+            {"id": "2", "video_id": "two.mp4", "question": "What moves?"}]
+    bad = {"id": "3", "video_id": "nope.mp4", "question": "What?"}
+
+    def answered(questions: list[dict], out: str) -> dict[str, dict]:
+        cfg = AnswerJobConfig(StoreConfig(uri=str(store)), str(tiny_checkpoints["qwen2-vl"]), out, top_k=2)
+        actor = AnswerActor(cfg)  # the in-job actor's class, run in this process: fresh caches
+        batch = {k: np.array([q[k] for q in questions]) for k in ("id", "video_id", "question")}
+        actor(batch | {"options": np.array([""] * len(questions))})
+        from x2l.questions import read_parts
+        from x2l.store.backend import open_backend as ob
+
+        return read_parts(ob(out))
+
+    clean = answered(good, str(tmp_path / "clean"))
+    mixed = answered([good[0], bad, good[1]], str(tmp_path / "mixed"))
+    assert "unknown video id 'nope.mp4'" in mixed["3"]["error"]
+    for qid in ("1", "2"):
+        assert mixed[qid]["error"] is None
+        assert mixed[qid]["store_bytes_read"] == clean[qid]["store_bytes_read"] > 0
+        assert mixed[qid]["cache_hits"] == clean[qid]["cache_hits"] == 0
+
+
+def test_answer_job_refusing_a_model_is_one_line_before_ray(reported, tiny_checkpoints, tmp_path):
+    from x2l.cluster import loopback_env
+
+    store, _ = reported
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"video_id": "one.mp4", "question": "q"}) + "\n")
+    r = subprocess.run([sys.executable, "jobs/answer_questions.py", "--store", str(store), "--questions", str(q),
+                        "--out", str(tmp_path / "out"), "--model", str(tiny_checkpoints["qwen2.5-vl"])],
+                       cwd=ROOT, env=loopback_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stdout == ""
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith("answer_questions: error: store ") and "not of model fingerprint" in line

@@ -38,7 +38,11 @@ def archive(tmp_path_factory, tiny_checkpoints):
     for i, (name, frames) in enumerate(VIDEOS.items()):
         path = write_video(root / name, n_frames=frames, fps=4, size=(64, 96 + 28 * i))
         store.write(Indexer(model, SAMPLING).index(path, name))
-    return {"store": str(root / "store"), "model": str(model_dir), "model_obj": model}
+    # a store of its own for the re-index test: one video, indexed in chunks of 4 frames
+    live = write_video(root / "live.mp4", n_frames=32, fps=4, size=(64, 96))
+    KVStore(str(root / "live"), model.fingerprint).write(Indexer(model, SAMPLING).index(live, "live.mp4"))
+    return {"store": str(root / "store"), "model": str(model_dir), "model_obj": model, "live": str(root / "live"),
+            "live_video": live}
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +84,7 @@ def serve_app(archive, damaged_store):
               route_prefix="/tight")
     serve.run(app(base | {"token_env": TOKEN_ENV}), name="auth", route_prefix="/auth")
     serve.run(app(base | {"store": damaged_store}), name="damaged", route_prefix="/damaged")
+    serve.run(app(base | {"store": archive["live"]}), name="live", route_prefix="/live")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
@@ -137,9 +142,9 @@ def test_error_statuses_and_the_service_keeps_answering(serve_app):
     r = ask(serve_app, [{"video_id": "unicorns.mp4", "question": "Where?"}])
     assert r.status_code == 404 and "unknown video id 'unicorns.mp4'" in r.json()["answers"][0]["error"]["message"]
     r = httpx.post(serve_app + "/v1/answer", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 422
+    assert r.status_code == 422 and r.json()["error"]["status"] == 422
     r = ask(serve_app, [{"video_id": "cats.mp4"}])  # missing field
-    assert r.status_code == 422 and "question" in r.text
+    assert r.status_code == 422 and "question" in r.json()["error"]["message"]
     r = ask(serve_app, [{"video_id": "cats.mp4", "question": "x" * 201}])
     assert r.status_code == 413 and "201 characters, the limit is 200" in r.json()["answers"][0]["error"]["message"]
     r = ask(serve_app, [{"video_id": "cats.mp4", "question": "q"}] * 21)
@@ -223,11 +228,103 @@ def test_damaged_videos_fail_alone_and_removed_videos_stop_being_answered(serve_
 def test_bearer_token(serve_app):
     url = serve_app + "/auth"
     assert httpx.get(url + "/healthz").status_code == 200  # open
-    assert httpx.get(url + "/v1/videos").status_code == 401
-    assert ask(url, QUESTIONS[:1]).status_code == 401
-    assert ask(url, QUESTIONS[:1], headers={"Authorization": "Bearer wrong"}).status_code == 401
-    r = ask(url, QUESTIONS[:1], headers={"Authorization": "Bearer s3cret"})
-    assert r.status_code == 200 and "answer" in r.json()["answers"][0]
+    assert httpx.get(url + "/readyz").status_code == 200  # open
+    unauthorized = {"error": {"status": 401, "message": "missing or wrong bearer token"}}
+    for r in (httpx.get(url + "/v1/videos"), ask(url, QUESTIONS[:1]),
+              ask(url, QUESTIONS[:1], headers={"Authorization": "Bearer wrong"}),
+              ask(url, QUESTIONS[:1], headers={"Authorization": "Basic s3cret"}),
+              httpx.get(url + "/docs"), httpx.get(url + "/openapi.json")):
+        assert r.status_code == 401 and r.json() == unauthorized
+    # the token is checked before the body is read: a malformed body without it is 401, not 422
+    r = httpx.post(url + "/v1/answer", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 401 and r.json() == unauthorized
+    for scheme in ("Bearer", "bearer", "BEARER"):
+        r = ask(url, QUESTIONS[:1], headers={"Authorization": f"{scheme} s3cret"})
+        assert r.status_code == 200 and "answer" in r.json()["answers"][0]
+    r = httpx.get(url + "/openapi.json", headers={"Authorization": "Bearer s3cret"})
+    assert r.status_code == 200 and "/v1/answer" in r.json()["paths"]
+    r = httpx.get(url + "/docs", headers={"Authorization": "Bearer s3cret"})
+    assert r.status_code == 200 and "swagger" in r.text.lower()
+
+
+def test_every_error_body_has_one_shape(serve_app):
+    def shape(r: httpx.Response, status: int) -> str:
+        assert r.status_code == status, r.text
+        body = r.json()
+        assert set(body) == {"error"} and set(body["error"]) == {"status", "message"}
+        assert body["error"]["status"] == status
+        return body["error"]["message"]
+
+    r = httpx.post(serve_app + "/v1/answer", content=b"{not json", headers={"content-type": "application/json"})
+    assert "JSON" in shape(r, 422)
+    assert "questions.0.question: Field required" in shape(ask(serve_app, [{"video_id": "cats.mp4"}]), 422)
+    assert "top_k" in shape(ask(serve_app, [{"video_id": "cats.mp4", "question": "q", "top_k": -1}]), 422)
+    assert "limit is 20" in shape(ask(serve_app, [{"video_id": "cats.mp4", "question": "q"}] * 21), 413)
+    shape(httpx.get(serve_app + "/no/such/route"), 404)
+
+
+def test_results_echo_id_and_video_id_and_take_a_byte_budget(serve_app, archive):
+    meta = KVStore(archive["store"]).info("fish.mp4")
+    one_chunk = meta["chunks"][0]["delta_bytes"]
+    qs = [{"id": "a", "video_id": "fish.mp4", "question": "What swims?", "budget_bytes": 0},
+          {"id": "b", "video_id": "fish.mp4", "question": "What swims?", "budget_bytes": 2 * one_chunk, "top_k": 0},
+          {"id": "c", "video_id": "nope.mp4", "question": "What swims?"}]
+    r = ask(serve_app, qs)
+    assert r.status_code == 200
+    a, b, c = r.json()["answers"]
+    assert [x["id"] for x in (a, b, c)] == ["a", "b", "c"]
+    assert [x["video_id"] for x in (a, b, c)] == ["fish.mp4", "fish.mp4", "nope.mp4"]
+    assert a["selected_chunks"] == [] and c["error"]["status"] == 404
+    store = KVStore(archive["store"])
+    expected = Answerer(archive["model_obj"], store, RetrievalConfig(top_k=0, budget_bytes=2 * one_chunk)).answer(
+        [Question("fish.mp4", "What swims?")])[0]
+    assert b["selected_chunks"] == expected.selected_chunks and len(b["selected_chunks"]) == 2
+    assert b["answer"] == expected.text
+
+
+def test_readyz_once_the_query_replica_has_model_and_h(serve_app):
+    r = httpx.get(serve_app + "/readyz")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "ready" and body["h_videos"] == len(VIDEOS) and body["dtype"] == "float32"
+
+
+def test_app_builder_refuses_a_missing_model_or_store_before_deploying(archive, tmp_path):
+    from x2l.cluster import loopback_env
+    from x2l.errors import ConfigError
+    from x2l.serve import app
+
+    with pytest.raises(ConfigError, match=f"store={tmp_path / 'none'}: store {tmp_path / 'none'} does not exist"):
+        app({"store": str(tmp_path / "none"), "model": archive["model"]})
+    assert not (tmp_path / "none").exists()
+    r = subprocess.run([str(Path(sys.executable).parent / "serve"), "run", "x2l.serve:app",
+                        f"store={archive['store']}", f"model={tmp_path / 'nomodel'}"],
+                       capture_output=True, text=True, env=loopback_env(), timeout=120, cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last == f"Error: x2l.serve: model directory {tmp_path / 'nomodel'} does not exist"
+
+
+def test_reindex_while_serving_answers_from_the_new_index(serve_app, archive):
+    """Another process re-indexes a served video with --overwrite (other chunking): the next question is answered
+    from the new commit, including chunks the replica never fetched before."""
+    url = serve_app + "/live"
+    q = {"id": "x", "video_id": "live.mp4", "question": "What is shown?", "top_k": 2}
+    before = ask(url, [q]).json()["answers"][0]
+    assert before["n_chunks"] == 4  # 16 frames at 2 fps, 4 per chunk
+    new = Indexer(archive["model_obj"], SamplingConfig(fps=2, frames_per_chunk=2)).index(archive["live_video"],
+                                                                                          "live.mp4")
+    KVStore(archive["live"], archive["model_obj"].fingerprint).write(new, overwrite=True)
+    for top_k in (2, 8):  # every chunk of the new index: deltas the replica never held
+        r = ask(url, [q | {"top_k": top_k}])
+        assert r.status_code == 200, r.text
+        after = r.json()["answers"][0]
+        assert after["n_chunks"] == 8 and len(after["selected_chunks"]) == top_k
+    expected = Answerer(archive["model_obj"], KVStore(archive["live"]), RetrievalConfig(top_k=8)).answer(
+        [Question("live.mp4", "What is shown?")])[0]
+    assert after["answer"] == expected.text
+    stats = httpx.get(url + "/v1/stats").json()["h_cache"]
+    assert stats["reloads"] == 1
 
 
 def test_h_memory_budget_evicts_and_reloads_with_right_answers(serve_app, archive):

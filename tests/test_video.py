@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import av
 import decord
 import numpy as np
 import pytest
@@ -10,7 +13,7 @@ import torch
 from x2l.config import SamplingConfig
 from x2l.errors import VideoError
 from x2l.synthetic import read_frame_index, write_audio_only, write_video
-from x2l.video import DECODE_BATCH, load_video, probe_video, resize_frames, sample_indices
+from x2l.video import DECODE_BATCH, VideoInfo, frames_at, load_video, probe_video, resize_frames, sample_times
 
 NATIVE_FPS = 25
 N_FRAMES = 300  # 12 s at 25 fps
@@ -36,27 +39,30 @@ def frame_indices(frames: np.ndarray) -> list[int]:
 # --- sampling rule (pure) ---
 
 
-def test_sample_indices_at_fps():
-    np.testing.assert_array_equal(sample_indices(300, 25.0, 1.0, 256), np.arange(12) * 25)
-    np.testing.assert_array_equal(sample_indices(300, 25.0, 2.0, 256), np.arange(24) * 25 // 2)
-    # 10.01 s at 29.97 fps: floor(20.02) = 20 frames; t_k = k * 10.01 / 20 s is frame t_k * 29.97 = 15 k
-    np.testing.assert_array_equal(sample_indices(300, 29.97, 2.0, 256), np.arange(20) * 15)
+def test_sample_times_one_per_second_of_presentation_time():
+    np.testing.assert_allclose(sample_times(12.0, 1.0, 256), np.arange(12.0))
+    np.testing.assert_allclose(sample_times(12.0, 2.0, 256), np.arange(24) / 2)
+    np.testing.assert_allclose(sample_times(10.01, 2.0, 256), np.arange(20) / 2)  # floor(20.02) = 20
+    np.testing.assert_allclose(sample_times(0.4, 1.0, 256), [0.0])  # a short clip still gives one sample
+    # 19.999 s (a 20 s WebM at 15 fps with millisecond timestamps) is 20 s within one tick of its time base
+    assert len(sample_times(19.999, 1.0, 256, resolution_s=0.001)) == 20
+    assert len(sample_times(19.999, 1.0, 256)) == 19
 
 
-def test_sample_indices_cap_spreads_over_whole_video():
-    idx = sample_indices(3000, 25.0, 1.0, 16)  # 120 s wants 120 frames, capped to 16: one every 7.5 s
-    assert len(idx) == 16
-    np.testing.assert_array_equal(idx, np.arange(16) * 3000 // 16)
-    assert 3000 - idx[-1] <= 3000 / 16 + 1  # last sample starts the last interval (+1: rounded down to a frame)
-
-
-def test_sample_indices_edges():
-    np.testing.assert_array_equal(sample_indices(10, 25.0, 1.0, 256), [0])  # 0.4 s still gives one frame
-    np.testing.assert_array_equal(sample_indices(4, 1.0, 2.0, 256), [0, 0, 1, 1, 2, 2, 3, 3])  # fps > native
+def test_sample_times_cap_spreads_over_whole_video():
+    t = sample_times(120.0, 1.0, 16)  # 120 s wants 120 samples, capped to 16: one every 7.5 s
+    np.testing.assert_allclose(t, np.arange(16) * 7.5)
     with pytest.raises(ValueError):
-        sample_indices(0, 25.0, 1.0, 8)
+        sample_times(10.0, 0.0, 8)
     with pytest.raises(ValueError):
-        sample_indices(10, 0.0, 1.0, 8)
+        sample_times(10.0, 1.0, 0)
+
+
+def test_frames_at_takes_the_first_frame_at_or_after_each_time():
+    frame_times = np.array([0.0, 0.5, 1.0, 3.0, 3.2])
+    np.testing.assert_array_equal(frames_at(frame_times, [0.0, 0.2, 1.0, 1.5, 3.1, 3.3]), [0, 1, 2, 3, 4, 4])
+    # 0.1 * 3 is 0.30000000000000004 in floats: still the frame at 0.3
+    np.testing.assert_array_equal(frames_at(np.arange(10) / 10, [0.1 * 3]), [3])
 
 
 # --- load_video: the right frames, chunked ---
@@ -64,8 +70,9 @@ def test_sample_indices_edges():
 
 def test_load_video_returns_the_sampled_frames(videos):
     clip = load_video(videos["h264"], SamplingConfig(fps=1.0, frames_per_chunk=4))
-    assert clip.codec == "h264"
+    assert clip.codec == "h264" and clip.decoder == "decord"  # CFR H.264 in MP4: decord's fast path
     assert clip.native_fps == NATIVE_FPS and clip.duration_s == pytest.approx(12.0)
+    assert (clip.frames_promised, clip.frames_decoded) == (N_FRAMES, N_FRAMES)
     assert clip.frames.shape == (12, *SIZE, 3) and clip.frames.dtype == np.uint8
     assert clip.n_real_frames == 12 and clip.n_chunks == 3
     assert frame_indices(clip.frames) == list(range(0, 300, 25))
@@ -74,14 +81,24 @@ def test_load_video_returns_the_sampled_frames(videos):
     assert frame_indices(clip.chunk_frames(1)) == [100, 125, 150, 175]
 
 
+def test_decord_and_pyav_return_the_same_frames(videos, monkeypatch):
+    sampling = SamplingConfig(fps=3.0, frames_per_chunk=4)
+    fast = load_video(videos["h264"], sampling)
+    monkeypatch.setattr(VideoInfo, "decoder", property(lambda self: "pyav"))
+    exact = load_video(videos["h264"], sampling)
+    assert (fast.decoder, exact.decoder) == ("decord", "pyav")
+    np.testing.assert_array_equal(fast.frames, exact.frames)
+    np.testing.assert_array_equal(fast.timestamps, exact.timestamps)
+
+
 def test_max_frames_cap_samples_evenly_over_whole_video(videos):
     clip = load_video(videos["h264"], SamplingConfig(fps=2.0, max_frames=8, frames_per_chunk=4))
-    expected = [k * N_FRAMES // 8 for k in range(8)]  # 24 wanted, 8 kept: one every 1.5 s
-    assert expected[-1] == 262
+    # 24 wanted, 8 kept: one every 1.5 s; t = 1.5 k gets the frame at or after it, ceil(37.5 k)
+    expected = [math.ceil(k * 1.5 * NATIVE_FPS) for k in range(8)]
+    assert expected[-1] == 263
     assert frame_indices(clip.frames) == expected
     np.testing.assert_allclose(clip.timestamps, np.array(expected) / NATIVE_FPS)
-    # end = time of the chunk's last frame + one sampling interval (1.5 s): 112 / 25 + 1.5, 262 / 25 + 1.5
-    assert clip.chunk_times == [(0.0, pytest.approx(5.98)), (6.0, pytest.approx(11.98))]
+    assert clip.chunk_times == [(0.0, pytest.approx(6.0)), (6.0, 12.0)]  # the next chunk's first frame; the end
 
 
 def test_partial_last_chunk_is_padded_with_its_last_frame(videos):
@@ -91,17 +108,17 @@ def test_partial_last_chunk_is_padded_with_its_last_frame(videos):
     for pad_row in range(12, 15):
         np.testing.assert_array_equal(clip.frames[pad_row], clip.frames[11])
     np.testing.assert_allclose(clip.timestamps[10:], [10.0, 11.0, 11.0, 11.0, 11.0])
-    assert clip.chunk_times == [(0.0, 5.0), (5.0, 10.0), (10.0, 12.0)]  # end: last real frame + 1 s
+    assert clip.chunk_times == [(0.0, 5.0), (5.0, 10.0), (10.0, 12.0)]
     assert clip.chunk_frames(2).shape == (5, *SIZE, 3)
     with pytest.raises(IndexError):
         clip.chunk_frames(3)
 
 
-def test_video_shorter_than_one_chunk_is_refused(videos):
-    with pytest.raises(VideoError, match=r"too short: 5 sampled frames, need at least frames_per_chunk=8") as e:
-        load_video(videos["short"], SamplingConfig(fps=1.0, frames_per_chunk=8))
-    assert str(videos["short"]) in str(e.value)
-    # the same video is accepted once it yields one full chunk
+def test_video_shorter_than_one_chunk_is_one_padded_chunk(videos):
+    clip = load_video(videos["short"], SamplingConfig(fps=1.0, frames_per_chunk=8))
+    assert clip.n_real_frames == 5 and clip.n_chunks == 1 and len(clip.frames) == 8
+    assert frame_indices(clip.frames) == [0, 25, 50, 75, 100, 100, 100, 100]
+    assert clip.chunk_times == [(0.0, 5.0)]
     clip = load_video(videos["short"], SamplingConfig(fps=2.0, frames_per_chunk=8))
     assert clip.n_real_frames == 10 and clip.n_chunks == 2
 
@@ -114,9 +131,9 @@ def test_hevc_with_bframes_returns_the_right_frames(videos):
     assert probe_video(path).codec == "hevc"
     expected = list(range(0, 300, 25))
     clip = load_video(path, SamplingConfig(fps=1.0, frames_per_chunk=4))
-    assert clip.codec == "hevc"
+    assert clip.codec == "hevc" and clip.decoder == "pyav"
     assert frame_indices(clip.frames) == expected
-    # why HEVC is decoded sequentially: decord's random access returns other frames on this very file
+    # why HEVC is not decoded with decord: its random access returns other frames on this very file
     vr = decord.VideoReader(str(path))
     assert frame_indices(vr.get_batch(expected).asnumpy()) != expected, "decord HEVC seek bug gone? revisit video.py"
 
@@ -125,7 +142,8 @@ def test_hevc_repeated_indices_and_long_batches(tmp_path):
     path = write_video(tmp_path / "hevc_long.mp4", 80, 10, size=SIZE, codec="libx265", bframes=3, gop=20)
     clip = load_video(path, SamplingConfig(fps=20.0, max_frames=256, frames_per_chunk=8))  # fps above native
     assert clip.n_real_frames == 160 > DECODE_BATCH
-    assert frame_indices(clip.frames) == [i // 2 for i in range(160)]
+    # t = k / 20 gets the first frame at or after it: frame ceil(k / 2); after the last frame starts, the last
+    assert frame_indices(clip.frames) == [min(math.ceil(k / 2), 79) for k in range(160)]
 
 
 # --- resize ---
@@ -208,9 +226,11 @@ def _head_300_bytes(d):
     return d / "head.mp4"
 
 
-def _truncated_faststart(d):
+def _truncated_after_header(d):
     data = write_video(d / "full_fs.mp4", N_FRAMES, NATIVE_FPS, size=SIZE, faststart=True).read_bytes()
-    (d / "cut.mp4").write_bytes(data[: len(data) // 2])  # header intact, half of the frame data missing
+    with av.open(str(d / "full_fs.mp4")) as container:
+        first_frame_at = container.streams.video[0].index_entries[0].pos
+    (d / "cut.mp4").write_bytes(data[: first_frame_at + 100])  # header intact, not one whole frame after it
     return d / "cut.mp4"
 
 
@@ -230,7 +250,7 @@ def _directory(d):
         (_empty, "empty"),
         (_text, "not a readable video"),
         (_head_300_bytes, "not a readable video"),
-        (_truncated_faststart, "cannot decode"),
+        (_truncated_after_header, "truncated: the header lists 300 frames but none"),
         (_audio_only, "no video stream"),
         (_directory, "not a regular file"),
     ],
@@ -242,5 +262,5 @@ def test_bad_videos_raise_video_error_naming_the_file(tmp_path, make, cause):
         load_video(path, SamplingConfig(fps=1.0, frames_per_chunk=4))
     assert str(path) in str(e.value) and cause in str(e.value)
     assert "Traceback" not in str(e.value)
-    if cause in ("not a readable video", "cannot decode"):
+    if cause == "not a readable video":
         assert e.value.__cause__ is not None  # the decord/PyAV error is chained, not lost

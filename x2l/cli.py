@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig
+from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig, to_dict
 from x2l.errors import ConfigError, X2LError
 from x2l.prompt import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS
 from x2l.store.keys import GRACE_S
@@ -135,6 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"price of 1,000 GET requests (default {d_p.get_per_1k})")
     p.add_argument("--serve-devices", type=float, default=d_p.serve_devices,
                    help=f"accelerators behind the Serve app for runs answered over HTTP (default {d_p.serve_devices:g})")
+    p.add_argument("--run-id", action="append", default=None, help="only this run (repeat for several)")
+    p.add_argument("--since", default=None,
+                   help="only runs started at or after this UTC time (ISO 8601: 2026-11-30 or 2026-11-30T12:00:00Z)")
+    p.add_argument("--kind", choices=["index", "answer"], default=None, help="only indexing or answering runs")
+    p.add_argument("--include-failed", action="store_true",
+                   help="also count failed and empty runs (status other than ok; see `x2l runs ls`)")
+
+    p = sub.add_parser("runs", help="the runs recorded in a store")
+    runs_sub = p.add_subparsers(dest="runs_command", required=True)
+    q = runs_sub.add_parser("ls", help="list runs: id, kind, status, counts, start time and wall time")
+    q.add_argument("store", help="store URI")
+    q.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("eval", help="accuracy of full / h / uniform:K / x2l:K answering on a benchmark, with bytes")
     p.add_argument("--bench", required=True, choices=["needle", "videomme", "mlvu", "longvideobench", "vnbench"],
@@ -186,6 +198,19 @@ def cmd_index(args) -> None:
     model = _load_model(args)
     store = KVStore(args.out, model.fingerprint)
     indexer = Indexer(model, sampling, compression)
+    video_id = args.video_id or Path(args.video).name
+    # Already stored? Found out before decoding and pre-filling: same fingerprint -> nothing to do; other settings
+    # -> refused unless --overwrite.
+    stored = store.check_before_indexing(video_id, model.fingerprint, to_dict(sampling), to_dict(compression),
+                                         str(Path(args.video).resolve()), args.overwrite)
+    if stored is not None:
+        if args.json:
+            print(json.dumps({"video_id": video_id, "store": args.out, "chunks": stored["n_chunks"],
+                              "bytes": stored["bytes"], "bytes_written": 0, "already_stored": True}))
+        else:
+            print(f"{video_id} is already stored in {args.out} with the same fingerprint (model, settings, source "
+                  f"bytes): nothing to do (--overwrite re-indexes it)")
+        return
     t = time.perf_counter()
     kv = indexer.index(args.video, args.video_id)
     before = store.backend.stats.snapshot()
@@ -194,6 +219,7 @@ def cmd_index(args) -> None:
     stats = indexer.last_stats
     result = {
         "video_id": kv.video_id, "store": args.out, "frames": stats.frames, "chunks": kv.n_chunks,
+        "decoder": stats.decoder, "frames_promised": stats.frames_promised, "frames_decoded": stats.frames_decoded,
         "tokens": stats.tokens, "bytes": meta["bytes"], "bytes_written": written,
         "seconds": {k: round(v, 4) for k, v in stats.seconds.items()} | {"total": round(time.perf_counter() - t, 4)},
     }
@@ -204,6 +230,9 @@ def cmd_index(args) -> None:
         note = "" if written else " (already stored with the same fingerprint: nothing written)"
         print(f"indexed {kv.video_id}: {stats.frames} frames, {kv.n_chunks} chunks, {stats.tokens} tokens "
               f"in {result['seconds']['total']:.2f} s -> {args.out}{note}")
+        cut = (f"; the header lists {stats.frames_promised}: truncated file?"
+               if 0 < stats.frames_decoded < stats.frames_promised else "")
+        print(f"  decoded with {stats.decoder}: {kv.meta['duration_s']:.2f} s, {stats.frames_decoded} frames{cut}")
         print(f"  KV bytes: sink {b['sink']:,}  H {b['h']:,}  L delta {b['delta']:,}  (uncompressed {b['full']:,})")
 
 
@@ -219,9 +248,8 @@ def _pick_video(store, video_id: str | None) -> str:
 
 def cmd_ask(args) -> None:
     from x2l.engine import Answerer, Question
-    from x2l.store import KVStore
-
     from x2l.prompt import PromptError, PromptLimits, check_prompt
+    from x2l.store import KVStore
 
     limits = PromptLimits(args.max_prompt_chars, args.max_prompt_tokens)
 
@@ -233,9 +261,10 @@ def cmd_ask(args) -> None:
                 raise ConfigError(f"--question {n} ({q[:40]!r}{'...' if len(q) > 40 else ''}): {e}") from e
 
     check()  # characters and empty questions: before the model is loaded
+    KVStore(args.store, create=False).require_exists()  # a missing store: said before loading the model
     model = _load_model(args)
     check(lambda q, o: len(model.question_ids(q, o)))
-    store = KVStore(args.store, model.fingerprint)
+    store = KVStore(args.store, model.fingerprint, dtype=model.dtype, create=False)
     video_id = _pick_video(store, args.video_id)
     store.info(video_id)  # unknown id: a clear error before any work
     retrieval = RetrievalConfig(args.top_k, args.budget_bytes, None, args.max_new_tokens)
@@ -253,7 +282,8 @@ def cmd_ask(args) -> None:
 def cmd_store(args) -> int | None:
     from x2l.store import KVStore
 
-    store = KVStore(args.store)
+    store = KVStore(args.store, create=False)  # read-only: a missing store is an error, never created
+    store.require_exists()
     if args.store_command == "ls":
         videos = store.list_videos(damaged=True)
         if args.json:
@@ -267,8 +297,8 @@ def cmd_store(args) -> int | None:
                       f"{v['damaged']}")
                 continue
             b = v["bytes"]
-            print(f"  {v['video_id']}: {v['chunks']} chunks, H {b['h']:,} B, L delta {b['delta']:,} B, "
-                  f"uncompressed {b['full']:,} B")
+            print(f"  {v['video_id']}: {v['chunks']} chunks, KV {v['dtype']}, H {b['h']:,} B, L delta "
+                  f"{b['delta']:,} B, uncompressed {b['full']:,} B")
         return None
     if args.store_command in ("verify", "gc", "rm"):
         return _store_upkeep(store, args)
@@ -280,6 +310,7 @@ def cmd_store(args) -> int | None:
     print(f"{meta['video_id']} (key {meta['video_key']}), source {meta['source']}")
     print(f"  model {meta['model_family']} {meta['model_fingerprint']}, schema {meta['schema_version']}, "
           f"written {meta['created']}")
+    print(f"  KV dtype {meta['dtype']} (cast to the model's dtype when read)")
     print(f"  sampling {meta['sampling']}")
     print(f"  compression {meta['compression']}")
     print(f"  bytes: sink {b['sink']:,}  H {b['h']:,}  L delta {b['delta']:,}  uncompressed {b['full']:,}  "
@@ -331,16 +362,34 @@ def _store_upkeep(store, args) -> int:
 
 
 def cmd_report(args) -> None:
-    from x2l.report import Prices, write_report
+    from x2l.report import Prices, RunFilter, write_report
+    from x2l.store.backend import open_backend
 
     prices = Prices(args.gpu_dollars_per_hour, args.storage_dollars_per_gb_month, args.put_dollars_per_1k,
                     args.get_dollars_per_1k, args.serve_devices)
-    report = write_report(args.store, args.out, prices)
+    open_backend(args.store, create=False)  # a missing store: said, not created
+    report = write_report(args.store, args.out, prices, RunFilter(args.run_id, args.since, args.kind,
+                                                                  args.include_failed))
     d = report["dollars"]
     print(f"wrote {args.out}/report.md, report.json and {len(report['plots'])} plots: "
           f"{report['indexing']['videos_indexed']} videos, {report['answering']['questions']} questions; "
           f"${d['per_indexed_video_hour'] or 0:.4f} per indexed video-hour, "
           f"${d['per_1000_questions'] or 0:.4f} per 1,000 questions")
+
+
+def cmd_runs(args) -> None:
+    from x2l.store.backend import open_backend
+    from x2l.store.runs import list_runs
+
+    runs = list_runs(open_backend(args.store, create=False))
+    if args.json:
+        print(json.dumps(runs))
+        return
+    print(f"{len(runs)} runs in {args.store}")
+    for r in runs:
+        counts = ", ".join(f"{k} {v}" for k, v in r["counts"].items())
+        print(f"  {r['run_id']}  {r['kind']:6s} {r['status']:6s}  started {r['started']}  {r['wall_s']:.1f} s  "
+              f"{counts}")
 
 
 def cmd_eval(args) -> None:
@@ -388,7 +437,8 @@ def cmd_demo(args) -> None:
     run_demo(Path(args.workdir), model.resolve())
 
 
-COMMANDS = {"index": cmd_index, "ask": cmd_ask, "store": cmd_store, "report": cmd_report, "eval": cmd_eval,
+COMMANDS = {"index": cmd_index, "ask": cmd_ask, "store": cmd_store, "report": cmd_report, "runs": cmd_runs,
+            "eval": cmd_eval,
             "tiny-model": cmd_tiny_model, "demo": cmd_demo}
 
 

@@ -1,8 +1,11 @@
-"""Ray Data pieces of the corpus indexing job (jobs/index_corpus.py).
+"""Ray Data pieces of the corpus indexing job (jobs/index_corpus.py) and of the in-job answering pool, and what the
+jobs check before they start (issue 12): paths that survive `ray job submit --working-dir`, resources the cluster has.
 
-Pipeline: corpus rows -> `fetch_and_decode` (CPU tasks: download if remote, hash, decode, sample, resize) ->
-`IndexActor` pool (loads the model once; pre-fills, compresses and writes each video to the store) -> one stats row per
-video. Decoding runs as its own stage, so the next video decodes while an actor pre-fills the current one.
+Pipeline: corpus rows -> `check_committed` (CPU tasks, each reading a batch of commit records with threads: which
+videos are already committed with the same model, settings and source) -> `fetch_and_decode` (CPU tasks: download if
+remote, hash, decode, sample, resize) -> `IndexActor` pool (loads the model once; pre-fills, compresses and writes
+each video to the store) -> one stats row per video. Skipped videos pass the later stages untouched. Decoding runs as
+its own stage, so the next video decodes while an actor pre-fills the current one.
 
 On a small machine every actor asks for a fraction of a CPU (`num_cpus_per_actor`, default 0.5) and decode tasks for
 `decode_cpus` (default 0.5): with actors never holding every CPU, upstream tasks can always run (a full actor pool
@@ -33,7 +36,8 @@ ACTOR_MAX_RESTARTS = -1  # restart a crashed actor as often as needed
 ACTOR_MAX_TASK_RETRIES = -1  # and retry the video it was working on
 STAT_FIELDS = ("video_id", "uri", "status", "reason", "duration_s", "frames", "chunks", "tokens", "decode_s", "vision_s",
                "prefill_s", "compress_s", "write_s", "index_s", "bytes_sink", "bytes_h", "bytes_delta", "bytes_full",
-               "bytes_written", "actor", "actor_ready", "t_start", "t_end")
+               "bytes_written", "actor", "actor_ready", "t_start", "t_end", "decoder", "frames_promised",
+               "frames_decoded")
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,8 @@ def map_with_actors(ds, fn, batch_size: int | None = None, **kwargs):
 
 def stats_row(video_id: str, uri: str, status: str, reason: str = "", **values) -> dict:
     row = {k: 0 for k in STAT_FIELDS} | {"video_id": video_id, "uri": uri, "status": status, "reason": reason,
-                                          "actor": "", "actor_ready": 0.0, "t_start": 0.0, "t_end": 0.0}
+                                          "actor": "", "actor_ready": 0.0, "t_start": 0.0, "t_end": 0.0,
+                                          "decoder": ""}
     row.update(values)
     return row
 
@@ -100,11 +105,20 @@ def _local_copy(uri: str, store: StoreConfig) -> tuple[str, str, int, str | None
     return uri, h.hexdigest(), size, None
 
 
+def _passing(row: dict) -> dict:
+    """A row that a stage passes on untouched (skipped, or failed upstream), in the stage's output shape."""
+    return {**stats_row(row["video_id"], row["uri"], row["status"], row.get("reason", "")),
+            "frames_data": np.zeros((0, 1, 1, 3), np.uint8), "timestamps": np.zeros(0), "clip": {}}
+
+
 def fetch_and_decode(row: dict, model_dir: str, sampling: SamplingConfig, store: StoreConfig) -> dict:
-    """Corpus row -> decoded, sampled, resized frames (or a failed row with the reason). Runs as a CPU task."""
+    """Corpus row -> decoded, sampled, resized frames (or a failed row with the reason). Runs as a CPU task.
+    Rows that are not "todo" (skipped by check_committed) pass through."""
     from x2l.models import pixel_rule
     from x2l.video import load_video
 
+    if row.get("status", "todo") != "todo":
+        return _passing(row)
     t = time.perf_counter()
     tmp = None
     try:
@@ -123,7 +137,8 @@ def fetch_and_decode(row: dict, model_dir: str, sampling: SamplingConfig, store:
                  "chunk_times": [list(c) for c in clip.chunk_times], "duration_s": clip.duration_s,
                  "native_fps": clip.native_fps, "codec": clip.codec, "sha256": sha, "size": size}
     return {**stats_row(row["video_id"], row["uri"], "decoded", decode_s=time.perf_counter() - t,
-                        duration_s=clip.duration_s),
+                        duration_s=clip.duration_s, decoder=clip.decoder, frames_promised=clip.frames_promised,
+                        frames_decoded=clip.frames_decoded),
             "frames_data": clip.frames, "timestamps": clip.timestamps, "clip": clip_info}
 
 
@@ -150,6 +165,8 @@ class IndexActor:
     def __call__(self, row: dict) -> dict:
         from x2l.video import VideoClip
 
+        if row["status"] == "skipped":
+            return stats_row(row["video_id"], row["uri"], "skipped", row["reason"])
         base = {k: row[k] for k in STAT_FIELDS if k in row} | {"actor": self.actor, "actor_ready": self.ready}
         if row["status"] != "decoded":
             return base | {"t_start": time.time(), "t_end": time.time()}
@@ -157,7 +174,8 @@ class IndexActor:
         info = row["clip"]
         clip = VideoClip(row["uri"], np.asarray(row["frames_data"]), np.asarray(row["timestamps"]),
                          info["n_real_frames"], info["frames_per_chunk"], [tuple(c) for c in info["chunk_times"]],
-                         info["duration_s"], info["native_fps"], info["codec"])
+                         info["duration_s"], info["native_fps"], info["codec"], decoder=row["decoder"],
+                         frames_promised=row["frames_promised"], frames_decoded=row["frames_decoded"])
         try:
             t = time.perf_counter()
             kv = self.indexer.index_clip(clip, row["video_id"])
@@ -199,11 +217,68 @@ def already_indexed(meta: dict | None, model_fingerprint: str, cfg: IndexJobConf
             and meta.get("source") == uri and (size is None or meta.get("source_size") == size))
 
 
-def build_pipeline(rows: list[dict], cfg: IndexJobConfig):
-    """The Ray Dataset of stats rows for `rows` (corpus entries that need indexing)."""
+SKIP_REASON = "already committed with the same model, settings and source"
+CHECK_BATCH = 64  # corpus rows per check task
+CHECK_THREADS = 16  # commit records read at once by one check task (each read is one small GET on S3)
+
+
+class CheckCommitted:
+    """A batch of corpus rows -> the same rows with status "skipped" (already committed with the same model,
+    settings, source URI and size), "failed" (committed with other ones and no --overwrite, or the store unreachable)
+    or "todo" (including a committed video whose commit or KV file is damaged: the write repairs it). The batch's commit records are read by CHECK_THREADS threads: the check is I/O-bound, so
+    one task keeps many reads in flight; the tasks run in parallel with decoding."""
+
+    def __init__(self, cfg: IndexJobConfig, model_fingerprint: str):
+        from x2l.store import KVStore
+
+        self.cfg, self.fingerprint = cfg, model_fingerprint
+        self.store = KVStore(cfg.store)
+
+    def status(self, video_id: str, uri: str) -> tuple[str, str]:
+        if self.cfg.overwrite:
+            return "todo", ""
+        size = os.path.getsize(uri) if "://" not in uri and os.path.exists(uri) else None
+        try:
+            meta = self.store.healthy(video_id)  # a damaged commit or KV file reads as absent: indexed again
+        except X2LError as e:  # the store is unreachable: the write would fail the same way
+            return "failed", f"its commit record cannot be read: {e}"
+        if already_indexed(meta, self.fingerprint, self.cfg, uri, size):
+            return "skipped", SKIP_REASON
+        if meta is None:
+            return "todo", ""
+        # Committed, but not like this: refused before any decoding, as the write would refuse it. A commit without
+        # a source size (written by `x2l index`) is left to the write, which compares the source bytes' hash.
+        differ = [k for k, v in (("model_fingerprint", self.fingerprint), ("sampling", to_dict(self.cfg.sampling)),
+                                 ("compression", to_dict(self.cfg.compression)), ("source", uri),
+                                 ("source_size", size))
+                  if v is not None and meta.get(k) != v and not (k == "source_size" and meta.get(k) is None)]
+        if not differ:
+            return "todo", ""
+        return "failed", (f"video {video_id!r} is already stored with other settings or source (differs in "
+                          f"{', '.join(differ)}): pass --overwrite to re-index it")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        ids, uris = [str(v) for v in batch["video_id"]], [str(u) for u in batch["uri"]]
+        with ThreadPoolExecutor(min(CHECK_THREADS, max(1, len(ids)))) as pool:
+            found = list(pool.map(self.status, ids, uris))
+        return {"video_id": ids, "uri": uris, "status": [f[0] for f in found], "reason": [f[1] for f in found]}
+
+
+def check_committed(batch: dict[str, np.ndarray], cfg: IndexJobConfig, model_fingerprint: str) -> dict[str, list]:
+    """CheckCommitted as a plain task function (one store handle per batch)."""
+    return CheckCommitted(cfg, model_fingerprint)(batch)
+
+
+def build_pipeline(rows: list[dict], cfg: IndexJobConfig, model_fingerprint: str):
+    """The Ray Dataset of stats rows (indexed, skipped or failed) for `rows`, the corpus entries."""
     import ray
 
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // CHECK_BATCH)))
+    ds = ds.map_batches(check_committed, batch_size=CHECK_BATCH, num_cpus=cfg.decode_cpus,
+                        fn_kwargs={"cfg": cfg, "model_fingerprint": model_fingerprint})
+    ds = ds.repartition(target_num_rows_per_block=1)  # streaming: one video per decode task, as before the check
     ds = ds.map(fetch_and_decode, fn_kwargs={"model_dir": cfg.model, "sampling": cfg.sampling, "store": cfg.store},
                 num_cpus=cfg.decode_cpus)
     return map_with_actors(ds, IndexActor, fn_constructor_kwargs={"cfg": cfg}, concurrency=cfg.concurrency,
@@ -225,6 +300,8 @@ class AnswerJobConfig:
     use_gpu: bool = False
     max_prompt_chars: int = MAX_PROMPT_CHARS
     max_prompt_tokens: int = MAX_PROMPT_TOKENS
+    budget_bytes: int | None = None
+    h_budget_bytes: int = 1 << 30
 
 
 class AnswerActor:
@@ -243,9 +320,13 @@ class AnswerActor:
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         self.cfg = cfg
+        from x2l.source import HCache
+
         self.model = load_model(cfg.model, cfg.dtype, cfg.attn, "cuda" if cfg.use_gpu else "cpu")
-        self.store = KVStore(cfg.store, self.model.fingerprint)
-        self.answerer = Answerer(self.model, self.store, RetrievalConfig(cfg.top_k, max_new_tokens=cfg.max_new_tokens))
+        self.store = KVStore(cfg.store, self.model.fingerprint, dtype=self.model.dtype)
+        self.h = HCache(self.store, cfg.h_budget_bytes)
+        self.answerer = Answerer(self.model, self.h, RetrievalConfig(cfg.top_k, cfg.budget_bytes,
+                                                                     max_new_tokens=cfg.max_new_tokens))
         self.out = open_backend(cfg.out, cfg.store)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -258,7 +339,8 @@ class AnswerActor:
         refused = self._refused(questions)
         asked = [q for q in questions if q["id"] not in refused]
         answered = self._answer(asked, lambda qs: [a.to_dict() for a in self.answerer.answer(
-            [Question(q["video_id"], q["question"], q["options"]) for q in qs])]) if asked else []
+            [Question(q["video_id"], q["question"], q["options"], id=q["id"]) for q in qs])],
+            self._current) if asked else []
         by_id = refused | {q["id"]: r for q, r in zip(asked, answered)}
         rows = [by_id[q["id"]] for q in questions]
         part = hashlib.sha256("\n".join(q["id"] for q in questions).encode()).hexdigest()[:16]
@@ -279,17 +361,86 @@ class AnswerActor:
                 out[q["id"]] = {"error": {"status": e.status, "message": str(e)}}
         return out
 
+    def _current(self, video_id: str) -> None:
+        """The video's H as of its current commit, in the H cache (raises what loading it raises)."""
+        self.h.current(video_id)
+
     @staticmethod
-    def _answer(questions: list[dict], run) -> list[dict]:
-        """All together; if that fails, video by video, so one bad video fails only its own questions."""
+    def _answer(questions: list[dict], run, check=None) -> list[dict]:
+        """Every video of the batch is checked first (`check(video_id)`: committed, H loads); the questions of a
+        video that fails it fail with its error, the rest are answered together, once, so their per-question stats
+        (bytes read, cache hits) are those of that one run. Should the joint run fail, video by video, so one bad
+        video fails only its own questions."""
+        results: dict[str, dict] = {}
+        for vid in dict.fromkeys(q["video_id"] for q in questions):
+            try:
+                if check is not None:
+                    check(vid)
+            except Exception as e:  # noqa: BLE001 - recorded in the answer row; a rerun retries it
+                results |= {q["id"]: {"error": f"{type(e).__name__}: {e}"} for q in questions if q["video_id"] == vid}
+        good = [q for q in questions if q["id"] not in results]
         try:
-            return run(questions)
+            results |= dict(zip([q["id"] for q in good], run(good))) if good else {}
         except Exception:  # noqa: BLE001
-            results: dict[str, dict] = {}
-            for vid in dict.fromkeys(q["video_id"] for q in questions):
-                group = [q for q in questions if q["video_id"] == vid]
+            for vid in dict.fromkeys(q["video_id"] for q in good):
+                group = [q for q in good if q["video_id"] == vid]
                 try:
                     results |= {q["id"]: r for q, r in zip(group, run(group))}
                 except Exception as e:  # noqa: BLE001 - recorded in the answer row; a rerun retries it
                     results |= {q["id"]: {"error": f"{type(e).__name__}: {e}"} for q in group}
-            return [results[q["id"]] for q in questions]
+        return [results[q["id"]] for q in questions]
+
+
+# --- what the jobs check before they start ----------------------------------------------------------------------------
+def in_submitted_job() -> bool:
+    """Whether this process is the driver of a `ray job submit` job (Ray sets this variable for it)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def job_path(value: str, flag: str) -> str:
+    """A path option of a job, made safe to ship to workers: s3:// URIs as given; a local path made absolute. Inside
+    `ray job submit --working-dir`, the driver runs in Ray's temporary copy of the working directory, which is
+    deleted after the job: a relative path there would read or write that copy (an index written into it is lost
+    while the job reports success), so it is refused (ConfigError) with the form that works."""
+    from x2l.errors import ConfigError
+
+    if "://" in value and not value.startswith("file://"):
+        return value
+    path = value[len("file://"):] if value.startswith("file://") else value
+    if not os.path.isabs(os.path.expanduser(path)) and in_submitted_job():
+        raise ConfigError(f"{flag} {value}: a relative path inside `ray job submit --working-dir` resolves in Ray's "
+                          f"temporary copy of the working directory ({os.getcwd()}), which is deleted after the job; "
+                          f"give an absolute path (e.g. {flag} \"$PWD/{path}\", expanded on the submitting side) "
+                          f"or an s3:// URI")
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def start_ray(address: str | None) -> None:
+    """Join or start Ray; a Ray that does not come up is one X2LError line, not Ray's traceback."""
+    import ray
+
+    # Outside a submitted job, workers do not see this process's environment: pass on the store credentials.
+    # Inside one (`ray job submit --runtime-env-json ...`) the job's runtime env already reaches every worker.
+    env_vars = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "X2L_"))}
+    try:
+        ray.init(address=address, ignore_reinit_error=True,
+                 runtime_env=None if in_submitted_job() else {"env_vars": env_vars})
+    except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError, ValueError...: all mean no Ray
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise X2LError(f"Ray did not start or could not be reached (--ray-address {address or 'default'}): "
+                       f"{type(e).__name__}: {first}") from e
+
+
+def check_resources(cpus: float, gpus: float, what: str) -> None:
+    """ConfigError (one line) when the cluster's total CPUs or GPUs are fewer than the job asks for at once: Ray
+    would otherwise wait for them forever without a word (issue 12). `what` says how the numbers were made."""
+    import ray
+
+    from x2l.errors import ConfigError
+
+    have = ray.cluster_resources()
+    have_cpu, have_gpu = have.get("CPU", 0.0), have.get("GPU", 0.0)
+    if cpus > have_cpu + 1e-9 or gpus > have_gpu + 1e-9:
+        raise ConfigError(f"the job needs {cpus:g} CPUs and {gpus:g} GPUs at once ({what}); the Ray cluster has "
+                          f"{have_cpu:g} CPUs and {have_gpu:g} GPUs: lower --concurrency or the per-actor "
+                          f"resources, or add nodes")

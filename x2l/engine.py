@@ -40,11 +40,14 @@ def _cache(layers: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
 
 @dataclass
 class IndexStats:
-    """What indexing one video did: sizes and seconds by stage."""
+    """What indexing one video did: sizes and seconds by stage, and how its frames were decoded (issue 10)."""
 
     frames: int = 0
     chunks: int = 0
     tokens: int = 0
+    decoder: str = ""  # "decord" or "pyav"
+    frames_promised: int = 0  # frames the file's header lists (0: not stated)
+    frames_decoded: int = 0  # frames the file delivered; fewer than promised for a download cut short
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
@@ -74,7 +77,9 @@ class Indexer:
         return kv
 
     def index_clip(self, clip: VideoClip, video_id: str, on_chunk: ChunkDone | None = None) -> VideoKV:
-        stats = self.last_stats = IndexStats(frames=clip.n_real_frames, chunks=clip.n_chunks)
+        stats = self.last_stats = IndexStats(frames=clip.n_real_frames, chunks=clip.n_chunks, decoder=clip.decoder,
+                                             frames_promised=clip.frames_promised,
+                                             frames_decoded=clip.frames_decoded)
         model, comp = self.model, self.compression
         t = time.perf_counter()
         sink = model.sink()
@@ -128,6 +133,9 @@ class Indexer:
             "frames": clip.n_real_frames,
             "duration_s": clip.duration_s,
             "frame_size": list(clip.frames.shape[1:3]),
+            "decoder": clip.decoder,
+            "frames_promised": clip.frames_promised,
+            "frames_decoded": clip.frames_decoded,
         }
         return VideoKV(video_id, sink_k, sink_v, chunks, start, meta)
 
@@ -141,6 +149,7 @@ class Question:
     top_k: int | None = None  # overrides RetrievalConfig.top_k
     max_new_tokens: int | None = None  # overrides RetrievalConfig.max_new_tokens
     id: str | None = None
+    budget_bytes: int | None = None  # overrides RetrievalConfig.budget_bytes (bytes of L delta; issue 12)
 
 
 @dataclass
@@ -212,7 +221,9 @@ def _padded_batch(
     layers = []
     for l in range(len(caches[0])):
         k0 = caches[0][l][0]
-        keys = k0.new_zeros(b, k0.shape[0], s, k0.shape[2])
+        # In the model's dtype and on its device, whatever the stored KV's (a float32 store asked with a bfloat16
+        # model): the copies below cast.
+        keys = torch.zeros(b, k0.shape[0], s, k0.shape[2], dtype=model.dtype, device=model.device)
         values = torch.zeros_like(keys)
         for i, cache in enumerate(caches):
             n = cache[l][0].shape[1]
@@ -320,7 +331,9 @@ class Answerer:
 
             t = time.perf_counter()
             ks = [questions[i].top_k if questions[i].top_k is not None else cfg.top_k for i in idx]
-            wants = [i for i, k in zip(idx, ks) if k > 0 or cfg.budget_bytes is not None]
+            budgets = [questions[i].budget_bytes if questions[i].budget_bytes is not None else cfg.budget_bytes
+                       for i in idx]
+            wants = [i for i, k, b in zip(idx, ks, budgets) if k > 0 or b is not None]
             if wants and cfg.selection == "uniform":
                 for i, k in zip(idx, ks):
                     selected[i] = uniform_chunks(video.n_chunks, k)
@@ -328,14 +341,17 @@ class Answerer:
                 rel = self.relevance(video, [prompts[i] for i in wants])
                 delta_bytes = [video.entry_bytes(c.delta_entries) for c in video.chunks]
                 for row, i in zip(rel, wants):
-                    k = questions[i].top_k if questions[i].top_k is not None else cfg.top_k
-                    selected[i] = select_chunks(row, k, cfg.budget_bytes, delta_bytes)
+                    q = questions[i]
+                    k = q.top_k if q.top_k is not None else cfg.top_k
+                    budget = q.budget_bytes if q.budget_bytes is not None else cfg.budget_bytes
+                    selected[i] = select_chunks(row, k, budget, delta_bytes)
                     relevance[i] = row.tolist()
             seconds["relevance"] += time.perf_counter() - t
 
             t = time.perf_counter()
             need = sorted({c for i in idx for c in selected[i]})
-            fetch = fetches[vid] = self.source.fetch_deltas(vid, need) if need else Fetch({})
+            fetch = fetches[vid] = (self.source.fetch_deltas(vid, need, video.meta.get("write_id")) if need
+                                    else Fetch({}))
             levels[vid] = {c: merge_levels(video.chunks[c].h, d) for c, d in fetch.levels.items()}
             seconds["fetch"] += time.perf_counter() - t
 

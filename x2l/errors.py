@@ -10,7 +10,7 @@ class ConfigError(X2LError):
 
 
 class VideoError(X2LError):
-    """A video file that cannot be used (missing, empty, not a video, undecodable, too short)."""
+    """A video file that cannot be used (missing, empty, not a video, truncated before its first frame, undecodable)."""
 
 
 class ModelError(X2LError):

@@ -33,6 +33,7 @@ def summarize_index_run(rows: list[dict], skipped: list[dict], wall_s: float, ru
     return {
         "run_id": run_id,
         "started": started,
+        "status": "ok" if indexed else ("failed" if failed else "empty"),
         "wall_s": round(wall_s, 3),
         "videos": len(rows) + len(skipped),
         "indexed": len(indexed),
@@ -86,6 +87,12 @@ def index_devices(config: dict) -> float:
     return config.get("concurrency", 1) * (gpus if gpus > 0 else 1)
 
 
+def answering_s(summary: dict) -> float:
+    """Seconds an answer run spent answering: from the start of the first answer's work (its arrival minus its own
+    latency) to the end, so Ray start-up and model loading are not counted (issue 12); wall_s for older runs."""
+    return summary.get("answer_s", summary["wall_s"])
+
+
 def answer_devices(config: dict, prices: Prices) -> float:
     if config.get("serve_address"):
         return prices.serve_devices
@@ -112,7 +119,7 @@ def build_report(index_runs: list[tuple[dict, list[dict]]], answer_runs: list[tu
     selected = sum(len(r["selected_chunks"] or []) for r in answers)
     hits = sum(r["cache_hits"] or 0 for r in answers)
     gets = selected - hits  # one ranged GET per L delta fetched from storage
-    answer_device_hours = sum(s["wall_s"] * answer_devices(s["config"], prices) for s, _ in answer_runs) / 3600
+    answer_device_hours = sum(answering_s(s) * answer_devices(s["config"], prices) for s, _ in answer_runs) / 3600
     answer_dollars = answer_device_hours * prices.gpu_per_hour + gets / 1000 * prices.get_per_1k
     per_vh = (lambda x: x / video_hours) if video_hours else (lambda x: None)
     return {
@@ -151,8 +158,12 @@ def build_report(index_runs: list[tuple[dict, list[dict]]], answer_runs: list[tu
 
 
 REPORT_FORMULAS = """\
-- video-hours: sum of indexed videos' durations / 3600. Device-hours: run wall time x actors x GPUs per actor (one
-  device per actor on CPU-only runs; a Serve-answered run counts `--serve-devices`).
+- runs: those with status ok (something indexed or answered); failed and empty runs only with --include-failed;
+  narrowed by --run-id, --since and --kind.
+- video-hours: sum of indexed videos' durations / 3600. Device-hours: indexing run wall time x actors x GPUs per
+  actor (one device per actor on CPU-only runs); answering runs count their answering time (from the start of the
+  first answer to the end: Ray start-up and model loading left out) x actors, or `--serve-devices` when answered
+  through a Serve app.
 - cost per indexed video-hour: (indexing device-hours x GPU $/h + 2 PUTs per video x $/1k PUT / 1000 + one month
   of storage of every level stored x $/GB-month) / video-hours.
 - cost per 1,000 questions: (answering device-hours x GPU $/h + one GET per L delta fetched from storage x
@@ -162,14 +173,56 @@ REPORT_FORMULAS = """\
 """
 
 
-def load_runs(store_uri: str, config=None) -> tuple[list, list]:
-    """(index runs, answer runs) of a store, each as (summary, rows), oldest first."""
+@dataclass(frozen=True)
+class RunFilter:
+    """Which runs a report counts (`x2l report --run-id/--since/--kind/--include-failed`).
+
+    run_ids: only these (None: all). since: only runs started at or after this UTC time (ISO 8601, a date or a date
+    and time). kind: "index" or "answer" (None: both). include_failed: also runs whose status is not "ok".
+    """
+
+    run_ids: list[str] | None = None
+    since: str | None = None
+    kind: str | None = None
+    include_failed: bool = False
+
+    def since_utc(self) -> str | None:
+        """`since` in the summaries' format (YYYY-MM-DDTHH:MM:SSZ), for string comparison."""
+        if not self.since:
+            return None
+        from datetime import datetime, timezone
+
+        from x2l.errors import ConfigError
+
+        try:
+            t = datetime.fromisoformat(self.since)
+        except ValueError as e:
+            raise ConfigError(f"--since {self.since!r}: not an ISO 8601 date or time "
+                              f"(e.g. 2026-11-30T12:00:00Z)") from e
+        if t.tzinfo is not None:
+            t = t.astimezone(timezone.utc)
+        return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def keeps(self, summary: dict, since_utc: str | None) -> bool:
+        from x2l.store.runs import run_status
+
+        return ((self.run_ids is None or summary.get("run_id") in self.run_ids)
+                and (since_utc is None or summary.get("started", "") >= since_utc)
+                and (self.kind is None or summary.get("kind", "index") == self.kind)
+                and (self.include_failed or run_status(summary) == "ok"))
+
+
+def load_runs(store_uri: str, config=None, which: RunFilter = RunFilter()) -> tuple[list, list]:
+    """(index runs, answer runs) of a store that `which` keeps, each as (summary, rows), oldest first."""
     from x2l.store.backend import open_backend
     from x2l.store.runs import read_run_rows, read_runs
 
-    backend = open_backend(store_uri, config)
+    backend = open_backend(store_uri, config, create=False)
+    since = which.since_utc()
     index_runs, answer_runs = [], []
     for summary in read_runs(backend):
+        if not which.keeps(summary, since):
+            continue
         kind = summary.get("kind", "index")
         rows = read_run_rows(backend, summary["run_id"], kind)
         (index_runs if kind == "index" else answer_runs).append((summary, rows))
@@ -287,15 +340,16 @@ def _save(fig, path) -> str:
     return path.name
 
 
-def write_report(store_uri: str, out_dir, prices: Prices = Prices()) -> dict:
-    """report.json, report.md and the PNG plots for a store, into a local folder."""
+def write_report(store_uri: str, out_dir, prices: Prices = Prices(), which: RunFilter = RunFilter()) -> dict:
+    """report.json, report.md and the PNG plots for the runs of a store that `which` keeps, into a local folder."""
     import json
     from pathlib import Path
 
+    index_runs, answer_runs = load_runs(store_uri, which=which)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    index_runs, answer_runs = load_runs(store_uri)
     report = build_report(index_runs, answer_runs, prices)
+    report["runs"] = [s["run_id"] for s, _ in index_runs + answer_runs]
     report["plots"] = render_plots(report, index_runs, answer_runs, out_dir)
     (out_dir / "report.json").write_text(json.dumps(report, indent=1))
     md = render_markdown(report, store_uri) + "\n" + "".join(f"![{n}]({n})\n" for n in report["plots"])

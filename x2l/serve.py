@@ -4,38 +4,54 @@ Two deployments. `QueryModel` holds the model, the H levels of the store's video
 `h_budget_bytes`, the rest on first use, least recently used out) and the store's LRU cache of L deltas
 (`l_cache_bytes`). Single questions arrive through `answer()`, are grouped by `@serve.batch` (`max_batch_size`,
 `batch_wait_timeout_s`) and answered together by one Answerer call: questions on the same video share its H and
-one relevance pass, and the whole batch decodes together. `Ingress` is the FastAPI HTTP front:
+one relevance pass, and the whole batch decodes together. Every batch reads each of its videos' commit record
+(meta.json, a few KiB): a video re-indexed while served (`--overwrite`) is answered from its new index from the next
+question on. KV is cast to the model's dtype as it is read. `Ingress` is the FastAPI HTTP front:
 
-    POST /v1/answer  {"questions": [{"video_id", "question", "options"?, "top_k"?, "max_new_tokens"?}]}
+    POST /v1/answer  {"questions": [{"video_id", "question", "id"?, "options"?, "top_k"?, "budget_bytes"?,
+                                     "max_new_tokens"?}]}
     GET  /v1/videos
     GET  /v1/stats
-    GET  /healthz
+    GET  /healthz    liveness: the HTTP front answers
+    GET  /readyz     readiness: 200 once a QueryModel replica has its model and H loaded, else 503
+    GET  /docs, /openapi.json
 
-Each question succeeds or fails alone: the response lists one result per question, either an answer or
-{"error": {"status", "message"}}; the HTTP status is 200 when any question was answered, else the first error's
-(404 unknown or removed video, 413 question + options over `max_prompt_chars` characters or `max_prompt_tokens`
-tokens, 422 empty question, 500 damaged video (the message names it), 503 store unreachable, 500 otherwise). The
-ingress refuses over-long and empty questions before they reach a replica, so they never share a batch. Whole-request
-errors: 422 malformed body or missing field, 413 too many questions, 401 missing/wrong bearer token when the
-environment variable named by `token_env` (default X2L_API_TOKEN) is set on the replicas (/healthz stays open).
+Each question succeeds or fails alone: the response lists one result per question, each echoing the question's `id`
+and `video_id`, with either an answer or {"error": {"status", "message"}}; the HTTP status is 200 when any question
+was answered, else the first error's (404 unknown or removed video, 413 question + options over `max_prompt_chars`
+characters or `max_prompt_tokens` tokens, 422 empty question, 500 damaged video (the message names it), 503 store
+unreachable, 500 otherwise). The ingress refuses over-long and empty questions before they reach a replica, so they
+never share a batch. Whole-request errors have the body {"error": {"status", "message"}}: 422 malformed body or
+missing field, 413 too many questions, 401 missing or wrong bearer token when the environment variable named by
+`token_env` (default X2L_API_TOKEN) is set on the replicas. The token is checked (constant-time, scheme
+case-insensitive) before the body is read; /healthz and /readyz stay open, /docs and /openapi.json are behind it.
 
 A damaged video (issue 11) is an error of that video only: the app starts and preloads every healthy video,
 `GET /v1/videos` lists damaged ones with `"damaged": reason`, and a video removed from the store stops being answered
 (each batch reads the commit of each of its videos: one small read per video per batch).
+
+The application builder (`app`) checks the model directory and the store before anything is deployed: a missing
+one ends `serve run` with one line and a non-zero exit.
 """
 # No `from __future__ import annotations` here: FastAPI reads the route signatures' annotations at runtime.
 
 import asyncio
+import hmac
 import os
 import time
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
+import click
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from x2l.config import RetrievalConfig, StoreConfig
 from x2l.errors import ConfigError, CorruptionError, IncompatibleError, NotFoundError, StoreError
@@ -64,6 +80,7 @@ class ServeConfig:
     attn: str = "sdpa"
     torch_threads: int = 0
     token_env: str = "X2L_API_TOKEN"
+    ready_timeout_s: float = 2.0
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> "ServeConfig":
@@ -98,15 +115,20 @@ class ServeConfig:
         return 2 * self.max_batch_size
 
 
+class AppConfigError(ConfigError, click.ClickException):
+    """An application argument that cannot work. Under `serve run` click prints it as one line and exits 1."""
+
+    def __init__(self, message: str):
+        ConfigError.__init__(self, message)
+        click.ClickException.__init__(self, message)
+
+
 def _error(status: int, message: str) -> dict:
     return {"error": {"status": status, "message": message}}
 
 
-def _store_error(e: StoreError) -> dict:
-    """A store failure as a question's error: damage names the video (500), the rest is the store being down."""
-    if isinstance(e, (CorruptionError, IncompatibleError)):
-        return _error(500, f"{type(e).__name__}: {e}")
-    return _error(_status_of(e), f"store unreachable: {e}")
+def _error_response(status: int, message: str) -> JSONResponse:
+    return JSONResponse(_error(status, message), status)
 
 
 def _status_of(e: Exception) -> int:
@@ -135,7 +157,8 @@ class QueryModel:
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         self.model = load_model(cfg.model, cfg.dtype, cfg.attn, "cuda" if cfg.num_gpus > 0 else "cpu")
-        self.store = KVStore(StoreConfig(uri=cfg.store, l_cache_bytes=cfg.l_cache_bytes), self.model.fingerprint)
+        self.store = KVStore(StoreConfig(uri=cfg.store, l_cache_bytes=cfg.l_cache_bytes), self.model.fingerprint,
+                             dtype=self.model.dtype)
         self.h = HCache(self.store, cfg.h_budget_bytes)
         self.preloaded = self.h.preload(v["video_id"] for v in self.store.list_videos())  # healthy videos only
         self.limits = cfg.prompt_limits
@@ -146,8 +169,14 @@ class QueryModel:
         self.decode_calls = 0
         self.questions = 0
 
+    def ready(self) -> dict:
+        """Called by /readyz: this replica exists, so its constructor loaded the model and preloaded H."""
+        return {"model": self.cfg.model, "dtype": str(self.model.dtype).removeprefix("torch."),
+                "h_videos": len(self.h.loaded())}
+
     async def answer(self, question: dict) -> dict:
-        """One question (video_id, question, options?, top_k?, max_new_tokens?) -> its result dict."""
+        """One question (video_id, question, id?, options?, top_k?, budget_bytes?, max_new_tokens?) -> its result
+        dict, which echoes id and video_id."""
         return await self._batched(question | {"_arrived": time.time()})
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
@@ -162,35 +191,31 @@ class QueryModel:
         self.questions += len(items)
         results: list[dict | None] = [None] * len(items)
         good: dict[str, list[int]] = {}
-        commits: dict[str, dict | StoreError | None] = {}  # one commit read per video per batch
+        failed: dict[str, dict] = {}  # video id -> its error result
+
+        def echo(i: int) -> dict:
+            return {"id": items[i].get("id"), "video_id": items[i]["video_id"]}
+
         for i, item in enumerate(items):
             try:  # the ingress checked already; a replica called through its handle checks too
                 check_prompt(item["question"], item.get("options"), self.limits, self.model_tokens)
             except PromptError as e:
-                results[i] = _error(e.status, str(e))
+                results[i] = echo(i) | _error(e.status, str(e))
                 continue
             vid = item["video_id"]
-            if vid not in commits:
-                try:
-                    commits[vid] = self.store.committed(vid)
-                except StoreError as e:
-                    commits[vid] = e
-                if commits[vid] is None or isinstance(commits[vid], (CorruptionError, IncompatibleError)):
-                    self.h.discard(vid)  # removed or damaged since it was loaded: never answered from memory
-                elif isinstance(commits[vid], dict):
-                    self.h.discard(vid, keep_write_id=commits[vid]["write_id"])  # recommitted: reload H and L
-            commit = commits[vid]
-            if isinstance(commit, StoreError) and not (type(commit) is StoreError and vid in self.h.loaded()):
-                results[i] = _store_error(commit)  # (store down: a video whose H is loaded is still tried)
-                continue
-            if commit is None:
-                results[i] = _error(404, f"unknown video id {vid!r}")
-                continue
-            good.setdefault(vid, []).append(i)
+            if vid not in good and vid not in failed:
+                failed_result = self._current(vid)  # its commit read once per batch; H loaded or reloaded
+                if failed_result is not None:
+                    failed[vid] = failed_result
+            if vid in failed:
+                results[i] = echo(i) | failed[vid]
+            else:
+                good.setdefault(vid, []).append(i)
 
         def run(idx: list[int]) -> None:
             questions = [Question(items[i]["video_id"], items[i]["question"], items[i].get("options"),
-                                  items[i].get("top_k"), items[i].get("max_new_tokens")) for i in idx]
+                                  items[i].get("top_k"), items[i].get("max_new_tokens"), items[i].get("id"),
+                                  items[i].get("budget_bytes")) for i in idx]
             self.decode_calls += 1
             for i, a in zip(idx, self.answerer.answer(questions)):
                 results[i] = a.to_dict() | {"queue_s": round(start - items[i]["_arrived"], 6)}
@@ -200,16 +225,33 @@ class QueryModel:
             try:
                 run(everything)  # one call: one relevance pass per video, one decode for the whole batch
             except Exception:  # noqa: BLE001 - isolate: answer video by video so one bad video fails alone
-                for idx in good.values():
+                for vid, idx in good.items():
                     try:
+                        error = self._current(vid)  # re-read: the video may have been committed anew meanwhile
+                        if error is not None:
+                            for i in idx:
+                                results[i] = echo(i) | error
+                            continue
                         run(idx)
                     except Exception as e:  # noqa: BLE001
                         for i in idx:
-                            results[i] = _error(_status_of(e), f"{type(e).__name__}: {e}")
+                            results[i] = echo(i) | _error(_status_of(e), f"{type(e).__name__}: {e}")
         return results
 
     def model_tokens(self, question: str, options: list[str] | None) -> int:
         return len(self.model.question_ids(question, options))
+
+    def _current(self, video_id: str) -> dict | None:
+        """Make the H cache hold the video's current commit; None, or the error result of its questions."""
+        try:
+            self.h.current(video_id)
+        except NotFoundError:
+            return _error(404, f"unknown video id {video_id!r}")
+        except (CorruptionError, IncompatibleError) as e:
+            return _error(500, f"video {video_id!r}: {e}")
+        except StoreError as e:
+            return _error(503, f"store unreachable: {e}")
+        return None
 
     def videos(self) -> list[dict]:
         """Every committed video, damaged ones with {"damaged": reason} (issue 11)."""
@@ -233,8 +275,10 @@ class QueryModel:
 class QuestionIn(BaseModel):
     video_id: str = Field(min_length=1)
     question: str  # empty / whitespace-only: refused per question (422), like an over-long one (413)
+    id: str | None = None
     options: list[str] | None = None
     top_k: int | None = Field(default=None, ge=0)
+    budget_bytes: int | None = Field(default=None, ge=0)
     max_new_tokens: int | None = Field(default=None, ge=1, le=4096)
 
 
@@ -242,7 +286,30 @@ class AnswerRequest(BaseModel):
     questions: list[QuestionIn] = Field(min_length=1)
 
 
-api = FastAPI(title="x2l", description="Questions over an indexed video archive (Video-X^2L).")
+api = FastAPI(title="x2l", description="Questions over an indexed video archive (Video-X^2L).", docs_url=None,
+              redoc_url=None, openapi_url=None)  # served below, behind the token
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    return _error_response(e.status_code, str(e.detail))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+    return _error_response(422, _describe(e.errors()))
+
+
+def _describe(errors) -> str:
+    """pydantic's error list as one line: 'questions.0.question: Field required; ...'."""
+    return "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'body') or 'body'}: {err.get('msg')}"
+                     for err in errors) or "invalid request"
+
+
+def _authorized(token: bytes, header: str | None) -> bool:
+    """`Authorization: Bearer <token>`, the scheme in any case, the token compared in constant time."""
+    scheme, _, given = (header or "").strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token)
 
 
 @serve.deployment
@@ -255,7 +322,8 @@ class Ingress:
 
         self.query = query
         self.cfg = ServeConfig(**config)
-        self.token = os.environ.get(self.cfg.token_env) or None
+        token = os.environ.get(self.cfg.token_env)
+        self.token = token.encode() if token else None
         tokenizer = AutoTokenizer.from_pretrained(self.cfg.model)  # to bound prompts in tokens before any replica
         self.count_tokens = lambda q, o: len(question_token_ids(tokenizer, q, o))
 
@@ -263,17 +331,41 @@ class Ingress:
         try:
             check_prompt(q.question, q.options, self.cfg.prompt_limits, self.count_tokens)
         except PromptError as e:
-            return _error(e.status, str(e))
+            return {"id": q.id, "video_id": q.video_id} | _error(e.status, str(e))
         return None
 
     def _denied(self, request: Request) -> JSONResponse | None:
-        if self.token and request.headers.get("authorization") != f"Bearer {self.token}":
-            return JSONResponse({"error": {"status": 401, "message": "missing or wrong bearer token"}}, 401)
+        """401 unless the request carries the token (checked from the headers alone, before any body is read)."""
+        if self.token and not _authorized(self.token, request.headers.get("authorization")):
+            return _error_response(401, "missing or wrong bearer token")
         return None
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self):
+        try:
+            info = await asyncio.wait_for(self.query.ready.remote(), timeout=self.cfg.ready_timeout_s)
+        except Exception as e:  # noqa: BLE001 - no replica yet, or it failed to start: not ready
+            return _error_response(503, f"no QueryModel replica is ready (loading the model and H?): "
+                                        f"{type(e).__name__}: {e}")
+        return {"status": "ready"} | info
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request):
+        if denied := self._denied(request):
+            return denied
+        return JSONResponse(api.openapi())
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request):
+        if denied := self._denied(request):
+            return denied
+        prefix = request.scope.get("root_path", "").rstrip("/")
+        html = get_swagger_ui_html(openapi_url=f"{prefix}/openapi.json", title="x2l")
+        return HTMLResponse(html.body.decode())
 
     @api.get("/v1/videos")
     async def videos(self, request: Request):
@@ -282,7 +374,7 @@ class Ingress:
         try:
             return {"videos": await self.query.videos.remote()}
         except StoreError as e:
-            return JSONResponse(_error(503, f"store unreachable: {e}"), 503)
+            return _error_response(503, f"store unreachable: {e}")
 
     @api.get("/v1/stats")
     async def stats(self, request: Request):
@@ -290,26 +382,31 @@ class Ingress:
             return denied
         return await self.query.stats.remote()
 
-    @api.post("/v1/answer")
-    async def answer(self, body: AnswerRequest, request: Request):
-        if denied := self._denied(request):
+    @api.post("/v1/answer", openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+        "schema": AnswerRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}})
+    async def answer(self, request: Request):
+        if denied := self._denied(request):  # before the body is read
             return denied
+        try:
+            body = AnswerRequest.model_validate_json(await request.body())
+        except ValidationError as e:
+            return _error_response(422, _describe(e.errors()))
         if len(body.questions) > self.cfg.max_questions_per_request:
-            return JSONResponse(_error(413, f"{len(body.questions)} questions in one request, the limit is "
-                                            f"{self.cfg.max_questions_per_request}"), 413)
+            return _error_response(413, f"{len(body.questions)} questions in one request, the limit is "
+                                        f"{self.cfg.max_questions_per_request}")
         t = time.perf_counter()
         refused = [self._refused(q) for q in body.questions]  # never sent: they cannot fail a batch
-        calls = [self.query.answer.remote(q.model_dump()) if r is None else None
-                 for q, r in zip(body.questions, refused)]
+        questions = [q.model_dump() for q in body.questions]
+        calls = [self.query.answer.remote(q) if r is None else None for q, r in zip(questions, refused)]
         results = []
-        for call, r in zip(calls, refused):
+        for q, call, r in zip(questions, calls, refused):
             if call is None:
                 results.append(r)
                 continue
             try:
                 results.append(await call)
             except Exception as e:  # noqa: BLE001 - a replica failure fails this question, not the request
-                results.append(_error(500, f"{type(e).__name__}: {e}"))
+                results.append({"id": q["id"], "video_id": q["video_id"]} | _error(500, f"{type(e).__name__}: {e}"))
         total = round(time.perf_counter() - t, 6)
         for r in results:
             if "error" not in r:
@@ -319,9 +416,30 @@ class Ingress:
         return JSONResponse({"answers": results}, status)
 
 
+def check_deployable(cfg: ServeConfig) -> None:
+    """The model directory is a checkpoint and the store exists and holds KV of that model (ConfigError naming
+    which and why): checked by the application builder, before anything is deployed."""
+    from x2l.models.qwen2_vl import checkpoint_fingerprint
+    from x2l.store import KVStore
+
+    model = Path(cfg.model)
+    if not model.is_dir():
+        raise ConfigError(f"model directory {cfg.model} does not exist")
+    if not (model / "config.json").is_file():
+        raise ConfigError(f"model directory {cfg.model} is not a checkpoint (no config.json)")
+    try:
+        KVStore(StoreConfig(uri=cfg.store), checkpoint_fingerprint(model), create=False).require_exists()
+    except StoreError as e:
+        raise ConfigError(f"store={cfg.store}: {e}") from e
+
+
 def app(args: dict[str, Any]):
     """Application builder for `serve run x2l.serve:app store=... model=...` and serve config files."""
-    cfg = ServeConfig.from_args(args)
+    try:
+        cfg = ServeConfig.from_args(args)
+        check_deployable(cfg)
+    except ConfigError as e:
+        raise AppConfigError(f"x2l.serve: {e}") from None
     query = QueryModel.options(
         num_replicas=cfg.num_replicas,
         max_ongoing_requests=cfg.max_ongoing_requests,

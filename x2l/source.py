@@ -23,8 +23,9 @@ class KVSource(Protocol):
     def load_h(self, video_id: str) -> VideoKV:
         """Sink + every chunk's H (chunks may come without their delta)."""
 
-    def fetch_deltas(self, video_id: str, chunks: list[int]) -> Fetch:
-        """The L delta of each chunk in `chunks`."""
+    def fetch_deltas(self, video_id: str, chunks: list[int], write_id: str | None = None) -> Fetch:
+        """The L delta of each chunk in `chunks`; write_id: the commit whose H the caller holds (a source that can
+        be re-written refuses deltas of another commit)."""
 
 
 class InMemorySource:
@@ -38,7 +39,7 @@ class InMemorySource:
             raise NotFoundError(f"unknown video id {video_id!r}")
         return self.videos[video_id]
 
-    def fetch_deltas(self, video_id: str, chunks: list[int]) -> Fetch:
+    def fetch_deltas(self, video_id: str, chunks: list[int], write_id: str | None = None) -> Fetch:
         video = self.load_h(video_id)
         return Fetch({c: video.chunks[c].delta for c in chunks}, {c: 0 for c in chunks}, set(chunks))
 
@@ -53,7 +54,9 @@ class HCache:
     """Keeps videos' H levels in memory within a byte budget, least recently used out; L deltas pass through.
 
     Wraps any KVSource (normally the store, whose own LRU caches L deltas). `preload()` fills the budget at start;
-    other videos load on first use. A video whose H alone exceeds the budget is served but not kept.
+    other videos load on first use. A video whose H alone exceeds the budget is served but not kept. `current()`
+    reads the video's commit record (one small read) and drops an H held of an older commit, so a video re-indexed
+    while served is answered from its new index from the next question on (issue 12).
     """
 
     def __init__(self, source: KVSource, budget_bytes: int):
@@ -68,6 +71,7 @@ class HCache:
         self.loads = 0
         self.hits = 0
         self.evictions = 0
+        self.reloads = 0  # H dropped because the video was committed anew
 
     @property
     def used_bytes(self) -> int:
@@ -117,18 +121,38 @@ class HCache:
         self._keep(video_id, video)
         return video
 
-    def discard(self, video_id: str, keep_write_id: str | None = None) -> None:
-        """Forget a video's H: it was removed from the store or found damaged, or (keep_write_id given) it was
-        loaded from another write than keep_write_id, the one committed now."""
+    def _drop(self, video_id: str) -> None:
         with self._lock:
-            video = self._videos.get(video_id)
-            if video is not None and (keep_write_id is None or video.meta.get("write_id") != keep_write_id):
-                del self._videos[video_id], self._sizes[video_id]
+            if self._videos.pop(video_id, None) is not None:
+                del self._sizes[video_id]
 
-    def fetch_deltas(self, video_id: str, chunks: list[int]) -> Fetch:
-        return self.source.fetch_deltas(video_id, chunks)
+    def current(self, video_id: str) -> VideoKV:
+        """The video's H as of its current commit. Sources that record commits (`committed(video_id)` -> meta with
+        a write_id, as KVStore does) are asked every time: NotFoundError if the video is no longer committed, the
+        store's error if its commit is damaged (the H held is dropped either way), and an H held of another write id
+        is dropped and reloaded. Other sources: as load_h."""
+        committed = getattr(self.source, "committed", None)
+        if committed is not None:
+            try:
+                meta = committed(video_id)
+            except (CorruptionError, IncompatibleError):
+                self._drop(video_id)  # damaged since it was loaded: never answered from memory
+                raise
+            if meta is None:
+                self._drop(video_id)
+                raise NotFoundError(f"unknown video id {video_id!r}")
+            with self._lock:
+                held = self._videos.get(video_id)
+            if held is not None and held.meta.get("write_id") != meta.get("write_id"):
+                self._drop(video_id)
+                with self._lock:
+                    self.reloads += 1
+        return self.load_h(video_id)
+
+    def fetch_deltas(self, video_id: str, chunks: list[int], write_id: str | None = None) -> Fetch:
+        return self.source.fetch_deltas(video_id, chunks, write_id)
 
     def stats(self) -> dict:
         with self._lock:
             return {"videos": len(self._videos), "bytes": self.used_bytes, "budget_bytes": self.budget,
-                    "loads": self.loads, "hits": self.hits, "evictions": self.evictions}
+                    "loads": self.loads, "hits": self.hits, "evictions": self.evictions, "reloads": self.reloads}

@@ -1,28 +1,44 @@
 """Turn a video file into fixed-size chunks of sampled, resized RGB frames (the unit x2l prefills and compresses).
 
-Decisions:
-- Sampling (see `sample_indices`): n = floor(duration * fps) frames, at least 1, capped at max_frames; when capped
-  the n frames are spread evenly over the whole video, so the tail is never silently dropped.
-- Chunking: frames are cut into chunks of `frames_per_chunk`. A video with fewer sampled frames than one chunk is
-  refused (VideoError): one padded chunk would be mostly copies of a few frames. A partial LAST chunk is padded by
-  repeating its last real frame, so the tail of the video is kept.
-- Times: a frame's timestamp is the time of the source frame actually shown (index / native_fps, at most one native
-  frame before its sampling time). A chunk spans (timestamp of its first real frame, timestamp of its last real
-  frame + one sampling interval duration / n), capped at the duration; neighbours may thus leave a gap or overlap
-  of under one native frame.
-- Decoding uses decord, whose frame count and average fps define the indices and the duration
-  (duration = n_frames / native_fps). decord returns wrong frames after seeking in HEVC with B-frames (get_batch and
-  skip_frames both seek to key frames), so HEVC is decoded sequentially: every frame is read in order with next()
-  and the sampled ones are kept. Other codecs use get_batch on the sampled indices.
+Time is presentation time (issue 10; failure modes in /work/shared/references/decoding.md):
+- Probe (`probe_video`): the container header, then one pass over the video packets without decoding them. The
+  presented frames are the packets the demuxer does not mark as discarded (an MP4 edit list hides its lead-in frames
+  that way), their presentation timestamps (PTS) sorted; time 0 is the first presented frame. The duration is the
+  presented one: last PTS + that frame's duration - first PTS. Header frame counts and average rates are not used for
+  timing: when they disagree with the timestamps, the timestamps win.
+- Sampling (`sample_times`, `frames_at`): n = floor(duration * fps) samples (at least 1), at t_k = k / fps; capped at
+  max_frames, in which case t_k = k * duration / n, spread over the whole video. Sample time t gets the first frame
+  whose PTS is at or after t (the last frame when t falls within the last frame's display interval).
+- Chunking: frames are cut into chunks of `frames_per_chunk`; a partial last chunk, or a video with fewer samples
+  than one chunk (a short clip, a 1-frame video, a still image), is padded by repeating its last real frame. A
+  chunk spans (PTS of its first frame, PTS of the next chunk's first frame), the last one ending at the duration.
+- Decoders, chosen per file from the probe: decord for constant-frame-rate H.264 in MP4 (no edit list, nothing
+  missing, a width decord copies correctly) whose decoded frames fit in DECORD_MAX_DECODED_BYTES (decord decodes
+  ahead without bound, dmlc/decord#157): its random access is fast there and its frames equal PyAV's. PyAV for
+  everything else (variable frame rate, edit lists, HEVC with B-frames, where decord's seeks return wrong frames,
+  AV1, VP8/VP9, WebM without cues, GIF, still images, truncated files, widths 16/24/48/72 that decord cannot copy,
+  rotated phone videos, which PyAV turns upright by their display matrix and decord returns as 4-channel garbage),
+  and as the fallback when decord fails. PyAV seeks to the key frame before a sample when one lies between the
+  current position and the sample, and otherwise decodes forward; a seek that lands past its target turns seeking off
+  and decoding restarts from the beginning.
+- Memory: every frame is resized as it is decoded (decord in batches of at most FRAME_BUDGET_BYTES of native
+  frames), so peak memory is a few native frames (plus the decoder's own buffers) plus the output, whatever the
+  sample count. PyAV frame-threads frames above FRAME_THREADING_MAX_PIXELS with at most LARGE_FRAME_THREADS, and
+  glibc's mmap threshold is fixed (`_fix_mmap_threshold`) so that freed native frames go back to the system.
+- A file cut short: the frames that decode are used; `frames_promised` (header) and `frames_decoded` are recorded;
+  a file none of whose frames decodes fails with "truncated".
 - Every bad-video case raises VideoError naming the file and the cause; decord/PyAV exceptions are chained.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+from bisect import bisect_right
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -32,28 +48,91 @@ import torch
 from decord._ffi.base import DECORDError
 
 from x2l.config import SamplingConfig
-from x2l.errors import VideoError
+from x2l.errors import VideoError, X2LError
 
 decord.logging.set_level(decord.logging.QUIET)  # failures are reported as VideoError instead of FFmpeg log lines
+# PyAV's log level stays None (its default: FFmpeg logs dropped in C). Any other level routes FFmpeg's decoder
+# threads through a Python callback that waits for the GIL, which deadlocks when the main thread closes a
+# frame-threaded decoder (seen on an edit-list MP4: avcodec_free_context waiting on a thread stuck in av_log).
 
 TargetSize = Callable[[int, int], tuple[int, int]]
 
-DECODE_BATCH = 32  # frames decoded (and resized) at once: bounds peak memory on long high-resolution videos
-_DECODE_ERRORS = (DECORDError, av.error.FFmpegError, RuntimeError)
-_SEQUENTIAL_CODECS = {"hevc"}  # decord random access returns wrong frames for these (B-frame reordering)
+DECODE_BATCH = 32  # frames resized at once by resize_frames
+FRAME_BUDGET_BYTES = 4 << 20  # native RGB bytes per decord call: its get_batch buffers far more than it returns
+FRAME_THREADING_MAX_PIXELS = 1920 * 1088  # larger frames are decoded by at most LARGE_FRAME_THREADS threads
+LARGE_FRAME_THREADS = 4  # 4K with frame threading: +60 MB peak over slice threading on 2 cores (bench/decode.py)
+DECORD_CODECS = {"h264"}
+DECORD_BAD_WIDTHS = {16, 24, 48, 72}  # decord's row copy fails at these widths (dmlc/decord#336)
+# decord decodes ahead in a background thread with no bound while the caller works (dmlc/decord#157; measured: 500 MB
+# for 100 samples of a 10 s 720p clip): it is used only where decoding the whole file fits in this many bytes
+DECORD_MAX_DECODED_BYTES = 64 << 20
+_MP4_FORMATS = ("mov", "mp4")
+_SEEKABLE_FORMATS = ("mov", "mp4", "matroska", "webm")  # demuxers with accurate key-frame seeking (given an index)
+_TIME_EPS = 1e-6  # seconds: float noise in k / fps never moves a sample to the next frame
+MMAP_THRESHOLD_BYTES = 1 << 20  # see _fix_mmap_threshold
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_mmap_threshold_fixed = False
+
+
+def _fix_mmap_threshold() -> None:
+    """Make glibc serve every allocation of MMAP_THRESHOLD_BYTES or more with its own mmap, returned to the system on
+    free. By default glibc raises that threshold to the size of each large block freed (up to 32 MiB), after which
+    native frames (25 MB at 4K) come from heaps that fragment and do not shrink: the same 200-sample 4K decode peaked
+    between 0.8 and 4.5 GB from run to run; with the fixed threshold at 0.56 GB every run (bench/decode.py).
+    Process-wide and set once, on the first decode; a no-op where the C library has no mallopt."""
+    global _mmap_threshold_fixed
+    if _mmap_threshold_fixed:
+        return
+    _mmap_threshold_fixed = True
+    try:
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):
+        pass
 
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """What the container header says, read without decoding, to refuse bad files early with a clear message."""
+    """What the header and one pass over the video packets (no decoding) say about a file.
+
+    pts: int64 [n_frames] presented frames' PTS in `time_base` units, ascending. key_pts: int64 PTS of the key frames
+    (including hidden ones before an edit list's start), ascending: where PyAV can seek to.
+    """
 
     path: str
+    format: str
     codec: str
-    n_frames: int
-    native_fps: float
-    duration_s: float
     width: int
     height: int
+    n_frames: int  # presented frames whose packets the file holds
+    frames_promised: int  # frames the header lists (0: the header does not say, e.g. WebM from a browser)
+    duration_s: float  # presented duration (timestamps, not frame counts)
+    native_fps: float  # n_frames / duration_s (informational: sampling uses the timestamps)
+    constant_rate: bool  # every frame lasts the same number of ticks
+    edit_list: bool  # the demuxer hides frames (MP4 edit list)
+    rotation: int  # display rotation, degrees counter-clockwise (0, 90, 180, 270): phones store portrait this way
+    stream_index: int
+    time_base: Fraction
+    pts: np.ndarray = field(repr=False)
+    key_pts: np.ndarray = field(repr=False)
+
+    @property
+    def display_size(self) -> tuple[int, int]:
+        """(height, width) of a frame as a player shows it (after rotation)."""
+        return (self.width, self.height) if self.rotation in (90, 270) else (self.height, self.width)
+
+    @property
+    def frame_times(self) -> np.ndarray:
+        """float64 [n_frames] seconds of each presented frame, the first at 0."""
+        return (self.pts - self.pts[0]).astype(np.float64) * float(self.time_base)
+
+    @property
+    def decoder(self) -> str:
+        """"decord" or "pyav": which decoder `load_video` tries first for this file (rules in the module doc)."""
+        ok = (any(f in self.format for f in _MP4_FORMATS) and self.codec in DECORD_CODECS and self.constant_rate
+              and not self.edit_list and self.frames_promised == self.n_frames and self.pts[0] == 0
+              and self.width not in DECORD_BAD_WIDTHS and self.rotation == 0
+              and self.n_frames * self.width * self.height * 3 <= DECORD_MAX_DECODED_BYTES)
+        return "decord" if ok else "pyav"
 
 
 @dataclass
@@ -62,13 +141,16 @@ class VideoClip:
 
     path: str
     frames: np.ndarray  # uint8 [n_chunks * frames_per_chunk, H, W, 3] RGB, resized; last chunk padded
-    timestamps: np.ndarray  # float64 seconds in the source of each row of `frames` (pad rows repeat the last)
+    timestamps: np.ndarray  # float64 seconds (PTS from the first presented frame) of each row (pad rows repeat)
     n_real_frames: int  # sampled frames before padding
     frames_per_chunk: int
     chunk_times: list[tuple[float, float]]  # (start_s, end_s) per chunk
     duration_s: float
     native_fps: float
     codec: str
+    decoder: str = "pyav"  # which decoder produced the frames: "decord" or "pyav"
+    frames_promised: int = 0  # frames the header lists (0: not stated)
+    frames_decoded: int = 0  # presented frames the file holds, up to the last one the decoder could reach
 
     @property
     def n_chunks(self) -> int:
@@ -92,55 +174,121 @@ def _check_file(path: str) -> None:
 
 
 def probe_video(path: str | os.PathLike) -> VideoInfo:
-    """Read the header with PyAV so that missing, empty, non-video and unreadable files fail before decoding."""
+    """Header plus one pass over the video packets (read, not decoded): the presented timeline of the file.
+
+    Raises VideoError for a missing, empty or unreadable file, a file without a video stream (or whose only video is
+    an attached picture: cover art), and a file whose header lists frames none of which is in the file (truncated).
+    """
     path = str(path)
     _check_file(path)
     try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                kinds = sorted({s.type for s in container.streams}) or ["none"]
-                raise VideoError(f"{path}: no video stream (streams: {', '.join(kinds)})")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            native_fps = float(rate) if rate else 0.0
-            if stream.duration is not None and stream.time_base is not None:
-                duration_s = float(stream.duration * stream.time_base)
-            elif container.duration is not None:
-                duration_s = container.duration / av.time_base
-            else:
-                duration_s = 0.0
-            n_frames = stream.frames or round(duration_s * native_fps)
-            info = VideoInfo(
-                path=path,
-                codec=stream.codec_context.name,
-                n_frames=int(n_frames),
-                native_fps=native_fps,
-                duration_s=duration_s,
-                width=stream.codec_context.width,
-                height=stream.codec_context.height,
-            )
-    except VideoError:
-        raise
-    except (av.error.FFmpegError, RuntimeError) as e:
-        raise VideoError(f"{path}: not a readable video ({e})") from e
-    if not math.isfinite(info.native_fps) or info.native_fps <= 0:
-        raise VideoError(f"{path}: frame rate unknown")
-    return info
+        container = av.open(path)
+    except (av.error.FFmpegError, RuntimeError, UnicodeDecodeError) as e:
+        raise VideoError(f"{path}: not a readable video ({_first_line(e)})") from e
+    with container:
+        videos = list(container.streams.video)
+        if not videos:
+            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            raise VideoError(f"{path}: no video stream (streams: {', '.join(kinds)})")
+        moving = [s for s in videos if not s.disposition & av.stream.Disposition.attached_pic]
+        if not moving:
+            raise VideoError(f"{path}: no video stream (only an attached picture)")
+        stream = moving[0]
+        fmt, cc = container.format.name, stream.codec_context
+        entries = stream.index_entries if any(f in fmt for f in _MP4_FORMATS) else None
+        promised = sum(not e.is_discard for e in entries) if entries else (stream.frames or 0)
+        pts, durations, keys = [], [], []
+        hidden = damaged = 0
+        rotation: int | None = None
+        try:
+            for packet in container.demux(stream):
+                if rotation is None:  # decode until the first frame: its display matrix is the stream's rotation
+                    rotation = _first_rotation(packet)
+                ts = packet.pts if packet.pts is not None else packet.dts
+                if packet.size == 0 or ts is None:
+                    continue
+                if packet.is_keyframe:
+                    keys.append(ts)
+                if packet.is_discard:
+                    hidden += 1
+                elif packet.is_corrupt:
+                    damaged += 1
+                else:
+                    pts.append(ts)
+                    durations.append(packet.duration or 0)
+        except (av.error.FFmpegError, RuntimeError):
+            damaged += 1  # the file ends inside a packet or its index points past the end: keep what was read
+        info = dict(path=path, format=fmt, codec=cc.codec.canonical_name, width=cc.width, height=cc.height,
+                    frames_promised=int(promised), stream_index=stream.index, time_base=stream.time_base,
+                    rotation=rotation or 0,
+                    rate=stream.average_rate or stream.guessed_rate)
+    if not pts:
+        if promised:
+            raise VideoError(f"{path}: truncated: the header lists {promised} frames but none of them is in the file")
+        if damaged:
+            raise VideoError(f"{path}: truncated: not one complete frame in the file")
+        raise VideoError(f"{path}: no decodable frames")
+    if info["time_base"] is None:
+        raise VideoError(f"{path}: frame timestamps have no time base")
+    order = np.argsort(pts, kind="stable")
+    pts_a = np.asarray(pts, dtype=np.int64)[order]
+    pts_a, first = np.unique(pts_a, return_index=True)  # a repeated PTS is one presented frame
+    dur_a = np.asarray(durations, dtype=np.int64)[order][first]
+    steps = np.diff(pts_a)
+    constant = bool(len(steps) == 0 or steps.max() - steps.min() <= 1)
+    if constant and len(steps):  # the mean step is exact where rounded packet durations are not (1/15 s in ms)
+        last = (int(pts_a[-1]) - int(pts_a[0])) / len(steps)
+    else:
+        last = int(dur_a[-1]) if dur_a[-1] > 0 else int(np.median(steps)) if len(steps) else 0
+    tb = info.pop("time_base")
+    rate = info.pop("rate")
+    if last <= 0 and rate:  # one frame without a duration (a still image): one frame period of the stream
+        last = max(1, round(1 / (float(rate) * float(tb))))
+    duration = (int(pts_a[-1]) + last - int(pts_a[0])) * float(tb)
+    return VideoInfo(
+        **info,
+        n_frames=len(pts_a),
+        duration_s=duration,
+        native_fps=len(pts_a) / duration if duration > 0 else 0.0,
+        constant_rate=constant,
+        edit_list=hidden > 0,
+        time_base=tb,
+        pts=pts_a,
+        key_pts=np.unique(np.asarray(keys, dtype=np.int64)),
+    )
 
 
-def sample_indices(n_frames: int, native_fps: float, fps: float, max_frames: int) -> np.ndarray:
-    """Indices of the frames to sample, ascending; the rule is fixed so a video's chunks are reproducible.
+def _first_rotation(packet) -> int | None:
+    """The display rotation (degrees counter-clockwise, a multiple of 90) of the first frame `packet` yields, or None
+    while the decoder has not output a frame yet; 0 when the packet cannot be decoded."""
+    try:
+        frames = packet.decode()
+    except (av.error.FFmpegError, RuntimeError):
+        return 0
+    return round(frames[0].rotation / 90) % 4 * 90 if frames else None
 
-    duration = n_frames / native_fps; n = max(1, floor(duration * fps)), capped at max_frames. Frame k (0 <= k < n)
-    is taken at time t_k = k * duration / n, i.e. index min(floor(t_k * native_fps), n_frames - 1), computed in
-    integers as k * n_frames // n. Capping lowers the effective rate and keeps the samples spread over the whole
-    video. Indices repeat when fps exceeds native_fps.
+
+def sample_times(duration_s: float, fps: float, max_frames: int, resolution_s: float = 0.0) -> np.ndarray:
+    """float64 [n] sampling times in seconds from the first presented frame, ascending.
+
+    n = max(1, floor((duration_s + resolution_s) * fps)); t_k = k / fps. resolution_s is the timestamp resolution
+    (one tick of the stream's time base): a 20 s WebM at 15 fps with millisecond timestamps lasts 19.999 s.
+    Capped at max_frames: n = max_frames and t_k = k * duration_s / n, so the samples still cover the whole video
+    at a lower rate.
     """
-    if n_frames < 1 or not native_fps > 0 or not fps > 0 or max_frames < 1:
-        raise ValueError(f"bad sampling arguments: {n_frames=}, {native_fps=}, {fps=}, {max_frames=}")
-    n = math.floor(n_frames * fps / native_fps + 1e-9)  # epsilon: 11.999999 sampled "seconds" mean 12
-    n = min(max(n, 1), max_frames)
-    return np.minimum(np.arange(n, dtype=np.int64) * n_frames // n, n_frames - 1)
+    if not duration_s >= 0 or not fps > 0 or max_frames < 1 or not 0 <= resolution_s < 1 / fps:
+        raise ValueError(f"bad sampling arguments: {duration_s=}, {fps=}, {max_frames=}, {resolution_s=}")
+    n = max(1, math.floor((duration_s + resolution_s) * fps + 1e-9))  # epsilon: 11.999999 samples mean 12
+    if n > max_frames:
+        return np.arange(max_frames, dtype=np.float64) * (duration_s / max_frames)
+    return np.arange(n, dtype=np.float64) / fps
+
+
+def frames_at(frame_times: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """int64 indices into `frame_times` (ascending seconds) of the first frame at or after each of `times` (the last
+    frame for a time after every frame starts)."""
+    idx = np.searchsorted(frame_times, np.asarray(times) - _TIME_EPS, side="left")
+    return np.minimum(idx, len(frame_times) - 1).astype(np.int64)
 
 
 def resize_frames(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -159,32 +307,90 @@ def resize_frames(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def _decode_batches(vr: decord.VideoReader, indices: np.ndarray, sequential: bool) -> Iterator[np.ndarray]:
-    """Yield the frames at `indices` (ascending) in batches of at most DECODE_BATCH."""
-    if not sequential:
-        for start in range(0, len(indices), DECODE_BATCH):
-            yield vr.get_batch(indices[start : start + DECODE_BATCH].tolist()).asnumpy()
-        return
-    # Nothing here may seek (see module docstring): read every frame up to the last sampled one.
-    wanted = np.bincount(indices, minlength=int(indices[-1]) + 1)  # how many times each frame is sampled
-    batch: list[np.ndarray] = []
-    for count in wanted:
-        frame = vr.next()
-        for _ in range(count):
-            batch.append(frame.asnumpy())
-            if len(batch) == DECODE_BATCH:
-                yield np.stack(batch)
-                batch = []
-    if batch:
-        yield np.stack(batch)
+class _DecordFailed(Exception):
+    """decord cannot read this file after all; PyAV takes over."""
 
 
-def _chunk_times(timestamps: np.ndarray, fpc: int, interval: float, duration: float) -> list[tuple[float, float]]:
-    times = []
-    for start in range(0, len(timestamps), fpc):
-        real = timestamps[start : start + fpc]
-        times.append((float(real[0]), float(min(real[-1] + interval, duration))))
-    return times
+def _decode_decord(info: VideoInfo, wanted: np.ndarray, size: tuple[int, int], num_threads: int
+                   ) -> dict[int, np.ndarray]:
+    """{frame index: resized frame} for the ascending unique frame indices `wanted`."""
+    try:
+        vr = decord.VideoReader(info.path, ctx=decord.cpu(0), num_threads=num_threads)
+        if len(vr) != info.n_frames:
+            raise _DecordFailed(f"decord counts {len(vr)} frames, the packets {info.n_frames}")
+        batch = max(1, min(DECODE_BATCH, FRAME_BUDGET_BYTES // max(1, info.width * info.height * 3)))
+        out: dict[int, np.ndarray] = {}
+        for start in range(0, len(wanted), batch):
+            idx = wanted[start : start + batch].tolist()
+            frames = resize_frames(vr.get_batch(idx).asnumpy(), size)
+            out.update(zip(idx, frames))
+        return out
+    except DECORDError as e:
+        raise _DecordFailed(_first_line(e)) from e
+
+
+def _packets_frames(container, stream) -> Iterator[av.VideoFrame]:
+    """Decoded frames in presentation order; a packet the decoder rejects is skipped (damaged or cut data)."""
+    for packet in container.demux(stream):
+        if packet.is_corrupt:
+            continue
+        try:
+            yield from packet.decode()
+        except av.error.InvalidDataError:
+            continue
+
+
+def _decode_pyav(info: VideoInfo, wanted: np.ndarray, size: tuple[int, int], num_threads: int
+                 ) -> dict[int, np.ndarray]:
+    """{frame index: resized frame} for the ascending unique frame indices `wanted` that decode (a truncated file
+    may end before some of them). Seeks to the key frame before a wanted frame when that skips decoding."""
+    targets = info.pts[wanted].tolist()
+    keys = info.key_pts.tolist()
+    seekable = any(f in info.format for f in _SEEKABLE_FORMATS) and len(keys) > 1
+    out: dict[int, np.ndarray] = {}
+    i = 0
+    restarted = False
+    while True:  # one pass; a second, without seeking, only if a seek proved unreliable on this file
+        with av.open(info.path) as container:
+            stream = container.streams[info.stream_index]
+            # frame threading keeps a few frames in flight per thread: above 1080p at most LARGE_FRAME_THREADS
+            stream.thread_type = "AUTO"
+            large = info.width * info.height > FRAME_THREADING_MAX_PIXELS
+            stream.thread_count = min(num_threads or LARGE_FRAME_THREADS, LARGE_FRAME_THREADS) if large else num_threads
+            frames = _packets_frames(container, stream)
+            position = keys[0] if keys else None  # decoding starts at the first key frame
+            just_sought = False
+            while i < len(targets):
+                t = targets[i]
+                k = bisect_right(keys, t) - 1
+                if seekable and not restarted and k >= 0 and position is not None and keys[k] > position:
+                    container.seek(keys[k], stream=stream, backward=True)
+                    frames = _packets_frames(container, stream)
+                    position, just_sought = keys[k], True
+                frame = next(frames, None)
+                if frame is None:
+                    return out  # end of the file
+                ts = frame.pts if frame.pts is not None else frame.dts
+                if ts is None:
+                    continue
+                if just_sought and ts > t:
+                    break  # the seek landed past the target: start over without seeking
+                just_sought = False
+                position = ts
+                if ts < t:
+                    continue
+                rgb = frame.to_ndarray(format="rgb24")
+                if info.rotation:
+                    rgb = np.rot90(rgb, info.rotation // 90)
+                image = resize_frames(rgb[None], size)[0]
+                while i < len(targets) and targets[i] <= ts:
+                    out[int(wanted[i])] = image
+                    i += 1
+            else:
+                return out
+        restarted = True
+        i = 0
+        out.clear()
 
 
 def load_video(
@@ -195,58 +401,69 @@ def load_video(
 ) -> VideoClip:
     """Decode, sample, resize and chunk a video (rules in the module docstring).
 
-    target_size(h, w) -> (new_h, new_w) is the model's resize rule; None keeps the native size. num_threads is
-    decord's decoder thread count (0 lets FFmpeg choose).
+    target_size(h, w) -> (new_h, new_w) is the model's resize rule, applied to every frame as it is decoded; None
+    keeps the native size. num_threads is the decoder thread count (0 lets FFmpeg choose). Returns frames
+    uint8 [n_chunks * frames_per_chunk, H, W, 3]. Raises VideoError naming the file and the cause.
     """
     path = str(path)
+    _fix_mmap_threshold()
     info = probe_video(path)
     fpc = sampling.frames_per_chunk
+    h, w = info.display_size
     try:
-        vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=num_threads)
-        n_frames, native_fps = len(vr), float(vr.get_avg_fps())
-    except _DECODE_ERRORS as e:
+        size = target_size(h, w) if target_size else (h, w)
+    except X2LError as e:
+        raise VideoError(f"{path}: {w}x{h} frames: {e}") from e
+
+    frame_times = info.frame_times
+    resolution = min(float(info.time_base), 0.5 / sampling.fps)
+    indices = frames_at(frame_times, sample_times(info.duration_s, sampling.fps, sampling.max_frames, resolution))
+    wanted = np.unique(indices)
+    decoder = info.decoder
+    try:
+        if decoder == "decord":
+            try:
+                decoded = _decode_decord(info, wanted, size, num_threads)
+            except _DecordFailed:
+                decoder = "pyav"
+        if decoder == "pyav":
+            decoded = _decode_pyav(info, wanted, size, num_threads)
+    except (av.error.FFmpegError, RuntimeError) as e:
         raise VideoError(f"{path}: cannot decode {info.codec} video ({_first_line(e)})") from e
-    if n_frames < 1:
-        raise VideoError(f"{path}: no decodable frames")
-    if not math.isfinite(native_fps) or native_fps <= 0:
-        raise VideoError(f"{path}: frame rate unknown")
-    duration = n_frames / native_fps
 
-    indices = sample_indices(n_frames, native_fps, sampling.fps, sampling.max_frames)
+    frames_decoded = info.n_frames
+    duration = info.duration_s
+    if len(decoded) < len(wanted):  # the file ends (or breaks) before some samples: keep only what decoded
+        if not decoded:
+            raise VideoError(f"{path}: truncated or damaged: none of its {info.n_frames} frames decodes")
+        last = max(decoded)
+        frames_decoded = last + 1
+        duration = float(frame_times[last + 1]) if last + 1 < info.n_frames else duration
+        indices = indices[np.isin(indices, list(decoded))]
+
     n_real = len(indices)
-    if n_real < fpc:
-        raise VideoError(
-            f"{path}: video too short: {n_real} sampled frames, need at least frames_per_chunk={fpc} "
-            f"(lower --frames-per-chunk or raise --fps)"
-        )
-
     n_rows = math.ceil(n_real / fpc) * fpc
-    frames: np.ndarray | None = None
-    filled = 0
-    try:
-        for batch in _decode_batches(vr, indices, sequential=info.codec in _SEQUENTIAL_CODECS):
-            h, w = batch.shape[1:3]
-            batch = resize_frames(batch, target_size(h, w) if target_size else (h, w))
-            if frames is None:
-                frames = np.empty((n_rows, *batch.shape[1:]), dtype=np.uint8)
-            frames[filled : filled + len(batch)] = batch
-            filled += len(batch)
-    except _DECODE_ERRORS as e:  # a StopIteration from next() in the generator arrives as RuntimeError
-        raise VideoError(f"{path}: decoding failed after {filled} of {n_real} frames ({_first_line(e)})") from e
-    assert frames is not None and filled == n_real
+    first = decoded[int(indices[0])]
+    frames = np.empty((n_rows, *first.shape), dtype=np.uint8)
+    for row, j in enumerate(indices.tolist()):
+        frames[row] = decoded[j]
     frames[n_real:] = frames[n_real - 1]
-
-    timestamps = indices.astype(np.float64) / native_fps
+    timestamps = frame_times[indices]
+    starts = timestamps[::fpc]
+    ends = np.append(starts[1:], duration)
     return VideoClip(
         path=path,
         frames=frames,
         timestamps=np.concatenate([timestamps, np.full(n_rows - n_real, timestamps[-1])]),
         n_real_frames=n_real,
         frames_per_chunk=fpc,
-        chunk_times=_chunk_times(timestamps, fpc, interval=duration / n_real, duration=duration),
+        chunk_times=[(float(s), float(e)) for s, e in zip(starts, ends)],
         duration_s=duration,
-        native_fps=native_fps,
+        native_fps=info.native_fps,
         codec=info.codec,
+        decoder=decoder,
+        frames_promised=info.frames_promised,
+        frames_decoded=frames_decoded,
     )
 
 

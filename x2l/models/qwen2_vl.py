@@ -225,8 +225,16 @@ class Qwen2VLAdapter:
         config = AutoConfig.from_pretrained(self.path)
         self.family = FAMILIES[config.model_type]
         model_cls = Qwen2VLForConditionalGeneration if self.family == "qwen2-vl" else Qwen2_5_VLForConditionalGeneration
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if device == "auto" else device))
+        try:
+            self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                       ("cpu" if device == "auto" else device))
+        except RuntimeError as e:
+            raise ModelError(f"device {device!r} is not a device (use auto, cpu, cuda or cuda:N): {e}") from e
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ModelError(f"device {device!r}: CUDA is not available on this machine (torch {torch.__version__}, "
+                             f"no usable GPU): use --device cpu or auto")
+        if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
+            raise ModelError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         if dtype == "auto":
             self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         else:

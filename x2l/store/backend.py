@@ -176,7 +176,7 @@ def _spool(raw: BinaryIO, fsync: bool) -> Iterator[_Sink]:
 def _unlink_quiet(path: str) -> None:
     try:
         os.unlink(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # never created (its folder could not be: a file is in the way)
         pass
 
 
@@ -298,12 +298,18 @@ class Backend(ABC):
 
 
 class LocalBackend(Backend):
-    """A directory (created if missing). Writes go to a hidden temp file in the target's directory, fsynced, then
+    """A directory (created if missing, unless create=False: then a missing one is a NotFoundError, so read-only
+    commands never create folders). Writes go to a hidden temp file in the target's directory, fsynced, then
     os.replace'd into place."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, create: bool = True):
         root = root[len("file://"):] if root.startswith("file://") else root
         self.root = os.path.realpath(os.path.expanduser(root))
+        if not create:
+            if not os.path.isdir(self.root):
+                raise NotFoundError(f"store {self.root} does not exist")
+            super().__init__(self.root)
+            return
         try:
             os.makedirs(self.root, exist_ok=True)
         except OSError as e:
@@ -573,11 +579,13 @@ class S3Backend(Backend):
                 pass
 
 
-def open_backend(uri: str, config: StoreConfig | None = None, fs_options: dict | None = None) -> Backend:
+def open_backend(uri: str, config: StoreConfig | None = None, fs_options: dict | None = None,
+                 create: bool = True) -> Backend:
     """s3://bucket/prefix -> S3Backend (credentials/endpoint from config, else the AWS environment); a path or
-    file://path -> LocalBackend. fs_options: extra s3fs.S3FileSystem arguments (S3 only)."""
+    file://path -> LocalBackend (create=False: NotFoundError if the folder does not exist, nothing created).
+    fs_options: extra s3fs.S3FileSystem arguments (S3 only)."""
     if uri.startswith("s3://"):
         return S3Backend(uri, config, fs_options)
     if "://" in uri and not uri.startswith("file://"):
         raise StoreError(f"store uri {uri!r}: only s3:// and local paths are supported")
-    return LocalBackend(uri)
+    return LocalBackend(uri, create)

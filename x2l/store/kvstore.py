@@ -13,20 +13,26 @@ chunk's row group and nothing else, and keeps fetched deltas in an LRU cache wit
 from the write the reader last loaded H from (load_h moves it to the current commit), so H and L always come from one
 write; a replaced write's file stays readable until `gc` removes it. Files no commit names are garbage: `verify`
 reports them, `gc` removes them (maintenance.py), `remove` deletes a video (uncommit first).
+`fetch_deltas(..., write_id=W)` reads the deltas of write W, the one the caller's H came from (StaleError if that
+write is neither the one this reader holds nor the current commit: ask again). With `dtype` set, every tensor read
+is cast to it (a float32 store served by a bfloat16 model and back; issue 12), so the caches hold KV in the model's
+dtype.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
+import torch
 
 from x2l import __version__, source
-from x2l.compress import LevelKV, VideoKV
+from x2l.compress import ChunkKV, LevelKV, VideoKV
 from x2l.config import StoreConfig
 from x2l.errors import CorruptionError, IncompatibleError, NotFoundError, StoreError
 from x2l.store.backend import IOStats, open_backend
@@ -34,7 +40,8 @@ from x2l.store.cache import LRU
 from x2l.store.keys import STORE_DOC, VIDEOS, kv_file, kv_path, meta_path, video_dir, video_key
 from x2l.store.reader import Tally, open_parquet, read_delta, read_h
 from x2l.store.schema import META_CHECKSUM, SCHEMA_VERSION, meta_checksum
-from x2l.store.writer import build_meta, check_complete, new_write_id, resolve_source, video_fingerprint, write_parquet
+from x2l.store.writer import (build_meta, check_complete, new_write_id, resolve_source, source_sha256,
+                              video_fingerprint, write_parquet)
 
 STORE_FORMAT = "x2l-kvstore"
 OPEN_VIDEOS = 64  # footers kept (a few KiB to a few hundred KiB each)
@@ -70,6 +77,27 @@ def _level_bytes(level: LevelKV) -> int:
     return level.nbytes + level.index.nbytes
 
 
+class StaleError(CorruptionError):
+    """A video was re-indexed (a new commit) between loading its H and fetching its deltas: ask again."""
+
+
+def cast_level(level: LevelKV, dtype: torch.dtype | None) -> LevelKV:
+    """The level with keys and values in `dtype` (unchanged when None or already so)."""
+    if dtype is None or level.keys.dtype == dtype:
+        return level
+    return LevelKV(level.index, level.keys.to(dtype), level.values.to(dtype))
+
+
+def cast_video(video: VideoKV, dtype: torch.dtype | None) -> VideoKV:
+    """The video (sink and every chunk's H, and delta where loaded) with KV in `dtype`."""
+    if dtype is None or video.sink_keys.dtype == dtype:
+        return video
+    chunks = [ChunkKV(c.chunk, c.start_s, c.end_s, c.n_tokens, cast_level(c.h, dtype),
+                      None if c.delta is None else cast_level(c.delta, dtype), c.delta_entries) for c in video.chunks]
+    return VideoKV(video.video_id, video.sink_keys.to(dtype), video.sink_values.to(dtype), chunks,
+                   video.next_position, video.meta)
+
+
 @dataclass
 class _Open:
     """A committed video as this reader holds it: its meta and its Parquet footer."""
@@ -82,10 +110,13 @@ class KVStore:
     """A store of indexed videos. Thread-safe; close() (or `with`) stops the fetch threads."""
 
     def __init__(self, config: StoreConfig | str, model_fingerprint: str | None = None,
-                 fs_options: dict | None = None):
+                 fs_options: dict | None = None, dtype: torch.dtype | None = None, create: bool = True):
+        """dtype: cast every tensor read to it (the model's dtype; None keeps the stored one). create=False: a local
+        store folder that does not exist is a NotFoundError instead of being created (read-only commands)."""
         self.config = StoreConfig(uri=config) if isinstance(config, str) else config
-        self.backend = open_backend(self.config.uri, self.config, fs_options)
+        self.backend = open_backend(self.config.uri, self.config, fs_options, create=create)
         self.model_fingerprint = model_fingerprint
+        self.dtype = dtype
         self._open = LRU(OPEN_VIDEOS)
         self._deltas = LRU(self.config.l_cache_bytes)
         self._inflight: dict[tuple, Future] = {}
@@ -98,6 +129,11 @@ class KVStore:
             self._doc = self._doc_from_metas()
         if self._doc is not None:
             self._check_doc(model_fingerprint)
+
+    def require_exists(self) -> None:
+        """NotFoundError unless something was ever written here (its store.json): for read-only commands."""
+        if self._doc is None:
+            raise NotFoundError(f"store {self.backend.uri} does not exist (no {STORE_DOC} there)")
 
     # --- store document --------------------------------------------------------------------------------------------
     def _read_json(self, key: str, what: str) -> dict | None:
@@ -251,7 +287,8 @@ class KVStore:
         return vid if isinstance(vid, str) else None
 
     def list_videos(self, damaged: bool = False) -> list[dict]:
-        """Committed videos whose commit and KV file pass the cheap checks: id, key, chunks and bytes per level.
+        """Committed videos whose commit and KV file pass the cheap checks: id, key, chunks, stored KV dtype and bytes per
+        level.
 
         A damaged video (invalid or edited meta.json, missing or truncated KV file, another model or schema) is
         never an error of the listing: with damaged=True it is listed as {"video_id" (None if unreadable),
@@ -268,7 +305,7 @@ class KVStore:
                     out.append({"video_id": self._peek_video_id(key), "video_key": key, "damaged": str(e)})
                 continue
             out.append({"video_id": meta["video_id"], "video_key": key, "chunks": meta["n_chunks"],
-                        "bytes": meta["bytes"], "parquet_bytes": meta["parquet_bytes"]})
+                        "dtype": meta.get("dtype"), "bytes": meta["bytes"], "parquet_bytes": meta["parquet_bytes"]})
         return out
 
     # --- writing ---------------------------------------------------------------------------------------------------
@@ -293,20 +330,9 @@ class KVStore:
                                     f"store was opened for {self.model_fingerprint}")
         self._ensure_doc(model_fp, video.meta.get("model_family"))
         source, source_hash = resolve_source(video, source, source_hash)
-        inputs = {"model_fingerprint": model_fp, "sampling": video.meta.get("sampling"),
-                  "compression": video.meta.get("compression"), "source_sha256": source_hash}
-        fingerprint = video_fingerprint(model_fp, inputs["sampling"], inputs["compression"], source_hash)
-        try:
-            old = self._read_meta(key, video.video_id)
-        except (CorruptionError, IncompatibleError):
-            old = None  # a damaged commit: this write repairs it
+        old, fingerprint = self._stored_as(video.video_id, model_fp, video.meta.get("sampling"),
+                                           video.meta.get("compression"), source_hash, overwrite)
         if old is not None and not overwrite:
-            if old["fingerprint"] != fingerprint:
-                differ = [k for k, v in inputs.items() if old.get(k) != v]
-                raise IncompatibleError(
-                    f"video {video.video_id!r} is already stored with fingerprint {old['fingerprint']}; this one has "
-                    f"{fingerprint} (differs in {', '.join(differ) or 'its inputs'}): pass overwrite=True to "
-                    f"replace it")
             try:
                 self.check_kv_file(old)
                 return old
@@ -338,6 +364,40 @@ class KVStore:
         self.backend.remove_prefix(video_dir(key))
         return meta
 
+    def _stored_as(self, video_id: str, model_fp: str, sampling: dict | None, compression: dict | None,
+                   source_hash: str | None, overwrite: bool) -> tuple[dict | None, str]:
+        """(the committed meta or None, the fingerprint these inputs give). IncompatibleError naming --overwrite if
+        the video is committed with another fingerprint and overwrite is False."""
+        inputs = {"model_fingerprint": model_fp, "sampling": sampling, "compression": compression,
+                  "source_sha256": source_hash}
+        fingerprint = video_fingerprint(model_fp, sampling, compression, source_hash)
+        try:
+            old = self._read_meta(video_key(video_id), video_id)
+        except (CorruptionError, IncompatibleError):
+            return None, fingerprint  # a damaged commit: writing the video again repairs it
+        if old is not None and not overwrite and old["fingerprint"] != fingerprint:
+            differ = [k for k, v in inputs.items() if old.get(k) != v]
+            raise IncompatibleError(
+                f"video {video_id!r} is already stored with fingerprint {old['fingerprint']}; this one has "
+                f"{fingerprint} (differs in {', '.join(differ) or 'its inputs'}): pass --overwrite (overwrite=True) "
+                f"to replace it")
+        return old, fingerprint
+
+    def check_before_indexing(self, video_id: str, model_fp: str, sampling: dict, compression: dict,
+                              source: str, overwrite: bool = False) -> dict | None:
+        """Before decoding and pre-filling a local video file: its committed meta when indexing it again would give
+        the same fingerprint (nothing to do), None when it should be indexed; IncompatibleError naming --overwrite
+        when it is stored with other settings (issue 12). sampling/compression as `to_dict` gives them."""
+        source_hash = source_sha256(source) if os.path.isfile(source) else None
+        old, fingerprint = self._stored_as(video_id, model_fp, sampling, compression, source_hash, overwrite)
+        if old is None or overwrite or old["fingerprint"] != fingerprint:
+            return None
+        try:
+            self.check_kv_file(old)
+        except CorruptionError:
+            return None  # committed but unreadable: index it again
+        return old
+
     # --- reading ---------------------------------------------------------------------------------------------------
     def _forget(self, key: str) -> None:
         self._open.discard(lambda k: k == key)
@@ -354,17 +414,23 @@ class KVStore:
             held = None
         video, footer = read_h(self.backend, meta, held.footer if held else None)
         self._open.put(key, _Open(meta, footer))
-        return video
+        return cast_video(video, self.dtype)
 
-    def _opened(self, video_id: str) -> tuple[_Open, int]:
-        """The open video (meta + footer), reading both if needed; also the bytes that took."""
+    def _opened(self, video_id: str, write_id: str | None = None) -> tuple[_Open, int]:
+        """The open video (meta + footer), reading both if needed; also the bytes that took. With write_id: the
+        commit of that write id (StaleError if the video has been committed anew since)."""
         key = video_key(video_id)
         held = self._open.get(key)
-        if held is not None:
+        if held is not None and (write_id is None or held.meta["write_id"] == write_id):
             return held, 0
         meta, meta_bytes = self._load_meta(key, video_id)
         if meta is None:
             raise NotFoundError(f"video {video_id!r} is not in store {self.backend.uri} (index it first)")
+        if held is not None and held.meta["write_id"] != meta["write_id"]:
+            self._forget(key)
+        if write_id is not None and meta["write_id"] != write_id:
+            raise StaleError(f"video {video_id!r} was re-indexed (commit {meta['write_id']}) after its H was loaded "
+                             f"(commit {write_id}): ask again")
         tally = Tally(self.backend.stats)
         with open_parquet(self.backend, meta, None, tally) as pf:
             held = _Open(meta, pf.metadata)
@@ -391,6 +457,7 @@ class KVStore:
         def task() -> tuple[LevelKV, int]:
             try:
                 level, nbytes = read_delta(self.backend, held.meta, held.footer, chunk)
+                level = cast_level(level, self.dtype)
             except BaseException:
                 with self._lock:
                     self._inflight.pop(ckey, None)
@@ -405,10 +472,11 @@ class KVStore:
         self._misses += 1
         return fut
 
-    def fetch_deltas(self, video_id: str, chunks: list[int]) -> Fetch:
+    def fetch_deltas(self, video_id: str, chunks: list[int], write_id: str | None = None) -> Fetch:
         """The L deltas of `chunks`: each from the cache, or read as exactly its row group, concurrently (at most
-        max_concurrent_fetches at once), checksums verified."""
-        held, overhead = self._opened(video_id)
+        max_concurrent_fetches at once), checksums verified. write_id: the commit whose H the caller holds
+        (StaleError if the video was committed anew since)."""
+        held, overhead = self._opened(video_id, write_id)
         chunks = self._check_chunks(held.meta, chunks)
         levels: dict[int, LevelKV] = {}
         hits: set[int] = set()

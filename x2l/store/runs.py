@@ -1,4 +1,8 @@
-"""Run manifests in the store: `runs/<run_id>/videos.parquet` (one stats row per video) and `summary.json`."""
+"""Run manifests in the store: `runs/<run_id>/videos.parquet` (one stats row per video) and `summary.json`.
+
+A run's status (issue 12): "ok" when it indexed or answered something, "failed" when it did nothing but fail, "empty"
+when it had nothing to do (everything skipped or already answered). Reports leave out all but "ok" unless asked.
+"""
 
 from __future__ import annotations
 
@@ -39,3 +43,26 @@ def read_runs(backend: Backend) -> list[dict]:
 def read_run_rows(backend: Backend, run_id: str, kind: str = "index") -> list[dict]:
     key = backend.join("runs", run_id, "videos.parquet" if kind == "index" else "answers.parquet")
     return pq.read_table(io.BytesIO(backend.read_bytes(key))).to_pylist()
+
+
+def run_status(summary: dict) -> str:
+    """"ok", "failed" or "empty" (see the module doc); the recorded status if the job wrote one."""
+    if summary.get("status"):
+        return summary["status"]
+    done = summary.get("indexed" if summary.get("kind", "index") == "index" else "answered", 0)
+    if done:
+        return "ok"
+    return "failed" if summary.get("failed", 0) else "empty"
+
+
+def run_counts(summary: dict) -> dict:
+    """The counts `x2l runs ls` shows for a run of its kind."""
+    names = (("videos", "indexed", "skipped", "failed") if summary.get("kind", "index") == "index"
+             else ("questions", "answered", "already_answered", "failed"))
+    return {k: summary.get(k, 0) for k in names}
+
+
+def list_runs(backend: Backend) -> list[dict]:
+    """Every finished run, oldest first: run_id, kind, status, counts, started (UTC ISO 8601), wall_s."""
+    return [{"run_id": s["run_id"], "kind": s.get("kind", "index"), "status": run_status(s), "counts": run_counts(s),
+             "started": s.get("started", ""), "wall_s": s.get("wall_s", 0.0)} for s in read_runs(backend)]
