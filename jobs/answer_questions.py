@@ -29,6 +29,7 @@ from pathlib import Path
 
 from x2l.config import StoreConfig
 from x2l.errors import X2LError
+from x2l.progress import Progress
 from x2l.prompt import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS
 
 
@@ -60,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"refuse a question whose prompt exceeds this many tokens (default {MAX_PROMPT_TOKENS}; "
                         f"in-job: checked by each actor; over HTTP the Serve app applies its own)")
     p.add_argument("--run-id", default=None, help="run id (default: timestamp-pid)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr (default: a bar on a terminal, "
+                                                              "else a line every 10 s with rate, ETA and failures)")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS / the running "
                                                        "cluster / a new local one); 'local' always starts a new one")
     return p.parse_args(argv)
@@ -116,9 +119,11 @@ def answer_over_http(args, todo: list[dict], out) -> tuple[float, str]:
             first.append((time.perf_counter(), q["id"]))
         return result
 
-    with ThreadPoolExecutor(args.in_flight) as pool:
+    with ThreadPoolExecutor(args.in_flight) as pool, Progress(len(todo), "answer_questions", "question",
+                                                             enabled=not args.quiet) as progress:
         for q, result in zip(todo, pool.map(timed, todo)):
             pending.append(answer_row(q, result))
+            progress.update(failed="error" in result)
             if len(pending) >= 16:
                 write_part(out, _part_name(pending), pending)
                 pending = []
@@ -150,9 +155,11 @@ def answer_in_job(args, todo: list[dict]) -> tuple[float, str]:
                          fn_constructor_kwargs={"cfg": cfg}, concurrency=args.concurrency,
                          num_cpus=args.num_cpus_per_actor, num_gpus=args.num_gpus_per_actor or None)
     first: tuple[float, str] | None = None
-    for batch in ds.iter_batches(batch_size=None):
-        if first is None and len(batch["id"]):
-            first = (time.perf_counter(), str(batch["id"][0]))
+    with Progress(len(todo), "answer_questions", "question", enabled=not args.quiet) as progress:
+        for batch in ds.iter_batches(batch_size=None):
+            if first is None and len(batch["id"]):
+                first = (time.perf_counter(), str(batch["id"][0]))
+            progress.update(len(batch["id"]))
     return first or (time.perf_counter(), "")
 
 

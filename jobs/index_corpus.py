@@ -23,6 +23,7 @@ from pathlib import Path
 
 from x2l.config import CompressionConfig, SamplingConfig, StoreConfig, to_dict
 from x2l.errors import X2LError
+from x2l.progress import Progress
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,7 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scorer", default=d_c.scorer, help=f"default {d_c.scorer}")
     p.add_argument("--context", default=d_c.context, choices=["h", "full", "none"], help=f"default {d_c.context}")
     p.add_argument("--overwrite", action="store_true", help="re-index videos stored with other settings")
+    p.add_argument("--allow-duplicates", action="store_true",
+                   help="index a file even if the same bytes are stored under another id (default: skip it)")
     p.add_argument("--run-id", default=None, help="run id (default: timestamp-pid)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress lines on stderr (default: one line per video, with rate, ETA and failures)")
     p.add_argument("--ray-address", default=None,
                    help="Ray cluster to join (default: RAY_ADDRESS / the running cluster / a new local one); "
                         "'local' always starts a new one")
@@ -98,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         compression=CompressionConfig(args.l_keep, args.h_keep, args.scorer, args.context),
         concurrency=args.concurrency, num_gpus_per_actor=args.num_gpus_per_actor,
         num_cpus_per_actor=args.num_cpus_per_actor, decode_cpus=args.decode_cpus, torch_threads=args.torch_threads,
-        dtype=args.dtype, attn=args.attn, overwrite=args.overwrite, **cfg_kwargs)
+        dtype=args.dtype, attn=args.attn, overwrite=args.overwrite, allow_duplicates=args.allow_duplicates, **cfg_kwargs)
     make_scorer(cfg.compression.scorer)  # refuse a bad scorer or checkpoint before starting anything
     pixel_rule(cfg.model)
     fingerprint = checkpoint_fingerprint(Path(cfg.model))
@@ -123,8 +128,15 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict] = [stats_row(printable(e.video_id), printable(e.uri), "failed",
                                   f"file name {printable(e.uri)!r} is not valid UTF-8: rename the file or list it "
                                   f"with an id in a .txt/.csv corpus file") for e in entries if e not in named]
-    if named:
-        rows += build_pipeline([{"video_id": e.video_id, "uri": e.uri} for e in named], cfg, fingerprint).take_all()
+    with Progress(len(entries), "index_corpus", "video", enabled=not args.quiet) as progress:
+        for row in rows:
+            progress.update(item=f"{row['video_id']} {row['status']}: {row['reason']}", failed=True)
+        if named:  # rows stream out as videos finish: a line per video (skipped, indexed or failed)
+            for row in build_pipeline([{"video_id": e.video_id, "uri": e.uri} for e in named], cfg,
+                                      fingerprint).iter_rows():
+                rows.append(row)
+                note = f": {row['reason']}" if row["status"] == "failed" else ""
+                progress.update(item=f"{row['video_id']} {row['status']}{note}", failed=row["status"] == "failed")
     wall = time.perf_counter() - t0
     skipped = [r for r in rows if r["status"] == "skipped"]
     rows = [r for r in rows if r["status"] != "skipped"]

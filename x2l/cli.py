@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from x2l import __version__, console
 from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig, to_dict
 from x2l.errors import ConfigError, X2LError
 from x2l.prompt import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS
@@ -62,16 +63,16 @@ def _retrieval_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="x2l", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    parser.add_argument("--version", action="version", version=f"x2l {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=argparse.ArgumentParser)
-    _add = sub.add_parser
-    sub.add_parser = lambda *a, **k: _add(*a, parents=[common], **k)  # every command takes --debug
 
     p = sub.add_parser("index", help="pre-fill a video and write its bi-level compressed KV to a store")
     p.add_argument("video", help="video file")
     p.add_argument("--out", required=True, help="store URI: a local folder or s3://bucket/prefix")
-    p.add_argument("--video-id", default=None, help="id to store it under (default: the file name)")
+    p.add_argument("--video-id", default=None,
+                   help="id to store it under (default: the file name, as a corpus folder holding the file names it)")
+    p.add_argument("--allow-duplicate", action="store_true",
+                   help="store the file even if the same bytes are stored under another id (default: refuse)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the video if it is stored with other settings (default: refuse)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -177,7 +178,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="demo_out", help="where the demo writes its files (default demo_out)")
     p.add_argument("--model", default=None,
                    help="checkpoint to run (default: the shipped needle model, models/needle-qwen2vl)")
+    for command in [parser, *_leaf_commands(parser)]:
+        _output_options(command)
     return parser
+
+
+def _leaf_commands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every parser of a runnable command (`index`, `store ls`, ...), found through the subcommand tables."""
+    out = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+                out += _leaf_commands(child) or [child]
+    return out
+
+
+def _output_options(p: argparse.ArgumentParser) -> None:
+    """--debug, --quiet, --verbose, accepted before or after the command (`x2l --quiet store ls` or
+    `x2l store ls --quiet`): SUPPRESS keeps a command's default from overwriting a flag given earlier."""
+    g = p.add_argument_group("output")
+    g.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks instead of one-line errors (implies --verbose)")
+    g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="no progress and no informational lines on success (results and errors still print)")
+    g.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="also show the libraries' logs and warnings (transformers, Ray)")
 
 
 def _load_model(args):
@@ -188,8 +213,10 @@ def _load_model(args):
 
 
 def cmd_index(args) -> None:
+    from x2l.corpus import default_video_id
     from x2l.engine import Indexer
     from x2l.store import KVStore
+    from x2l.store.writer import source_sha256
     from x2l.video import probe_video
 
     probe_video(args.video)  # refuse a bad file before spending time on the model
@@ -198,23 +225,30 @@ def cmd_index(args) -> None:
     model = _load_model(args)
     store = KVStore(args.out, model.fingerprint)
     indexer = Indexer(model, sampling, compression)
-    video_id = args.video_id or Path(args.video).name
+    video_id = args.video_id or default_video_id(args.video)
+    source = str(Path(args.video).resolve())
+    source_hash = source_sha256(source)
     # Already stored? Found out before decoding and pre-filling: same fingerprint -> nothing to do; other settings
-    # -> refused unless --overwrite.
+    # -> refused unless --overwrite; the same bytes under another id -> refused unless --allow-duplicate.
     stored = store.check_before_indexing(video_id, model.fingerprint, to_dict(sampling), to_dict(compression),
-                                         str(Path(args.video).resolve()), args.overwrite)
+                                         source, args.overwrite, source_hash)
+    twin = store.video_with_source(source_hash)
+    if stored is None and twin is not None and twin != video_id and not args.allow_duplicate:
+        raise ConfigError(f"{args.video}: the same bytes are already stored as {twin!r} in {args.out}: ask about "
+                          f"{twin!r}, or pass --allow-duplicate to store them again as {video_id!r}")
     if stored is not None:
         if args.json:
             print(json.dumps({"video_id": video_id, "store": args.out, "chunks": stored["n_chunks"],
                               "bytes": stored["bytes"], "bytes_written": 0, "already_stored": True}))
-        else:
+        elif not args.quiet:
             print(f"{video_id} is already stored in {args.out} with the same fingerprint (model, settings, source "
                   f"bytes): nothing to do (--overwrite re-indexes it)")
         return
     t = time.perf_counter()
-    kv = indexer.index(args.video, args.video_id)
+    with ChunkProgress(f"index {video_id}", enabled=not args.quiet) as progress:
+        kv = indexer.index(args.video, video_id, on_chunk=progress.chunk_done)
     before = store.backend.stats.snapshot()
-    meta = store.write(kv, source=str(Path(args.video).resolve()), overwrite=args.overwrite)
+    meta = store.write(kv, source=source, source_hash=source_hash, overwrite=args.overwrite)
     written = (store.backend.stats.snapshot() - before).bytes_written
     stats = indexer.last_stats
     result = {
@@ -225,7 +259,7 @@ def cmd_index(args) -> None:
     }
     if args.json:
         print(json.dumps(result))
-    else:
+    elif not args.quiet:
         b = meta["bytes"]
         note = "" if written else " (already stored with the same fingerprint: nothing written)"
         print(f"indexed {kv.video_id}: {stats.frames} frames, {kv.n_chunks} chunks, {stats.tokens} tokens "
@@ -234,6 +268,33 @@ def cmd_index(args) -> None:
                if 0 < stats.frames_decoded < stats.frames_promised else "")
         print(f"  decoded with {stats.decoder}: {kv.meta['duration_s']:.2f} s, {stats.frames_decoded} frames{cut}")
         print(f"  KV bytes: sink {b['sink']:,}  H {b['h']:,}  L delta {b['delta']:,}  (uncompressed {b['full']:,})")
+
+
+def _n(count: int, noun: str) -> str:
+    """"1 video", "2 videos"."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+class ChunkProgress:
+    """Progress of one video's pre-fill, chunk by chunk; the bar opens at the first chunk (when the decoded video
+    says how many chunks there are)."""
+
+    def __init__(self, desc: str, enabled: bool):
+        self.desc, self.enabled, self.bar = desc, enabled, None
+
+    def chunk_done(self, done: int, total: int) -> None:
+        from x2l.progress import Progress
+
+        if self.bar is None:
+            self.bar = Progress(total, self.desc, "chunk", enabled=self.enabled)
+        self.bar.update()
+
+    def __enter__(self) -> "ChunkProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _pick_video(store, video_id: str | None) -> str:
@@ -290,7 +351,7 @@ def cmd_store(args) -> int | None:
             print(json.dumps(videos))
             return None
         damaged = [v for v in videos if "damaged" in v]
-        print(f"{len(videos) - len(damaged)} videos in {args.store}" + (f", {len(damaged)} damaged" if damaged else ""))
+        print(f"{_n(len(videos) - len(damaged), 'video')} in {args.store}" + (f", {len(damaged)} damaged" if damaged else ""))
         for v in videos:
             if "damaged" in v:
                 print(f"  {v['video_id'] if v['video_id'] is not None else '(key ' + v['video_key'] + ')'}: DAMAGED: "
@@ -337,7 +398,7 @@ def _store_upkeep(store, args) -> int:
             print(json.dumps(report.to_dict()))
         else:
             verb = "would remove" if args.dry_run else "removed"
-            print(f"{verb} {len(report.removed)} unreferenced files ({report.removed_bytes:,} B) from {args.store}; "
+            print(f"{verb} {_n(len(report.removed), 'unreferenced file')} ({report.removed_bytes:,} B) from {args.store}; "
                   f"kept {len(report.kept_recent)} younger than {args.grace_s:g} s")
             for key in report.removed:
                 print(f"  {key}")
@@ -347,7 +408,7 @@ def _store_upkeep(store, args) -> int:
         print(json.dumps(report.to_dict()))
     else:
         d = report.to_dict()
-        print(f"{d['ok']} videos ok, {d['damaged']} damaged, {len(report.unreferenced)} unreferenced files "
+        print(f"{_n(d['ok'], 'video')} ok, {d['damaged']} damaged, {_n(len(report.unreferenced), 'unreferenced file')} "
               f"in {args.store}")
         for v in report.damaged:
             print(f"  DAMAGED {v['video_id'] if v['video_id'] is not None else '(key ' + v['video_key'] + ')'}: "
@@ -355,7 +416,7 @@ def _store_upkeep(store, args) -> int:
         for key in report.unreferenced:
             print(f"  unreferenced {key} (x2l store gc removes it)")
     if report.damaged:
-        print(f"x2l: error: {len(report.damaged)} damaged videos in {args.store} (index them again to repair, or "
+        print(f"x2l: error: {_n(len(report.damaged), 'damaged video')} in {args.store} (index them again to repair, or "
               f"x2l store rm)", file=sys.stderr)
         return 1
     return 0
@@ -385,7 +446,7 @@ def cmd_runs(args) -> None:
     if args.json:
         print(json.dumps(runs))
         return
-    print(f"{len(runs)} runs in {args.store}")
+    print(f"{_n(len(runs), 'run')} in {args.store}")
     for r in runs:
         counts = ", ".join(f"{k} {v}" for k, v in r["counts"].items())
         print(f"  {r['run_id']}  {r['kind']:6s} {r['status']:6s}  started {r['started']}  {r['wall_s']:.1f} s  "
@@ -416,7 +477,7 @@ def cmd_eval(args) -> None:
     compression = CompressionConfig(args.l_keep, args.h_keep, args.scorer, args.context)
     model = _load_model(args)
     result = evaluate(questions, model, args.out, methods, sampling, compression, args.batch_size,
-                      args.max_new_tokens, targets, log=lambda m: print(m, flush=True))
+                      args.max_new_tokens, targets, log=lambda m: print(m, flush=True), progress=not args.quiet)
     write_results(result, args.out, f"x2l eval: {args.bench} ({len(questions)} questions, model {args.model})")
     print(f"wrote {args.out}/results.json, results.md and accuracy_vs_bytes.png")
 
@@ -444,13 +505,14 @@ COMMANDS = {"index": cmd_index, "ask": cmd_ask, "store": cmd_store, "report": cm
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not args.debug:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
+    for flag in ("debug", "quiet", "verbose"):
+        setattr(args, flag, getattr(args, flag, False))
+    console.configure(verbose=args.verbose or args.debug)
     try:
         rc = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe (`x2l store ls | head`) shows here, inside the try
+    except BrokenPipeError:
+        return console.broken_pipe()
     except X2LError as e:
         if args.debug:
             raise

@@ -1,9 +1,13 @@
 """What a corpus is: a local folder, an s3:// prefix, or a list file of URIs, turned into (video_id, uri) rows.
 
-Ids default to the path relative to the corpus root ("cats/1.mp4"), so the same file keeps its id across runs and
-machines. A list file (.txt or .csv) has one URI per line, optionally followed by ",id"; relative local paths are
-resolved against the list file's folder, and the default id is the URI as written. Blank lines and lines starting
-with "#" are ignored.
+The id rule, the same for every entrypoint (`x2l index`, a folder or prefix corpus, a list file; issue 13): a video's
+default id is its path relative to the corpus root, with "/" separators. `x2l index FILE` takes the file's folder as
+the root, so its id is the file name, as when that folder is indexed as a corpus. A list file (.txt or .csv) has one
+URI per line, optionally followed by ",id"; relative paths are relative to the list file's folder (the root), and an
+absolute path or URI outside it gets its file name (`default_video_id`). Blank lines and lines starting with "#" are
+ignored. Ids stay stable across runs and machines. One file is never stored twice by default: the store records which
+id holds a source file's bytes, and indexing the same bytes under another id is refused (x2l index) or skipped (the
+indexing job) unless duplicates are allowed.
 """
 
 from __future__ import annotations
@@ -42,11 +46,19 @@ def _list_file(text: str, base: str, is_s3: bool, source: str) -> list[CorpusEnt
         uri = row[0].strip()
         if lineno == 1 and uri.lower() in ("uri", "path", "video"):  # a header line
             continue
-        video_id = row[1].strip() if len(row) == 2 and row[1].strip() else uri
-        if "://" not in uri and not uri.startswith("/"):
+        relative = "://" not in uri and not uri.startswith("/")
+        given = row[1].strip() if len(row) == 2 else ""
+        video_id = given or (Path(uri).as_posix().removeprefix("./") if relative else default_video_id(uri))
+        if relative:
             uri = f"{base.rstrip('/')}/{uri}" if is_s3 else str(Path(base) / uri)
         entries.append(CorpusEntry(video_id, uri))
     return entries
+
+
+def default_video_id(uri: str) -> str:
+    """The id of a video given alone (`x2l index FILE`, an absolute path or URI in a list file): its file name, as
+    if its folder were the corpus root."""
+    return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
 def list_corpus(uri: str, config: StoreConfig | None = None) -> list[CorpusEntry]:

@@ -57,15 +57,20 @@ class IndexJobConfig:
     dtype: str = "auto"
     attn: str = "sdpa"
     overwrite: bool = False
+    allow_duplicates: bool = False  # index a file whose bytes are stored under another id (default: skip it)
     run_id: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}")
 
 
 def map_with_actors(ds, fn, batch_size: int | None = None, **kwargs):
-    """`ds.map` (batch_size None) or `ds.map_batches` with an actor pool whose restart and retry settings are
-    explicit. Ray Data's defaults are the same today; Ray 2.60 marks `ray_remote_args` deprecated (removal planned
+    """`ds.map` (batch_size None) or `ds.map_batches` with a pool of `concurrency` actors whose restart and retry
+    settings are explicit. Ray Data's defaults are the same today; Ray 2.60 marks `ray_remote_args` deprecated (removal planned
     for 2.64, hence the pin in pyproject.toml) without a named replacement for these two, so the warning is muted."""
     import warnings
 
+    from ray.data import ActorPoolStrategy
+
+    # a fixed pool of `concurrency` actors: `compute=`, the argument Ray 2.60 asks for (`concurrency=` is deprecated)
+    kwargs["compute"] = ActorPoolStrategy(size=kwargs.pop("concurrency"))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         fault_tolerance = {"max_restarts": ACTOR_MAX_RESTARTS, "max_task_retries": ACTOR_MAX_TASK_RETRIES}
@@ -176,6 +181,10 @@ class IndexActor:
                          info["n_real_frames"], info["frames_per_chunk"], [tuple(c) for c in info["chunk_times"]],
                          info["duration_s"], info["native_fps"], info["codec"], decoder=row["decoder"],
                          frames_promised=row["frames_promised"], frames_decoded=row["frames_decoded"])
+        twin = None if self.cfg.allow_duplicates else self.store.video_with_source(info["sha256"])
+        if twin is not None and twin != row["video_id"]:  # one file is not stored twice under two ids by default
+            return base | {"status": "skipped", "reason": f"the same bytes are already stored as {twin!r}",
+                           "t_start": t_start, "t_end": time.time()}
         try:
             t = time.perf_counter()
             kv = self.indexer.index_clip(clip, row["video_id"])

@@ -18,6 +18,7 @@ VIDEOS = "videos"
 META_FILE = "meta.json"
 KV_PREFIX, KV_SUFFIX = "kv-", ".parquet"  # one object per write: videos/<key>/kv-<write_id>.parquet
 GRACE_S = 3600.0  # `gc` leaves unreferenced files younger than this alone: a writer may be about to commit them
+SOURCES = "sources"  # sources/<sha256 of a video file>.json -> {"video_id"}: which id holds those bytes
 TMP_MARK = ".tmp-"  # a local write in flight (or left by a killed writer): .<name>.tmp-<uuid>
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -47,6 +48,13 @@ def kv_file(write_id: str) -> str:
 
 def kv_path(key: str, write_id: str) -> str:
     return f"{VIDEOS}/{key}/{kv_file(write_id)}"
+
+
+def source_path(source_sha256: str) -> str:
+    """The index entry naming the video committed from a source file with this content hash."""
+    if not re.fullmatch(r"[0-9a-f]{64}", source_sha256):
+        raise StoreError(f"not a sha256 hex digest: {source_sha256!r}")
+    return f"{SOURCES}/{source_sha256}.json"
 
 
 def meta_path(key: str) -> str:

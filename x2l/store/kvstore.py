@@ -37,7 +37,7 @@ from x2l.config import StoreConfig
 from x2l.errors import CorruptionError, IncompatibleError, NotFoundError, StoreError
 from x2l.store.backend import IOStats, open_backend
 from x2l.store.cache import LRU
-from x2l.store.keys import STORE_DOC, VIDEOS, kv_file, kv_path, meta_path, video_dir, video_key
+from x2l.store.keys import STORE_DOC, VIDEOS, kv_file, kv_path, meta_path, source_path, video_dir, video_key
 from x2l.store.reader import Tally, open_parquet, read_delta, read_h
 from x2l.store.schema import META_CHECKSUM, SCHEMA_VERSION, meta_checksum
 from x2l.store.writer import (build_meta, check_complete, new_write_id, resolve_source, source_sha256,
@@ -347,7 +347,26 @@ class KVStore:
             raise StoreError(f"video {video.video_id!r}: meta is not JSON-serialisable: {e}") from e
         self.backend.write_bytes(meta_path(key), data)  # the commit: one atomic replace, names this write's file
         self._forget(key)
+        if source_hash:  # which id holds these bytes: a hint, checked against the commit when read
+            try:
+                self.backend.write_bytes(source_path(source_hash), json.dumps({"video_id": video.video_id}).encode())
+            except StoreError:
+                pass  # the video is committed; only the hint is missing (another file with the bytes is not noticed)
         return meta
+
+    def video_with_source(self, source_hash: str | None) -> str | None:
+        """The id of the committed video indexed from a source file with this sha256, or None: so one file is not
+        stored twice under two ids (issue 13). Reads the hint `sources/<sha256>.json` written at the commit and
+        trusts it only if that video's current commit names the same source hash."""
+        if not source_hash:
+            return None
+        try:
+            hint = json.loads(self.backend.read_bytes(source_path(source_hash)))
+            video_id = hint["video_id"]
+            meta = self.committed(video_id)
+        except (NotFoundError, CorruptionError, IncompatibleError, ValueError, KeyError, TypeError):
+            return None
+        return video_id if meta is not None and meta.get("source_sha256") == source_hash else None
 
     def remove(self, video_id: str) -> dict | None:
         """Uncommit the video (remove meta.json), then delete its files. Returns the meta it had (None when the
@@ -384,11 +403,12 @@ class KVStore:
         return old, fingerprint
 
     def check_before_indexing(self, video_id: str, model_fp: str, sampling: dict, compression: dict,
-                              source: str, overwrite: bool = False) -> dict | None:
+                              source: str, overwrite: bool = False, source_hash: str | None = None) -> dict | None:
         """Before decoding and pre-filling a local video file: its committed meta when indexing it again would give
         the same fingerprint (nothing to do), None when it should be indexed; IncompatibleError naming --overwrite
         when it is stored with other settings (issue 12). sampling/compression as `to_dict` gives them."""
-        source_hash = source_sha256(source) if os.path.isfile(source) else None
+        if source_hash is None and os.path.isfile(source):
+            source_hash = source_sha256(source)
         old, fingerprint = self._stored_as(video_id, model_fp, sampling, compression, source_hash, overwrite)
         if old is None or overwrite or old["fingerprint"] != fingerprint:
             return None
