@@ -59,7 +59,7 @@ def test_index_reports_what_it_wrote(indexed, tiny_checkpoints, video_path):
 def test_store_ls_and_info(indexed):
     out, _ = indexed
     ls = x2l("store", "ls", out)
-    assert "1 videos" in ls.stdout and "clip-1: 5 chunks" in ls.stdout
+    assert "1 video in" in ls.stdout and "clip-1: 5 chunks" in ls.stdout
     info = json.loads(x2l("store", "info", out, "clip-1", "--json").stdout)
     assert info["n_chunks"] == 5 and len(info["chunks"]) == 5
     assert info["sampling"]["fps"] == 2 and info["compression"]["l_keep"] == 0.5

@@ -36,3 +36,11 @@ def test_overlap_note_says_which_methods_eight_questions_cannot_tell_apart():
     assert "Intervals overlap" in small and "full / x2l:2" in small
     large = render_markdown({"methods": {"full": method(199, 200), "h": method(120, 200)}, "compression": {}}, "t")
     assert "No two methods' intervals overlap" in large
+
+
+def test_the_interval_contains_the_observed_accuracy_exactly():
+    """Error bars are accuracy - low and high - accuracy: never negative, even at 0 and n of n (float noise)."""
+    for n in range(1, 60):
+        for k in (0, 1, n // 2, n - 1, n):
+            lo, hi = wilson_interval(k, n)
+            assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n, lo, hi)

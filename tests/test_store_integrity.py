@@ -281,8 +281,8 @@ def test_store_commands(tmp_path):
     assert r.returncode == 0 and "2 videos" in r.stdout and "1 damaged" in r.stdout
     assert "bad: DAMAGED:" in r.stdout and "truncated" in r.stdout
     r = x2l("verify", uri)
-    assert r.returncode == 1 and "2 videos ok, 1 damaged, 1 unreferenced files" in r.stdout
-    assert f"unreferenced {junk}" in r.stdout and r.stderr.startswith("x2l: error: 1 damaged videos")
+    assert r.returncode == 1 and "2 videos ok, 1 damaged, 1 unreferenced file in" in r.stdout
+    assert f"unreferenced {junk}" in r.stdout and r.stderr.startswith("x2l: error: 1 damaged video in")
     assert x2l("verify", uri, "good").returncode == 0
     report = json.loads(x2l("verify", uri, "--json").stdout)
     assert (report["ok"], report["damaged"], report["unreferenced"]) == (2, 1, [junk])

@@ -6,7 +6,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from x2l.compress import LevelKV, VideoKV
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: the store imports this module without torch
+    from x2l.compress import LevelKV, VideoKV
 from x2l.errors import CorruptionError, IncompatibleError, NotFoundError
 
 

@@ -28,11 +28,11 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 import pyarrow.parquet as pq
-import torch
 
 from x2l import __version__, source
-from x2l.compress import ChunkKV, LevelKV, VideoKV
 from x2l.config import StoreConfig
 from x2l.errors import CorruptionError, IncompatibleError, NotFoundError, StoreError
 from x2l.store.backend import IOStats, open_backend
@@ -42,6 +42,11 @@ from x2l.store.reader import Tally, open_parquet, read_delta, read_h
 from x2l.store.schema import META_CHECKSUM, SCHEMA_VERSION, meta_checksum
 from x2l.store.writer import (build_meta, check_complete, new_write_id, resolve_source, source_sha256,
                               video_fingerprint, write_parquet)
+
+if TYPE_CHECKING:  # torch is imported where KV is read or written: listing and inspecting a store needs none
+    import torch
+
+    from x2l.compress import LevelKV, VideoKV
 
 STORE_FORMAT = "x2l-kvstore"
 OPEN_VIDEOS = 64  # footers kept (a few KiB to a few hundred KiB each)
@@ -83,6 +88,8 @@ class StaleError(CorruptionError):
 
 def cast_level(level: LevelKV, dtype: torch.dtype | None) -> LevelKV:
     """The level with keys and values in `dtype` (unchanged when None or already so)."""
+    from x2l.compress import LevelKV
+
     if dtype is None or level.keys.dtype == dtype:
         return level
     return LevelKV(level.index, level.keys.to(dtype), level.values.to(dtype))
@@ -90,6 +97,8 @@ def cast_level(level: LevelKV, dtype: torch.dtype | None) -> LevelKV:
 
 def cast_video(video: VideoKV, dtype: torch.dtype | None) -> VideoKV:
     """The video (sink and every chunk's H, and delta where loaded) with KV in `dtype`."""
+    from x2l.compress import ChunkKV, VideoKV
+
     if dtype is None or video.sink_keys.dtype == dtype:
         return video
     chunks = [ChunkKV(c.chunk, c.start_s, c.end_s, c.n_tokens, cast_level(c.h, dtype),

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from x2l.compress import ChunkKV, LevelKV, VideoKV
 from x2l.errors import CorruptionError, NotFoundError, StoreError
 from x2l.store.backend import Backend, IOStats
 from x2l.store.keys import kv_path
 from x2l.store.schema import COLUMNS, decode_level, decode_row, table_rows
+
+if TYPE_CHECKING:
+    from x2l.compress import LevelKV, VideoKV
 
 
 def name(meta: dict) -> str:
@@ -89,6 +92,8 @@ def check_layout(pf: pq.ParquetFile, meta: dict) -> None:
 
 def read_h(backend: Backend, meta: dict, file_meta: pq.FileMetaData | None) -> tuple[VideoKV, pq.FileMetaData]:
     """Sink and every chunk's H from row group 0 (one read, plus the footer when `file_meta` is None)."""
+    from x2l.compress import ChunkKV, VideoKV
+
     what = f"{name(meta)}: H row group"
     with open_parquet(backend, meta, file_meta) as pf, corruption(what):
         rows = table_rows(pf.read_row_group(0))

@@ -26,17 +26,32 @@ import hashlib
 import json
 import math
 
-import pyarrow as pa
-import torch
+from typing import TYPE_CHECKING
 
-from x2l.compress import LevelKV
+import pyarrow as pa
+
 from x2l.errors import CorruptionError, StoreError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: reading commits (`x2l store ls`) needs none
+    import torch
+
+    from x2l.compress import LevelKV
 
 SCHEMA_VERSION = 2  # 2: one kv-<write_id>.parquet per write, named by a checksummed meta.json (issue 11)
 META_CHECKSUM = "meta_checksum"
 
-DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+DTYPE_NAMES = ("bfloat16", "float16", "float32")  # the KV dtypes a store holds, as stored in each row
+
+
+def torch_dtype(name: str) -> torch.dtype | None:
+    """The torch dtype of a stored dtype name (None for a name x2l does not store)."""
+    import torch
+
+    return getattr(torch, name) if name in DTYPE_NAMES else None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 SCHEMA = pa.schema([
     ("chunk", pa.int32()),
@@ -78,6 +93,8 @@ def meta_checksum(meta: dict) -> str:
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
+    import torch
+
     """Raw little-endian C-order bytes of a tensor, any dtype (bf16 goes through its uint8 view: no numpy bf16)."""
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
@@ -85,8 +102,10 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
 def encode_row(chunk: int, level: str, n_tokens: int, start_s: float, end_s: float,
                keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor | None) -> dict:
     """A row of SCHEMA (index None for the sink), checksum included."""
-    if keys.dtype not in DTYPE_NAMES:
-        raise StoreError(f"chunk {chunk} {level}: dtype {keys.dtype} cannot be stored (use one of {list(DTYPES)})")
+    import torch
+
+    if dtype_name(keys.dtype) not in DTYPE_NAMES:
+        raise StoreError(f"chunk {chunk} {level}: dtype {keys.dtype} cannot be stored (use one of {list(DTYPE_NAMES)})")
     if keys.shape != values.shape or keys.dtype != values.dtype or keys.dim() != 4:
         raise StoreError(f"chunk {chunk} {level}: keys {tuple(keys.shape)} {keys.dtype} and values "
                               f"{tuple(values.shape)} {values.dtype} must be equal [layers, heads, k, dim] tensors")
@@ -94,7 +113,7 @@ def encode_row(chunk: int, level: str, n_tokens: int, start_s: float, end_s: flo
         raise StoreError(f"chunk {chunk} {level}: index {tuple(index.shape)} does not match keys {tuple(keys.shape)}")
     row = {
         "chunk": chunk, "level": level, "n_tokens": int(n_tokens), "start_s": float(start_s), "end_s": float(end_s),
-        "dtype": DTYPE_NAMES[keys.dtype], "shape": [int(s) for s in keys.shape],
+        "dtype": dtype_name(keys.dtype), "shape": [int(s) for s in keys.shape],
         "index": b"" if index is None else tensor_bytes(index.to(torch.int32)),
         "keys": tensor_bytes(keys), "values": tensor_bytes(values),
     }
@@ -119,6 +138,8 @@ def table_rows(table: pa.Table) -> list[dict]:
 
 
 def _tensor(data, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    import torch
+
     if memoryview(data).nbytes == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(bytearray(memoryview(data)), dtype=torch.uint8).view(dtype).reshape(shape)
@@ -129,7 +150,9 @@ def decode_row(row: dict, what: str, chunk: int, level: str) -> tuple[torch.Tens
     sizes agree with its dtype and shape and that its checksum holds. CorruptionError naming `what` otherwise."""
     if (row.get("chunk"), row.get("level")) != (chunk, level):
         raise CorruptionError(f"{what}: expected chunk {chunk} {level}, found chunk {row.get('chunk')} {row.get('level')}")
-    dtype, shape = DTYPES.get(row["dtype"]), row["shape"]
+    import torch
+
+    dtype, shape = torch_dtype(row["dtype"]), row["shape"]
     if dtype is None or shape is None or len(shape) != 4 or min(shape) < 0:
         raise CorruptionError(f"{what}: bad dtype/shape {row['dtype']!r} {shape}")
     payload = math.prod(shape) * dtype.itemsize
@@ -147,5 +170,7 @@ def decode_row(row: dict, what: str, chunk: int, level: str) -> tuple[torch.Tens
 
 
 def decode_level(row: dict, what: str, chunk: int, level: str) -> LevelKV:
+    from x2l.compress import LevelKV
+
     keys, values, index = decode_row(row, what, chunk, level)
     return LevelKV(index, keys, values)

@@ -14,15 +14,16 @@ import json
 import os
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.parquet as pq
 
 from x2l import __version__
-from x2l.compress import VideoKV
 from x2l.errors import StoreError
 from x2l.store.backend import Backend
 from x2l.store.keys import kv_file, kv_path
+if TYPE_CHECKING:
+    from x2l.compress import VideoKV
 from x2l.store.schema import META_CHECKSUM, SCHEMA, SCHEMA_VERSION, WRITER_OPTIONS, encode_row, meta_checksum, table_of
 
 
