@@ -1,4 +1,4 @@
-"""The method's invariants on real tiny checkpoints of both families and real video files (DESIGN.md, "method")."""
+"""The method's invariants on real tiny checkpoints of both families and real video files (docs/DESIGN.md, "The method")."""
 
 from __future__ import annotations
 

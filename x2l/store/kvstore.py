@@ -1,4 +1,4 @@
-"""KVStore: indexed videos' compressed KV in a local directory or on S3 (layout in DESIGN.md, "Storage").
+"""KVStore: indexed videos' compressed KV in a local directory or on S3 (layout in docs/DESIGN.md, "Storage").
 
     <root>/store.json                                  schema version + model fingerprint, written by the first writer
     <root>/videos/<video_key>/kv-<write_id>.parquet   one per write: sink + every H in row group 0, chunk c's L
