@@ -187,3 +187,62 @@ def test_answer_job_refusing_a_model_is_one_line_before_ray(reported, tiny_check
     assert r.returncode == 1 and r.stdout == ""
     [line] = r.stderr.strip().splitlines()
     assert line.startswith("answer_questions: error: store ") and "not of model fingerprint" in line
+
+
+def test_report_md_has_a_per_run_table(reported, tmp_path):
+    """report.md lists every counted run: id, kind, status, counts, start, wall time and its own dollars (the run's
+    device-hours x GPU $/h plus its PUTs or GETs)."""
+    from x2l.report import Prices, RunFilter, write_report
+    from x2l.store.runs import list_runs
+
+    store, _ = reported
+    backend = open_backend(str(store))
+    summaries = read_runs(backend)
+    report = write_report(str(store), tmp_path / "r", Prices(2.5, 0.1, 0.01, 0.002), RunFilter(include_failed=True))
+    md = (tmp_path / "r" / "report.md").read_text()
+    table = md.split("## Runs\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert table[0] == "| run id | kind | status | counts | started (UTC) | wall time | dollars |"
+    listed = list_runs(backend)
+    assert len(table) == 2 + len(listed) == 5
+    for line, run, summary in zip(table[2:], listed, summaries):
+        kind = run["kind"]
+        rows = read_run_rows(backend, run["run_id"], kind)
+        if kind == "index":
+            dollars = summary["wall_s"] / 3600 * 2.5 + 2 * sum(r["status"] == "indexed" for r in rows) / 1000 * 0.01
+        else:
+            ok = [r for r in rows if r["error"] is None]
+            gets = sum(len(r["selected_chunks"]) - r["cache_hits"] for r in ok)
+            dollars = summary["answer_s"] / 3600 * 2.5 + gets / 1000 * 0.002
+        counts = ", ".join(f"{k} {v}" for k, v in run["counts"].items())
+        assert line == (f"| {run['run_id']} | {kind} | {run['status']} | {counts} | {run['started']} | "
+                        f"{run['wall_s']:,.1f} s | ${dollars:,.6f} |")
+    assert [r["status"] for r in report["runs_table"]] == ["ok", "ok", "failed"]
+
+
+def test_empty_plots_say_no_data(reported, tmp_path, monkeypatch):
+    """A store with no answer runs: the question plots say "no data" instead of drawing empty axes; the indexing
+    plots, which have data, do not."""
+    import x2l.report as report_mod
+    from x2l.report import Prices, RunFilter, write_report
+
+    texts: dict[str, list[str]] = {}
+    save = report_mod._save
+
+    def recording_save(fig, path):
+        texts[Path(path).name] = [t.get_text() for ax in fig.axes for t in ax.texts]
+        return save(fig, path)
+
+    monkeypatch.setattr(report_mod, "_save", recording_save)
+    store, _ = reported
+    write_report(str(store), tmp_path / "idx", Prices(), RunFilter(kind="index"))
+    assert texts["questions.png"] == ["no data\n(no answered questions)"] * 2
+    assert texts["indexing_throughput.png"] == [] and texts["storage_per_video_hour.png"] == []
+    md = (tmp_path / "idx" / "report.md").read_text()
+    assert "![questions.png](questions.png)" in md
+    empty = tmp_path / "empty"
+    open_backend(str(empty))  # creates an empty store: no runs at all
+    texts.clear()
+    report = write_report(str(empty), tmp_path / "none")
+    assert texts["indexing_throughput.png"] == ["no data\n(no indexing runs)"]
+    assert texts["storage_per_video_hour.png"] == ["no data\n(no indexed videos)"]
+    assert "No runs match." in (tmp_path / "none" / "report.md").read_text() and report["runs_table"] == []

@@ -178,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="demo_out", help="where the demo writes its files (default demo_out)")
     p.add_argument("--model", default=None,
                    help="checkpoint to run (default: the shipped needle model, models/needle-qwen2vl)")
+
+    p = sub.add_parser("serve", help="serve a store over HTTP (the Ray Serve app) on a Ray of its own until Ctrl-C")
+    from x2l.serve_cli import add_arguments as add_serve_arguments
+
+    add_serve_arguments(p)
+
     for command in [parser, *_leaf_commands(parser)]:
         _output_options(command)
     return parser
@@ -498,9 +504,15 @@ def cmd_demo(args) -> None:
     run_demo(Path(args.workdir), model.resolve())
 
 
+def cmd_serve(args) -> int:
+    from x2l.serve_cli import run_serve
+
+    return run_serve(args, verbose=getattr(args, "verbose", False))
+
+
 COMMANDS = {"index": cmd_index, "ask": cmd_ask, "store": cmd_store, "report": cmd_report, "runs": cmd_runs,
             "eval": cmd_eval,
-            "tiny-model": cmd_tiny_model, "demo": cmd_demo}
+            "tiny-model": cmd_tiny_model, "demo": cmd_demo, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

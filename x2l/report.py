@@ -123,6 +123,8 @@ def build_report(index_runs: list[tuple[dict, list[dict]]], answer_runs: list[tu
     answer_dollars = answer_device_hours * prices.gpu_per_hour + gets / 1000 * prices.get_per_1k
     per_vh = (lambda x: x / video_hours) if video_hours else (lambda x: None)
     return {
+        "runs_table": [run_row(s, rows, "index", prices) for s, rows in index_runs]
+        + [run_row(s, rows, "answer", prices) for s, rows in answer_runs],
         "prices": asdict(prices),
         "indexing": {
             "runs": len(index_runs), "videos_indexed": len(indexed), "video_hours": round(video_hours, 6),
@@ -155,6 +157,42 @@ def build_report(index_runs: list[tuple[dict, list[dict]]], answer_runs: list[tu
             "per_1000_questions": round(answer_dollars / len(answers) * 1000, 6) if answers else None,
         },
     }
+
+
+def run_row(summary: dict, rows: list[dict], kind: str, prices: Prices = Prices()) -> dict:
+    """One line of the report's per-run table: run_id, kind, status, counts (as `x2l runs` shows them), started (UTC
+    ISO 8601), wall_s and dollars (the run's own share of the report's formulas: device-hours x GPU $/h plus its
+    PUTs or GETs; None when the summary lacks the numbers, e.g. a run recorded without its config)."""
+    from x2l.store.runs import run_counts, run_status
+
+    dollars = None
+    config = summary.get("config")
+    if config is not None and "wall_s" in summary:
+        if kind == "index":
+            puts = 2 * sum(1 for r in rows if r.get("status") == "indexed")
+            dollars = (summary["wall_s"] * index_devices(config) / 3600 * prices.gpu_per_hour
+                       + puts / 1000 * prices.put_per_1k)
+        else:
+            ok = [r for r in rows if r.get("error") is None]
+            gets = sum(len(r.get("selected_chunks") or []) - (r.get("cache_hits") or 0) for r in ok)
+            dollars = (answering_s(summary) * answer_devices(config, prices) / 3600 * prices.gpu_per_hour
+                       + gets / 1000 * prices.get_per_1k)
+    return {"run_id": summary.get("run_id", ""), "kind": kind, "status": run_status(summary | {"kind": kind}),
+            "counts": run_counts(summary | {"kind": kind}), "started": summary.get("started", ""),
+            "wall_s": summary.get("wall_s"), "dollars": None if dollars is None else round(dollars, 6)}
+
+
+def render_runs_table(runs: list[dict]) -> str:
+    """The per-run Markdown table of report.md (issue 13)."""
+    if not runs:
+        return "No runs match.\n"
+    lines = ["| run id | kind | status | counts | started (UTC) | wall time | dollars |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in runs:
+        counts = ", ".join(f"{k} {v}" for k, v in r["counts"].items())
+        lines.append(f"| {r['run_id']} | {r['kind']} | {r['status']} | {counts} | {r['started']} | "
+                     f"{_num(r['wall_s'], '{:,.1f} s')} | {_num(r['dollars'], '${:,.6f}')} |")
+    return "\n".join(lines) + "\n"
 
 
 REPORT_FORMULAS = """\
@@ -242,6 +280,8 @@ def render_markdown(report: dict, store_uri: str) -> str:
     lat = a["latency_s"]
     return f"""# x2l report: {store_uri}
 
+## Runs
+{render_runs_table(report.get("runs_table", []))}
 ## Indexing
 | | |
 | --- | --- |
@@ -297,7 +337,10 @@ def render_plots(report: dict, index_runs: list, answer_runs: list, out_dir) -> 
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     runs = [(s["run_id"], s.get("tokens_per_second", 0.0)) for s, _ in index_runs]
-    ax.bar([r for r, _ in runs], [t for _, t in runs], color="#4c72b0")
+    if runs:
+        ax.bar([r for r, _ in runs], [t for _, t in runs], color="#4c72b0")
+    else:
+        no_data(ax, "no indexing runs")
     ax.set_ylabel("pre-filled tokens / s (wall)")
     ax.set_title("Indexing throughput per run")
     ax.tick_params(axis="x", labelrotation=30, labelsize=7)
@@ -312,6 +355,8 @@ def render_plots(report: dict, index_runs: list, answer_runs: list, out_dir) -> 
             bottom += per[k] / 1e6
         ax.bar(["uncompressed KV"], [per["full"] / 1e6], color="#c44e52", label="full")
         ax.legend()
+    else:
+        no_data(ax, "no indexed videos")
     ax.set_ylabel("MB per video-hour")
     ax.set_title("Storage per video-hour by level")
     names.append(_save(fig, out_dir / "storage_per_video_hour.png"))
@@ -321,14 +366,27 @@ def render_plots(report: dict, index_runs: list, answer_runs: list, out_dir) -> 
     lat = sorted(r["total_s"] for r in answers if r.get("total_s") is not None)
     if lat:
         ax1.plot(lat, [(i + 1) / len(lat) for i in range(len(lat))], color="#4c72b0")
+    else:
+        no_data(ax1, "no answered questions")
     ax1.set_xlabel("latency (s)")
     ax1.set_ylabel("share of questions")
     ax1.set_title("Question latency (CDF)")
-    ax2.hist([(r["store_bytes_read"] or 0) / 1e6 for r in answers], bins=20, color="#55a868")
+    if answers:
+        ax2.hist([(r["store_bytes_read"] or 0) / 1e6 for r in answers], bins=20, color="#55a868")
+    else:
+        no_data(ax2, "no answered questions")
     ax2.set_xlabel("MB read from the store")
     ax2.set_title("Bytes read per question")
     names.append(_save(fig, out_dir / "questions.png"))
     return names
+
+
+def no_data(ax, why: str) -> None:
+    """Say "no data" (and why) across an empty plot, instead of drawing empty axes (issue 13)."""
+    ax.text(0.5, 0.5, f"no data\n({why})", ha="center", va="center", transform=ax.transAxes, fontsize=12,
+            color="#666666")
+    ax.set_xticks([])
+    ax.set_yticks([])
 
 
 def _save(fig, path) -> str:
