@@ -305,6 +305,23 @@ def test_app_builder_refuses_a_missing_model_or_store_before_deploying(archive, 
     assert last == f"Error: x2l.serve: model directory {tmp_path / 'nomodel'} does not exist"
 
 
+@pytest.mark.parametrize("arg, message", [
+    ({"dtype": "float17"}, "dtype='float17': use auto, float32, bfloat16 or float16"),
+    ({"attn": "flash"}, "attn='flash': use sdpa or eager"),
+    ({"num_replicas": "0"}, "num_replicas=0: must be >= 1"),
+    ({"num_gpus": "-1"}, "num_gpus=-1.0: must be >= 0"),
+    ({"h_budget_bytes": "-5"}, "h_budget_bytes=-5: must be >= 0"),
+])
+def test_app_builder_refuses_arguments_a_replica_would_refuse(archive, arg, message):
+    """A replica whose constructor fails is restarted forever while `serve run` waits: such values stop the builder."""
+    from x2l.errors import ConfigError
+    from x2l.serve import app
+
+    with pytest.raises(ConfigError) as e:
+        app({"store": archive["store"], "model": archive["model"]} | arg)
+    assert str(e.value) == f"x2l.serve: x2l.serve argument {message}"
+
+
 def test_reindex_while_serving_answers_from_the_new_index(serve_app, archive):
     """Another process re-indexes a served video with --overwrite (other chunking): the next question is answered
     from the new commit, including chunks the replica never fetched before."""

@@ -99,11 +99,27 @@ class ServeConfig:
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"x2l.serve argument {name}={value!r}: expected {kind.__name__}") from e
         cfg = cls(**values)
-        if (cfg.max_batch_size < 1 or cfg.max_questions_per_request < 1 or cfg.max_prompt_chars < 1
-                or cfg.max_prompt_tokens < 1):
-            raise ConfigError("max_batch_size, max_questions_per_request, max_prompt_chars and max_prompt_tokens "
-                              "must be >= 1")
+        cfg.check()
         return cfg
+
+    def check(self) -> None:
+        """ConfigError (one line, naming the argument) for a value a replica would refuse or could never get: checked
+        by the builder, since a replica that fails in its constructor is restarted forever and `serve run` waits."""
+        from x2l.models.qwen2_vl import DTYPE_NAMES
+
+        at_least = {"max_batch_size": 1, "max_questions_per_request": 1, "max_prompt_chars": 1,
+                    "max_prompt_tokens": 1, "num_replicas": 1, "max_new_tokens": 1, "top_k": 1, "num_gpus": 0,
+                    "num_cpus": 0, "h_budget_bytes": 0, "l_cache_bytes": 0, "batch_wait_timeout_s": 0,
+                    "torch_threads": 0}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ConfigError(f"x2l.serve argument {name}={getattr(self, name)!r}: must be >= {low}")
+        if self.ready_timeout_s <= 0:
+            raise ConfigError(f"x2l.serve argument ready_timeout_s={self.ready_timeout_s!r}: must be > 0")
+        if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"x2l.serve argument dtype={self.dtype!r}: use auto, float32, bfloat16 or float16")
+        if self.attn not in ("sdpa", "eager"):
+            raise ConfigError(f"x2l.serve argument attn={self.attn!r}: use sdpa or eager")
 
     @property
     def prompt_limits(self) -> PromptLimits:
