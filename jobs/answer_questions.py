@@ -87,7 +87,8 @@ def answer_over_http(args, todo: list[dict], out) -> tuple[float, str]:
 
     from x2l.questions import answer_row, write_part
 
-    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    token = (args.token or "").strip()  # a token read from a file ends in a newline: not part of the token
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     client = httpx.Client(base_url=args.serve_address, headers=headers, timeout=600)
 
     def ask(q: dict) -> dict:

@@ -247,6 +247,20 @@ def test_bearer_token(serve_app):
     assert r.status_code == 200 and "swagger" in r.text.lower()
 
 
+def test_api_token_from_a_file_with_its_newline_still_matches_and_a_blank_one_is_refused(monkeypatch):
+    from x2l.errors import ConfigError
+    from x2l.serve import _authorized, api_token
+
+    monkeypatch.setenv("X2L_T", "s3cret\n")  # as a secret mounted from a file arrives
+    token = api_token("X2L_T")
+    assert token == b"s3cret" and _authorized(token, "Bearer s3cret")
+    monkeypatch.setenv("X2L_T", "  ")
+    with pytest.raises(ConfigError, match="X2L_T is set but blank"):
+        api_token("X2L_T")
+    monkeypatch.delenv("X2L_T")
+    assert api_token("X2L_T") is None
+
+
 def test_every_error_body_has_one_shape(serve_app):
     def shape(r: httpx.Response, status: int) -> str:
         assert r.status_code == status, r.text

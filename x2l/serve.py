@@ -322,6 +322,18 @@ def _describe(errors) -> str:
                      for err in errors) or "invalid request"
 
 
+def api_token(env_name: str) -> bytes | None:
+    """The bearer token from the environment variable `env_name`, surrounding whitespace removed (a secret read from
+    a file ends in a newline, which no client can send: HTTP strips it from header values); None when unset.
+    ConfigError when set but blank: auth would be off (or unmatchable) while the operator thinks it is on."""
+    value = os.environ.get(env_name)
+    if value is None:
+        return None
+    if not value.strip():
+        raise ConfigError(f"{env_name} is set but blank: give the bearer token, or unset it to turn auth off")
+    return value.strip().encode()
+
+
 def _authorized(token: bytes, header: str | None) -> bool:
     """`Authorization: Bearer <token>`, the scheme in any case, the token compared in constant time."""
     scheme, _, given = (header or "").strip().partition(" ")
@@ -338,8 +350,7 @@ class Ingress:
 
         self.query = query
         self.cfg = ServeConfig(**config)
-        token = os.environ.get(self.cfg.token_env)
-        self.token = token.encode() if token else None
+        self.token = api_token(self.cfg.token_env)
         tokenizer = AutoTokenizer.from_pretrained(self.cfg.model)  # to bound prompts in tokens before any replica
         self.count_tokens = lambda q, o: len(question_token_ids(tokenizer, q, o))
 
@@ -454,6 +465,7 @@ def app(args: dict[str, Any]):
     try:
         cfg = ServeConfig.from_args(args)
         check_deployable(cfg)
+        api_token(cfg.token_env)  # the replicas normally share this environment: a blank token stops here
     except ConfigError as e:
         raise AppConfigError(f"x2l.serve: {e}") from None
     query = QueryModel.options(
