@@ -204,7 +204,7 @@ def summarize(rows: list[dict], wall_s: float, run_id: str, started: str, config
 
 
 def run(args) -> int:
-    from x2l.distributed import job_path, start_ray
+    from x2l.distributed import check_options, job_path, start_ray
     from x2l.questions import consolidate, read_parts
     from x2l.store import KVStore
     from x2l.store.backend import open_backend
@@ -212,6 +212,9 @@ def run(args) -> int:
 
     if not args.serve_address and not args.model:
         raise X2LError("give --serve-address (a running Serve app) or --model (answer in-job)")
+    check_options(args, {"in_flight": 1, "concurrency": 1, "batch_size": 1, "num_gpus_per_actor": 0,
+                         "num_cpus_per_actor": 0, "torch_threads": 1, "top_k": 1, "budget_bytes": 0,
+                         "max_new_tokens": 1, "max_prompt_chars": 1, "max_prompt_tokens": 1})
     args.store, args.out = job_path(args.store, "--store"), job_path(args.out, "--out")
     args.questions = job_path(args.questions, "--questions")
     store_cfg = StoreConfig(uri=args.store)
