@@ -319,6 +319,17 @@ def test_app_builder_refuses_a_missing_model_or_store_before_deploying(archive, 
     assert last == f"Error: x2l.serve: model directory {tmp_path / 'nomodel'} does not exist"
 
 
+def test_app_arguments_resolve_local_paths_where_the_builder_checks_them(tmp_path, monkeypatch):
+    """Replicas do not run in `serve run`'s working directory: a relative store= or model= is made absolute by the
+    builder, the side that checked it, instead of being opened relative to a worker's directory."""
+    from x2l.serve import ServeConfig
+
+    monkeypatch.chdir(tmp_path)
+    cfg = ServeConfig.from_args({"store": "store", "model": "file://models/m"})
+    assert (cfg.store, cfg.model) == (str(tmp_path / "store"), str(tmp_path / "models" / "m"))
+    assert ServeConfig.from_args({"store": "s3://x2l/store", "model": "m"}).store == "s3://x2l/store"
+
+
 @pytest.mark.parametrize("arg, message", [
     ({"dtype": "float17"}, "dtype='float17': use auto, float32, bfloat16 or float16"),
     ({"attn": "flash"}, "attn='flash': use sdpa or eager"),

@@ -98,6 +98,10 @@ class ServeConfig:
                 values[name] = kind(value)
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"x2l.serve argument {name}={value!r}: expected {kind.__name__}") from e
+        for name in ("store", "model"):  # the path the builder checks must be the one the replicas open: replicas
+            value = values[name]         # run in another working directory (a worker's, or the cluster's)
+            if "://" not in value or value.startswith("file://"):
+                values[name] = os.path.abspath(os.path.expanduser(value.removeprefix("file://")))
         cfg = cls(**values)
         cfg.check()
         return cfg
