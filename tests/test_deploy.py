@@ -74,6 +74,11 @@ def test_read_only_commands_on_a_missing_store_say_so_and_create_nothing(tiny_ch
     (tmp_path / "empty").mkdir()
     r = x2l("store", "ls", tmp_path / "empty")
     assert r.returncode == 1 and "does not exist (no store.json there)" in r.stderr
+    for args in (["runs", "ls", tmp_path / "empty"], ["report", tmp_path / "empty", "--out", tmp_path / "rep"]):
+        r = x2l(*args)  # not "0 runs" / an empty report of a folder that is no store
+        assert r.returncode == 1 and r.stderr == f"x2l: error: {tmp_path / 'empty'} is not an x2l store (no store.json " \
+                                                 f"or runs/ there)\n", (args, r.stderr)
+    assert not (tmp_path / "rep").exists()
 
 
 def test_device_cuda_without_cuda_is_one_line(tiny_checkpoints, tmp_path):

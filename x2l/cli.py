@@ -363,11 +363,11 @@ def _store_upkeep(store, args) -> int:
 
 def cmd_report(args) -> None:
     from x2l.report import Prices, RunFilter, write_report
-    from x2l.store.backend import open_backend
+    from x2l.store.runs import open_store_runs
 
     prices = Prices(args.gpu_dollars_per_hour, args.storage_dollars_per_gb_month, args.put_dollars_per_1k,
                     args.get_dollars_per_1k, args.serve_devices)
-    open_backend(args.store, create=False)  # a missing store: said, not created
+    open_store_runs(args.store)  # a missing store, or a folder that is not one: said, nothing created
     report = write_report(args.store, args.out, prices, RunFilter(args.run_id, args.since, args.kind,
                                                                   args.include_failed))
     d = report["dollars"]
@@ -378,10 +378,9 @@ def cmd_report(args) -> None:
 
 
 def cmd_runs(args) -> None:
-    from x2l.store.backend import open_backend
-    from x2l.store.runs import list_runs
+    from x2l.store.runs import list_runs, open_store_runs
 
-    runs = list_runs(open_backend(args.store, create=False))
+    runs = list_runs(open_store_runs(args.store))
     if args.json:
         print(json.dumps(runs))
         return
