@@ -28,12 +28,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from x2l.config import StoreConfig
-from x2l.errors import X2LError
+from x2l.errors import OneLineParser, X2LError
 from x2l.prompt import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", required=True, help="KV store root: local folder or s3://bucket/prefix")
     p.add_argument("--questions", required=True, help="question file (.jsonl, .csv, .parquet), local or s3://")
     p.add_argument("--out", required=True, help="output folder (local or s3://) for parts, answers and summary")

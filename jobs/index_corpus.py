@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 
 from x2l.config import CompressionConfig, SamplingConfig, StoreConfig, to_dict
-from x2l.errors import NotFoundError, X2LError
+from x2l.errors import NotFoundError, OneLineParser, X2LError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", required=True, help="local folder (recursive), s3://bucket/prefix, or a .txt/.csv "
                                                    "list of URIs with optional ',id'")
     p.add_argument("--store", required=True, help="KV store root: local folder or s3://bucket/prefix")

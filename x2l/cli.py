@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig, to_dict
-from x2l.errors import ConfigError, X2LError
+from x2l.errors import ConfigError, OneLineParser, X2LError
 from x2l.prompt import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS
 from x2l.store.keys import GRACE_S
 
@@ -60,11 +60,10 @@ def _retrieval_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="x2l", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="x2l", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=argparse.ArgumentParser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     _add = sub.add_parser
     sub.add_parser = lambda *a, **k: _add(*a, parents=[common], **k)  # every command takes --debug
 
