@@ -28,13 +28,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from x2l.config import StoreConfig
-from x2l.errors import X2LError
+from x2l.errors import OneLineParser, X2LError
 from x2l.progress import Progress
 from x2l.prompt import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", required=True, help="KV store root: local folder or s3://bucket/prefix")
     p.add_argument("--questions", required=True, help="question file (.jsonl, .csv, .parquet), local or s3://")
     p.add_argument("--out", required=True, help="output folder (local or s3://) for parts, answers and summary")
@@ -90,7 +90,8 @@ def answer_over_http(args, todo: list[dict], out) -> tuple[float, str]:
 
     from x2l.questions import answer_row, write_part
 
-    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    token = (args.token or "").strip()  # a token read from a file ends in a newline: not part of the token
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     client = httpx.Client(base_url=args.serve_address, headers=headers, timeout=600)
 
     def ask(q: dict) -> dict:
@@ -210,7 +211,7 @@ def summarize(rows: list[dict], wall_s: float, run_id: str, started: str, config
 
 
 def run(args) -> int:
-    from x2l.distributed import job_path, start_ray
+    from x2l.distributed import check_options, job_path, start_ray
     from x2l.questions import consolidate, read_parts
     from x2l.store import KVStore
     from x2l.store.backend import open_backend
@@ -218,6 +219,9 @@ def run(args) -> int:
 
     if not args.serve_address and not args.model:
         raise X2LError("give --serve-address (a running Serve app) or --model (answer in-job)")
+    check_options(args, {"in_flight": 1, "concurrency": 1, "batch_size": 1, "num_gpus_per_actor": 0,
+                         "num_cpus_per_actor": 0, "torch_threads": 1, "top_k": 1, "budget_bytes": 0,
+                         "max_new_tokens": 1, "max_prompt_chars": 1, "max_prompt_tokens": 1})
     args.store, args.out = job_path(args.store, "--store"), job_path(args.out, "--out")
     args.questions = job_path(args.questions, "--questions")
     store_cfg = StoreConfig(uri=args.store)

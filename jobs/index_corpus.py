@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 
 from x2l.config import CompressionConfig, SamplingConfig, StoreConfig, to_dict
-from x2l.errors import X2LError
+from x2l.errors import NotFoundError, OneLineParser, X2LError
 from x2l.progress import Progress
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", required=True, help="local folder (recursive), s3://bucket/prefix, or a .txt/.csv "
                                                    "list of URIs with optional ',id'")
     p.add_argument("--store", required=True, help="KV store root: local folder or s3://bucket/prefix")
@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from x2l.corpus import list_corpus
-    from x2l.distributed import IndexJobConfig, build_pipeline, check_resources, job_path, start_ray, stats_row
+    from x2l.distributed import (IndexJobConfig, build_pipeline, check_options, check_resources, job_path, start_ray,
+                                 stats_row)
     from x2l.models import pixel_rule
     from x2l.models.qwen2_vl import checkpoint_fingerprint
     from x2l.report import summarize_index_run
@@ -95,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
     from x2l.store import KVStore
     from x2l.store.runs import write_run
 
+    check_options(args, {"concurrency": 1, "num_gpus_per_actor": 0, "num_cpus_per_actor": 0, "decode_cpus": 0,
+                         "torch_threads": 1})
     cfg_kwargs = {"run_id": args.run_id} if args.run_id else {}
     cfg = IndexJobConfig(
         corpus=job_path(args.corpus, "--corpus"), store=StoreConfig(uri=job_path(args.store, "--store")),
@@ -107,11 +110,15 @@ def run(args: argparse.Namespace) -> int:
     make_scorer(cfg.compression.scorer)  # refuse a bad scorer or checkpoint before starting anything
     pixel_rule(cfg.model)
     fingerprint = checkpoint_fingerprint(Path(cfg.model))
-    store = KVStore(cfg.store, fingerprint)  # unreachable or incompatible store: fails here, exit 1
+    try:  # unreachable or incompatible store: fails here, exit 1
+        store = KVStore(cfg.store, fingerprint, create=False)
+    except NotFoundError:
+        store = None  # a new local store: made once the corpus has videos (a refused job creates nothing)
     entries = list_corpus(cfg.corpus, cfg.store)
     if not entries:
         print(f"index_corpus: error: no videos found in corpus {cfg.corpus}", file=sys.stderr)
         return 1
+    store = store or KVStore(cfg.store, fingerprint)
 
     start_ray(args.ray_address)
     # A request the cluster can never meet would wait forever in silence: the actors, and one decode task.

@@ -74,6 +74,11 @@ def test_read_only_commands_on_a_missing_store_say_so_and_create_nothing(tiny_ch
     (tmp_path / "empty").mkdir()
     r = x2l("store", "ls", tmp_path / "empty")
     assert r.returncode == 1 and "does not exist (no store.json there)" in r.stderr
+    for args in (["runs", "ls", tmp_path / "empty"], ["report", tmp_path / "empty", "--out", tmp_path / "rep"]):
+        r = x2l(*args)  # not "0 runs" / an empty report of a folder that is no store
+        assert r.returncode == 1 and r.stderr == f"x2l: error: {tmp_path / 'empty'} is not an x2l store (no store.json " \
+                                                 f"or runs/ there)\n", (args, r.stderr)
+    assert not (tmp_path / "rep").exists()
 
 
 def test_device_cuda_without_cuda_is_one_line(tiny_checkpoints, tmp_path):
@@ -122,3 +127,18 @@ def test_the_index_jobs_check_stage_classifies_before_decoding(tiny_checkpoints,
                                 "sampling): pass --overwrite to re-index it")
     forced = check_committed(batch, dataclasses.replace(other, overwrite=True), model.fingerprint)
     assert forced["status"] == ["todo"] * 4
+
+
+def test_usage_errors_are_one_line_naming_the_option():
+    """A missing, unknown or mistyped option: one line (not the usage block), exit 2, for x2l and the jobs."""
+    r = x2l("report", "store", "--kind", "foo")
+    assert r.returncode == 2 and r.stderr == ("x2l report: error: argument --kind: invalid choice: 'foo' (choose from "
+                                              "'index', 'answer') (see x2l report --help)\n")
+    r = x2l("store", "info", "store")
+    assert r.returncode == 2 and r.stderr == ("x2l store info: error: the following arguments are required: video_id "
+                                              "(see x2l store info --help)\n")
+    r = subprocess.run([sys.executable, "jobs/index_corpus.py", "--corpus", "c", "--store", "s", "--model", "m",
+                        "--concurrency", "two"], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "argument --concurrency: invalid int value: 'two'" \
+        in r.stderr

@@ -160,6 +160,26 @@ def test_job_refuses_an_unreachable_store_and_an_empty_corpus(tiny_checkpoints, 
                         str(tmp_path / "s"), "--model", str(tiny_checkpoints["qwen2-vl"])],
                        cwd=ROOT, capture_output=True, text=True, env=loopback_env(), timeout=300)
     assert r.returncode == 1 and "no videos found" in r.stderr
+    assert not (tmp_path / "s").exists()  # a refused job creates no store
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--concurrency", "0"], "--concurrency 0: must be >= 1"),
+    (["--num-cpus-per-actor", "-1"], "--num-cpus-per-actor -1: must be >= 0"),
+    (["--torch-threads", "0"], "--torch-threads 0: must be >= 1"),
+])
+def test_numeric_options_out_of_range_are_one_line_before_ray(tiny_checkpoints, tmp_path, args, message):
+    from x2l.cluster import loopback_env
+
+    r = subprocess.run([sys.executable, "jobs/index_corpus.py", "--corpus", str(tmp_path), "--store",
+                        str(tmp_path / "s"), "--model", str(tiny_checkpoints["qwen2-vl"]), *args],
+                       cwd=ROOT, capture_output=True, text=True, env=loopback_env(), timeout=300)
+    assert r.returncode == 1 and r.stderr == f"index_corpus: error: {message}\n"
+    r = subprocess.run([sys.executable, "jobs/answer_questions.py", "--store", str(tmp_path / "s"), "--questions",
+                        str(tmp_path / "q.jsonl"), "--out", str(tmp_path / "out"), "--model",
+                        str(tiny_checkpoints["qwen2-vl"]), *args],
+                       cwd=ROOT, capture_output=True, text=True, env=loopback_env(), timeout=300)
+    assert r.returncode == 1 and r.stderr == f"answer_questions: error: {message}\n"
 
 
 def test_relative_paths_under_ray_job_submit_are_refused_with_the_working_form(ray_head, corpus, tiny_checkpoints):

@@ -141,6 +141,9 @@ def test_runs_ls_and_report_filters(reported, tmp_path):
     assert report("--since", runs[0]["started"])["runs"] == ok_only["runs"]
     r = x2l("report", store, "--since", "yesterday")
     assert r.returncode == 1 and "--since 'yesterday'" in r.stderr
+    r = x2l("report", store, "--out", tmp_path / "unknown", "--run-id", runs[0]["run_id"], "--run-id", "no-such-run")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--run-id no-such-run: no such run" in r.stderr
+    assert not (tmp_path / "unknown").exists()  # no empty report written for a run that is not there
 
 
 def test_per_question_stats_survive_a_bad_video_in_the_batch(reported, tiny_checkpoints, tmp_path):

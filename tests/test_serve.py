@@ -247,6 +247,20 @@ def test_bearer_token(serve_app):
     assert r.status_code == 200 and "swagger" in r.text.lower()
 
 
+def test_api_token_from_a_file_with_its_newline_still_matches_and_a_blank_one_is_refused(monkeypatch):
+    from x2l.errors import ConfigError
+    from x2l.serve import _authorized, api_token
+
+    monkeypatch.setenv("X2L_T", "s3cret\n")  # as a secret mounted from a file arrives
+    token = api_token("X2L_T")
+    assert token == b"s3cret" and _authorized(token, "Bearer s3cret")
+    monkeypatch.setenv("X2L_T", "  ")
+    with pytest.raises(ConfigError, match="X2L_T is set but blank"):
+        api_token("X2L_T")
+    monkeypatch.delenv("X2L_T")
+    assert api_token("X2L_T") is None
+
+
 def test_every_error_body_has_one_shape(serve_app):
     def shape(r: httpx.Response, status: int) -> str:
         assert r.status_code == status, r.text
@@ -303,6 +317,34 @@ def test_app_builder_refuses_a_missing_model_or_store_before_deploying(archive, 
     assert r.returncode == 1 and "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last == f"Error: x2l.serve: model directory {tmp_path / 'nomodel'} does not exist"
+
+
+def test_app_arguments_resolve_local_paths_where_the_builder_checks_them(tmp_path, monkeypatch):
+    """Replicas do not run in `serve run`'s working directory: a relative store= or model= is made absolute by the
+    builder, the side that checked it, instead of being opened relative to a worker's directory."""
+    from x2l.serve import ServeConfig
+
+    monkeypatch.chdir(tmp_path)
+    cfg = ServeConfig.from_args({"store": "store", "model": "file://models/m"})
+    assert (cfg.store, cfg.model) == (str(tmp_path / "store"), str(tmp_path / "models" / "m"))
+    assert ServeConfig.from_args({"store": "s3://x2l/store", "model": "m"}).store == "s3://x2l/store"
+
+
+@pytest.mark.parametrize("arg, message", [
+    ({"dtype": "float17"}, "dtype='float17': use auto, float32, bfloat16 or float16"),
+    ({"attn": "flash"}, "attn='flash': use sdpa or eager"),
+    ({"num_replicas": "0"}, "num_replicas=0: must be >= 1"),
+    ({"num_gpus": "-1"}, "num_gpus=-1.0: must be >= 0"),
+    ({"h_budget_bytes": "-5"}, "h_budget_bytes=-5: must be >= 0"),
+])
+def test_app_builder_refuses_arguments_a_replica_would_refuse(archive, arg, message):
+    """A replica whose constructor fails is restarted forever while `serve run` waits: such values stop the builder."""
+    from x2l.errors import ConfigError
+    from x2l.serve import app
+
+    with pytest.raises(ConfigError) as e:
+        app({"store": archive["store"], "model": archive["model"]} | arg)
+    assert str(e.value) == f"x2l.serve: x2l.serve argument {message}"
 
 
 def test_reindex_while_serving_answers_from_the_new_index(serve_app, archive):

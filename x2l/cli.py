@@ -13,7 +13,7 @@ from pathlib import Path
 
 from x2l import __version__, console
 from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig, to_dict
-from x2l.errors import ConfigError, X2LError
+from x2l.errors import ConfigError, OneLineParser, X2LError
 from x2l.prompt import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS
 from x2l.store.keys import GRACE_S
 
@@ -61,10 +61,9 @@ def _retrieval_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="x2l", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="x2l", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"x2l {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=argparse.ArgumentParser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     p = sub.add_parser("index", help="pre-fill a video and write its bi-level compressed KV to a store")
     p.add_argument("video", help="video file")
@@ -430,11 +429,11 @@ def _store_upkeep(store, args) -> int:
 
 def cmd_report(args) -> None:
     from x2l.report import Prices, RunFilter, write_report
-    from x2l.store.backend import open_backend
+    from x2l.store.runs import open_store_runs
 
     prices = Prices(args.gpu_dollars_per_hour, args.storage_dollars_per_gb_month, args.put_dollars_per_1k,
                     args.get_dollars_per_1k, args.serve_devices)
-    open_backend(args.store, create=False)  # a missing store: said, not created
+    open_store_runs(args.store)  # a missing store, or a folder that is not one: said, nothing created
     report = write_report(args.store, args.out, prices, RunFilter(args.run_id, args.since, args.kind,
                                                                   args.include_failed))
     d = report["dollars"]
@@ -445,10 +444,9 @@ def cmd_report(args) -> None:
 
 
 def cmd_runs(args) -> None:
-    from x2l.store.backend import open_backend
-    from x2l.store.runs import list_runs
+    from x2l.store.runs import list_runs, open_store_runs
 
-    runs = list_runs(open_backend(args.store, create=False))
+    runs = list_runs(open_store_runs(args.store))
     if args.json:
         print(json.dumps(runs))
         return

@@ -440,6 +440,18 @@ def start_ray(address: str | None) -> None:
                        f"{type(e).__name__}: {first}") from e
 
 
+def check_options(args, bounds: dict[str, float]) -> None:
+    """ConfigError (one line, naming the flag) for a numeric job option below its bound: `bounds` maps an argparse
+    dest to the least value allowed; None (an unset optional) passes. Checked before anything starts: Ray would
+    otherwise end the job in a traceback (a pool of 0 actors, a negative resource)."""
+    from x2l.errors import ConfigError
+
+    for dest, low in bounds.items():
+        value = getattr(args, dest)
+        if value is not None and value < low:
+            raise ConfigError(f"--{dest.replace('_', '-')} {value:g}: must be >= {low:g}")
+
+
 def check_resources(cpus: float, gpus: float, what: str) -> None:
     """ConfigError (one line) when the cluster's total CPUs or GPUs are fewer than the job asks for at once: Ray
     would otherwise wait for them forever without a word (issue 12). `what` says how the numbers were made."""

@@ -1,5 +1,7 @@
 """Every error x2l raises on purpose derives from X2LError, so the CLI and the jobs can report it in one line."""
 
+import argparse
+
 
 class X2LError(Exception):
     """Base class: the message names the input and the cause."""
@@ -31,3 +33,12 @@ class IncompatibleError(StoreError):
 
 class NotFoundError(StoreError):
     """A video id or store path that does not exist (or was never committed)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage error (missing or unknown option, bad choice or type) as one line on stderr,
+    naming the command and pointing at --help, exit status 2, instead of the whole usage block (issue 12: every
+    error is one line)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

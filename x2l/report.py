@@ -251,14 +251,21 @@ class RunFilter:
 
 
 def load_runs(store_uri: str, config=None, which: RunFilter = RunFilter()) -> tuple[list, list]:
-    """(index runs, answer runs) of a store that `which` keeps, each as (summary, rows), oldest first."""
-    from x2l.store.backend import open_backend
-    from x2l.store.runs import read_run_rows, read_runs
+    """(index runs, answer runs) of a store that `which` keeps, each as (summary, rows), oldest first. ConfigError
+    naming them when `which.run_ids` holds ids the store has no finished run of."""
+    from x2l.store.runs import open_store_runs, read_run_rows, read_runs
 
-    backend = open_backend(store_uri, config, create=False)
+    backend = open_store_runs(store_uri, config)
     since = which.since_utc()
+    summaries = read_runs(backend)
+    unknown = sorted(set(which.run_ids or ()) - {s.get("run_id") for s in summaries})
+    if unknown:
+        from x2l.errors import ConfigError
+
+        raise ConfigError(f"--run-id {', '.join(unknown)}: no such run in store {store_uri} "
+                          f"(`x2l runs ls {store_uri}` lists its runs)")
     index_runs, answer_runs = [], []
-    for summary in read_runs(backend):
+    for summary in summaries:
         if not which.keeps(summary, since):
             continue
         kind = summary.get("kind", "index")

@@ -98,12 +98,32 @@ class ServeConfig:
                 values[name] = kind(value)
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"x2l.serve argument {name}={value!r}: expected {kind.__name__}") from e
+        for name in ("store", "model"):  # the path the builder checks must be the one the replicas open: replicas
+            value = values[name]         # run in another working directory (a worker's, or the cluster's)
+            if "://" not in value or value.startswith("file://"):
+                values[name] = os.path.abspath(os.path.expanduser(value.removeprefix("file://")))
         cfg = cls(**values)
-        if (cfg.max_batch_size < 1 or cfg.max_questions_per_request < 1 or cfg.max_prompt_chars < 1
-                or cfg.max_prompt_tokens < 1):
-            raise ConfigError("max_batch_size, max_questions_per_request, max_prompt_chars and max_prompt_tokens "
-                              "must be >= 1")
+        cfg.check()
         return cfg
+
+    def check(self) -> None:
+        """ConfigError (one line, naming the argument) for a value a replica would refuse or could never get: checked
+        by the builder, since a replica that fails in its constructor is restarted forever and `serve run` waits."""
+        from x2l.models.qwen2_vl import DTYPE_NAMES
+
+        at_least = {"max_batch_size": 1, "max_questions_per_request": 1, "max_prompt_chars": 1,
+                    "max_prompt_tokens": 1, "num_replicas": 1, "max_new_tokens": 1, "top_k": 1, "num_gpus": 0,
+                    "num_cpus": 0, "h_budget_bytes": 0, "l_cache_bytes": 0, "batch_wait_timeout_s": 0,
+                    "torch_threads": 0}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ConfigError(f"x2l.serve argument {name}={getattr(self, name)!r}: must be >= {low}")
+        if self.ready_timeout_s <= 0:
+            raise ConfigError(f"x2l.serve argument ready_timeout_s={self.ready_timeout_s!r}: must be > 0")
+        if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"x2l.serve argument dtype={self.dtype!r}: use auto, float32, bfloat16 or float16")
+        if self.attn not in ("sdpa", "eager"):
+            raise ConfigError(f"x2l.serve argument attn={self.attn!r}: use sdpa or eager")
 
     @property
     def prompt_limits(self) -> PromptLimits:
@@ -306,6 +326,18 @@ def _describe(errors) -> str:
                      for err in errors) or "invalid request"
 
 
+def api_token(env_name: str) -> bytes | None:
+    """The bearer token from the environment variable `env_name`, surrounding whitespace removed (a secret read from
+    a file ends in a newline, which no client can send: HTTP strips it from header values); None when unset.
+    ConfigError when set but blank: auth would be off (or unmatchable) while the operator thinks it is on."""
+    value = os.environ.get(env_name)
+    if value is None:
+        return None
+    if not value.strip():
+        raise ConfigError(f"{env_name} is set but blank: give the bearer token, or unset it to turn auth off")
+    return value.strip().encode()
+
+
 def _authorized(token: bytes, header: str | None) -> bool:
     """`Authorization: Bearer <token>`, the scheme in any case, the token compared in constant time."""
     scheme, _, given = (header or "").strip().partition(" ")
@@ -322,8 +354,7 @@ class Ingress:
 
         self.query = query
         self.cfg = ServeConfig(**config)
-        token = os.environ.get(self.cfg.token_env)
-        self.token = token.encode() if token else None
+        self.token = api_token(self.cfg.token_env)
         tokenizer = AutoTokenizer.from_pretrained(self.cfg.model)  # to bound prompts in tokens before any replica
         self.count_tokens = lambda q, o: len(question_token_ids(tokenizer, q, o))
 
@@ -438,6 +469,7 @@ def app(args: dict[str, Any]):
     try:
         cfg = ServeConfig.from_args(args)
         check_deployable(cfg)
+        api_token(cfg.token_env)  # the replicas normally share this environment: a blank token stops here
     except ConfigError as e:
         raise AppConfigError(f"x2l.serve: {e}") from None
     query = QueryModel.options(

@@ -128,6 +128,11 @@ def weight_digests(path: Path, files: list[Path]) -> dict[str, str]:
     return out
 
 
+# --dtype names load_model takes besides "auto" -> the torch dtype attribute
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float16": "float16", "fp16": "float16"}
+
+
 def checkpoint_fingerprint(path: Path) -> str:
     """Identity of config + tokenizer + weights: two checkpoints that differ in any byte of these differ.
 
@@ -238,8 +243,7 @@ class Qwen2VLAdapter:
         if dtype == "auto":
             self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         else:
-            self.dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}.get(dtype)
+            self.dtype = getattr(torch, DTYPE_NAMES[dtype]) if dtype in DTYPE_NAMES else None
             if self.dtype is None:
                 raise ModelError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
         weight_files(self.path)  # safetensors only: a pickled checkpoint is refused before transformers sees it

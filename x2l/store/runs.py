@@ -12,8 +12,19 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from x2l.errors import StoreError
-from x2l.store.backend import Backend
+from x2l.errors import NotFoundError, StoreError
+from x2l.store.backend import Backend, open_backend
+from x2l.store.keys import STORE_DOC
+
+
+def open_store_runs(store_uri: str, config=None) -> Backend:
+    """The backend of an existing store, for reading its runs: NotFoundError (one line) when the path does not exist
+    or holds neither a store document nor runs/ (a folder that is not a store is said so, not reported as empty).
+    Creates nothing."""
+    backend = open_backend(store_uri, config, create=False)
+    if not backend.exists(STORE_DOC) and not backend.list_dirs("runs"):
+        raise NotFoundError(f"{store_uri} is not an x2l store (no {STORE_DOC} or runs/ there)")
+    return backend
 
 
 def write_run(backend: Backend, run_id: str, rows: list[dict], summary: dict, kind: str = "index") -> str:
