@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig, to_dict
-from x2l.errors import ConfigError, X2LError
+from x2l.errors import ConfigError, X2LError, one_line
 from x2l.prompt import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS
 from x2l.store.keys import GRACE_S
 
@@ -451,10 +452,16 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.set_verbosity_error()
     try:
         rc = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below
+    except BrokenPipeError:
+        # The reader went away (`x2l store ls | head -1`): not an error of x2l. Quiet, and no second complaint when
+        # Python flushes stdout at exit; 141 is what a shell reports for a process ended by SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except X2LError as e:
         if args.debug:
             raise
-        print(f"x2l: error: {e}", file=sys.stderr)
+        print(f"x2l: error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("x2l: interrupted", file=sys.stderr)
@@ -462,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the CLI promises one line, not a dependency's traceback
         if args.debug:
             raise
-        print(f"x2l: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"x2l: internal error: {type(e).__name__}: {one_line(e)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
     return rc or 0
 

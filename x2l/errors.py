@@ -31,3 +31,9 @@ class IncompatibleError(StoreError):
 
 class NotFoundError(StoreError):
     """A video id or store path that does not exist (or was never committed)."""
+
+
+def one_line(text: str) -> str:
+    """text with its line breaks (a dependency's multi-line message, a trailing newline) folded into single spaces,
+    so an error stays ONE line on stderr or in a listing."""
+    return " ".join(str(text).split())
