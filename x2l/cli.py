@@ -289,7 +289,7 @@ def cmd_store(args) -> int | None:
         videos = store.list_videos(damaged=True)
         if args.json:
             print(json.dumps(videos))
-            return None
+            return _mixed(store)
         damaged = [v for v in videos if "damaged" in v]
         print(f"{len(videos) - len(damaged)} videos in {args.store}" + (f", {len(damaged)} damaged" if damaged else ""))
         for v in videos:
@@ -298,9 +298,10 @@ def cmd_store(args) -> int | None:
                       f"{v['damaged']}")
                 continue
             b = v["bytes"]
+            model = f", model {v['model_fingerprint']}" if store.mixed else ""
             print(f"  {v['video_id']}: {v['chunks']} chunks, KV {v['dtype']}, H {b['h']:,} B, L delta "
-                  f"{b['delta']:,} B, uncompressed {b['full']:,} B")
-        return None
+                  f"{b['delta']:,} B, uncompressed {b['full']:,} B{model}")
+        return _mixed(store)
     if args.store_command in ("verify", "gc", "rm"):
         return _store_upkeep(store, args)
     meta = store.info(args.video_id)
@@ -320,6 +321,14 @@ def cmd_store(args) -> int | None:
     for c in meta["chunks"]:
         print(f"    {c['chunk']:4d}  {c['start_s']:8.2f}-{c['end_s']:8.2f} s  {c['n_tokens']} tokens  "
               f"H {c['h_bytes']:,} B  L delta {c['delta_bytes']:,} B")
+
+
+def _mixed(store) -> int | None:
+    """A store without store.json whose videos come from several models: listed, then one error line, exit 1."""
+    if store.mixed is None:
+        return None
+    print(f"x2l: error: {store.mixed}", file=sys.stderr)
+    return 1
 
 
 def _store_upkeep(store, args) -> int:
@@ -355,6 +364,8 @@ def _store_upkeep(store, args) -> int:
                   f"{v['error']}")
         for key in report.unreferenced:
             print(f"  unreferenced {key} (x2l store gc removes it)")
+    if store.mixed is not None:
+        return _mixed(store)
     if report.damaged:
         print(f"x2l: error: {len(report.damaged)} damaged videos in {args.store} (index them again to repair, or "
               f"x2l store rm)", file=sys.stderr)
