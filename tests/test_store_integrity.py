@@ -115,6 +115,41 @@ def test_rerun_repairs_a_committed_but_unreadable_video(store_uri):
     assert_round_trip(KVStore(store_uri), video)
 
 
+def test_a_writer_whose_file_is_collected_before_its_commit_says_so(tmp_path):
+    """gc --grace-s 0 (or store rm) between a writer's KV file and its commit: the writer fails naming the video,
+    never reports success for a commit no one can read; a rerun repairs it. A later commit that won is no error."""
+    video = synthetic("late", n_chunks=2)
+    with KVStore(str(tmp_path / "store")) as s:
+        real = s.backend.write_bytes
+
+        def gc_first(key, data):  # what `x2l store gc --grace-s 0` does while the writer is about to commit
+            if key.endswith("meta.json"):
+                gc(s, grace_s=0)
+            real(key, data)
+
+        s.backend.write_bytes = gc_first
+        with pytest.raises(CorruptionError, match="video 'late'.*missing: it was removed while this write "
+                                                  "committed"):
+            s.write(video)
+        s.backend.write_bytes = real
+        assert s.healthy("late") is None
+        s.write(video)  # the rerun repairs it
+        assert s.healthy("late") is not None
+        committed = s.committed("late")
+
+        def other_wins(key, data):  # another writer commits after this one and gc collects this one's file
+            real(key, data)
+            if key.endswith("meta.json"):
+                real(key, json.dumps(committed).encode())
+                gc(s, grace_s=0)
+
+        s.backend.write_bytes = other_wins
+        s.write(video, overwrite=True)  # its own file is gone, but the video is healthy: no error
+        s.backend.write_bytes = real
+        assert s.healthy("late") == committed
+    assert_round_trip(KVStore(str(tmp_path / "store")), video)
+
+
 # --- damaged videos --------------------------------------------------------------------------------------------------
 def damage(store: KVStore) -> None:
     """Eight videos; 't' gets a truncated KV file, 'm' an invalid meta.json."""

@@ -354,7 +354,25 @@ class KVStore:
             raise StoreError(f"video {video.video_id!r}: meta is not JSON-serialisable: {e}") from e
         self.backend.write_bytes(meta_path(key), data)  # the commit: one atomic replace, names this write's file
         self._forget(key)
+        self._check_committed(meta)
         return meta
+
+    def _check_committed(self, meta: dict) -> None:
+        """After a commit: its KV file must still be there (one metadata request). A `gc --grace-s 0` or `store rm`
+        run while this write was between its KV file and its commit removes the file; the writer then says so
+        (CorruptionError naming the video) instead of reporting success for a video no one can read. A later
+        writer's commit that replaced this one is no error."""
+        try:
+            self.check_kv_file(meta)
+        except CorruptionError as e:
+            try:
+                current = self._read_meta(meta["video_key"], meta["video_id"])
+            except (CorruptionError, IncompatibleError):
+                current = None
+            if current is not None and current["write_id"] != meta["write_id"]:
+                return  # a later commit won; this write is garbage either way
+            raise CorruptionError(f"{e}: it was removed while this write committed (x2l store gc --grace-s 0 or "
+                                  f"x2l store rm during indexing?); index the video again") from e
 
     def remove(self, video_id: str) -> dict | None:
         """Uncommit the video (remove meta.json), then delete its files. Returns the meta it had (None when the
