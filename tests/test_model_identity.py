@@ -98,6 +98,12 @@ def test_read_only_checkpoint_caches_in_the_user_cache_or_not_at_all(tmp_path, m
     assert not (ckpt / qwen2_vl.FINGERPRINT_CACHE).exists() and list(ckpt.glob(".*tmp-*")) == []
     assert len(list((tmp_path / "cache" / "x2l" / "fingerprints").glob("*.json"))) == 1
     assert checkpoint_fingerprint(ckpt) == expected and read == ["model.safetensors"]  # from the user cache
+    # a read-only copy that carries the original's cache file (stale here: other inodes): the user cache is used,
+    # not hashed again on every load
+    stale = {"files": {"model.safetensors": {"stat": [0, 0, 0, 0], "sha256": "0" * 64}}}
+    (ckpt / qwen2_vl.FINGERPRINT_CACHE).write_text(json.dumps(stale))
+    for _ in range(2):  # the stale entry is ignored, the user cache's holds: never hashed again
+        assert checkpoint_fingerprint(ckpt) == expected and len(read) == 1
     monkeypatch.setenv("XDG_CACHE_HOME", "/proc/x2l-nowhere")  # nowhere writable: hashed every time, still right
     assert checkpoint_fingerprint(ckpt) == expected and len(read) == 2
 
