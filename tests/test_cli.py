@@ -179,3 +179,31 @@ def test_debug_shows_the_traceback(tmp_path, tiny_checkpoints):
     r = x2l("index", tmp_path / "nope.mp4", "--model", tiny_checkpoints["qwen2-vl"], "--out", tmp_path / "o",
             "--debug", check=False)
     assert r.returncode == 1 and "Traceback" in r.stderr and "VideoError" in r.stderr
+
+
+def test_a_closed_pipe_ends_the_listing_quietly(indexed):
+    """`x2l store ls | head -1`: the reader going away is not an x2l error (no 'internal error: BrokenPipeError')."""
+    out, _ = indexed
+    p = subprocess.Popen(X2L + ["store", "ls", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    p.stdout.close()  # the reader is gone before x2l writes anything
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 141
+    assert err == ""
+
+
+def test_a_multi_line_error_message_is_printed_as_one_line(monkeypatch, capsys):
+    from x2l import cli
+    from x2l.errors import CorruptionError
+    from x2l.store.reader import corruption
+
+    with pytest.raises(CorruptionError) as e, corruption("video 'v': kv file"):
+        raise OSError("Couldn't deserialize thrift: No more data to read.\n")  # pyarrow's message, newline and all
+    assert str(e.value) == "video 'v': kv file: Couldn't deserialize thrift: No more data to read."
+
+    def fails(args):
+        raise CorruptionError("video 'v': line one\nline two\n")
+
+    monkeypatch.setitem(cli.COMMANDS, "runs", fails)
+    assert cli.main(["runs", "ls", "somewhere"]) == 1
+    assert capsys.readouterr().err == "x2l: error: video 'v': line one line two\n"

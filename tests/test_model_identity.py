@@ -98,6 +98,12 @@ def test_read_only_checkpoint_caches_in_the_user_cache_or_not_at_all(tmp_path, m
     assert not (ckpt / qwen2_vl.FINGERPRINT_CACHE).exists() and list(ckpt.glob(".*tmp-*")) == []
     assert len(list((tmp_path / "cache" / "x2l" / "fingerprints").glob("*.json"))) == 1
     assert checkpoint_fingerprint(ckpt) == expected and read == ["model.safetensors"]  # from the user cache
+    # a read-only copy that carries the original's cache file (stale here: other inodes): the user cache is used,
+    # not hashed again on every load
+    stale = {"files": {"model.safetensors": {"stat": [0, 0, 0, 0], "sha256": "0" * 64}}}
+    (ckpt / qwen2_vl.FINGERPRINT_CACHE).write_text(json.dumps(stale))
+    for _ in range(2):  # the stale entry is ignored, the user cache's holds: never hashed again
+        assert checkpoint_fingerprint(ckpt) == expected and len(read) == 1
     monkeypatch.setenv("XDG_CACHE_HOME", "/proc/x2l-nowhere")  # nowhere writable: hashed every time, still right
     assert checkpoint_fingerprint(ckpt) == expected and len(read) == 2
 
@@ -182,3 +188,26 @@ def test_x2l_ask_refuses_an_over_long_prompt_before_loading_the_model(tmp_path):
     r = subprocess.run([str(Path(sys.executable).parent / "x2l"), "ask", str(tmp_path / "store"), "--model",
                         str(tmp_path / "no-model"), "--question", "   "], capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "question is empty" in r.stderr
+
+
+def test_prompt_bounds_refuse_unletterable_empty_and_invalid_options(tokenizer):
+    limits = PromptLimits()
+    count = lambda q, o: len(question_token_ids(tokenizer, q, o))  # noqa: E731
+    check_prompt("which?", [chr(ord("A") + i) for i in range(26)], limits, count)  # A-Z: all lettered
+    with pytest.raises(PromptError, match="27 options, at most 26") as e:
+        check_prompt("which?", ["x"] * 27, limits, count)  # option 27 would be lettered "["
+    assert e.value.status == 422
+    for options, n in ((["red", ""], 2), ([" \t"], 1)):
+        with pytest.raises(PromptError, match=f"option {n} is empty") as e:
+            check_prompt("which?", options, limits, count)
+        assert e.value.status == 422
+    # a lone surrogate (an undecodable argv byte, a JSON "\ud800"): refused, never a TypeError from the tokenizer
+    for question, options, what in (("what \udcff?", None, "question"), ("what?", ["a", "b\ud800"], "option 2")):
+        with pytest.raises(PromptError, match=f"{what} is not valid Unicode text") as e:
+            check_prompt(question, options, limits, count)
+        assert e.value.status == 422
+    # multi-byte, combining and emoji text counts in code points, exactly at the limit
+    text = "é" * 5 + "e\u0301" * 5 + "👍🏽" * 5
+    check_prompt(text, None, PromptLimits(max_chars=len(text)), count)
+    with pytest.raises(PromptError, match=f"{len(text) + 1} characters"):
+        check_prompt(text + "!", None, PromptLimits(max_chars=len(text)), count)

@@ -115,6 +115,41 @@ def test_rerun_repairs_a_committed_but_unreadable_video(store_uri):
     assert_round_trip(KVStore(store_uri), video)
 
 
+def test_a_writer_whose_file_is_collected_before_its_commit_says_so(tmp_path):
+    """gc --grace-s 0 (or store rm) between a writer's KV file and its commit: the writer fails naming the video,
+    never reports success for a commit no one can read; a rerun repairs it. A later commit that won is no error."""
+    video = synthetic("late", n_chunks=2)
+    with KVStore(str(tmp_path / "store")) as s:
+        real = s.backend.write_bytes
+
+        def gc_first(key, data):  # what `x2l store gc --grace-s 0` does while the writer is about to commit
+            if key.endswith("meta.json"):
+                gc(s, grace_s=0)
+            real(key, data)
+
+        s.backend.write_bytes = gc_first
+        with pytest.raises(CorruptionError, match="video 'late'.*missing: it was removed while this write "
+                                                  "committed"):
+            s.write(video)
+        s.backend.write_bytes = real
+        assert s.healthy("late") is None
+        s.write(video)  # the rerun repairs it
+        assert s.healthy("late") is not None
+        committed = s.committed("late")
+
+        def other_wins(key, data):  # another writer commits after this one and gc collects this one's file
+            real(key, data)
+            if key.endswith("meta.json"):
+                real(key, json.dumps(committed).encode())
+                gc(s, grace_s=0)
+
+        s.backend.write_bytes = other_wins
+        s.write(video, overwrite=True)  # its own file is gone, but the video is healthy: no error
+        s.backend.write_bytes = real
+        assert s.healthy("late") == committed
+    assert_round_trip(KVStore(str(tmp_path / "store")), video)
+
+
 # --- damaged videos --------------------------------------------------------------------------------------------------
 def damage(store: KVStore) -> None:
     """Eight videos; 't' gets a truncated KV file, 'm' an invalid meta.json."""
@@ -256,8 +291,18 @@ def test_store_without_store_json_and_two_models_is_refused(store_uri):
             s.backend.write_bytes(f"{video_dir(meta['video_key'])}/{name}", data)
         assert [v["video_id"] for v in s.list_videos()] == ["a"]  # b is another model's: damaged here
         s.backend.remove("store.json")
-    with pytest.raises(IncompatibleError, match="no store.json.*several models"):
-        KVStore(store_uri)
+    for fp in (FP, "other-model"):  # any open for KV of a model (ask, serve, index) is refused
+        with pytest.raises(IncompatibleError, match="no store.json.*several models"):
+            KVStore(store_uri, fp)
+    # ... but the commands that repair it still work: list (with each video's model), then remove one model's videos
+    with KVStore(store_uri) as s:
+        s.require_exists()
+        assert "several models" in s.mixed
+        assert sorted((v["video_id"], v["model_fingerprint"]) for v in s.list_videos()) == [
+            ("a", FP), ("b", "other-model")]
+        s.remove("b")
+    with KVStore(store_uri, FP) as s:
+        assert s.mixed is None and [v["video_id"] for v in s.list_videos()] == ["a"]
 
 
 def test_store_commands(tmp_path):
@@ -297,3 +342,19 @@ def test_store_commands(tmp_path):
     assert r.returncode == 1 and r.stderr == f"x2l: error: video 'bad' is not in store {uri}\n"
     r = x2l("verify", uri)
     assert r.returncode == 0 and "2 videos ok, 0 damaged, 0 unreferenced files" in r.stdout
+    # no store.json and a video of another model: ls lists each video's model and says why in one line; rm repairs
+    with KVStore(uri + "-2") as other:
+        meta = other.write(synthetic("alien", n_chunks=1, d=8, h=4, n_tokens=32, fp="other-model"))
+        files = {k: other.backend.read_bytes(f"{video_dir(meta['video_key'])}/{k}") for k in ("meta.json",
+                                                                                            meta["kv_file"])}
+    with KVStore(uri) as s:
+        for name, data in files.items():
+            s.backend.write_bytes(f"{video_dir(meta['video_key'])}/{name}", data)
+        s.backend.remove("store.json")
+    r = x2l("ls", uri)
+    assert r.returncode == 1 and "alien: 1 chunks" in r.stdout and "model other-model" in r.stdout
+    assert r.stderr.startswith("x2l: error: ") and "several models" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert x2l("verify", uri).returncode == 1
+    assert x2l("rm", uri, "alien").returncode == 0
+    r = x2l("ls", uri)
+    assert r.returncode == 0 and "2 videos" in r.stdout and r.stderr == ""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from x2l import __version__, console
 from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig, to_dict
-from x2l.errors import ConfigError, OneLineParser, X2LError
+from x2l.errors import ConfigError, OneLineParser, X2LError, one_line
 from x2l.prompt import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS
 from x2l.store.keys import GRACE_S
 
@@ -354,7 +354,7 @@ def cmd_store(args) -> int | None:
         videos = store.list_videos(damaged=True)
         if args.json:
             print(json.dumps(videos))
-            return None
+            return _mixed(store)
         damaged = [v for v in videos if "damaged" in v]
         print(f"{_n(len(videos) - len(damaged), 'video')} in {args.store}" + (f", {len(damaged)} damaged" if damaged else ""))
         for v in videos:
@@ -363,9 +363,10 @@ def cmd_store(args) -> int | None:
                       f"{v['damaged']}")
                 continue
             b = v["bytes"]
+            model = f", model {v['model_fingerprint']}" if store.mixed else ""
             print(f"  {v['video_id']}: {v['chunks']} chunks, KV {v['dtype']}, H {b['h']:,} B, L delta "
-                  f"{b['delta']:,} B, uncompressed {b['full']:,} B")
-        return None
+                  f"{b['delta']:,} B, uncompressed {b['full']:,} B{model}")
+        return _mixed(store)
     if args.store_command in ("verify", "gc", "rm"):
         return _store_upkeep(store, args)
     meta = store.info(args.video_id)
@@ -385,6 +386,14 @@ def cmd_store(args) -> int | None:
     for c in meta["chunks"]:
         print(f"    {c['chunk']:4d}  {c['start_s']:8.2f}-{c['end_s']:8.2f} s  {c['n_tokens']} tokens  "
               f"H {c['h_bytes']:,} B  L delta {c['delta_bytes']:,} B")
+
+
+def _mixed(store) -> int | None:
+    """A store without store.json whose videos come from several models: listed, then one error line, exit 1."""
+    if store.mixed is None:
+        return None
+    print(f"x2l: error: {store.mixed}", file=sys.stderr)
+    return 1
 
 
 def _store_upkeep(store, args) -> int:
@@ -420,6 +429,8 @@ def _store_upkeep(store, args) -> int:
                   f"{v['error']}")
         for key in report.unreferenced:
             print(f"  unreferenced {key} (x2l store gc removes it)")
+    if store.mixed is not None:
+        return _mixed(store)
     if report.damaged:
         print(f"x2l: error: {_n(len(report.damaged), 'damaged video')} in {args.store} (index them again to repair, or "
               f"x2l store rm)", file=sys.stderr)
@@ -526,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     except X2LError as e:
         if args.debug:
             raise
-        print(f"x2l: error: {e}", file=sys.stderr)
+        print(f"x2l: error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("x2l: interrupted", file=sys.stderr)
@@ -534,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the CLI promises one line, not a dependency's traceback
         if args.debug:
             raise
-        print(f"x2l: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"x2l: internal error: {type(e).__name__}: {one_line(e)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
     return rc or 0
 

@@ -32,8 +32,8 @@ def configure(verbose: bool) -> None:
 
 
 def broken_pipe() -> int:
-    """The reader of stdout went away (`x2l store ls | head`): end quietly, as `ls | head` does. Python would
-    otherwise print a BrokenPipeError when it flushes stdout at exit."""
+    """The reader of stdout went away (`x2l store ls | head`): not an error of x2l. End quietly, with no second
+    complaint when Python flushes stdout at exit; 141 is what a shell reports for a process ended by SIGPIPE."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
-    return 0
+    return 141

@@ -42,3 +42,9 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def one_line(text: str) -> str:
+    """text with its line breaks (a dependency's multi-line message, a trailing newline) folded into single spaces,
+    so an error stays ONE line on stderr or in a listing."""
+    return " ".join(str(text).split())

@@ -94,18 +94,21 @@ def _stat_key(f: Path) -> list[int]:
 def weight_digests(path: Path, files: list[Path]) -> dict[str, str]:
     """sha256 of every weight file, whole. Digests are cached (JSON, see _cache_files) keyed by _stat_key, so only
     new or changed files are read; an unreadable or unwritable cache just means hashing again."""
-    cached: dict = {}
-    for cache in reversed(_cache_files(path)):  # the one beside the checkpoint wins
+    cached: dict[str, list] = {}  # file name -> its entries in every cache (a stale one, e.g. a copied
+    for cache in _cache_files(path):  # checkpoint's, must not hide a valid one in the user cache)
         try:
             doc = json.loads(cache.read_text())
-            cached |= doc.get("files", {}) if isinstance(doc, dict) else {}
+            listed = doc.get("files", {}) if isinstance(doc, dict) else {}
+            for name, entry in (listed.items() if isinstance(listed, dict) else ()):
+                cached.setdefault(name, []).append(entry)
         except (OSError, ValueError):
             pass
     out, entries, fresh = {}, {}, False
     for f in files:
         key = _stat_key(f)
-        hit = cached.get(f.name)
-        if isinstance(hit, dict) and hit.get("stat") == key and isinstance(hit.get("sha256"), str):
+        hit = next((e for e in cached.get(f.name, []) if isinstance(e, dict) and e.get("stat") == key
+                    and isinstance(e.get("sha256"), str)), None)
+        if hit is not None:
             digest = hit["sha256"]
         else:
             with f.open("rb") as fh:

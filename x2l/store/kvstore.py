@@ -134,14 +134,20 @@ class KVStore:
         self._hits = self._misses = 0
         self._doc = self._read_json(STORE_DOC, "the store document")
         self._doc_stored = self._doc is not None
+        self.mixed: str | None = None  # why a store without store.json has no one model (read-only opens only)
         if self._doc is None:
-            self._doc = self._doc_from_metas()
+            try:
+                self._doc = self._doc_from_metas()
+            except IncompatibleError as e:
+                if model_fingerprint is not None:
+                    raise  # reading or writing KV of one model: refused
+                self.mixed = str(e)  # ls / info / verify / rm / gc still work: they are how it is repaired
         if self._doc is not None:
             self._check_doc(model_fingerprint)
 
     def require_exists(self) -> None:
         """NotFoundError unless something was ever written here (its store.json): for read-only commands."""
-        if self._doc is None:
+        if self._doc is None and self.mixed is None:
             raise NotFoundError(f"store {self.backend.uri} does not exist (no {STORE_DOC} there)")
 
     # --- store document --------------------------------------------------------------------------------------------
@@ -194,7 +200,8 @@ class KVStore:
         if len(fingerprints) > 1:
             seen = ", ".join(f"{fp} (e.g. video {vid!r})" for fp, (_, vid) in fingerprints.items())
             raise IncompatibleError(f"store {self.backend.uri} has no store.json and its videos were written by "
-                                    f"several models: {seen}; split or re-index it")
+                                    f"several models: {seen}; remove one model's videos (x2l store ls lists them, x2l store "
+                                    f"rm removes them) or index into a new store")
         fp, (family, _) = next(iter(fingerprints.items()))
         return self._new_doc(fp, family, rebuilt_from_metas=True)
 
@@ -296,8 +303,8 @@ class KVStore:
         return vid if isinstance(vid, str) else None
 
     def list_videos(self, damaged: bool = False) -> list[dict]:
-        """Committed videos whose commit and KV file pass the cheap checks: id, key, chunks, stored KV dtype and bytes per
-        level.
+        """Committed videos whose commit and KV file pass the cheap checks: id, key, chunks, model fingerprint, stored KV
+        dtype and bytes per level.
 
         A damaged video (invalid or edited meta.json, missing or truncated KV file, another model or schema) is
         never an error of the listing: with damaged=True it is listed as {"video_id" (None if unreadable),
@@ -314,7 +321,7 @@ class KVStore:
                     out.append({"video_id": self._peek_video_id(key), "video_key": key, "damaged": str(e)})
                 continue
             out.append({"video_id": meta["video_id"], "video_key": key, "chunks": meta["n_chunks"],
-                        "dtype": meta.get("dtype"), "bytes": meta["bytes"], "parquet_bytes": meta["parquet_bytes"]})
+                        "model_fingerprint": meta.get("model_fingerprint"), "dtype": meta.get("dtype"), "bytes": meta["bytes"], "parquet_bytes": meta["parquet_bytes"]})
         return out
 
     # --- writing ---------------------------------------------------------------------------------------------------
@@ -356,12 +363,30 @@ class KVStore:
             raise StoreError(f"video {video.video_id!r}: meta is not JSON-serialisable: {e}") from e
         self.backend.write_bytes(meta_path(key), data)  # the commit: one atomic replace, names this write's file
         self._forget(key)
+        self._check_committed(meta)
         if source_hash:  # which id holds these bytes: a hint, checked against the commit when read
             try:
                 self.backend.write_bytes(source_path(source_hash), json.dumps({"video_id": video.video_id}).encode())
             except StoreError:
                 pass  # the video is committed; only the hint is missing (another file with the bytes is not noticed)
         return meta
+
+    def _check_committed(self, meta: dict) -> None:
+        """After a commit: its KV file must still be there (one metadata request). A `gc --grace-s 0` or `store rm`
+        run while this write was between its KV file and its commit removes the file; the writer then says so
+        (CorruptionError naming the video) instead of reporting success for a video no one can read. A later
+        writer's commit that replaced this one is no error."""
+        try:
+            self.check_kv_file(meta)
+        except CorruptionError as e:
+            try:
+                current = self._read_meta(meta["video_key"], meta["video_id"])
+            except (CorruptionError, IncompatibleError):
+                current = None
+            if current is not None and current["write_id"] != meta["write_id"]:
+                return  # a later commit won; this write is garbage either way
+            raise CorruptionError(f"{e}: it was removed while this write committed (x2l store gc --grace-s 0 or "
+                                  f"x2l store rm during indexing?); index the video again") from e
 
     def video_with_source(self, source_hash: str | None) -> str | None:
         """The id of the committed video indexed from a source file with this sha256, or None: so one file is not

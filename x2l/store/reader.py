@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from x2l.errors import CorruptionError, NotFoundError, StoreError
+from x2l.errors import CorruptionError, NotFoundError, StoreError, one_line
 from x2l.store.backend import Backend, IOStats
 from x2l.store.keys import kv_path
 from x2l.store.schema import COLUMNS, decode_level, decode_row, table_rows
@@ -35,7 +35,7 @@ def corruption(what: str) -> Iterator[None]:
     except StoreError:
         raise
     except (pa.ArrowException, OSError, ValueError, KeyError, IndexError, TypeError) as e:
-        raise CorruptionError(f"{what}: {e}") from e
+        raise CorruptionError(f"{what}: {one_line(e)}") from e
 
 
 class Tally(IOStats):
