@@ -13,16 +13,15 @@ Time is presentation time (issue 10; failure modes in /work/shared/references/de
   than one chunk (a short clip, a 1-frame video, a still image), is padded by repeating its last real frame. A
   chunk spans (PTS of its first frame, PTS of the next chunk's first frame), the last one ending at the duration.
 - Decoders, chosen per file from the probe: decord for constant-frame-rate 8-bit 4:2:0 H.264 in MP4 (no edit list,
-  closed GOPs, nothing missing, a width decord copies correctly) whose decoded frames fit in DECORD_MAX_DECODED_BYTES (decord decodes
-  ahead without bound, dmlc/decord#157): its random access is fast there and its frames equal PyAV's. PyAV for
-  everything else (variable frame rate, edit lists, HEVC with B-frames and open-GOP H.264 (a packet after a key frame in
-  decode order is shown before it), where decord's seeks return wrong frames, 10-bit video, whose colours decord
-  converts differently,
-  AV1, VP8/VP9, WebM without cues, GIF, still images, truncated files, widths 16/24/48/72 that decord cannot copy,
-  rotated phone videos, which PyAV turns upright by their display matrix and decord returns as 4-channel garbage),
-  and as the fallback when decord fails. PyAV seeks to the key frame before a sample when one lies between the
-  current position and the sample, and otherwise decodes forward; a seek that lands past its target turns seeking off
-  and decoding restarts from the beginning.
+  closed GOPs, nothing missing, a width decord copies correctly) whose decoded frames fit in DECORD_MAX_DECODED_BYTES
+  (decord decodes ahead without bound, dmlc/decord#157): its random access is fast there and its frames equal PyAV's.
+  PyAV for everything else (variable frame rate, edit lists, HEVC with B-frames and open-GOP H.264 (a packet after a
+  key frame in decode order is shown before it), where decord's seeks return wrong frames, 10-bit video, whose colours
+  decord converts differently, AV1, VP8/VP9, WebM without cues, GIF, still images, truncated files, widths 16/24/48/72
+  that decord cannot copy, rotated phone videos, which PyAV turns upright by their display matrix and decord returns
+  as 4-channel garbage), and as the fallback when decord fails. PyAV seeks to the key frame before a sample when one
+  lies between the current position and the sample, and otherwise decodes forward; a seek that lands past its target
+  turns seeking off and decoding restarts from the beginning.
 - Memory: every frame is resized as it is decoded (decord in batches of at most FRAME_BUDGET_BYTES of native
   frames), so peak memory is a few native frames (plus the decoder's own buffers) plus the output, whatever the
   sample count. PyAV frame-threads frames above FRAME_THREADING_MAX_PIXELS with at most LARGE_FRAME_THREADS, and
