@@ -4,6 +4,7 @@ presentation times. Frame identity is checked through the index pattern drawn in
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 import subprocess
 import sys
 
@@ -235,3 +236,34 @@ def test_10_bit_h264_frames_equal_a_full_pyav_decode(tmp_path):
     for row, j in enumerate([0, 5, 10, 15]):
         assert np.array_equal(clip.frames[row], every[j])
     assert np.abs(clip.frames[:4, 2:10, 2:18].reshape(-1, 3).mean(0) - (200, 30, 90)).max() < 4
+
+
+def test_seek_that_lands_on_an_earlier_key_frame_decodes_forward(tmp_path, monkeypatch):
+    """VFR H.264 with B-frames in MP4 (a phone's kind of file), sampled exactly at a key frame: MP4 seeks by decode
+    time, so seeking to that key frame lands on the one before it. Decoding goes on forward from there (it used to seek
+    to the same key frame again and again, forever, growing memory)."""
+    import random
+
+    import x2l.video as video
+
+    rng = random.Random(0)
+    pts_ms = np.cumsum([0] + [rng.choice([20, 33, 50, 200]) for _ in range(89)]).tolist()
+    path = write_video(tmp_path / "phone.mp4", 90, 30, size=SIZE, bframes=3, gop=30, pts=pts_ms,
+                       time_base=Fraction(1, 1000))
+    key_s = 2.585
+    assert key_s * 1000 in pts_ms and pts_ms.index(key_s * 1000) == 30  # frame 30 is the second key frame
+    decoded = 0
+    real = video._packets_frames
+
+    def bounded(container, stream):
+        nonlocal decoded
+        for frame in real(container, stream):
+            decoded += 1
+            if decoded > 2 * 90:
+                raise AssertionError("decoded more frames than twice the file holds: seeking loops")
+            yield frame
+
+    monkeypatch.setattr(video, "_packets_frames", bounded)
+    clip = load_video(path, SamplingConfig(fps=1 / key_s, frames_per_chunk=2))
+    assert clip.decoder == "pyav" and indices(clip) == [0, 30]
+    assert clip.timestamps.tolist() == [0.0, pytest.approx(key_s)]

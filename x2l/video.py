@@ -20,7 +20,8 @@ Time is presentation time (issue 10; failure modes in /work/shared/references/de
   decord converts differently, AV1, VP8/VP9, WebM without cues, GIF, still images, truncated files, widths 16/24/48/72
   that decord cannot copy, rotated phone videos, which PyAV turns upright by their display matrix and decord returns
   as 4-channel garbage), and as the fallback when decord fails. PyAV seeks to the key frame before a sample when one
-  lies between the current position and the sample, and otherwise decodes forward; a seek that lands past its target
+  lies between the current position and the sample (and was not sought before: a seek may land on an earlier key
+  frame, from which decoding forward reaches it), and otherwise decodes forward; a seek that lands past its target
   turns seeking off and decoding restarts from the beginning.
 - Memory: every frame is resized as it is decoded (decord in batches of at most FRAME_BUDGET_BYTES of native
   frames), so peak memory is a few native frames (plus the decoder's own buffers) plus the output, whatever the
@@ -370,14 +371,19 @@ def _decode_pyav(info: VideoInfo, wanted: np.ndarray, size: tuple[int, int], num
             stream.thread_count = min(num_threads or LARGE_FRAME_THREADS, LARGE_FRAME_THREADS) if large else num_threads
             frames = _packets_frames(container, stream)
             position = keys[0] if keys else None  # decoding starts at the first key frame
+            # the key frame last sought to: a seek may land on an earlier key frame (MP4 seeks by decode time), and
+            # decoding forward from there reaches it, so it is never sought again (that looped forever)
+            sought = position
             just_sought = False
             while i < len(targets):
                 t = targets[i]
                 k = bisect_right(keys, t) - 1
-                if seekable and not restarted and k >= 0 and position is not None and keys[k] > position:
+                if (seekable and not restarted and k >= 0 and position is not None
+                        and keys[k] > max(position, sought)):
                     container.seek(keys[k], stream=stream, backward=True)
                     frames = _packets_frames(container, stream)
-                    position, just_sought = keys[k], True
+                    position = sought = keys[k]
+                    just_sought = True
                 frame = next(frames, None)
                 if frame is None:
                     return out  # end of the file
