@@ -4,9 +4,9 @@ presentation times. Frame identity is checked through the index pattern drawn in
 from __future__ import annotations
 
 import json
-from fractions import Fraction
 import subprocess
 import sys
+from fractions import Fraction
 
 import av
 import numpy as np

@@ -205,7 +205,7 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
         entries = stream.index_entries if any(f in fmt for f in _MP4_FORMATS) else None
         promised = sum(not e.is_discard for e in entries) if entries else (stream.frames or 0)
         pts, durations, keys = [], [], []
-        hidden = damaged = 0
+        hidden = damaged = untimed = 0
         last_key: int | None = None  # PTS of the latest key frame in decode order
         open_gop = False
         rotation: int | None = None
@@ -214,7 +214,10 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
                 if rotation is None:  # decode until the first frame: its display matrix is the stream's rotation
                     rotation = _first_rotation(packet)
                 ts = packet.pts if packet.pts is not None else packet.dts
-                if packet.size == 0 or ts is None:
+                if packet.size == 0:
+                    continue
+                if ts is None:
+                    untimed += 1
                     continue
                 if packet.is_keyframe:
                     keys.append(ts)
@@ -239,6 +242,9 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
             raise VideoError(f"{path}: truncated: the header lists {promised} frames but none of them is in the file")
         if damaged:
             raise VideoError(f"{path}: truncated: not one complete frame in the file")
+        if untimed:  # a raw elementary stream (.h264, .hevc): frames but no presentation times
+            raise VideoError(f"{path}: no frame timestamps ({fmt} elementary stream without a container; "
+                             "remux it into MP4 or MKV)")
         raise VideoError(f"{path}: no decodable frames")
     if info["time_base"] is None:
         raise VideoError(f"{path}: frame timestamps have no time base")
