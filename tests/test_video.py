@@ -238,6 +238,18 @@ def _audio_only(d):
     return write_audio_only(d / "audio.mp4")
 
 
+def _raw_h264(d):
+    """An H.264 elementary stream (.h264, no container): frames decode but carry no presentation time."""
+    src = write_video(d / "src.mp4", 20, NATIVE_FPS, size=SIZE)
+    with av.open(str(src)) as inp, av.open(str(d / "raw.h264"), mode="w", format="h264") as out:
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        for packet in inp.demux(inp.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    return d / "raw.h264"
+
+
 def _directory(d):
     (d / "folder.mp4").mkdir()
     return d / "folder.mp4"
@@ -253,8 +265,9 @@ def _directory(d):
         (_truncated_after_header, "truncated: the header lists 300 frames but none"),
         (_audio_only, "no video stream"),
         (_directory, "not a regular file"),
+        (_raw_h264, "no frame timestamps (h264 elementary stream"),
     ],
-    ids=["missing", "empty", "text", "head-300-bytes", "truncated", "audio-only", "directory"],
+    ids=["missing", "empty", "text", "head-300-bytes", "truncated", "audio-only", "directory", "raw-h264"],
 )
 def test_bad_videos_raise_video_error_naming_the_file(tmp_path, make, cause):
     path = make(tmp_path)

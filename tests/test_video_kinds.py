@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -15,6 +16,7 @@ from x2l.config import SamplingConfig
 from x2l.errors import VideoError
 from x2l.models.qwen2_vl import smart_resize
 from x2l.synthetic import (
+    index_frame,
     read_frame_index,
     vfr_pts_ms,
     write_audio_with_cover_art,
@@ -203,3 +205,65 @@ def test_peak_memory_is_a_few_native_frames(tmp_path, codec):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["n"] == 64 and out["decoder"] == "pyav"
     assert out["grew_kb"] < 64 * 1024, out
+
+
+def test_open_gop_h264_returns_the_frames_shown_at_the_sample_times(tmp_path):
+    """Open-GOP H.264 (x264 open-gop: key frames are recovery-point I frames whose leading B-frames are shown before
+    them): decord's random access returns the frame 3 later (27 for 24) without a word; PyAV returns frame 24t."""
+    path = write_video(tmp_path / "open_gop.mp4", 96, 24, size=SIZE, bframes=3, gop=12, open_gop=True)
+    assert probe_video(path).open_gop
+    clip = load_video(path, SamplingConfig(fps=1.0, frames_per_chunk=4))
+    assert indices(clip) == [0, 24, 48, 72] and clip.timestamps.tolist() == [0.0, 1.0, 2.0, 3.0]
+    closed = write_video(tmp_path / "closed_gop.mp4", 96, 24, size=SIZE, bframes=3, gop=12)
+    assert not probe_video(closed).open_gop and probe_video(closed).decoder == "decord"  # the fast path stays
+
+
+def test_10_bit_h264_frames_equal_a_full_pyav_decode(tmp_path):
+    """yuv420p10le H.264: the sampled frames are exactly PyAV's RGB of those frames (decord converts 10-bit chroma
+    differently: up to 40 levels off at colour edges), and the colour patch keeps its colour."""
+
+    def patched(i: int) -> np.ndarray:
+        frame = index_frame(i, SIZE).copy()
+        frame[:12, :20] = (200, 30, 90)
+        return frame
+
+    path = write_video(tmp_path / "ten_bit.mp4", 20, 10, size=SIZE, pix_fmt="yuv420p10le", frame_fn=patched)
+    assert probe_video(path).pix_fmt == "yuv420p10le"
+    clip = load_video(path, SamplingConfig(fps=2.0, frames_per_chunk=4))
+    with av.open(str(path)) as container:
+        every = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert indices(clip) == [0, 5, 10, 15]
+    for row, j in enumerate([0, 5, 10, 15]):
+        assert np.array_equal(clip.frames[row], every[j])
+    assert np.abs(clip.frames[:4, 2:10, 2:18].reshape(-1, 3).mean(0) - (200, 30, 90)).max() < 4
+
+
+def test_seek_that_lands_on_an_earlier_key_frame_decodes_forward(tmp_path, monkeypatch):
+    """VFR H.264 with B-frames in MP4 (a phone's kind of file), sampled exactly at a key frame: MP4 seeks by decode
+    time, so seeking to that key frame lands on the one before it. Decoding goes on forward from there (it used to seek
+    to the same key frame again and again, forever, growing memory)."""
+    import random
+
+    import x2l.video as video
+
+    rng = random.Random(0)
+    pts_ms = np.cumsum([0] + [rng.choice([20, 33, 50, 200]) for _ in range(89)]).tolist()
+    path = write_video(tmp_path / "phone.mp4", 90, 30, size=SIZE, bframes=3, gop=30, pts=pts_ms,
+                       time_base=Fraction(1, 1000))
+    key_s = 2.585
+    assert key_s * 1000 in pts_ms and pts_ms.index(key_s * 1000) == 30  # frame 30 is the second key frame
+    decoded = 0
+    real = video._packets_frames
+
+    def bounded(container, stream):
+        nonlocal decoded
+        for frame in real(container, stream):
+            decoded += 1
+            if decoded > 2 * 90:
+                raise AssertionError("decoded more frames than twice the file holds: seeking loops")
+            yield frame
+
+    monkeypatch.setattr(video, "_packets_frames", bounded)
+    clip = load_video(path, SamplingConfig(fps=1 / key_s, frames_per_chunk=2))
+    assert clip.decoder == "pyav" and indices(clip) == [0, 30]
+    assert clip.timestamps.tolist() == [0.0, pytest.approx(key_s)]

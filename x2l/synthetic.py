@@ -52,12 +52,15 @@ def read_frame_index(frame: np.ndarray) -> int:
     return value
 
 
-def _encoder_options(codec: str, bframes: int, gop: int | None) -> dict[str, str]:
+def _encoder_options(codec: str, bframes: int, gop: int | None, open_gop: bool = False) -> dict[str, str]:
     if codec == "libx265":
         params = f"bframes={bframes}:log-level=error" + (f":keyint={gop}:min-keyint={gop}" if gop else "")
         return {"crf": "8", "preset": "ultrafast", "x265-params": params}
     if codec == "libx264":
-        return {"crf": "8", "preset": "ultrafast", "bf": str(bframes), **({"g": str(gop)} if gop else {})}
+        # open GOP: key frames are recovery-point I frames whose leading B-frames (shown before them, decoded after)
+        # reference the previous GOP
+        opened = {"x264-params": f"open-gop=1:scenecut=0:keyint={gop}:min-keyint={gop}"} if open_gop else {}
+        return {"crf": "8", "preset": "ultrafast", "bf": str(bframes), **({"g": str(gop)} if gop else {}), **opened}
     if codec == "libsvtav1":
         # presets 11-13 of the SVT-AV1 in PyAV's wheels write streams dav1d refuses ("Error parsing OBU data");
         # temporal filtering and overlays blend neighbouring frames, which would smear the index pattern
@@ -96,8 +99,10 @@ def write_video(
     time_base: Fraction | None = None,
     seekable_output: bool = True,
     rotation: int = 0,
+    pix_fmt: str = "yuv420p",
+    open_gop: bool = False,
 ) -> Path:
-    """Write a video (yuv420p; container from the suffix: .mp4, .webm, .mkv) of `n_frames` frames at `fps`; frame i
+    """Write a video (`pix_fmt`, default yuv420p; container from the suffix: .mp4, .webm, .mkv) of `n_frames` frames at `fps`; frame i
     is `frame_fn(i)` or `index_frame(i, size)`.
 
     size is (h, w) and must be even (4:2:0 chroma). codec: libx264, libx265, libsvtav1 (AV1), libvpx (VP8).
@@ -106,11 +111,15 @@ def write_video(
     truncated copy still opens. pts (in units of time_base, default 1/fps) gives each frame its own presentation
     time: variable frame rate. seekable_output=False writes through a stream the muxer cannot seek back in, as a
     browser recorder does (WebM without duration and cues). rotation (degrees counter-clockwise) is stored as the
-    display matrix, as phones store portrait video; the frames themselves stay as drawn.
+    display matrix, as phones store portrait video; the frames themselves stay as drawn. pix_fmt is the coded pixel
+    format (e.g. "yuv420p10le": 10-bit). open_gop (libx264, needs bframes and gop) makes every key frame after the
+    first an open-GOP recovery point.
     """
     h, w = size
     if h % 2 or w % 2:
-        raise ValueError(f"size must be even for yuv420p, got {size}")
+        raise ValueError(f"size must be even for 4:2:0 chroma, got {size}")
+    if open_gop and (codec != "libx264" or not bframes or not gop):
+        raise ValueError("open_gop needs codec libx264, bframes > 0 and gop")
     path = Path(path)
     rate = Fraction(fps).limit_denominator(1001)
     tb = time_base or 1 / rate
@@ -120,8 +129,8 @@ def write_video(
     with open(path, "wb") as f:
         target = f if seekable_output else _Unseekable(f)
         with av.open(target, mode="w", format=fmt, options=muxer_options) as container:
-            stream = container.add_stream(codec, rate=rate, options=_encoder_options(codec, bframes, gop))
-            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            stream = container.add_stream(codec, rate=rate, options=_encoder_options(codec, bframes, gop, open_gop))
+            stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
             stream.codec_context.time_base = tb
             stream.time_base = tb
             if rotation:
@@ -133,6 +142,8 @@ def write_video(
             durations = dict(zip(ticks, np.diff(ticks + [ticks[-1] + last]).tolist()))
             for i in range(n_frames):
                 frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(make_frame(i), dtype=np.uint8), format="rgb24")
+                if pix_fmt != "yuv420p":
+                    frame = frame.reformat(format=pix_fmt)
                 frame.pts = ticks[i]
                 _mux(container, stream.encode(frame), durations)
             _mux(container, stream.encode(None), durations)

@@ -12,15 +12,17 @@ Time is presentation time (issue 10; failure modes in /work/shared/references/de
 - Chunking: frames are cut into chunks of `frames_per_chunk`; a partial last chunk, or a video with fewer samples
   than one chunk (a short clip, a 1-frame video, a still image), is padded by repeating its last real frame. A
   chunk spans (PTS of its first frame, PTS of the next chunk's first frame), the last one ending at the duration.
-- Decoders, chosen per file from the probe: decord for constant-frame-rate H.264 in MP4 (no edit list, nothing
-  missing, a width decord copies correctly) whose decoded frames fit in DECORD_MAX_DECODED_BYTES (decord decodes
-  ahead without bound, dmlc/decord#157): its random access is fast there and its frames equal PyAV's. PyAV for
-  everything else (variable frame rate, edit lists, HEVC with B-frames, where decord's seeks return wrong frames,
-  AV1, VP8/VP9, WebM without cues, GIF, still images, truncated files, widths 16/24/48/72 that decord cannot copy,
-  rotated phone videos, which PyAV turns upright by their display matrix and decord returns as 4-channel garbage),
-  and as the fallback when decord fails. PyAV seeks to the key frame before a sample when one lies between the
-  current position and the sample, and otherwise decodes forward; a seek that lands past its target turns seeking off
-  and decoding restarts from the beginning.
+- Decoders, chosen per file from the probe: decord for constant-frame-rate 8-bit 4:2:0 H.264 in MP4 (no edit list,
+  closed GOPs, nothing missing, a width decord copies correctly) whose decoded frames fit in DECORD_MAX_DECODED_BYTES
+  (decord decodes ahead without bound, dmlc/decord#157): its random access is fast there and its frames equal PyAV's.
+  PyAV for everything else (variable frame rate, edit lists, HEVC with B-frames and open-GOP H.264 (a packet after a
+  key frame in decode order is shown before it), where decord's seeks return wrong frames, 10-bit video, whose colours
+  decord converts differently, AV1, VP8/VP9, WebM without cues, GIF, still images, truncated files, widths 16/24/48/72
+  that decord cannot copy, rotated phone videos, which PyAV turns upright by their display matrix and decord returns
+  as 4-channel garbage), and as the fallback when decord fails. PyAV seeks to the key frame before a sample when one
+  lies between the current position and the sample (and was not sought before: a seek may land on an earlier key
+  frame, from which decoding forward reaches it), and otherwise decodes forward; a seek that lands past its target
+  turns seeking off and decoding restarts from the beginning.
 - Memory: every frame is resized as it is decoded (decord in batches of at most FRAME_BUDGET_BYTES of native
   frames), so peak memory is a few native frames (plus the decoder's own buffers) plus the output, whatever the
   sample count. PyAV frame-threads frames above FRAME_THREADING_MAX_PIXELS with at most LARGE_FRAME_THREADS, and
@@ -62,6 +64,9 @@ FRAME_BUDGET_BYTES = 4 << 20  # native RGB bytes per decord call: its get_batch 
 FRAME_THREADING_MAX_PIXELS = 1920 * 1088  # larger frames are decoded by at most LARGE_FRAME_THREADS threads
 LARGE_FRAME_THREADS = 4  # 4K with frame threading: +60 MB peak over slice threading on 2 cores (bench/decode.py)
 DECORD_CODECS = {"h264"}
+# decord converts to RGB as if every stream were 8-bit 4:2:0: a 10-bit (yuv420p10le) H.264 comes out with colours off
+# by ~40 levels; only these pixel formats go to decord
+DECORD_PIX_FMTS = {"yuv420p", "yuvj420p"}
 DECORD_BAD_WIDTHS = {16, 24, 48, 72}  # decord's row copy fails at these widths (dmlc/decord#336)
 # decord decodes ahead in a background thread with no bound while the caller works (dmlc/decord#157; measured: 500 MB
 # for 100 samples of a 10 s 720p clip): it is used only where decoding the whole file fits in this many bytes
@@ -110,6 +115,8 @@ class VideoInfo:
     constant_rate: bool  # every frame lasts the same number of ticks
     edit_list: bool  # the demuxer hides frames (MP4 edit list)
     rotation: int  # display rotation, degrees counter-clockwise (0, 90, 180, 270): phones store portrait this way
+    pix_fmt: str  # decoded pixel format as the header states it ("yuv420p", "yuv420p10le", ...; "" when unknown)
+    open_gop: bool  # a packet after a key frame (decode order) is shown before it: open-GOP leading pictures
     stream_index: int
     time_base: Fraction
     pts: np.ndarray = field(repr=False)
@@ -129,7 +136,7 @@ class VideoInfo:
     def decoder(self) -> str:
         """"decord" or "pyav": which decoder `load_video` tries first for this file (rules in the module doc)."""
         ok = (any(f in self.format for f in _MP4_FORMATS) and self.codec in DECORD_CODECS and self.constant_rate
-              and not self.edit_list and self.frames_promised == self.n_frames and self.pts[0] == 0
+              and self.pix_fmt in DECORD_PIX_FMTS and not self.open_gop and not self.edit_list and self.frames_promised == self.n_frames and self.pts[0] == 0
               and self.width not in DECORD_BAD_WIDTHS and self.rotation == 0
               and self.n_frames * self.width * self.height * 3 <= DECORD_MAX_DECODED_BYTES)
         return "decord" if ok else "pyav"
@@ -198,17 +205,25 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
         entries = stream.index_entries if any(f in fmt for f in _MP4_FORMATS) else None
         promised = sum(not e.is_discard for e in entries) if entries else (stream.frames or 0)
         pts, durations, keys = [], [], []
-        hidden = damaged = 0
+        hidden = damaged = untimed = 0
+        last_key: int | None = None  # PTS of the latest key frame in decode order
+        open_gop = False
         rotation: int | None = None
         try:
             for packet in container.demux(stream):
                 if rotation is None:  # decode until the first frame: its display matrix is the stream's rotation
                     rotation = _first_rotation(packet)
                 ts = packet.pts if packet.pts is not None else packet.dts
-                if packet.size == 0 or ts is None:
+                if packet.size == 0:
+                    continue
+                if ts is None:
+                    untimed += 1
                     continue
                 if packet.is_keyframe:
                     keys.append(ts)
+                    last_key = ts
+                elif last_key is not None and ts < last_key:
+                    open_gop = True
                 if packet.is_discard:
                     hidden += 1
                 elif packet.is_corrupt:
@@ -220,13 +235,16 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
             damaged += 1  # the file ends inside a packet or its index points past the end: keep what was read
         info = dict(path=path, format=fmt, codec=cc.codec.canonical_name, width=cc.width, height=cc.height,
                     frames_promised=int(promised), stream_index=stream.index, time_base=stream.time_base,
-                    rotation=rotation or 0,
+                    rotation=rotation or 0, pix_fmt=cc.format.name if cc.format else "", open_gop=open_gop,
                     rate=stream.average_rate or stream.guessed_rate)
     if not pts:
         if promised:
             raise VideoError(f"{path}: truncated: the header lists {promised} frames but none of them is in the file")
         if damaged:
             raise VideoError(f"{path}: truncated: not one complete frame in the file")
+        if untimed:  # a raw elementary stream (.h264, .hevc): frames but no presentation times
+            raise VideoError(f"{path}: no frame timestamps ({fmt} elementary stream without a container; "
+                             "remux it into MP4 or MKV)")
         raise VideoError(f"{path}: no decodable frames")
     if info["time_base"] is None:
         raise VideoError(f"{path}: frame timestamps have no time base")
@@ -359,14 +377,19 @@ def _decode_pyav(info: VideoInfo, wanted: np.ndarray, size: tuple[int, int], num
             stream.thread_count = min(num_threads or LARGE_FRAME_THREADS, LARGE_FRAME_THREADS) if large else num_threads
             frames = _packets_frames(container, stream)
             position = keys[0] if keys else None  # decoding starts at the first key frame
+            # the key frame last sought to: a seek may land on an earlier key frame (MP4 seeks by decode time), and
+            # decoding forward from there reaches it, so it is never sought again (that looped forever)
+            sought = position
             just_sought = False
             while i < len(targets):
                 t = targets[i]
                 k = bisect_right(keys, t) - 1
-                if seekable and not restarted and k >= 0 and position is not None and keys[k] > position:
+                if (seekable and not restarted and k >= 0 and position is not None
+                        and keys[k] > max(position, sought)):
                     container.seek(keys[k], stream=stream, backward=True)
                     frames = _packets_frames(container, stream)
-                    position, just_sought = keys[k], True
+                    position = sought = keys[k]
+                    just_sought = True
                 frame = next(frames, None)
                 if frame is None:
                     return out  # end of the file
