@@ -122,3 +122,14 @@ def test_the_same_file_is_not_stored_twice_under_two_ids(store, tiny_checkpoints
     assert r.returncode == 0, r.stderr
     r = run("store", "ls", out)
     assert r.stdout.startswith("2 videos in ") and "copy.mp4" in r.stdout
+
+
+def test_listing_a_store_imports_neither_torch_nor_transformers(store):
+    """What keeps `x2l store ls` / `store info` fast to start: the configuration, not a clock."""
+    out, _ = store
+    code = ("import sys; from x2l.cli import main; rc = main(['store', 'ls', sys.argv[1]]); "
+            "rc = rc or main(['store', 'info', sys.argv[1], sys.argv[2]]); "
+            "print('loaded:', sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code, str(out), "clip.mp4"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("loaded: []")
