@@ -243,7 +243,7 @@ def test_empty_plots_say_no_data(reported, tmp_path, monkeypatch):
     md = (tmp_path / "idx" / "report.md").read_text()
     assert "![questions.png](questions.png)" in md
     empty = tmp_path / "empty"
-    open_backend(str(empty))  # creates an empty store: no runs at all
+    open_backend(str(empty)).write_bytes("store.json", b"{}")  # a store with nothing in it: no runs at all
     texts.clear()
     report = write_report(str(empty), tmp_path / "none")
     assert texts["indexing_throughput.png"] == ["no data\n(no indexing runs)"]

@@ -60,8 +60,7 @@ def test_bad_model_store_or_port_is_one_line_before_ray_starts(indexed, tmp_path
         ([str(tmp_path / "nostore"), "--model", indexed["model"]],
          f"x2l: error: store={tmp_path / 'nostore'}: store {tmp_path / 'nostore'} does not exist"),
         ([indexed["store"], "--model", indexed["model"], "--max-batch-size", "0"],
-         "x2l: error: max_batch_size, max_questions_per_request, max_prompt_chars and max_prompt_tokens "
-         "must be >= 1"),
+         "x2l: error: x2l.serve argument max_batch_size=0: must be >= 1"),
     ]
     for args, line in cases:
         r = subprocess.run(x2l("serve", *args), capture_output=True, text=True, env=env(), cwd=tmp_path)
