@@ -229,16 +229,21 @@ def write_image(path: str | Path, index: int, size: tuple[int, int] = (48, 80)) 
     return path
 
 
+def _tone(seconds: float, sample_rate: int) -> av.AudioFrame:
+    """A 440 Hz mono tone of `seconds`, float planar, starting at pts 0."""
+    n = int(seconds * sample_rate)
+    tone = (0.1 * np.sin(2 * np.pi * 440 * np.arange(n) / sample_rate)).astype(np.float32)[None, :]
+    frame = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
+    frame.sample_rate, frame.pts = sample_rate, 0
+    return frame
+
+
 def write_audio_only(path: str | Path, seconds: float = 1.0, sample_rate: int = 16000) -> Path:
     """Write an AAC file with no video stream (a file named .mp4 that x2l must refuse)."""
     path = Path(path)
     with av.open(str(path), mode="w", format="mp4") as container:
         stream = container.add_stream("aac", rate=sample_rate)
-        n = int(seconds * sample_rate)
-        tone = (0.1 * np.sin(2 * np.pi * 440 * np.arange(n) / sample_rate)).astype(np.float32)[None, :]
-        frame = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
-        frame.sample_rate, frame.pts = sample_rate, 0
-        container.mux(stream.encode(frame))
+        container.mux(stream.encode(_tone(seconds, sample_rate)))
         container.mux(stream.encode(None))
     return path
 
@@ -254,10 +259,6 @@ def write_audio_with_cover_art(path: str | Path, seconds: float = 1.0, sample_ra
         cover.disposition = av.stream.Disposition.attached_pic
         for packet in cover.encode(av.VideoFrame.from_ndarray(index_frame(1, (64, 64)), format="rgb24")):
             container.mux(packet)
-        n = int(seconds * sample_rate)
-        tone = (0.1 * np.sin(2 * np.pi * 440 * np.arange(n) / sample_rate)).astype(np.float32)[None, :]
-        frame = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
-        frame.sample_rate, frame.pts = sample_rate, 0
-        container.mux(audio.encode(frame))
+        container.mux(audio.encode(_tone(seconds, sample_rate)))
         container.mux(audio.encode(None))
     return path

@@ -529,13 +529,17 @@ class S3Backend(Backend):
         with self._errors(key):
             return self.fs.exists(path)
 
-    def _children(self, prefix: str, dirs: bool) -> list[str]:
+    def _ls(self, prefix: str) -> list[dict]:
+        """s3fs's detailed listing of one level under prefix (fresh, not its cache); [] when nothing is there."""
         path = self._path(prefix, allow_empty=True)
         with self._errors(prefix):
             try:
-                entries = self.fs.ls(path, detail=True, refresh=True)
+                return self.fs.ls(path, detail=True, refresh=True)
             except FileNotFoundError:
                 return []
+
+    def _children(self, prefix: str, dirs: bool) -> list[str]:
+        entries = self._ls(prefix)
         kind = "directory" if dirs else "file"
         return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == kind)
 
@@ -554,12 +558,7 @@ class S3Backend(Backend):
                 self.fs.call_s3("delete_object", Bucket=bucket, Key=key + "/")
 
     def list_entries(self, prefix: str = "") -> list[FileEntry]:
-        path = self._path(prefix, allow_empty=True)
-        with self._errors(prefix):
-            try:
-                entries = self.fs.ls(path, detail=True, refresh=True)
-            except FileNotFoundError:
-                return []
+        entries = self._ls(prefix)
         out = []
         for e in entries:
             if e["type"] != "file":
