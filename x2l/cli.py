@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -527,6 +528,23 @@ COMMANDS = {"index": cmd_index, "ask": cmd_ask, "store": cmd_store, "report": cm
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command (argv None: this process's arguments) and return its exit status. Run as the `x2l` script
+    (argv None), the process then ends at once, without Python's interpreter finalization: C++ thread pools of the
+    libraries (pyarrow, torch) racing their static destructors at exit aborted `x2l store verify` twice in a few
+    hundred runs under load ("terminate called without an active exception", exit -6) after its output was
+    complete. Every command releases what it holds (Ray, Serve, files) before it returns."""
+    rc = _run(argv)
+    if argv is None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a reader gone or a stream closed: nothing left to say
+                pass
+        os._exit(rc)
+    return rc
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     for flag in ("debug", "quiet", "verbose"):
         setattr(args, flag, getattr(args, flag, False))
