@@ -347,8 +347,6 @@ def cmd_ask(args) -> None:
 
 
 def cmd_store(args) -> int | None:
-    if args.store_command == "verify":  # reads KV: torch before pyarrow, the import order of every command that
-        import torch  # noqa: F401  reads KV (an abort at exit was seen once the other way round, under load)
     from x2l.store import KVStore
 
     store = KVStore(args.store, create=False)  # read-only: a missing store is an error, never created
