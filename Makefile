@@ -35,7 +35,7 @@ test: setup
 
 # A local S3 server (SeaweedFS) on 127.0.0.1 for s3:// stores; prints the AWS_* variables to export.
 s3: setup
-	$(PY) -m x2l.store.s3_server --dir .x2l/s3
+	$(PY) -m x2l.testing.s3_server --dir .x2l/s3
 
 clean:
 	rm -rf $(VENV) demo_out eval_out bench_out report .pytest_cache

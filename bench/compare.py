@@ -33,10 +33,10 @@ from transformers import DynamicCache
 from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig, StoreConfig
 from x2l.engine import Answerer, Indexer, Question, greedy_decode
 from x2l.models import load_model
-from x2l.models.tiny import write_tiny_checkpoint
+from x2l.testing.tiny_models import write_tiny_checkpoint
 from x2l.source import HCache
 from x2l.store import KVStore
-from x2l.synthetic import write_video
+from x2l.testing.videos import write_video
 from x2l.video import load_video
 
 QUESTIONS = ["What happens at the start?", "Which object moves fastest?", "What color is the square near the end?",
@@ -92,7 +92,7 @@ def main() -> None:
 
     server = None
     if args.store == "s3":
-        from x2l.store.s3_server import LocalS3Server
+        from x2l.testing.s3_server import LocalS3Server
 
         server = LocalS3Server(str(work / "s3")).start()
         os.environ.update(server.env())

@@ -66,8 +66,8 @@ print(json.dumps({"decoder": decoder, "samples": n, "seconds": round(wall, 2),
 
 
 def fast_frames(size: tuple[int, int]):
-    """Index frames (x2l.synthetic's pattern) made fast enough for 1080p and 4K: the texture is rolled, not redrawn."""
-    from x2l.synthetic import BLACK, GRID, N_BITS, WHITE
+    """Index frames (x2l.testing.videos's pattern) made fast enough for 1080p and 4K: the texture is rolled, not redrawn."""
+    from x2l.testing.videos import BLACK, GRID, N_BITS, WHITE
 
     h, w = size
     yy, xx = np.mgrid[0:h, 0 : w + 16]
@@ -86,7 +86,7 @@ def fast_frames(size: tuple[int, int]):
 
 
 def make_videos(workdir: Path, cfr_fps: int) -> dict[str, tuple[Path, float, int]]:
-    from x2l.synthetic import vfr_pts_ms, write_video
+    from x2l.testing.videos import vfr_pts_ms, write_video
 
     workdir.mkdir(parents=True, exist_ok=True)
     specs = {

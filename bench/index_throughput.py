@@ -16,11 +16,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from x2l.cluster import loopback_env
-from x2l.models.tiny import write_tiny_checkpoint
+from x2l.testing.ray_head import loopback_env
+from x2l.testing.tiny_models import write_tiny_checkpoint
 from x2l.store.backend import open_backend
 from x2l.store.runs import read_runs
-from x2l.synthetic import write_video
+from x2l.testing.videos import write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,9 +25,9 @@ import httpx  # noqa: E402
 from x2l.config import SamplingConfig  # noqa: E402
 from x2l.engine import Indexer  # noqa: E402
 from x2l.models import load_model  # noqa: E402
-from x2l.models.tiny import write_tiny_checkpoint  # noqa: E402
+from x2l.testing.tiny_models import write_tiny_checkpoint  # noqa: E402
 from x2l.store import KVStore  # noqa: E402
-from x2l.synthetic import write_video  # noqa: E402
+from x2l.testing.videos import write_video  # noqa: E402
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from x2l.cluster import free_port
+    from x2l.testing.ray_head import free_port
     from x2l.serve import app
 
     ray.init(address="local", num_cpus=2, include_dashboard=False)

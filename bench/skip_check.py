@@ -32,11 +32,11 @@ from x2l.config import SamplingConfig, StoreConfig  # noqa: E402
 from x2l.distributed import CheckCommitted, IndexJobConfig, already_indexed, check_committed  # noqa: E402
 from x2l.engine import Indexer  # noqa: E402
 from x2l.models import load_model  # noqa: E402
-from x2l.models.tiny import write_tiny_checkpoint  # noqa: E402
+from x2l.testing.tiny_models import write_tiny_checkpoint  # noqa: E402
 from x2l.store import KVStore, video_key  # noqa: E402
 from x2l.store.keys import meta_path  # noqa: E402
-from x2l.store.s3_server import LocalS3Server  # noqa: E402
-from x2l.synthetic import write_video  # noqa: E402
+from x2l.testing.s3_server import LocalS3Server  # noqa: E402
+from x2l.testing.videos import write_video  # noqa: E402
 
 
 def main() -> None:

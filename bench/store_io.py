@@ -19,10 +19,10 @@ from pathlib import Path
 from x2l.config import SamplingConfig
 from x2l.engine import Indexer
 from x2l.models import load_model
-from x2l.models.tiny import write_tiny_checkpoint
+from x2l.testing.tiny_models import write_tiny_checkpoint
 from x2l.store import KVStore
-from x2l.store.s3_server import LocalS3Server
-from x2l.synthetic import write_video
+from x2l.testing.s3_server import LocalS3Server
+from x2l.testing.videos import write_video
 
 CHUNKS = [3, 15, 27]
 

@@ -112,7 +112,7 @@ def main() -> None:
     p.add_argument("--out", default="bench_out/store_soak.json")
     args = p.parse_args()
     from x2l.store import KVStore
-    from x2l.store.s3_server import LocalS3Server
+    from x2l.testing.s3_server import LocalS3Server
 
     ids = [f"video-{i:03d}.mp4" for i in range(args.ids)]
     tmp = tempfile.mkdtemp(prefix="x2l-soak-")

@@ -21,7 +21,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import pytest
 
-from x2l.store.s3_server import LocalS3Server
+from x2l.testing.s3_server import LocalS3Server
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +49,7 @@ def store_uri(request, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
-    from x2l.models.tiny import write_tiny_checkpoint
+    from x2l.testing.tiny_models import write_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("checkpoints")
     return {fam: write_tiny_checkpoint(root / fam, family=fam, size="tiny") for fam in ("qwen2-vl", "qwen2.5-vl")}
@@ -57,7 +57,7 @@ def tiny_checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def video_path(tmp_path_factory):
-    from x2l.synthetic import write_video
+    from x2l.testing.videos import write_video
 
     return write_video(tmp_path_factory.mktemp("videos") / "clip.mp4", n_frames=50, fps=5, size=(64, 96))
 
@@ -69,7 +69,7 @@ def video_path(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_head():
-    from x2l.cluster import LocalRayHead
+    from x2l.testing.ray_head import LocalRayHead
 
     with LocalRayHead(num_cpus=2) as head:
         yield head

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from x2l.store.schema import SCHEMA_VERSION
-from x2l.synthetic import write_audio_with_cover_art
+from x2l.testing.videos import write_audio_with_cover_art
 
 X2L = [str(Path(sys.executable).parent / "x2l")]
 
@@ -113,7 +113,7 @@ BAD_INPUTS = {
 
 
 def _cut_after_header(d: Path) -> Path:
-    from x2l.synthetic import write_video
+    from x2l.testing.videos import write_video
 
     import av
 
@@ -134,7 +134,7 @@ def test_bad_video_gives_one_line_error(case, tmp_path, tiny_checkpoints):
 
 
 def test_clip_shorter_than_a_chunk_is_one_padded_chunk(tmp_path, tiny_checkpoints):
-    from x2l.synthetic import write_video
+    from x2l.testing.videos import write_video
 
     v = write_video(tmp_path / "short.mp4", n_frames=6, fps=2, size=(64, 64))  # 3 s: 3 samples < 8 per chunk
     r = x2l("index", v, "--model", tiny_checkpoints["qwen2-vl"], "--out", tmp_path / "o", "--json")

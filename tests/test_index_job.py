@@ -13,7 +13,7 @@ import pytest
 from x2l.store import KVStore
 from x2l.store.backend import open_backend
 from x2l.store.runs import read_run_rows, read_runs
-from x2l.synthetic import write_video
+from x2l.testing.videos import write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = {"a.mp4": 24, "b.mp4": 40, "deep/c.mp4": 56, "deep/er/d.mp4": 32,  # frames at 4 fps: 6-14 s, 2 fps sampled
@@ -131,7 +131,7 @@ def test_indexing_into_s3_works_like_a_local_folder(ray_head, corpus, tiny_check
 
 def test_runs_without_a_cluster_and_exits_nonzero_when_nothing_indexes(corpus, tiny_checkpoints, tmp_path):
     """`python jobs/index_corpus.py` with no cluster starts Ray locally; a corpus of only bad files fails the job."""
-    from x2l.cluster import loopback_env
+    from x2l.testing.ray_head import loopback_env
 
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -146,7 +146,7 @@ def test_runs_without_a_cluster_and_exits_nonzero_when_nothing_indexes(corpus, t
 
 
 def test_job_refuses_an_unreachable_store_and_an_empty_corpus(tiny_checkpoints, tmp_path):
-    from x2l.cluster import loopback_env
+    from x2l.testing.ray_head import loopback_env
 
     env = loopback_env() | {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9",
                             "AWS_ACCESS_KEY_ID": "x",
@@ -169,7 +169,7 @@ def test_job_refuses_an_unreachable_store_and_an_empty_corpus(tiny_checkpoints, 
     (["--torch-threads", "0"], "--torch-threads 0: must be >= 1"),
 ])
 def test_numeric_options_out_of_range_are_one_line_before_ray(tiny_checkpoints, tmp_path, args, message):
-    from x2l.cluster import loopback_env
+    from x2l.testing.ray_head import loopback_env
 
     r = subprocess.run([sys.executable, "jobs/index_corpus.py", "--corpus", str(tmp_path), "--store",
                         str(tmp_path / "s"), "--model", str(tiny_checkpoints["qwen2-vl"]), *args],
@@ -211,7 +211,7 @@ def test_resources_the_cluster_cannot_give_are_refused_at_start(ray_head, corpus
 
 def test_summary_and_failures_are_printed_when_the_run_record_cannot_be_written(corpus, tiny_checkpoints, tmp_path):
     """The store goes bad at the end (its runs/ cannot be written): what the run did is still printed, exit 1."""
-    from x2l.cluster import loopback_env
+    from x2l.testing.ray_head import loopback_env
 
     some = tmp_path / "corpus"
     some.mkdir()
@@ -233,7 +233,7 @@ def test_summary_and_failures_are_printed_when_the_run_record_cannot_be_written(
 
 def test_ray_that_does_not_come_up_is_one_line(corpus, tiny_checkpoints, tmp_path):
     """A local Ray that cannot start (here: its socket paths would be longer than AF_UNIX allows): one line, exit 1."""
-    from x2l.cluster import loopback_env
+    from x2l.testing.ray_head import loopback_env
 
     too_long = tmp_path / ("x" * 110)
     r = subprocess.run([sys.executable, "jobs/index_corpus.py", "--corpus", str(corpus), "--store", str(tmp_path / "s"),

@@ -39,7 +39,7 @@ def test_same_seed_same_video_bytes(tmp_path):
 
 
 def test_held_out_split_is_disjoint_from_training():
-    from x2l.eval.train_needle import TrainConfig, pool_video
+    from training.train_needle import TrainConfig, pool_video
 
     cfg = TrainConfig()
     test = nd.make_items("test", 200, seed=0)
@@ -95,7 +95,7 @@ def test_bench_question_records(tmp_path):
 
 
 def test_answer_letters_are_single_tokens():
-    from x2l.models.tiny import build_tokenizer
+    from x2l.testing.tiny_models import build_tokenizer
 
     tok = build_tokenizer()
     for letter in nd.letters(4):
@@ -105,7 +105,7 @@ def test_answer_letters_are_single_tokens():
 def test_training_is_deterministic_given_the_seed(tmp_path):
     import torch
 
-    from x2l.eval.train_needle import TrainConfig, train
+    from training.train_needle import TrainConfig, train
     from x2l.models import load_model
 
     cfg = TrainConfig(seed=3, steps=3, pool_videos=4, pool_chunks=8, start_chunks=7, max_chunks=8,
@@ -124,7 +124,7 @@ def test_training_is_deterministic_given_the_seed(tmp_path):
 def test_shipped_model_reaches_reported_full_kv_accuracy(tmp_path):
     import torch
 
-    from x2l.eval.train_needle import CHECK_SUBSET, check_subset_accuracy
+    from training.train_needle import CHECK_SUBSET, check_subset_accuracy
     from x2l.models import load_model
 
     assert sum(f.stat().st_size for f in MODEL.iterdir()) < 20 * 2**20

@@ -11,7 +11,7 @@ import pytest
 
 from x2l.store.backend import open_backend
 from x2l.store.runs import read_run_rows, read_runs
-from x2l.synthetic import write_video
+from x2l.testing.videos import write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 PRICES = ["--gpu-dollars-per-hour", "2.5", "--storage-dollars-per-gb-month", "0.1", "--put-dollars-per-1k", "0.01",
@@ -20,7 +20,7 @@ PRICES = ["--gpu-dollars-per-hour", "2.5", "--storage-dollars-per-gb-month", "0.
 
 @pytest.fixture(scope="module")
 def reported(tmp_path_factory, tiny_checkpoints):
-    from x2l.cluster import loopback_env
+    from x2l.testing.ray_head import loopback_env
 
     root = tmp_path_factory.mktemp("report")
     corpus, store = root / "corpus", root / "store"
@@ -179,7 +179,7 @@ def test_per_question_stats_survive_a_bad_video_in_the_batch(reported, tiny_chec
 
 
 def test_answer_job_refusing_a_model_is_one_line_before_ray(reported, tiny_checkpoints, tmp_path):
-    from x2l.cluster import loopback_env
+    from x2l.testing.ray_head import loopback_env
 
     store, _ = reported
     q = tmp_path / "q.jsonl"

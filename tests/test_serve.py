@@ -18,7 +18,7 @@ import pytest
 from x2l.config import RetrievalConfig, SamplingConfig
 from x2l.engine import Answerer, Indexer, Question
 from x2l.store import KVStore
-from x2l.synthetic import write_video
+from x2l.testing.videos import write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 VIDEOS = {"cats.mp4": 32, "dogs.mp4": 40, "birds.mp4": 24, "fish.mp4": 48}  # frames at 4 fps, sampled at 2 fps
@@ -69,7 +69,7 @@ def serve_app(archive, damaged_store):
     import ray
     from ray import serve
 
-    from x2l.cluster import free_port
+    from x2l.testing.ray_head import free_port
     from x2l.serve import app
 
     os.environ[TOKEN_ENV] = "s3cret"  # replicas inherit the driver's environment at ray.init
@@ -304,7 +304,7 @@ def test_readyz_once_the_query_replica_has_model_and_h(serve_app):
 
 
 def test_app_builder_refuses_a_missing_model_or_store_before_deploying(archive, tmp_path):
-    from x2l.cluster import loopback_env
+    from x2l.testing.ray_head import loopback_env
     from x2l.errors import ConfigError
     from x2l.serve import app
 
@@ -384,7 +384,7 @@ def test_h_memory_budget_evicts_and_reloads_with_right_answers(serve_app, archiv
 def test_store_unreachable_gives_503(tmp_path, archive, monkeypatch):
     """The query deployment over an S3 store whose server went away answers 503 and says why."""
     from x2l.serve import QueryModel
-    from x2l.store.s3_server import LocalS3Server
+    from x2l.testing.s3_server import LocalS3Server
 
     with LocalS3Server(str(tmp_path / "s3")) as server:
         for k, v in server.env().items():
@@ -413,7 +413,7 @@ def write_questions(path: Path, n: int) -> list[dict]:
 
 
 def run_bulk(archive, questions: Path, out: Path, *extra) -> subprocess.Popen:
-    from x2l.cluster import loopback_env
+    from x2l.testing.ray_head import loopback_env
 
     return subprocess.Popen([sys.executable, "jobs/answer_questions.py", "--store", archive["store"],
                              "--questions", str(questions), "--out", str(out), *map(str, extra)],

@@ -16,7 +16,7 @@ import pytest
 from x2l.config import RetrievalConfig, SamplingConfig
 from x2l.engine import Answerer, Indexer, Question
 from x2l.store import KVStore
-from x2l.synthetic import write_video
+from x2l.testing.videos import write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def x2l(*args: str) -> list[str]:
 
 
 def env() -> dict:
-    from x2l.cluster import loopback_env
+    from x2l.testing.ray_head import loopback_env
 
     return loopback_env()
 
@@ -112,7 +112,7 @@ def _alive(pid: int, cmdline: bytes) -> bool:
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
 def test_serve_starts_answers_and_stops_with_its_ray(indexed, tmp_path, sig, code):
-    from x2l.cluster import free_port
+    from x2l.testing.ray_head import free_port
 
     port = free_port()
     proc = subprocess.Popen(x2l("serve", indexed["store"], "--model", indexed["model"], "--port", str(port),

@@ -17,7 +17,7 @@ from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 from x2l import __version__
 from x2l.errors import ConfigError
-from x2l.models.tiny import (
+from x2l.testing.tiny_models import (
     FAMILIES,
     SIZES,
     SPECIAL_TOKENS,
@@ -259,7 +259,7 @@ def test_weights_do_not_depend_on_the_process(tmp_path):
     before = torch.random.get_rng_state()
     write_tiny_checkpoint(tmp_path / "again", "qwen2-vl", "tiny", seed=3)
     assert torch.equal(torch.random.get_rng_state(), before)
-    code = "import sys; from x2l.models.tiny import write_tiny_checkpoint; write_tiny_checkpoint(sys.argv[1], seed=3)"
+    code = "import sys; from x2l.testing.tiny_models import write_tiny_checkpoint; write_tiny_checkpoint(sys.argv[1], seed=3)"
     env = dict(os.environ, PYTHONHASHSEED="12345", HF_HUB_OFFLINE="1")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "there")], check=True, env=env, capture_output=True)
     there = Path(tmp_path / "there")

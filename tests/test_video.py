@@ -12,7 +12,7 @@ import torch
 
 from x2l.config import SamplingConfig
 from x2l.errors import VideoError
-from x2l.synthetic import read_frame_index, write_audio_only, write_video
+from x2l.testing.videos import read_frame_index, write_audio_only, write_video
 from x2l.video import DECODE_BATCH, VideoInfo, frames_at, load_video, probe_video, resize_frames, sample_times
 
 NATIVE_FPS = 25

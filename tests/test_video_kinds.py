@@ -1,5 +1,5 @@
 """The videos people actually have (issue 10): each kind written by PyAV, read back with the right frames at the right
-presentation times. Frame identity is checked through the index pattern drawn into every frame (x2l.synthetic)."""
+presentation times. Frame identity is checked through the index pattern drawn into every frame (x2l.testing.videos)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from x2l.config import SamplingConfig
 from x2l.errors import VideoError
 from x2l.models.qwen2_vl import smart_resize
-from x2l.synthetic import (
+from x2l.testing.videos import (
     index_frame,
     read_frame_index,
     vfr_pts_ms,

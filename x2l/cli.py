@@ -499,7 +499,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_tiny_model(args) -> None:
-    from x2l.models.tiny import write_tiny_checkpoint
+    from x2l.testing.tiny_models import write_tiny_checkpoint
 
     out = write_tiny_checkpoint(args.out_dir, family=args.family, size=args.size, seed=args.seed)
     print(f"wrote random-weight {args.family} {args.size} checkpoint (seed {args.seed}) to {out}")

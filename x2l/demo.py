@@ -56,7 +56,7 @@ def sample_corpus(corpus: Path) -> list[dict]:
 def run_demo(workdir: Path, model_dir: Path = MODEL) -> None:
     import httpx
 
-    from x2l.cluster import LocalRayHead, free_port, loopback_env
+    from x2l.testing.ray_head import LocalRayHead, free_port, loopback_env
     from x2l.eval.answers import extract_letter
 
     workdir = workdir.resolve()

@@ -142,7 +142,7 @@ class NeedleVideo:
         return np.stack([self.frame(i) for i in range(self.n_frames)])
 
     def write(self, path: str | Path) -> Path:
-        from x2l.synthetic import write_video
+        from x2l.testing.videos import write_video
 
         return write_video(path, self.n_frames, FPS, FRAME_SIZE, frame_fn=self.frame)
 

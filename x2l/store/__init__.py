@@ -1,5 +1,5 @@
 """KV storage: byte backends (backend.py), the Parquet layout (schema.py) and the store of indexed videos
-(kvstore.py). The store's names are imported lazily so `x2l.store.backend` / `x2l.store.s3_server` stay light."""
+(kvstore.py). The store's names are imported lazily so `x2l.store.backend` stays light."""
 
 from __future__ import annotations
 

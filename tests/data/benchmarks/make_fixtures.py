@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from x2l.synthetic import write_video
+from x2l.testing.videos import write_video
 
 HERE = Path(__file__).resolve().parent
 

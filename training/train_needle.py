@@ -1,6 +1,6 @@
 """Train a small Qwen2-VL checkpoint from scratch on the synthetic needle benchmark, on a CPU.
 
-    python -m x2l.eval.train_needle --out models/needle-qwen2vl --seed 0
+    python training/train_needle.py --out models/needle-qwen2vl --seed 0
 
 The model is the real Qwen2-VL architecture (transformers' Qwen2VLForConditionalGeneration), narrow and shallow, and
 the checkpoint is a standard HF directory (config, safetensors, tokenizer, preprocessor configs) that
@@ -50,7 +50,7 @@ from transformers import DynamicCache
 
 from x2l.config import CompressionConfig, SamplingConfig
 from x2l.eval import needle as nd
-from x2l.models.tiny import build_tokenizer, model_class, preprocessor_config, special_token_ids
+from x2l.testing.tiny_models import build_tokenizer, model_class, preprocessor_config, special_token_ids
 from x2l.video import load_video
 
 FAMILY = "qwen2-vl"
@@ -74,7 +74,7 @@ class ModelSpec:
 
 
 def needle_config(spec: ModelSpec, tokenizer):
-    """A Qwen2VLConfig in the layout of x2l.models.tiny.tiny_config, with the needle model's widths."""
+    """A Qwen2VLConfig in the layout of x2l.testing.tiny_models.tiny_config, with the needle model's widths."""
     from transformers import Qwen2VLConfig
 
     ids = special_token_ids(tokenizer)

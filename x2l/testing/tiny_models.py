@@ -322,6 +322,6 @@ def write_tiny_checkpoint(
         "dtype": str(dtype).removeprefix("torch."),
         "x2l_version": __version__,
         "random_weights": True,
-        "note": "random-weight test model built by x2l.models.tiny; its outputs are meaningless",
+        "note": "random-weight test model built by x2l.testing.tiny_models; its outputs are meaningless",
     })
     return out

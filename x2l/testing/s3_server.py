@@ -8,7 +8,7 @@ Every port weed opens (master, volume, filer, s3, admin, each with a gRPC port) 
 127.0.0.1 only. S3 requests must be signed with the server's access/secret key (weed reads them from the
 AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY environment and then refuses anonymous or wrongly signed requests).
 
-Foreground use: python -m x2l.store.s3_server --dir .x2l/s3   (prints the variables to export; Ctrl-C stops it)
+Foreground use: python -m x2l.testing.s3_server --dir .x2l/s3   (prints the variables to export; Ctrl-C stops it)
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ def _interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m x2l.store.s3_server", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m x2l.testing.s3_server", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", required=True, help="data directory (kept between runs)")
     ap.add_argument("--port", type=int, default=None, help="S3 port (default: a free one); port+10000 is its gRPC")
     ap.add_argument("--bucket", default="x2l")
