@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from x2l.engine import Indexer  # noqa: E402
 from x2l.models import load_model  # noqa: E402
 from x2l.testing.tiny_models import write_tiny_checkpoint  # noqa: E402
 from x2l.store import KVStore  # noqa: E402
+from x2l.summary import percentile  # noqa: E402
 from x2l.testing.videos import write_video  # noqa: E402
 
 
@@ -82,9 +82,9 @@ def main() -> None:
     serve.shutdown()
     ray.shutdown()
     print(json.dumps({"commit_to_first_new_answer_s": [round(x, 4) for x in to_new],
-                      "median_commit_to_first_new_answer_s": round(statistics.median(to_new), 4),
+                      "p50_commit_to_first_new_answer_s": round(percentile(to_new, 50), 4),
                       "questions_until_new_index": asked,
-                      "ordinary_question_latency_median_s": round(statistics.median(ordinary), 4)}, indent=1))
+                      "ordinary_question_latency_p50_s": round(percentile(ordinary, 50), 4)}, indent=1))
 
 
 if __name__ == "__main__":

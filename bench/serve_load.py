@@ -1,5 +1,5 @@
-"""Issue-5 numbers: the Serve app over HTTP on this machine: questions per second and p50/p95 latency for batch
-sizes 1, 4 and 16, and the L-cache hit rate over a 50-question set.
+"""Issue-5 numbers: the Serve app over HTTP on this machine: questions per second and p50/p95 latency (nearest rank,
+x2l.summary.percentile) for batch sizes 1, 4 and 16, and the L-cache hit rate over a 50-question set.
 
     .venv/bin/python bench/serve_load.py [--workdir bench_out]
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +27,7 @@ from x2l.engine import Indexer  # noqa: E402
 from x2l.models import load_model  # noqa: E402
 from x2l.testing.tiny_models import write_tiny_checkpoint  # noqa: E402
 from x2l.store import KVStore  # noqa: E402
+from x2l.summary import percentile  # noqa: E402
 from x2l.testing.videos import write_video  # noqa: E402
 
 
@@ -80,7 +80,7 @@ def main() -> None:
 
             t0 = time.perf_counter()
             with ThreadPoolExecutor(args.in_flight) as pool:
-                latencies = sorted(pool.map(one, questions))
+                latencies = list(pool.map(one, questions))
             wall = time.perf_counter() - t0
             after = client.get("/v1/stats").json()
         sizes = after["batch_sizes"][len(before["batch_sizes"]):]
@@ -88,8 +88,8 @@ def main() -> None:
         misses = after["l_cache"]["misses"] - before["l_cache"]["misses"]
         results[f"max_batch_size {batch}"] = {
             "questions_per_second": round(len(questions) / wall, 2),
-            "p50_s": round(statistics.median(latencies), 3),
-            "p95_s": round(latencies[int(0.95 * len(latencies)) - 1], 3),
+            "p50_s": round(percentile(latencies, 50), 3),
+            "p95_s": round(percentile(latencies, 95), 3),
             "mean_batch": round(sum(sizes) / len(sizes), 2), "decode_calls": after["decode_calls"] - before["decode_calls"],
             "l_cache_hit_rate": round(hits / (hits + misses), 3) if hits + misses else None,
         }

@@ -21,6 +21,7 @@ from x2l.engine import Indexer
 from x2l.models import load_model
 from x2l.testing.tiny_models import write_tiny_checkpoint
 from x2l.store import KVStore
+from x2l.summary import percentile
 from x2l.testing.s3_server import LocalS3Server
 from x2l.testing.videos import write_video
 
@@ -86,7 +87,7 @@ def measure(uri: str, video, repeats: int) -> dict:
         "load_h_s": round(h_s, 4),
         "load_h_bytes": h_bytes,
         "fetch3_after_h_s": round(min(r[0] for r in fetch_runs), 4),
-        "fetch3_after_h_median_s": round(statistics.median(r[0] for r in fetch_runs), 4),
+        "fetch3_after_h_p50_s": round(percentile([r[0] for r in fetch_runs], 50), 4),
         "fetch3_after_h_bytes": fetch_runs[0][1],
         "fetch3_payload_bytes": payload,
         "fetch3_bytes_over_payload": round(fetch_runs[0][1] / payload, 4),

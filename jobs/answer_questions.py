@@ -21,7 +21,6 @@ import argparse
 import hashlib
 import json
 import os
-import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -184,38 +183,13 @@ def refuse_questions(todo: list[dict], limits, out) -> list[dict]:
     return keep
 
 
-def summarize(rows: list[dict], wall_s: float, run_id: str, started: str, config: dict,
-              startup_s: float = 0.0) -> dict:
-    """summary.json of an answer run. startup_s: seconds before answering began (Ray start-up, model loading: up to
-    the first answer's arrival less its own latency); throughput and the report's answering device-hours count
-    answer_s = wall_s - startup_s, from the first answer on (issue 12)."""
-    ok = [r for r in rows if r["error"] is None]
-    lat = sorted(r["total_s"] for r in ok if r["total_s"] is not None)
-    selected = sum(len(r["selected_chunks"] or []) for r in ok)
-    hits = sum(r["cache_hits"] or 0 for r in ok)
-    answer_s = max(0.0, wall_s - startup_s)
-    return {
-        "run_id": run_id, "started": started, "status": "ok" if ok else ("failed" if rows else "empty"),
-        "wall_s": round(wall_s, 3), "startup_s": round(startup_s, 3), "answer_s": round(answer_s, 3),
-        "questions": len(rows), "answered": len(ok), "failed": len(rows) - len(ok),
-        "errors": {r["id"]: r["error"] for r in rows if r["error"] is not None},
-        "questions_per_second": round(len(ok) / answer_s, 3) if answer_s > 0 else 0.0,
-        "latency_s": {"p50": round(statistics.median(lat), 4) if lat else None,
-                      "p95": round(lat[min(len(lat) - 1, int(0.95 * len(lat)))], 4) if lat else None},
-        "store_bytes_read": sum(r["store_bytes_read"] or 0 for r in ok),
-        "kv_bytes_used": sum(r["kv_bytes_used"] or 0 for r in ok),
-        "kv_bytes_full": sum(r["kv_bytes_full"] or 0 for r in ok),
-        "l_cache_hit_rate": round(hits / selected, 4) if selected else None,
-        "config": config,
-    }
-
-
 def run(args) -> int:
     from x2l.distributed import check_options, job_path, start_ray
     from x2l.questions import consolidate, read_parts
     from x2l.store import KVStore
     from x2l.store.backend import open_backend
     from x2l.store.runs import write_run
+    from x2l.summary import summarize_answer_run
 
     if not args.serve_address and not args.model:
         raise X2LError("give --serve-address (a running Serve app) or --model (answer in-job)")
@@ -264,7 +238,7 @@ def run(args) -> int:
     config = {"store": args.store, "questions": args.questions, "out": args.out, "serve_address": args.serve_address,
               "model": args.model, "top_k": args.top_k, "budget_bytes": args.budget_bytes,
               "max_new_tokens": args.max_new_tokens, "concurrency": args.concurrency, "batch_size": args.batch_size}
-    summary = summarize(new, wall, run_id, started, config, startup) | {"already_answered": len(done)}
+    summary = summarize_answer_run(new, wall, run_id, started, config, startup) | {"already_answered": len(done)}
     # Printed before anything is written: a store gone at the end loses the record, not what the run did.
     print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "errors")}, indent=1), flush=True)
     for qid, err in summary["errors"].items():

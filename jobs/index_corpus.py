@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
                                  stats_row)
     from x2l.models import pixel_rule
     from x2l.models.qwen2_vl import checkpoint_fingerprint
-    from x2l.report import summarize_index_run
+    from x2l.summary import summarize_index_run
     from x2l.scorers import make_scorer
     from x2l.store import KVStore
     from x2l.store.runs import write_run

@@ -120,28 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("store", help="store URI")
     q.add_argument("video_id")
 
-    from x2l.report import Prices
+    from x2l.report import add_report_options
 
-    d_p = Prices()
     p = sub.add_parser("report", help="cost and throughput report of a store's indexing and answering runs")
     p.add_argument("store", help="store URI")
-    p.add_argument("--out", default="report", help="local folder for report.md, report.json and plots (default report)")
-    p.add_argument("--gpu-dollars-per-hour", type=float, default=d_p.gpu_per_hour,
-                   help=f"price of one accelerator-hour (default {d_p.gpu_per_hour}: AWS g5.xlarge on demand)")
-    p.add_argument("--storage-dollars-per-gb-month", type=float, default=d_p.storage_per_gb_month,
-                   help=f"object storage price (default {d_p.storage_per_gb_month}: S3 Standard)")
-    p.add_argument("--put-dollars-per-1k", type=float, default=d_p.put_per_1k,
-                   help=f"price of 1,000 PUT requests (default {d_p.put_per_1k})")
-    p.add_argument("--get-dollars-per-1k", type=float, default=d_p.get_per_1k,
-                   help=f"price of 1,000 GET requests (default {d_p.get_per_1k})")
-    p.add_argument("--serve-devices", type=float, default=d_p.serve_devices,
-                   help=f"accelerators behind the Serve app for runs answered over HTTP (default {d_p.serve_devices:g})")
-    p.add_argument("--run-id", action="append", default=None, help="only this run (repeat for several)")
-    p.add_argument("--since", default=None,
-                   help="only runs started at or after this UTC time (ISO 8601: 2026-11-30 or 2026-11-30T12:00:00Z)")
-    p.add_argument("--kind", choices=["index", "answer"], default=None, help="only indexing or answering runs")
-    p.add_argument("--include-failed", action="store_true",
-                   help="also count failed and empty runs (status other than ok; see `x2l runs ls`)")
+    add_report_options(p)
 
     p = sub.add_parser("runs", help="the runs recorded in a store")
     runs_sub = p.add_subparsers(dest="runs_command", required=True)
@@ -440,19 +423,11 @@ def _store_upkeep(store, args) -> int:
 
 
 def cmd_report(args) -> None:
-    from x2l.report import Prices, RunFilter, write_report
-    from x2l.store.runs import open_store_runs
+    from x2l.report import report_line, report_options, write_report
 
-    prices = Prices(args.gpu_dollars_per_hour, args.storage_dollars_per_gb_month, args.put_dollars_per_1k,
-                    args.get_dollars_per_1k, args.serve_devices)
-    open_store_runs(args.store)  # a missing store, or a folder that is not one: said, nothing created
-    report = write_report(args.store, args.out, prices, RunFilter(args.run_id, args.since, args.kind,
-                                                                  args.include_failed))
-    d = report["dollars"]
-    print(f"wrote {args.out}/report.md, report.json and {len(report['plots'])} plots: "
-          f"{report['indexing']['videos_indexed']} videos, {report['answering']['questions']} questions; "
-          f"${d['per_indexed_video_hour'] or 0:.4f} per indexed video-hour, "
-          f"${d['per_1000_questions'] or 0:.4f} per 1,000 questions")
+    prices, which = report_options(args)
+    report = write_report(args.store, args.out, prices, which)  # a folder that is not a store: said, nothing created
+    print(report_line(report, args.out))
 
 
 def cmd_runs(args) -> None:

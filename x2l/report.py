@@ -1,61 +1,17 @@
-"""Cost and throughput accounting: turns recorded stats rows into the numbers every job prints and stores."""
+"""The cost and throughput report over a store's runs (`x2l report`, jobs/report.py): its numbers from the recorded
+run summaries and rows (`build_report`, formulas in `REPORT_FORMULAS`), report.md, report.json and the PNG plots.
+
+Each run's own summary (and the one percentile definition) is x2l/summary.py's; issues 12, 13 and 14.
+"""
 
 from __future__ import annotations
 
-import math
-from collections import defaultdict
+import argparse
 from dataclasses import asdict, dataclass
 
-
-def decode_wait_share(rows: list[dict]) -> float:
-    """Share of the actors' time spent waiting for input (decoded videos) between their model being ready and their
-    last video finishing: 1 - busy / span, over all actors."""
-    by_actor: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        if r.get("actor") and r.get("t_end"):
-            by_actor[r["actor"]].append(r)
-    span = busy = 0.0
-    for actor_rows in by_actor.values():
-        ready = min(r["actor_ready"] for r in actor_rows)
-        span += max(r["t_end"] for r in actor_rows) - ready
-        busy += sum(r["t_end"] - r["t_start"] for r in actor_rows)
-    return max(0.0, 1 - busy / span) if span > 0 else 0.0
+from x2l.summary import decode_wait_share, percentile
 
 
-def summarize_index_run(rows: list[dict], skipped: list[dict], wall_s: float, run_id: str, started: str,
-                        config: dict) -> dict:
-    """The summary.json of an indexing run."""
-    indexed = [r for r in rows if r["status"] == "indexed"]
-    failed = [r for r in rows if r["status"] == "failed"]
-    tokens = sum(r["tokens"] for r in indexed)
-    prefill_s = sum(r["prefill_s"] for r in indexed)
-    video_s = sum(r.get("duration_s", 0.0) for r in indexed)
-    return {
-        "run_id": run_id,
-        "started": started,
-        "status": "ok" if indexed else ("failed" if failed else "empty"),
-        "wall_s": round(wall_s, 3),
-        "videos": len(rows) + len(skipped),
-        "indexed": len(indexed),
-        "skipped": len(skipped),
-        "failed": len(failed),
-        "failures": {r["video_id"]: r["reason"] for r in failed},
-        "frames": sum(r["frames"] for r in indexed),
-        "chunks": sum(r["chunks"] for r in indexed),
-        "tokens": tokens,
-        "video_seconds": round(video_s, 3),
-        "bytes": {k: sum(r[f"bytes_{k}"] for r in indexed) for k in ("sink", "h", "delta", "full", "written")},
-        "seconds": {k: round(sum(r[f"{k}_s"] for r in indexed), 3)
-                    for k in ("decode", "vision", "prefill", "compress", "write")},
-        "videos_per_minute": round(len(indexed) / wall_s * 60, 3) if wall_s > 0 else 0.0,
-        "tokens_per_second": round(tokens / wall_s, 1) if wall_s > 0 else 0.0,
-        "prefill_tokens_per_second": round(tokens / prefill_s, 1) if prefill_s > 0 else 0.0,
-        "decode_wait_share": round(decode_wait_share(indexed), 4),
-        "config": config,
-    }
-
-
-# --- the report over a store's runs -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Prices:
     """Prices the dollars follow from; every one is a flag of `x2l report` with this default.
@@ -71,14 +27,6 @@ class Prices:
     put_per_1k: float = 0.005
     get_per_1k: float = 0.0004
     serve_devices: float = 1.0  # accelerators behind a Serve app (an answer run through HTTP does not know them)
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100) of the values, or None for none."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
 def index_devices(config: dict) -> float:
@@ -142,8 +90,8 @@ def build_report(index_runs: list[tuple[dict, list[dict]]], answer_runs: list[tu
         },
         "answering": {
             "runs": len(answer_runs), "questions": len(answers), "device_hours": round(answer_device_hours, 6),
-            "latency_s": {f"p{q}": _pct(latency, q) for q in (50, 90, 95, 99)},
-            "store_bytes_read": {"mean": sum(read) / len(read) if read else None, "p95": _pct(read, 95),
+            "latency_s": {f"p{q}": percentile(latency, q) for q in (50, 90, 95, 99)},
+            "store_bytes_read": {"mean": sum(read) / len(read) if read else None, "p95": percentile(read, 95),
                                  "total": sum(read)},
             "l_cache_hit_rate": round(hits / selected, 4) if selected else None,
             "kv_bytes_used_vs_full": (round(sum(r["kv_bytes_used"] for r in answers)
@@ -272,6 +220,45 @@ def load_runs(store_uri: str, config=None, which: RunFilter = RunFilter()) -> tu
         rows = read_run_rows(backend, summary["run_id"], kind)
         (index_runs if kind == "index" else answer_runs).append((summary, rows))
     return index_runs, answer_runs
+
+
+def add_report_options(p: argparse.ArgumentParser) -> None:
+    """The options of `x2l report STORE` and `python jobs/report.py --store URI` (everything but the store): --out,
+    the prices (`Prices`) and the run filter (`RunFilter`); `report_options` reads them back."""
+    d = Prices()
+    p.add_argument("--out", default="report", help="local folder for report.md, report.json and plots (default report)")
+    p.add_argument("--gpu-dollars-per-hour", type=float, default=d.gpu_per_hour,
+                   help=f"price of one accelerator-hour (default {d.gpu_per_hour}: AWS g5.xlarge on demand)")
+    p.add_argument("--storage-dollars-per-gb-month", type=float, default=d.storage_per_gb_month,
+                   help=f"object storage price (default {d.storage_per_gb_month}: S3 Standard)")
+    p.add_argument("--put-dollars-per-1k", type=float, default=d.put_per_1k,
+                   help=f"price of 1,000 PUT requests (default {d.put_per_1k})")
+    p.add_argument("--get-dollars-per-1k", type=float, default=d.get_per_1k,
+                   help=f"price of 1,000 GET requests (default {d.get_per_1k})")
+    p.add_argument("--serve-devices", type=float, default=d.serve_devices,
+                   help=f"accelerators behind the Serve app for runs answered over HTTP (default {d.serve_devices:g})")
+    p.add_argument("--run-id", action="append", default=None, help="only this run (repeat for several)")
+    p.add_argument("--since", default=None,
+                   help="only runs started at or after this UTC time (ISO 8601: 2026-11-30 or 2026-11-30T12:00:00Z)")
+    p.add_argument("--kind", choices=["index", "answer"], default=None, help="only indexing or answering runs")
+    p.add_argument("--include-failed", action="store_true",
+                   help="also count failed and empty runs (status other than ok; see `x2l runs ls`)")
+
+
+def report_options(args: argparse.Namespace) -> tuple[Prices, RunFilter]:
+    """The prices and run filter of options parsed with `add_report_options`."""
+    prices = Prices(args.gpu_dollars_per_hour, args.storage_dollars_per_gb_month, args.put_dollars_per_1k,
+                    args.get_dollars_per_1k, args.serve_devices)
+    return prices, RunFilter(args.run_id, args.since, args.kind, args.include_failed)
+
+
+def report_line(report: dict, out_dir) -> str:
+    """The one line `x2l report` and jobs/report.py print after writing a report into out_dir."""
+    d = report["dollars"]
+    return (f"wrote {out_dir}/report.md, report.json and {len(report['plots'])} plots: "
+            f"{report['indexing']['videos_indexed']} videos, {report['answering']['questions']} questions; "
+            f"${d['per_indexed_video_hour'] or 0:.4f} per indexed video-hour, "
+            f"${d['per_1000_questions'] or 0:.4f} per 1,000 questions")
 
 
 def _mb(x: float | None) -> str:
