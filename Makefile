@@ -4,6 +4,9 @@
 #              without CUDA, plain `torch` where `nvidia-smi` answers. Override: make test TORCH="torch==2.6.0".
 #   PYTHON     interpreter used to create .venv (default python3).
 #   PYTEST_ARGS extra pytest arguments, e.g. make test PYTEST_ARGS="-k store -x".
+#
+# `make lint` checks the tree with ruff (rules and line length in pyproject.toml, [tool.ruff]) and that it is formatted
+# as `ruff format` writes it; `.ci/run` runs it before `make test`.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -16,7 +19,7 @@ TORCH ?= torch==2.13.0
 endif
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench s3 clean
+.PHONY: setup demo test lint bench s3 clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +35,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # A local S3 server (SeaweedFS) on 127.0.0.1 for s3:// stores; prints the AWS_* variables to export.
 s3: setup
