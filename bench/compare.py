@@ -33,14 +33,18 @@ from transformers import DynamicCache
 from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig, StoreConfig
 from x2l.engine import Answerer, Indexer, Question, greedy_decode
 from x2l.models import load_model
-from x2l.testing.tiny_models import write_tiny_checkpoint
 from x2l.source import HCache
 from x2l.store import KVStore
+from x2l.testing.tiny_models import write_tiny_checkpoint
 from x2l.testing.videos import write_video
 from x2l.video import load_video
 
-QUESTIONS = ["What happens at the start?", "Which object moves fastest?", "What color is the square near the end?",
-             "How many times does the light flash?"]
+QUESTIONS = [
+    "What happens at the start?",
+    "Which object moves fastest?",
+    "What color is the square near the end?",
+    "How many times does the light flash?",
+]
 
 
 def rerun_answer(model, video_path: Path, sampling: SamplingConfig, question: str, max_new: int) -> tuple[list, int]:
@@ -63,7 +67,7 @@ def rerun_answer(model, video_path: Path, sampling: SamplingConfig, question: st
 def agreement(tokens: list[int], reference: list[int]) -> float:
     """Share of positions where the two answers carry the same token (over the longer answer)."""
     n = max(len(tokens), len(reference))
-    return 1.0 if n == 0 else sum(a == b for a, b in zip(tokens, reference)) / n
+    return 1.0 if n == 0 else sum(a == b for a, b in zip(tokens, reference, strict=False)) / n
 
 
 def main() -> None:
@@ -86,8 +90,9 @@ def main() -> None:
         if not path.exists():
             write_video(path, n_frames=args.seconds * 2, fps=2, size=(168, 168))
         videos.append(path)
-    sampling = SamplingConfig(fps=1, max_frames=max(256, args.seconds), frames_per_chunk=8,
-                              min_pixels=28 * 28, max_pixels=args.pixels)
+    sampling = SamplingConfig(
+        fps=1, max_frames=max(256, args.seconds), frames_per_chunk=8, min_pixels=28 * 28, max_pixels=args.pixels
+    )
     model = load_model(ckpt, min_pixels=sampling.min_pixels, max_pixels=sampling.max_pixels)
 
     server = None
@@ -139,8 +144,9 @@ def run(args, model, sampling, videos, stores, work) -> None:
     for q in questions:
         t = time.perf_counter()
         store = KVStore(StoreConfig(uri=stores["full"], l_cache_bytes=0))
-        answerer = Answerer(model, store, RetrievalConfig(top_k=n_chunks, selection="uniform",
-                                                          max_new_tokens=args.max_new_tokens))
+        answerer = Answerer(
+            model, store, RetrievalConfig(top_k=n_chunks, selection="uniform", max_new_tokens=args.max_new_tokens)
+        )
         [a] = answerer.answer([q])
         record("(b) full-kv", time.perf_counter() - t, store.stats.io.bytes_read, a.tokens_in_cache, a.token_ids)
 
@@ -152,8 +158,13 @@ def run(args, model, sampling, videos, stores, work) -> None:
     h.preload(p.name for p in videos)
     h_load = {"seconds": time.perf_counter() - t, "bytes": store.stats.io.bytes_read - h_bytes_before}
     half = tuple(range(max(1, model.num_layers // 2)))
-    for name, k, layers in [("(c) h-only", 0, None), ("(d) x2l top-1", 1, None), ("(d) x2l top-2", 2, None),
-                            ("(d) x2l top-4", 4, None), (f"(d) x2l top-2, vote layers 0-{half[-1]}", 2, half)]:
+    for name, k, layers in [
+        ("(c) h-only", 0, None),
+        ("(d) x2l top-1", 1, None),
+        ("(d) x2l top-2", 2, None),
+        ("(d) x2l top-4", 4, None),
+        (f"(d) x2l top-2, vote layers 0-{half[-1]}", 2, half),
+    ]:
         answerer = Answerer(model, h, RetrievalConfig(top_k=k, layers=layers, max_new_tokens=args.max_new_tokens))
         answerer.answer(questions[:1])  # warm-up (first-call overheads), not recorded
         for q in questions:
@@ -169,19 +180,31 @@ def run(args, model, sampling, videos, stores, work) -> None:
     table = []
     for name, r in results.items():
         s, by = mean(r["seconds"]), mean(r["bytes"])
-        table.append({
-            "method": name, "seconds_per_question": round(s, 4), "bytes_read_per_question": int(by),
-            "tokens_in_cache": int(mean(r["cache_tokens"])), "speedup_vs_a": round(a_s / s, 2),
-            "speedup_vs_b": round(b_s / s, 2), "bytes_vs_b": round(by / b_bytes, 4) if b_bytes else None,
-            "token_agreement_with_a": round(mean([agreement(t, ref) for t, ref in zip(r["tokens"], ref_tokens)]), 3),
-            "exact_match_with_a": round(mean([float(t == ref) for t, ref in zip(r["tokens"], ref_tokens)]), 3),
-        })
+        table.append(
+            {
+                "method": name,
+                "seconds_per_question": round(s, 4),
+                "bytes_read_per_question": int(by),
+                "tokens_in_cache": int(mean(r["cache_tokens"])),
+                "speedup_vs_a": round(a_s / s, 2),
+                "speedup_vs_b": round(b_s / s, 2),
+                "bytes_vs_b": round(by / b_bytes, 4) if b_bytes else None,
+                "token_agreement_with_a": round(
+                    mean([agreement(t, ref) for t, ref in zip(r["tokens"], ref_tokens, strict=True)]), 3
+                ),
+                "exact_match_with_a": round(
+                    mean([float(t == ref) for t, ref in zip(r["tokens"], ref_tokens, strict=True)]), 3
+                ),
+            }
+        )
     info = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-                   f"{'CUDA' if torch.cuda.is_available() else 'CPU only'}",
+        f"{'CUDA' if torch.cuda.is_available() else 'CPU only'}",
         "model": "medium random checkpoint (Qwen2-VL-2B LM widths, 4 layers), fp32 on CPU",
         "store": "local S3 server (SeaweedFS, 127.0.0.1)" if args.store == "s3" else "local folder",
-        "videos": len(videos), "chunks_per_video": n_chunks, "questions": len(questions),
+        "videos": len(videos),
+        "chunks_per_video": n_chunks,
+        "questions": len(questions),
         "tokens_per_video": int(mean(results["(a) rerun"]["cache_tokens"])),
         "index_seconds": {k: round(v, 1) for k, v in index_s.items()},
         "h_preload": {"seconds": round(h_load["seconds"], 3), "bytes": h_load["bytes"]},
@@ -194,18 +217,25 @@ def run(args, model, sampling, videos, stores, work) -> None:
 
 
 def render(info: dict, table: list[dict]) -> str:
-    lines = ["| method | s / question | bytes read / question | tokens in cache | vs (a): faster | vs (b): faster | "
-             "vs (b): bytes | token agreement with (a) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| method | s / question | bytes read / question | tokens in cache | vs (a): faster | vs (b): faster | "
+        "vs (b): bytes | token agreement with (a) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in table:
         bytes_vs_b = "" if r["bytes_vs_b"] is None else f"{r['bytes_vs_b']:.3f}"
-        lines.append(f"| {r['method']} | {r['seconds_per_question']:.3f} | {r['bytes_read_per_question']:,} | "
-                     f"{r['tokens_in_cache']:,} | {r['speedup_vs_a']:.1f}x | {r['speedup_vs_b']:.2f}x | "
-                     f"{bytes_vs_b} | {r['token_agreement_with_a']:.2f} |")
-    return (f"Machine: {info['machine']}. Model: {info['model']}. Store: {info['store']}. {info['videos']} videos x "
-            f"{info['chunks_per_video']} chunks ({info['tokens_per_video']:,} tokens each), {info['questions']} "
-            f"questions, {info['max_new_tokens']} new tokens. H of every video preloaded once "
-            f"({info['h_preload']['bytes']:,} bytes in {info['h_preload']['seconds']:.2f} s), not counted per "
-            f"question.\n\n" + "\n".join(lines) + "\n")
+        lines.append(
+            f"| {r['method']} | {r['seconds_per_question']:.3f} | {r['bytes_read_per_question']:,} | "
+            f"{r['tokens_in_cache']:,} | {r['speedup_vs_a']:.1f}x | {r['speedup_vs_b']:.2f}x | "
+            f"{bytes_vs_b} | {r['token_agreement_with_a']:.2f} |"
+        )
+    return (
+        f"Machine: {info['machine']}. Model: {info['model']}. Store: {info['store']}. {info['videos']} videos x "
+        f"{info['chunks_per_video']} chunks ({info['tokens_per_video']:,} tokens each), {info['questions']} "
+        f"questions, {info['max_new_tokens']} new tokens. H of every video preloaded once "
+        f"({info['h_preload']['bytes']:,} bytes in {info['h_preload']['seconds']:.2f} s), not counted per "
+        f"question.\n\n" + "\n".join(lines) + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -66,7 +66,8 @@ print(json.dumps({"decoder": decoder, "samples": n, "seconds": round(wall, 2),
 
 
 def fast_frames(size: tuple[int, int]):
-    """Index frames (x2l.testing.videos's pattern) made fast enough for 1080p and 4K: the texture is rolled, not redrawn."""
+    """Index frames (x2l.testing.videos's pattern) made fast enough for 1080p and 4K: the texture is rolled, not
+    redrawn."""
     from x2l.testing.videos import BLACK, GRID, N_BITS, WHITE
 
     h, w = size
@@ -90,14 +91,34 @@ def make_videos(workdir: Path, cfr_fps: int) -> dict[str, tuple[Path, float, int
 
     workdir.mkdir(parents=True, exist_ok=True)
     specs = {
-        "cfr_1080p": (workdir / f"cfr_1080p_{cfr_fps}fps.mp4", 1.0, 256,
-                      lambda p: write_video(p, 600 * cfr_fps, cfr_fps, size=(1080, 1920), gop=10 * cfr_fps,
-                                            frame_fn=fast_frames((1080, 1920)))),
-        "vfr_720p": (workdir / "vfr_720p.mp4", 1.0, 256,
-                     lambda p: write_video(p, 400, 30, size=(720, 1280), frame_fn=fast_frames((720, 1280)),
-                                           pts=vfr_pts_ms(), time_base=__import__("fractions").Fraction(1, 1000))),
-        "uhd_4k": (workdir / "uhd_4k.mp4", 10.0, 256,
-                   lambda p: write_video(p, 200, 10, size=(2160, 3840), gop=20, frame_fn=fast_frames((2160, 3840)))),
+        "cfr_1080p": (
+            workdir / f"cfr_1080p_{cfr_fps}fps.mp4",
+            1.0,
+            256,
+            lambda p: write_video(
+                p, 600 * cfr_fps, cfr_fps, size=(1080, 1920), gop=10 * cfr_fps, frame_fn=fast_frames((1080, 1920))
+            ),
+        ),
+        "vfr_720p": (
+            workdir / "vfr_720p.mp4",
+            1.0,
+            256,
+            lambda p: write_video(
+                p,
+                400,
+                30,
+                size=(720, 1280),
+                frame_fn=fast_frames((720, 1280)),
+                pts=vfr_pts_ms(),
+                time_base=__import__("fractions").Fraction(1, 1000),
+            ),
+        ),
+        "uhd_4k": (
+            workdir / "uhd_4k.mp4",
+            10.0,
+            256,
+            lambda p: write_video(p, 200, 10, size=(2160, 3840), gop=20, frame_fn=fast_frames((2160, 3840))),
+        ),
     }
     out = {}
     for name, (path, fps, max_frames, make) in specs.items():
@@ -121,10 +142,16 @@ def main() -> None:
             if mode == "decord" and name == "vfr_720p":
                 results[name][mode] = "skipped: decord samples VFR by index / average fps (wrong frames)"
                 continue
-            r = subprocess.run([sys.executable, "-c", CHILD, str(path), mode, str(fps), str(max_frames)],
-                               capture_output=True, text=True)
-            results[name][mode] = (json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0
-                                   else f"failed: {r.stderr.strip().splitlines()[-1] if r.stderr else r.returncode}")
+            r = subprocess.run(
+                [sys.executable, "-c", CHILD, str(path), mode, str(fps), str(max_frames)],
+                capture_output=True,
+                text=True,
+            )
+            results[name][mode] = (
+                json.loads(r.stdout.strip().splitlines()[-1])
+                if r.returncode == 0
+                else f"failed: {r.stderr.strip().splitlines()[-1] if r.stderr else r.returncode}"
+            )
             print(name, mode, results[name][mode], file=sys.stderr)
     text = json.dumps(results, indent=1)
     (Path(args.workdir) / "decode.json").write_text(text + "\n")

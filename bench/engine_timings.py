@@ -18,10 +18,10 @@ from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig
 from x2l.engine import Answerer, Indexer, Question
 from x2l.models import load_model
 from x2l.models.attention import probing
-from x2l.testing.tiny_models import write_tiny_checkpoint
 from x2l.scorers import make_scorer
 from x2l.scorers.base import ScoringProbe
 from x2l.source import InMemorySource
+from x2l.testing.tiny_models import write_tiny_checkpoint
 from x2l.testing.videos import write_video
 from x2l.video import load_video
 
@@ -53,9 +53,13 @@ def prefill_seconds(model, clip, variants: list[str | None], repeats: int = 3) -
                 best = min(best, time.perf_counter() - t)
             totals[variant] += best
         keep = max(1, seg.n_tokens // 16)
-        context = [(torch.cat([k, l.keys[:, :, -seg.n_tokens:][:, :, :keep]], 2),
-                    torch.cat([v, l.values[:, :, -seg.n_tokens:][:, :, :keep]], 2))
-                   for (k, v), l in zip(context, cache.layers)]
+        context = [
+            (
+                torch.cat([k, l.keys[:, :, -seg.n_tokens :][:, :, :keep]], 2),
+                torch.cat([v, l.values[:, :, -seg.n_tokens :][:, :, :keep]], 2),
+            )
+            for (k, v), l in zip(context, cache.layers, strict=True)
+        ]
     return totals
 
 
@@ -91,19 +95,28 @@ def main() -> None:
     answer4_s = time.perf_counter() - t
 
     c = kv.chunks[0]
-    per_chunk = {"tokens": c.n_tokens, "full": kv.bytes_per_token * c.n_tokens, "L": c.h.nbytes + c.delta.nbytes,
-                 "H": c.h.nbytes, "L_delta": c.delta.nbytes}
+    per_chunk = {
+        "tokens": c.n_tokens,
+        "full": kv.bytes_per_token * c.n_tokens,
+        "L": c.h.nbytes + c.delta.nbytes,
+        "H": c.h.nbytes,
+        "L_delta": c.delta.nbytes,
+    }
     clip = load_video(video, SamplingConfig(), model.target_size)
     totals = prefill_seconds(model, clip, [None, "attention", "window_attention", "key_norm"])
     plain = totals.pop(None)
     scoring = totals
     result = {
         "machine": f"{torch.get_num_threads()} torch threads, CPU",
-        "model": args.size, "video_s": args.seconds, "frames": indexer.last_stats.frames, "chunks": kv.n_chunks,
+        "model": args.size,
+        "video_s": args.seconds,
+        "frames": indexer.last_stats.frames,
+        "chunks": kv.n_chunks,
         "tokens": indexer.last_stats.tokens,
         "index_wall_s": round(index_s, 2),
         "index_stage_s": {k: round(v, 2) for k, v in indexer.last_stats.seconds.items()},
-        "answer_1q_wall_s": round(answer1_s, 3), "answer_4q_batch_wall_s": round(answer4_s, 3),
+        "answer_1q_wall_s": round(answer1_s, 3),
+        "answer_4q_batch_wall_s": round(answer4_s, 3),
         "answer_stage_s": {k: round(v, 4) for k, v in one.seconds.items()},
         "bytes_per_chunk": per_chunk,
         "prefill_plain_s": round(plain, 3),

@@ -16,10 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from x2l.testing.ray_head import loopback_env
-from x2l.testing.tiny_models import write_tiny_checkpoint
 from x2l.store.backend import open_backend
 from x2l.store.runs import read_runs
+from x2l.testing.ray_head import loopback_env
+from x2l.testing.tiny_models import write_tiny_checkpoint
 from x2l.testing.videos import write_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,16 +45,39 @@ def main() -> None:
     for concurrency, threads in ((1, 2), (2, 1)):
         store = work / f"store-throughput-c{concurrency}"
         shutil.rmtree(store, ignore_errors=True)
-        cmd = [sys.executable, "jobs/index_corpus.py", "--corpus", str(corpus), "--store", str(store),
-               "--model", str(ckpt), "--concurrency", str(concurrency), "--torch-threads", str(threads),
-               "--ray-address", "local"]
+        cmd = [
+            sys.executable,
+            "jobs/index_corpus.py",
+            "--corpus",
+            str(corpus),
+            "--store",
+            str(store),
+            "--model",
+            str(ckpt),
+            "--concurrency",
+            str(concurrency),
+            "--torch-threads",
+            str(threads),
+            "--ray-address",
+            "local",
+        ]
         r = subprocess.run(cmd, cwd=ROOT, env=loopback_env(), capture_output=True, text=True)
         if r.returncode != 0:
             raise SystemExit(f"job failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
         s = read_runs(open_backend(str(store)))[-1]
-        out[f"concurrency {concurrency}"] = {k: s[k] for k in (
-            "indexed", "wall_s", "tokens", "videos_per_minute", "tokens_per_second", "prefill_tokens_per_second",
-            "decode_wait_share", "seconds")} | {"torch_threads_per_actor": threads}
+        out[f"concurrency {concurrency}"] = {
+            k: s[k]
+            for k in (
+                "indexed",
+                "wall_s",
+                "tokens",
+                "videos_per_minute",
+                "tokens_per_second",
+                "prefill_tokens_per_second",
+                "decode_wait_share",
+                "seconds",
+            )
+        } | {"torch_threads_per_actor": threads}
     print(json.dumps(out, indent=1))
     (work / "index_throughput.json").write_text(json.dumps(out, indent=1))
 

@@ -24,9 +24,9 @@ import httpx  # noqa: E402
 from x2l.config import SamplingConfig  # noqa: E402
 from x2l.engine import Indexer  # noqa: E402
 from x2l.models import load_model  # noqa: E402
-from x2l.testing.tiny_models import write_tiny_checkpoint  # noqa: E402
 from x2l.store import KVStore  # noqa: E402
 from x2l.summary import percentile  # noqa: E402
+from x2l.testing.tiny_models import write_tiny_checkpoint  # noqa: E402
 from x2l.testing.videos import write_video  # noqa: E402
 
 
@@ -38,22 +38,25 @@ def main() -> None:
     ckpt = write_tiny_checkpoint(work / "model", size="tiny")
     model = load_model(ckpt)
     video = write_video(work / "v.mp4", n_frames=32, fps=4, size=(64, 96))
-    versions = {n: Indexer(model, SamplingConfig(fps=2, frames_per_chunk=f)).index(video, "v.mp4")
-                for n, f in ((4, 4), (8, 2))}
+    versions = {
+        n: Indexer(model, SamplingConfig(fps=2, frames_per_chunk=f)).index(video, "v.mp4") for n, f in ((4, 4), (8, 2))
+    }
     store = KVStore(str(work / "store"), model.fingerprint)
     store.write(versions[4])
 
     import ray
     from ray import serve
 
-    from x2l.testing.ray_head import free_port
     from x2l.serve import app
+    from x2l.testing.ray_head import free_port
 
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app({"store": str(work / "store"), "model": str(ckpt), "num_cpus": 0.5, "batch_wait_timeout_s": 0.0}),
-              route_prefix="/")
+    serve.run(
+        app({"store": str(work / "store"), "model": str(ckpt), "num_cpus": 0.5, "batch_wait_timeout_s": 0.0}),
+        route_prefix="/",
+    )
     url = f"http://127.0.0.1:{port}/v1/answer"
     q = {"video_id": "v.mp4", "question": "What is shown?", "top_k": 3}
 
@@ -81,10 +84,17 @@ def main() -> None:
         asked.append(tries)
     serve.shutdown()
     ray.shutdown()
-    print(json.dumps({"commit_to_first_new_answer_s": [round(x, 4) for x in to_new],
-                      "p50_commit_to_first_new_answer_s": round(percentile(to_new, 50), 4),
-                      "questions_until_new_index": asked,
-                      "ordinary_question_latency_p50_s": round(percentile(ordinary, 50), 4)}, indent=1))
+    print(
+        json.dumps(
+            {
+                "commit_to_first_new_answer_s": [round(x, 4) for x in to_new],
+                "p50_commit_to_first_new_answer_s": round(percentile(to_new, 50), 4),
+                "questions_until_new_index": asked,
+                "ordinary_question_latency_p50_s": round(percentile(ordinary, 50), 4),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ import httpx  # noqa: E402
 from x2l.config import SamplingConfig  # noqa: E402
 from x2l.engine import Indexer  # noqa: E402
 from x2l.models import load_model  # noqa: E402
-from x2l.testing.tiny_models import write_tiny_checkpoint  # noqa: E402
 from x2l.store import KVStore  # noqa: E402
 from x2l.summary import percentile  # noqa: E402
+from x2l.testing.tiny_models import write_tiny_checkpoint  # noqa: E402
 from x2l.testing.videos import write_video  # noqa: E402
 
 
@@ -51,14 +51,20 @@ def main() -> None:
         if store.committed(name) is None:
             store.write(Indexer(model, SamplingConfig()).index(path, name))
     del model
-    questions = [{"video_id": names[i % 4], "question": f"What happens around second {7 * i % 120}?",
-                  "options": ["A. a", "B. b", "C. c"] if i % 3 == 0 else None} for i in range(50)]
+    questions = [
+        {
+            "video_id": names[i % 4],
+            "question": f"What happens around second {7 * i % 120}?",
+            "options": ["A. a", "B. b", "C. c"] if i % 3 == 0 else None,
+        }
+        for i in range(50)
+    ]
 
     import ray
     from ray import serve
 
-    from x2l.testing.ray_head import free_port
     from x2l.serve import app
+    from x2l.testing.ray_head import free_port
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     port = free_port()
@@ -66,8 +72,21 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     results = {}
     for batch in (1, 4, 16):
-        serve.run(app({"store": store_uri, "model": str(ckpt), "max_batch_size": batch, "batch_wait_timeout_s": 0.02,
-                       "num_cpus": 1, "torch_threads": 2, "max_new_tokens": 8}), name="x2l", route_prefix="/")
+        serve.run(
+            app(
+                {
+                    "store": store_uri,
+                    "model": str(ckpt),
+                    "max_batch_size": batch,
+                    "batch_wait_timeout_s": 0.02,
+                    "num_cpus": 1,
+                    "torch_threads": 2,
+                    "max_new_tokens": 8,
+                }
+            ),
+            name="x2l",
+            route_prefix="/",
+        )
         with httpx.Client(base_url=url, timeout=600) as client:
             client.post("/v1/answer", json={"questions": questions[:1]})  # warm-up
             before = client.get("/v1/stats").json()
@@ -83,14 +102,15 @@ def main() -> None:
                 latencies = list(pool.map(one, questions))
             wall = time.perf_counter() - t0
             after = client.get("/v1/stats").json()
-        sizes = after["batch_sizes"][len(before["batch_sizes"]):]
+        sizes = after["batch_sizes"][len(before["batch_sizes"]) :]
         hits = after["l_cache"]["hits"] - before["l_cache"]["hits"]
         misses = after["l_cache"]["misses"] - before["l_cache"]["misses"]
         results[f"max_batch_size {batch}"] = {
             "questions_per_second": round(len(questions) / wall, 2),
             "p50_s": round(percentile(latencies, 50), 3),
             "p95_s": round(percentile(latencies, 95), 3),
-            "mean_batch": round(sum(sizes) / len(sizes), 2), "decode_calls": after["decode_calls"] - before["decode_calls"],
+            "mean_batch": round(sum(sizes) / len(sizes), 2),
+            "decode_calls": after["decode_calls"] - before["decode_calls"],
             "l_cache_hit_rate": round(hits / (hits + misses), 3) if hits + misses else None,
         }
         serve.delete("x2l")

@@ -32,10 +32,10 @@ from x2l.config import SamplingConfig, StoreConfig  # noqa: E402
 from x2l.distributed import CheckCommitted, IndexJobConfig, already_indexed, check_committed  # noqa: E402
 from x2l.engine import Indexer  # noqa: E402
 from x2l.models import load_model  # noqa: E402
-from x2l.testing.tiny_models import write_tiny_checkpoint  # noqa: E402
 from x2l.store import KVStore, video_key  # noqa: E402
 from x2l.store.keys import meta_path  # noqa: E402
 from x2l.testing.s3_server import LocalS3Server  # noqa: E402
+from x2l.testing.tiny_models import write_tiny_checkpoint  # noqa: E402
 from x2l.testing.videos import write_video  # noqa: E402
 
 
@@ -69,8 +69,9 @@ def main() -> None:
         # before: the driver's serial loop (jobs/index_corpus.py until issue 12)
         reader = KVStore(uri, model.fingerprint)
         t = time.perf_counter()
-        serial = sum(already_indexed(reader.committed(r["video_id"]), model.fingerprint, cfg, r["uri"], None)
-                     for r in rows)
+        serial = sum(
+            already_indexed(reader.committed(r["video_id"]), model.fingerprint, cfg, r["uri"], None) for r in rows
+        )
         before_s = time.perf_counter() - t
 
         # one check task's thread pool over every row, in-process
@@ -82,14 +83,22 @@ def main() -> None:
         # after: the pipeline stage on a local Ray (2 CPUs, decode_cpus 0.5 per check task)
         import ray
 
-        ray.init(address="local", num_cpus=2, include_dashboard=False,
-                 runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}})
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}},
+        )
         from x2l.distributed import CHECK_BATCH
 
         t = time.perf_counter()
         ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // CHECK_BATCH)))
-        ds = ds.map_batches(check_committed, batch_size=CHECK_BATCH, num_cpus=cfg.decode_cpus,
-                            fn_kwargs={"cfg": cfg, "model_fingerprint": model.fingerprint})
+        ds = ds.map_batches(
+            check_committed,
+            batch_size=CHECK_BATCH,
+            num_cpus=cfg.decode_cpus,
+            fn_kwargs={"cfg": cfg, "model_fingerprint": model.fingerprint},
+        )
         out, first_s = [], None
         for batch in ds.iter_batches(batch_size=None):
             first_s = first_s or time.perf_counter() - t
@@ -97,12 +106,20 @@ def main() -> None:
         after_s = time.perf_counter() - t
         ray.shutdown()
         staged = sum(r["status"] == "skipped" for r in out)
-    print(json.dumps({"videos": args.videos, "skipped": [serial, threaded, staged],
-                      "before_serial_driver_s": round(before_s, 3),
-                      "after_pipeline_stage_s": round(after_s, 3),
-                      "after_first_rows_out_s": round(first_s, 3),
-                      "one_task_threads_in_process_s": round(threads_s, 3),
-                      "before_over_after": round(before_s / after_s, 2)}, indent=1))
+    print(
+        json.dumps(
+            {
+                "videos": args.videos,
+                "skipped": [serial, threaded, staged],
+                "before_serial_driver_s": round(before_s, 3),
+                "after_pipeline_stage_s": round(after_s, 3),
+                "after_first_rows_out_s": round(first_s, 3),
+                "one_task_threads_in_process_s": round(threads_s, 3),
+                "before_over_after": round(before_s / after_s, 2),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

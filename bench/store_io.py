@@ -19,10 +19,10 @@ from pathlib import Path
 from x2l.config import SamplingConfig
 from x2l.engine import Indexer
 from x2l.models import load_model
-from x2l.testing.tiny_models import write_tiny_checkpoint
 from x2l.store import KVStore
 from x2l.summary import percentile
 from x2l.testing.s3_server import LocalS3Server
+from x2l.testing.tiny_models import write_tiny_checkpoint
 from x2l.testing.videos import write_video
 
 CHUNKS = [3, 15, 27]
@@ -131,14 +131,29 @@ def main() -> None:
     }
     layers, heads, sink_tokens, head_dim = video.sink_keys.shape
     result = {
-        "video": {"duration_s": video.meta["duration_s"], "frames": video.meta["frames"], "chunks": n,
-                  "frame_size": video.meta["frame_size"], "sampling": video.meta["sampling"]},
-        "model": {"size": "small", "layers": layers, "kv_heads": heads, "head_dim": head_dim,
-                  "dtype": str(video.sink_keys.dtype), "sink_tokens": sink_tokens},
+        "video": {
+            "duration_s": video.meta["duration_s"],
+            "frames": video.meta["frames"],
+            "chunks": n,
+            "frame_size": video.meta["frame_size"],
+            "sampling": video.meta["sampling"],
+        },
+        "model": {
+            "size": "small",
+            "layers": layers,
+            "kv_heads": heads,
+            "head_dim": head_dim,
+            "dtype": str(video.sink_keys.dtype),
+            "sink_tokens": sink_tokens,
+        },
         "index_s": index_s,
         "bytes_per_chunk": per_chunk,
-        "bytes_total": {"sink": per_chunk["sink_total"], "h": sum(h_bytes), "l_delta": sum(delta_bytes),
-                        "full": video.full_bytes},
+        "bytes_total": {
+            "sink": per_chunk["sink_total"],
+            "h": sum(h_bytes),
+            "l_delta": sum(delta_bytes),
+            "full": video.full_bytes,
+        },
         "fetched_chunks": CHUNKS,
     }
     result["local"] = measure(str(work / f"store-local-{int(time.time())}"), video, args.repeats)

@@ -38,12 +38,17 @@ def video(video_id: str, writer: int):
 
     def level(k: int) -> LevelKV:
         index = torch.rand(layers, heads, tokens, generator=g).argsort(-1)[..., :k].sort(-1).values
-        return LevelKV(index, torch.randn(layers, heads, k, dim, generator=g), torch.randn(layers, heads, k, dim,
-                                                                                          generator=g))
+        return LevelKV(
+            index, torch.randn(layers, heads, k, dim, generator=g), torch.randn(layers, heads, k, dim, generator=g)
+        )
 
     chunks = [ChunkKV(i, 4.0 * i, 4.0 * i + 4, tokens, level(8), level(64), 64) for i in range(n_chunks)]
-    meta = {"model_fingerprint": FP, "model_family": "qwen2-vl", "sampling": {"fps": 1.0},
-            "compression": {"l_keep": 0.5, "h_keep": 0.0625}}
+    meta = {
+        "model_fingerprint": FP,
+        "model_family": "qwen2-vl",
+        "sampling": {"fps": 1.0},
+        "compression": {"l_keep": 0.5, "h_keep": 0.0625},
+    }
     sink = torch.randn(layers, heads, 4, dim, generator=g)
     return VideoKV(video_id, sink, sink.clone(), chunks, 4 + n_chunks * tokens, meta)
 
@@ -94,9 +99,15 @@ def check(uri: str, ids: list[str], writers: int) -> dict:
         except StoreError as e:
             problems[vid] = f"read: {type(e).__name__}: {str(e)[:200]}"
             continue
-        owners = [w for w in range(writers) if same(got.sink_keys, (v := video(vid, w)).sink_keys)
-                  and all(same(deltas[c.chunk].keys, c.delta.keys) and same(g.h.values, c.h.values)
-                          for g, c in zip(got.chunks, v.chunks))]
+        owners = [
+            w
+            for w in range(writers)
+            if same(got.sink_keys, (v := video(vid, w)).sink_keys)
+            and all(
+                same(deltas[c.chunk].keys, c.delta.keys) and same(g.h.values, c.h.values)
+                for g, c in zip(got.chunks, v.chunks, strict=False)
+            )
+        ]
         if len(owners) == 1:
             readable += 1
         else:
@@ -138,8 +149,13 @@ def main() -> None:
         for proc in procs:
             proc.join()
         wall = time.perf_counter() - t
-        result = {"backend": args.backend, "writers": args.writers, "ids": args.ids, "write_wall_s": round(wall, 1),
-                  "writes_per_writer": sorted(reports, key=lambda r: r["writer"])}
+        result = {
+            "backend": args.backend,
+            "writers": args.writers,
+            "ids": args.ids,
+            "write_wall_s": round(wall, 1),
+            "writes_per_writer": sorted(reports, key=lambda r: r["writer"]),
+        }
         result |= check(uri, ids, args.writers)
         try:
             from x2l.store.maintenance import gc, verify
@@ -150,11 +166,14 @@ def main() -> None:
             before = verify(store).to_dict()
             removed = gc(store, grace_s=0)
             after = verify(store).to_dict()
-            result |= {"verify_before_gc": {k: before[k] for k in ("ok", "damaged")} | {
-                           "unreferenced": len(before["unreferenced"])},
-                       "gc_removed_files": len(removed.removed), "gc_removed_bytes": removed.removed_bytes,
-                       "verify_after_gc": {k: after[k] for k in ("ok", "damaged")} | {
-                           "unreferenced": len(after["unreferenced"])}}
+            result |= {
+                "verify_before_gc": {k: before[k] for k in ("ok", "damaged")}
+                | {"unreferenced": len(before["unreferenced"])},
+                "gc_removed_files": len(removed.removed),
+                "gc_removed_bytes": removed.removed_bytes,
+                "verify_after_gc": {k: after[k] for k in ("ok", "damaged")}
+                | {"unreferenced": len(after["unreferenced"])},
+            }
             result |= {"readable_after_gc": check(uri, ids, args.writers)["readable_whole"]}
         print(json.dumps({k: v for k, v in result.items() if k != "problems"}, indent=1))
         print(f"{len(result['problems'])} problem videos", *list(result["problems"].items())[:10], sep="\n  ")

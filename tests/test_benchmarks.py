@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from x2l.errors import ConfigError
-from x2l.eval.answers import LETTERS, extract_letter, format_mc_prompt, label_options, option_text
+from x2l.eval.answers import LETTERS, extract_letter, label_options, option_text
 from x2l.eval.benchmarks import BENCHMARKS, BenchQuestion, DataError, duration_bucket, load_benchmark
 
 DATA = Path(__file__).parent / "data" / "benchmarks"
@@ -209,9 +209,6 @@ def test_missing_video_strict_and_lenient(copy_of):
 def test_prompt_helpers():
     assert label_options(["red", 2]) == ("A. red", "B. 2")
     assert [option_text(o) for o in ("A. red", "(B) blue", "C) green", "plain")] == ["red", "blue", "green", "plain"]
-    assert format_mc_prompt("Which colour?", ("A. red", "B. blue")) == (
-        "Which colour?\nA. red\nB. blue\nAnswer with the option's letter from the given choices directly."
-    )
     with pytest.raises(ValueError):
         label_options([])
 

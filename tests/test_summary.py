@@ -50,15 +50,24 @@ def test_percentile_refuses_q_out_of_range(q):
 
 
 def _answer(qid: str, total_s: float | None, error=None, selected=(0, 1), hits=1, read=100) -> dict:
-    return {"id": qid, "error": error, "total_s": total_s, "selected_chunks": list(selected), "cache_hits": hits,
-            "store_bytes_read": read, "kv_bytes_used": 10, "kv_bytes_full": 40}
+    return {
+        "id": qid,
+        "error": error,
+        "total_s": total_s,
+        "selected_chunks": list(selected),
+        "cache_hits": hits,
+        "store_bytes_read": read,
+        "kv_bytes_used": 10,
+        "kv_bytes_full": 40,
+    }
 
 
 def test_answer_run_summary():
     rows = [_answer(str(i), t) for i, t in enumerate([0.4, 0.1, 0.3, 0.2])]
     rows.append(_answer("bad", None, error="unknown video id 'x'", read=None))
-    s = summarize_answer_run(rows, wall_s=12.0, run_id="r", started="2026-11-30T00:00:00Z", config={"k": 1},
-                             startup_s=2.0)
+    s = summarize_answer_run(
+        rows, wall_s=12.0, run_id="r", started="2026-11-30T00:00:00Z", config={"k": 1}, startup_s=2.0
+    )
     assert s["status"] == "ok" and (s["questions"], s["answered"], s["failed"]) == (5, 4, 1)
     assert s["errors"] == {"bad": "unknown video id 'x'"}
     assert s["answer_s"] == 10.0 and s["questions_per_second"] == 0.4
@@ -71,15 +80,38 @@ def test_answer_run_summary():
 
 
 def _video(vid: str, actor: str, t_start: float, t_end: float, status: str = "indexed") -> dict:
-    return {"video_id": vid, "status": status, "reason": "" if status == "indexed" else "not a video",
-            "actor": actor, "actor_ready": 0.0, "t_start": t_start, "t_end": t_end, "tokens": 100, "frames": 8,
-            "chunks": 2, "duration_s": 30.0, "prefill_s": 2.0, "decode_s": 1.0, "vision_s": 0.5, "compress_s": 0.25,
-            "write_s": 0.25, "bytes_sink": 1, "bytes_h": 2, "bytes_delta": 3, "bytes_full": 10, "bytes_written": 7}
+    return {
+        "video_id": vid,
+        "status": status,
+        "reason": "" if status == "indexed" else "not a video",
+        "actor": actor,
+        "actor_ready": 0.0,
+        "t_start": t_start,
+        "t_end": t_end,
+        "tokens": 100,
+        "frames": 8,
+        "chunks": 2,
+        "duration_s": 30.0,
+        "prefill_s": 2.0,
+        "decode_s": 1.0,
+        "vision_s": 0.5,
+        "compress_s": 0.25,
+        "write_s": 0.25,
+        "bytes_sink": 1,
+        "bytes_h": 2,
+        "bytes_delta": 3,
+        "bytes_full": 10,
+        "bytes_written": 7,
+    }
 
 
 def test_index_run_summary_and_decode_wait():
-    rows = [_video("a", "A", 2.0, 6.0), _video("b", "A", 6.0, 10.0), _video("c", "B", 5.0, 10.0),
-            _video("d", "B", 0.0, 0.0, status="failed")]
+    rows = [
+        _video("a", "A", 2.0, 6.0),
+        _video("b", "A", 6.0, 10.0),
+        _video("c", "B", 5.0, 10.0),
+        _video("d", "B", 0.0, 0.0, status="failed"),
+    ]
     # actor A: span 10, busy 8; actor B: span 10, busy 5 -> wait 1 - 13/20
     assert decode_wait_share(rows[:3]) == pytest.approx(0.35)
     s = summarize_index_run(rows, skipped=[{"video_id": "e"}], wall_s=20.0, run_id="r", started="t", config={})
@@ -96,8 +128,13 @@ def test_index_run_summary_and_decode_wait():
 def test_report_job_refuses_a_folder_that_is_not_a_store_in_one_line(tmp_path):
     """jobs/report.py calls the report code: a folder that is not a store is one line, and no report is written."""
     (tmp_path / "not-a-store").mkdir()
-    r = subprocess.run([sys.executable, "jobs/report.py", "--store", str(tmp_path / "not-a-store"), "--out",
-                        str(tmp_path / "rep")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "jobs/report.py", "--store", str(tmp_path / "not-a-store"), "--out", str(tmp_path / "rep")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.startswith("report: error: ") and r.stderr.count("\n") == 1
     assert "is not an x2l store" in r.stderr and not (tmp_path / "rep").exists()

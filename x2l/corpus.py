@@ -65,14 +65,14 @@ def list_corpus(uri: str, config: StoreConfig | None = None) -> list[CorpusEntry
     """Every video of the corpus at `uri`, sorted by id; duplicate ids are refused (they would overwrite each other)."""
     if uri.startswith("s3://"):
         fs = _s3fs(config)
-        path = uri[len("s3://"):].rstrip("/")
+        path = uri[len("s3://") :].rstrip("/")
         try:
             if path.lower().endswith(LIST_EXTENSIONS) and fs.isfile(path):
                 text = fs.cat_file(path).decode()
                 entries = _list_file(text, "s3://" + path.rsplit("/", 1)[0], True, uri)
             else:
                 keys = [k for k in fs.find(path) if k.lower().endswith(VIDEO_EXTENSIONS)]
-                entries = [CorpusEntry(k[len(path) + 1:], "s3://" + k) for k in keys]
+                entries = [CorpusEntry(k[len(path) + 1 :], "s3://" + k) for k in keys]
         except (OSError, ValueError) as e:
             raise StoreError(f"corpus {uri}: cannot list ({e})") from e
     else:
@@ -80,8 +80,11 @@ def list_corpus(uri: str, config: StoreConfig | None = None) -> list[CorpusEntry
         if root.is_file() and root.suffix.lower() in LIST_EXTENSIONS:
             entries = _list_file(root.read_text(), str(root.parent), False, str(root))
         elif root.is_dir():
-            entries = [CorpusEntry(p.relative_to(root).as_posix(), str(p))
-                       for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS]
+            entries = [
+                CorpusEntry(p.relative_to(root).as_posix(), str(p))
+                for p in root.rglob("*")
+                if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS
+            ]
         elif root.exists():
             raise ConfigError(f"corpus {uri}: neither a folder nor a list file ({', '.join(LIST_EXTENSIONS)})")
         else:

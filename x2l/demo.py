@@ -49,15 +49,24 @@ def sample_corpus(corpus: Path) -> list[dict]:
     """Held-out needle videos under `corpus` (written once) and their questions, with an id and the right answer."""
     items = needle.make_items("test", N_VIDEOS)
     questions = needle.write_videos(items, corpus)
-    return [{"id": f"q{i}", "video_id": Path(q.video).name, "question": q.question, "options": list(q.options),
-             "expected": q.answer, "family": q.category} for i, q in enumerate(questions)]
+    return [
+        {
+            "id": f"q{i}",
+            "video_id": Path(q.video).name,
+            "question": q.question,
+            "options": list(q.options),
+            "expected": q.answer,
+            "family": q.category,
+        }
+        for i, q in enumerate(questions)
+    ]
 
 
 def run_demo(workdir: Path, model_dir: Path = MODEL) -> None:
     import httpx
 
-    from x2l.testing.ray_head import LocalRayHead, free_port, loopback_env
     from x2l.eval.answers import extract_letter
+    from x2l.testing.ray_head import LocalRayHead, free_port, loopback_env
 
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -71,23 +80,50 @@ def run_demo(workdir: Path, model_dir: Path = MODEL) -> None:
     steps.start("starting a Ray head on 127.0.0.1")
     with LocalRayHead(num_cpus=2) as head:
         print(f"      dashboard {head.dashboard_url}", flush=True)
-        cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", head.dashboard_url,
-               "--working-dir", str(ROOT), "--", "python", "jobs/index_corpus.py", "--corpus", str(corpus),
-               "--store", str(store), "--model", str(model_dir), "--concurrency", "1", "--torch-threads", "2"]
-        steps.start(f"indexing: ray job submit -- python jobs/index_corpus.py --corpus {corpus.name}/ "
-                    f"--store {store.name}/ --model ...")
+        cmd = [
+            str(Path(sys.executable).parent / "ray"),
+            "job",
+            "submit",
+            "--address",
+            head.dashboard_url,
+            "--working-dir",
+            str(ROOT),
+            "--",
+            "python",
+            "jobs/index_corpus.py",
+            "--corpus",
+            str(corpus),
+            "--store",
+            str(store),
+            "--model",
+            str(model_dir),
+            "--concurrency",
+            "1",
+            "--torch-threads",
+            "2",
+        ]
+        steps.start(
+            f"indexing: ray job submit -- python jobs/index_corpus.py --corpus {corpus.name}/ "
+            f"--store {store.name}/ --model ..."
+        )
         r = subprocess.run(cmd, env=head.env(), capture_output=True, text=True)
         summary = _json_block(r.stdout)
         if r.returncode != 0 or summary is None:
             raise RuntimeError(f"indexing job failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
         if summary["indexed"] == 0 and summary["failed"] == 0 and summary["skipped"]:
-            print(f"      all {summary['skipped']} videos were already indexed in {store} (committed videos are "
-                  f"skipped; delete {workdir} to index them again)", flush=True)
+            print(
+                f"      all {summary['skipped']} videos were already indexed in {store} (committed videos are "
+                f"skipped; delete {workdir} to index them again)",
+                flush=True,
+            )
         else:
-            print(f"      indexed {summary['indexed']}, skipped {summary['skipped']} (already in the store), failed "
-                  f"{summary['failed']}; {summary['tokens']:,} tokens; {summary['videos_per_minute']} videos/min; "
-                  f"bytes H {summary['bytes']['h']:,}, L delta {summary['bytes']['delta']:,}, "
-                  f"uncompressed {summary['bytes']['full']:,}", flush=True)
+            print(
+                f"      indexed {summary['indexed']}, skipped {summary['skipped']} (already in the store), failed "
+                f"{summary['failed']}; {summary['tokens']:,} tokens; {summary['videos_per_minute']} videos/min; "
+                f"bytes H {summary['bytes']['h']:,}, L delta {summary['bytes']['delta']:,}, "
+                f"uncompressed {summary['bytes']['full']:,}",
+                flush=True,
+            )
 
         steps.start("starting the Serve app x2l.serve:app over the store")
         os.environ.update({k: v for k, v in head.env().items() if k.startswith("RAY_")})
@@ -102,23 +138,49 @@ def run_demo(workdir: Path, model_dir: Path = MODEL) -> None:
         ray.init(address=head.address, logging_level="ERROR", log_to_driver=False)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(app({"store": str(store), "model": str(model_dir), "max_batch_size": 8, "torch_threads": 2}),
-                  name="x2l", route_prefix="/")
+        serve.run(
+            app({"store": str(store), "model": str(model_dir), "max_batch_size": 8, "torch_threads": 2}),
+            name="x2l",
+            route_prefix="/",
+        )
         url = f"http://127.0.0.1:{port}"
         ready = httpx.get(url + "/readyz", timeout=30)
-        print(f"      {url} (POST /v1/answer, GET /v1/videos, /v1/stats, /healthz); GET /readyz -> HTTP "
-              f"{ready.status_code}", flush=True)
+        print(
+            f"      {url} (POST /v1/answer, GET /v1/videos, /v1/stats, /healthz); GET /readyz -> HTTP "
+            f"{ready.status_code}",
+            flush=True,
+        )
 
         qfile = workdir / "questions.jsonl"
-        qfile.write_text("".join(json.dumps({k: q[k] for k in ("id", "video_id", "question", "options")}) + "\n"
-                                 for q in questions))
+        qfile.write_text(
+            "".join(json.dumps({k: q[k] for k in ("id", "video_id", "question", "options")}) + "\n" for q in questions)
+        )
         run_id = time.strftime("demo-%Y%m%d-%H%M%S")
         out = workdir / "answers" / run_id
-        steps.start(f"answering: python jobs/answer_questions.py --serve-address {url} --questions "
-                    f"{qfile.name} --out answers/{run_id}/ (one HTTP request per question)")
-        r = subprocess.run([sys.executable, "jobs/answer_questions.py", "--store", str(store), "--questions",
-                            str(qfile), "--out", str(out), "--serve-address", url, "--run-id", run_id],
-                           cwd=ROOT, env=loopback_env(), capture_output=True, text=True)
+        steps.start(
+            f"answering: python jobs/answer_questions.py --serve-address {url} --questions "
+            f"{qfile.name} --out answers/{run_id}/ (one HTTP request per question)"
+        )
+        r = subprocess.run(
+            [
+                sys.executable,
+                "jobs/answer_questions.py",
+                "--store",
+                str(store),
+                "--questions",
+                str(qfile),
+                "--out",
+                str(out),
+                "--serve-address",
+                url,
+                "--run-id",
+                run_id,
+            ],
+            cwd=ROOT,
+            env=loopback_env(),
+            capture_output=True,
+            text=True,
+        )
         if not (out / "answers.jsonl").is_file():
             raise RuntimeError(f"answering job failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
         rows = {row["id"]: row for row in map(json.loads, (out / "answers.jsonl").read_text().splitlines())}
@@ -133,16 +195,24 @@ def run_demo(workdir: Path, model_dir: Path = MODEL) -> None:
             right += ok
             verdict = "right" if ok else f"wrong, expected {q['expected']}"
             share = a["kv_bytes_used"] / a["kv_bytes_full"] if a["kv_bytes_full"] else 0.0
-            print(f"        A: {a['answer']!r} ({verdict}); chunks re-loaded at L {a['selected_chunks']} of "
-                  f"{a['n_chunks']}; KV used {a['kv_bytes_used']:,} B = {share:.1%} of the full cache; "
-                  f"latency {a['total_s']:.3f} s")
-        print(f"      {right} of {len(questions)} answers right; run {run_id} recorded in the store; answers in "
-              f"{out}/answers.jsonl", flush=True)
+            print(
+                f"        A: {a['answer']!r} ({verdict}); chunks re-loaded at L {a['selected_chunks']} of "
+                f"{a['n_chunks']}; KV used {a['kv_bytes_used']:,} B = {share:.1%} of the full cache; "
+                f"latency {a['total_s']:.3f} s"
+            )
+        print(
+            f"      {right} of {len(questions)} answers right; run {run_id} recorded in the store; answers in "
+            f"{out}/answers.jsonl",
+            flush=True,
+        )
         stats = httpx.get(url + "/v1/stats").json()
-        print(f"      server: {stats['questions']} questions in batches of {stats['batch_sizes']}, "
-              f"{stats['decode_calls']} decode calls; H cache {stats['h_cache']['videos']} videos "
-              f"({stats['h_cache']['bytes']:,} B); L cache {stats['l_cache']['hits']} hits, "
-              f"{stats['l_cache']['misses']} misses", flush=True)
+        print(
+            f"      server: {stats['questions']} questions in batches of {stats['batch_sizes']}, "
+            f"{stats['decode_calls']} decode calls; H cache {stats['h_cache']['videos']} videos "
+            f"({stats['h_cache']['bytes']:,} B); L cache {stats['l_cache']['hits']} hits, "
+            f"{stats['l_cache']['misses']} misses",
+            flush=True,
+        )
 
         steps.start("shutting down Serve and Ray")
         serve.shutdown()
@@ -153,11 +223,16 @@ def run_demo(workdir: Path, model_dir: Path = MODEL) -> None:
 
     report = write_report(str(store), report_dir)
     d = report["dollars"]
-    print(f"      {len(report['runs'])} runs: {report['indexing']['videos_indexed']} videos indexed, "
-          f"{report['answering']['questions']} questions answered; ${d['per_indexed_video_hour'] or 0:.4f} per "
-          f"indexed video-hour, ${d['per_1000_questions'] or 0:.4f} per 1,000 questions (default prices)")
-    print(f"      report: {report_dir}/report.md (and report.json); plots: "
-          + ", ".join(f"{report_dir}/{n}" for n in report["plots"]), flush=True)
+    print(
+        f"      {len(report['runs'])} runs: {report['indexing']['videos_indexed']} videos indexed, "
+        f"{report['answering']['questions']} questions answered; ${d['per_indexed_video_hour'] or 0:.4f} per "
+        f"indexed video-hour, ${d['per_1000_questions'] or 0:.4f} per 1,000 questions (default prices)"
+    )
+    print(
+        f"      report: {report_dir}/report.md (and report.json); plots: "
+        + ", ".join(f"{report_dir}/{n}" for n in report["plots"]),
+        flush=True,
+    )
     steps.end()
     print(f"done in {time.perf_counter() - t0:.0f} s; files in {workdir}/ (a rerun skips the committed videos)")
 
@@ -167,6 +242,6 @@ def _json_block(text: str) -> dict | None:
     start = text.rfind("\n{")
     end = text.rfind("}")
     try:
-        return json.loads(text[start + 1:end + 1]) if start >= 0 and end > start else None
+        return json.loads(text[start + 1 : end + 1]) if start >= 0 and end > start else None
     except json.JSONDecodeError:
         return None

@@ -18,8 +18,15 @@ class Progress:
     """`with Progress(total, "index", "chunk") as p: ... p.update()`; disabled (`enabled=False`, e.g. `--quiet`)
     it prints nothing. `failed` counts items that failed, shown beside the rate."""
 
-    def __init__(self, total: int | None, desc: str, unit: str, enabled: bool = True, file: TextIO | None = None,
-                 every_s: float = 10.0):
+    def __init__(
+        self,
+        total: int | None,
+        desc: str,
+        unit: str,
+        enabled: bool = True,
+        file: TextIO | None = None,
+        every_s: float = 10.0,
+    ):
         self.total, self.desc, self.unit, self.enabled = total, desc, unit, enabled
         self.file = file or sys.stderr
         self.every_s = every_s
@@ -46,12 +53,19 @@ class Progress:
             print(self.line(item), file=self.file, flush=True)
 
     def line(self, item: str | None = None) -> str:
-        """"index 5/20 chunks (25%) 0:12 elapsed, ETA 0:36, 0.41 chunk/s[, 1 failed][: item]"."""
+        """ "index 5/20 chunks (25%) 0:12 elapsed, ETA 0:36, 0.41 chunk/s[, 1 failed][: item]"."""
         elapsed = time.monotonic() - self.t0
         rate = self.n / elapsed if elapsed > 0 else 0.0
-        done = f"{self.n}/{self.total} {self.unit}s ({self.n / self.total:.0%})" if self.total else f"{self.n} {self.unit}s"
-        eta = (f", ETA {tqdm.format_interval((self.total - self.n) / rate)}"
-               if self.total and rate > 0 and self.n < self.total else "")
+        done = (
+            f"{self.n}/{self.total} {self.unit}s ({self.n / self.total:.0%})"
+            if self.total
+            else f"{self.n} {self.unit}s"
+        )
+        eta = (
+            f", ETA {tqdm.format_interval((self.total - self.n) / rate)}"
+            if self.total and rate > 0 and self.n < self.total
+            else ""
+        )
         failed = f", {self.failed} failed" if self.failed else ""
         text = f"{self.desc} {done} {tqdm.format_interval(elapsed)} elapsed{eta}, {rate:.2g} {self.unit}/s{failed}"
         return f"{text}: {item}" if item else text

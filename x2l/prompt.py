@@ -55,8 +55,12 @@ def prompt_chars(question: str, options: list[str] | None) -> int:
     return len(question) + sum(len(o) for o in options or [])
 
 
-def check_prompt(question: str, options: list[str] | None, limits: PromptLimits,
-                 count_tokens: Callable[[str, list[str] | None], int] | None = None) -> None:
+def check_prompt(
+    question: str,
+    options: list[str] | None,
+    limits: PromptLimits,
+    count_tokens: Callable[[str, list[str] | None], int] | None = None,
+) -> None:
     """Raise PromptError if the question or an option is empty or whitespace-only, there are more than MAX_OPTIONS
     options or any text is not valid Unicode (422), or the prompt is over a limit (413).
     Characters are checked first, so an over-long text is refused before it is tokenized; tokens only when

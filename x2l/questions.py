@@ -24,9 +24,28 @@ import pyarrow.parquet as pq
 from x2l.errors import ConfigError
 from x2l.store.backend import Backend
 
-ANSWER_FIELDS = ("id", "video_id", "question", "options", "answer", "error", "selected_chunks", "n_chunks",
-                 "tokens_in_cache", "kv_bytes_used", "kv_bytes_full", "store_bytes_read", "cache_hits",
-                 "load_h_s", "relevance_s", "fetch_s", "assemble_s", "decode_s", "queue_s", "total_s")
+ANSWER_FIELDS = (
+    "id",
+    "video_id",
+    "question",
+    "options",
+    "answer",
+    "error",
+    "selected_chunks",
+    "n_chunks",
+    "tokens_in_cache",
+    "kv_bytes_used",
+    "kv_bytes_full",
+    "store_bytes_read",
+    "cache_hits",
+    "load_h_s",
+    "relevance_s",
+    "fetch_s",
+    "assemble_s",
+    "decode_s",
+    "queue_s",
+    "total_s",
+)
 
 
 def question_id(video_id: str, question: str, options: list[str] | None) -> str:
@@ -75,7 +94,11 @@ def read_questions(data: bytes, name: str) -> list[dict]:
             raise ConfigError(f"{where}: needs a non-empty 'video_id' and a 'question'")
         # an empty or over-long question is refused on its own by the prompt bounds (x2l.prompt), not here
         options = _options(row.get("options"), where)
-        qid = str(row["id"]) if row.get("id") not in (None, "") else question_id(row["video_id"], row["question"], options)
+        qid = (
+            str(row["id"])
+            if row.get("id") not in (None, "")
+            else question_id(row["video_id"], row["question"], options)
+        )
         if qid in seen:
             continue
         seen.add(qid)
@@ -85,30 +108,55 @@ def read_questions(data: bytes, name: str) -> list[dict]:
 
 def answer_row(question: dict, result: dict) -> dict:
     """A result from the engine (Answer.to_dict) or the HTTP API, or an {"error": ...}, as one flat answer row."""
-    row = {k: None for k in ANSWER_FIELDS} | {"id": question["id"], "video_id": question["video_id"],
-                                              "question": question["question"],
-                                              "options": json.dumps(question.get("options"))}
+    row = {k: None for k in ANSWER_FIELDS} | {
+        "id": question["id"],
+        "video_id": question["video_id"],
+        "question": question["question"],
+        "options": json.dumps(question.get("options")),
+    }
     if "error" in result:
         err = result["error"]
         row["error"] = err.get("message", str(err)) if isinstance(err, dict) else str(err)
         return row
     secs = result.get("seconds", {})
-    row |= {k: result.get(k) for k in ("selected_chunks", "n_chunks", "tokens_in_cache", "kv_bytes_used",
-                                      "kv_bytes_full", "store_bytes_read", "cache_hits")}
-    row |= {"answer": result["answer"], **{f"{k}_s": secs.get(k) for k in ("load_h", "relevance", "fetch",
-                                                                           "assemble", "decode", "queue")}}
+    row |= {
+        k: result.get(k)
+        for k in (
+            "selected_chunks",
+            "n_chunks",
+            "tokens_in_cache",
+            "kv_bytes_used",
+            "kv_bytes_full",
+            "store_bytes_read",
+            "cache_hits",
+        )
+    }
+    row |= {
+        "answer": result["answer"],
+        **{f"{k}_s": secs.get(k) for k in ("load_h", "relevance", "fetch", "assemble", "decode", "queue")},
+    }
     # Over HTTP "total" is the request's latency at the ingress; in-job it is the batch's engine time.
     row["total_s"] = secs.get("total", sum(v for k, v in secs.items() if k != "queue"))
     return row
 
 
 def _table(rows: list[dict]) -> pa.Table:
-    schema = pa.schema([("id", pa.string()), ("video_id", pa.string()), ("question", pa.string()),
-                        ("options", pa.string()), ("answer", pa.string()), ("error", pa.string()),
-                        ("selected_chunks", pa.list_(pa.int64()))]
-                       + [(k, pa.int64()) for k in ("n_chunks", "tokens_in_cache", "kv_bytes_used", "kv_bytes_full",
-                                                     "store_bytes_read", "cache_hits")]
-                       + [(k, pa.float64()) for k in ANSWER_FIELDS if k.endswith("_s")])
+    schema = pa.schema(
+        [
+            ("id", pa.string()),
+            ("video_id", pa.string()),
+            ("question", pa.string()),
+            ("options", pa.string()),
+            ("answer", pa.string()),
+            ("error", pa.string()),
+            ("selected_chunks", pa.list_(pa.int64())),
+        ]
+        + [
+            (k, pa.int64())
+            for k in ("n_chunks", "tokens_in_cache", "kv_bytes_used", "kv_bytes_full", "store_bytes_read", "cache_hits")
+        ]
+        + [(k, pa.float64()) for k in ANSWER_FIELDS if k.endswith("_s")]
+    )
     return pa.Table.from_pylist(rows, schema=schema)
 
 

@@ -47,8 +47,9 @@ def answer_devices(config: dict, prices: Prices) -> float:
     return config.get("concurrency", 1) * 1.0
 
 
-def build_report(index_runs: list[tuple[dict, list[dict]]], answer_runs: list[tuple[dict, list[dict]]],
-                 prices: Prices = Prices()) -> dict:
+def build_report(
+    index_runs: list[tuple[dict, list[dict]]], answer_runs: list[tuple[dict, list[dict]]], prices: Prices = Prices()
+) -> dict:
     """Every number of the report from recorded run summaries and rows (formulas in `REPORT_FORMULAS`)."""
     indexed = [r for _, rows in index_runs for r in rows if r["status"] == "indexed"]
     video_hours = sum(r["duration_s"] for r in indexed) / 3600
@@ -75,8 +76,11 @@ def build_report(index_runs: list[tuple[dict, list[dict]]], answer_runs: list[tu
         + [run_row(s, rows, "answer", prices) for s, rows in answer_runs],
         "prices": asdict(prices),
         "indexing": {
-            "runs": len(index_runs), "videos_indexed": len(indexed), "video_hours": round(video_hours, 6),
-            "device_hours": round(index_device_hours, 6), "tokens": tokens,
+            "runs": len(index_runs),
+            "videos_indexed": len(indexed),
+            "video_hours": round(video_hours, 6),
+            "device_hours": round(index_device_hours, 6),
+            "tokens": tokens,
             "video_hours_per_device_hour": round(video_hours / index_device_hours, 4) if index_device_hours else None,
             "tokens_per_second": round(tokens / sum(s["wall_s"] for s, _ in index_runs), 2) if index_runs else None,
             "prefill_tokens_per_second": round(tokens / prefill_s, 2) if prefill_s else None,
@@ -89,13 +93,21 @@ def build_report(index_runs: list[tuple[dict, list[dict]]], answer_runs: list[tu
             "h_vs_full": round(level["h"] / level["full"], 4) if level["full"] else None,
         },
         "answering": {
-            "runs": len(answer_runs), "questions": len(answers), "device_hours": round(answer_device_hours, 6),
+            "runs": len(answer_runs),
+            "questions": len(answers),
+            "device_hours": round(answer_device_hours, 6),
             "latency_s": {f"p{q}": percentile(latency, q) for q in (50, 90, 95, 99)},
-            "store_bytes_read": {"mean": sum(read) / len(read) if read else None, "p95": percentile(read, 95),
-                                 "total": sum(read)},
+            "store_bytes_read": {
+                "mean": sum(read) / len(read) if read else None,
+                "p95": percentile(read, 95),
+                "total": sum(read),
+            },
             "l_cache_hit_rate": round(hits / selected, 4) if selected else None,
-            "kv_bytes_used_vs_full": (round(sum(r["kv_bytes_used"] for r in answers)
-                                            / sum(r["kv_bytes_full"] for r in answers), 4) if answers else None),
+            "kv_bytes_used_vs_full": (
+                round(sum(r["kv_bytes_used"] for r in answers) / sum(r["kv_bytes_full"] for r in answers), 4)
+                if answers
+                else None
+            ),
         },
         "dollars": {
             "indexing": round(index_dollars, 6),
@@ -118,28 +130,41 @@ def run_row(summary: dict, rows: list[dict], kind: str, prices: Prices = Prices(
     if config is not None and "wall_s" in summary:
         if kind == "index":
             puts = 2 * sum(1 for r in rows if r.get("status") == "indexed")
-            dollars = (summary["wall_s"] * index_devices(config) / 3600 * prices.gpu_per_hour
-                       + puts / 1000 * prices.put_per_1k)
+            dollars = (
+                summary["wall_s"] * index_devices(config) / 3600 * prices.gpu_per_hour + puts / 1000 * prices.put_per_1k
+            )
         else:
             ok = [r for r in rows if r.get("error") is None]
             gets = sum(len(r.get("selected_chunks") or []) - (r.get("cache_hits") or 0) for r in ok)
-            dollars = (answering_s(summary) * answer_devices(config, prices) / 3600 * prices.gpu_per_hour
-                       + gets / 1000 * prices.get_per_1k)
-    return {"run_id": summary.get("run_id", ""), "kind": kind, "status": run_status(summary | {"kind": kind}),
-            "counts": run_counts(summary | {"kind": kind}), "started": summary.get("started", ""),
-            "wall_s": summary.get("wall_s"), "dollars": None if dollars is None else round(dollars, 6)}
+            dollars = (
+                answering_s(summary) * answer_devices(config, prices) / 3600 * prices.gpu_per_hour
+                + gets / 1000 * prices.get_per_1k
+            )
+    return {
+        "run_id": summary.get("run_id", ""),
+        "kind": kind,
+        "status": run_status(summary | {"kind": kind}),
+        "counts": run_counts(summary | {"kind": kind}),
+        "started": summary.get("started", ""),
+        "wall_s": summary.get("wall_s"),
+        "dollars": None if dollars is None else round(dollars, 6),
+    }
 
 
 def render_runs_table(runs: list[dict]) -> str:
     """The per-run Markdown table of report.md (issue 13)."""
     if not runs:
         return "No runs match.\n"
-    lines = ["| run id | kind | status | counts | started (UTC) | wall time | dollars |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| run id | kind | status | counts | started (UTC) | wall time | dollars |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in runs:
         counts = ", ".join(f"{k} {v}" for k, v in r["counts"].items())
-        lines.append(f"| {r['run_id']} | {r['kind']} | {r['status']} | {counts} | {r['started']} | "
-                     f"{_num(r['wall_s'], '{:,.1f} s')} | {_num(r['dollars'], '${:,.6f}')} |")
+        lines.append(
+            f"| {r['run_id']} | {r['kind']} | {r['status']} | {counts} | {r['started']} | "
+            f"{_num(r['wall_s'], '{:,.1f} s')} | {_num(r['dollars'], '${:,.6f}')} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -183,8 +208,9 @@ class RunFilter:
         try:
             t = datetime.fromisoformat(self.since)
         except ValueError as e:
-            raise ConfigError(f"--since {self.since!r}: not an ISO 8601 date or time "
-                              f"(e.g. 2026-11-30T12:00:00Z)") from e
+            raise ConfigError(
+                f"--since {self.since!r}: not an ISO 8601 date or time (e.g. 2026-11-30T12:00:00Z)"
+            ) from e
         if t.tzinfo is not None:
             t = t.astimezone(timezone.utc)
         return t.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -192,10 +218,12 @@ class RunFilter:
     def keeps(self, summary: dict, since_utc: str | None) -> bool:
         from x2l.store.runs import run_status
 
-        return ((self.run_ids is None or summary.get("run_id") in self.run_ids)
-                and (since_utc is None or summary.get("started", "") >= since_utc)
-                and (self.kind is None or summary.get("kind", "index") == self.kind)
-                and (self.include_failed or run_status(summary) == "ok"))
+        return (
+            (self.run_ids is None or summary.get("run_id") in self.run_ids)
+            and (since_utc is None or summary.get("started", "") >= since_utc)
+            and (self.kind is None or summary.get("kind", "index") == self.kind)
+            and (self.include_failed or run_status(summary) == "ok")
+        )
 
 
 def load_runs(store_uri: str, config=None, which: RunFilter = RunFilter()) -> tuple[list, list]:
@@ -210,8 +238,10 @@ def load_runs(store_uri: str, config=None, which: RunFilter = RunFilter()) -> tu
     if unknown:
         from x2l.errors import ConfigError
 
-        raise ConfigError(f"--run-id {', '.join(unknown)}: no such run in store {store_uri} "
-                          f"(`x2l runs ls {store_uri}` lists its runs)")
+        raise ConfigError(
+            f"--run-id {', '.join(unknown)}: no such run in store {store_uri} "
+            f"(`x2l runs ls {store_uri}` lists its runs)"
+        )
     index_runs, answer_runs = [], []
     for summary in summaries:
         if not which.keeps(summary, since):
@@ -227,38 +257,71 @@ def add_report_options(p: argparse.ArgumentParser) -> None:
     the prices (`Prices`) and the run filter (`RunFilter`); `report_options` reads them back."""
     d = Prices()
     p.add_argument("--out", default="report", help="local folder for report.md, report.json and plots (default report)")
-    p.add_argument("--gpu-dollars-per-hour", type=float, default=d.gpu_per_hour,
-                   help=f"price of one accelerator-hour (default {d.gpu_per_hour}: AWS g5.xlarge on demand)")
-    p.add_argument("--storage-dollars-per-gb-month", type=float, default=d.storage_per_gb_month,
-                   help=f"object storage price (default {d.storage_per_gb_month}: S3 Standard)")
-    p.add_argument("--put-dollars-per-1k", type=float, default=d.put_per_1k,
-                   help=f"price of 1,000 PUT requests (default {d.put_per_1k})")
-    p.add_argument("--get-dollars-per-1k", type=float, default=d.get_per_1k,
-                   help=f"price of 1,000 GET requests (default {d.get_per_1k})")
-    p.add_argument("--serve-devices", type=float, default=d.serve_devices,
-                   help=f"accelerators behind the Serve app for runs answered over HTTP (default {d.serve_devices:g})")
+    p.add_argument(
+        "--gpu-dollars-per-hour",
+        type=float,
+        default=d.gpu_per_hour,
+        help=f"price of one accelerator-hour (default {d.gpu_per_hour}: AWS g5.xlarge on demand)",
+    )
+    p.add_argument(
+        "--storage-dollars-per-gb-month",
+        type=float,
+        default=d.storage_per_gb_month,
+        help=f"object storage price (default {d.storage_per_gb_month}: S3 Standard)",
+    )
+    p.add_argument(
+        "--put-dollars-per-1k",
+        type=float,
+        default=d.put_per_1k,
+        help=f"price of 1,000 PUT requests (default {d.put_per_1k})",
+    )
+    p.add_argument(
+        "--get-dollars-per-1k",
+        type=float,
+        default=d.get_per_1k,
+        help=f"price of 1,000 GET requests (default {d.get_per_1k})",
+    )
+    p.add_argument(
+        "--serve-devices",
+        type=float,
+        default=d.serve_devices,
+        help=f"accelerators behind the Serve app for runs answered over HTTP (default {d.serve_devices:g})",
+    )
     p.add_argument("--run-id", action="append", default=None, help="only this run (repeat for several)")
-    p.add_argument("--since", default=None,
-                   help="only runs started at or after this UTC time (ISO 8601: 2026-11-30 or 2026-11-30T12:00:00Z)")
+    p.add_argument(
+        "--since",
+        default=None,
+        help="only runs started at or after this UTC time (ISO 8601: 2026-11-30 or 2026-11-30T12:00:00Z)",
+    )
     p.add_argument("--kind", choices=["index", "answer"], default=None, help="only indexing or answering runs")
-    p.add_argument("--include-failed", action="store_true",
-                   help="also count failed and empty runs (status other than ok; see `x2l runs ls`)")
+    p.add_argument(
+        "--include-failed",
+        action="store_true",
+        help="also count failed and empty runs (status other than ok; see `x2l runs ls`)",
+    )
 
 
 def report_options(args: argparse.Namespace) -> tuple[Prices, RunFilter]:
     """The prices and run filter of options parsed with `add_report_options`."""
-    prices = Prices(args.gpu_dollars_per_hour, args.storage_dollars_per_gb_month, args.put_dollars_per_1k,
-                    args.get_dollars_per_1k, args.serve_devices)
+    prices = Prices(
+        args.gpu_dollars_per_hour,
+        args.storage_dollars_per_gb_month,
+        args.put_dollars_per_1k,
+        args.get_dollars_per_1k,
+        args.serve_devices,
+    )
     return prices, RunFilter(args.run_id, args.since, args.kind, args.include_failed)
 
 
 def report_line(report: dict, out_dir) -> str:
     """The one line `x2l report` and jobs/report.py print after writing a report into out_dir."""
     d = report["dollars"]
-    return (f"wrote {out_dir}/report.md, report.json and {len(report['plots'])} plots: "
-            f"{report['indexing']['videos_indexed']} videos, {report['answering']['questions']} questions; "
-            f"${d['per_indexed_video_hour'] or 0:.4f} per indexed video-hour, "
-            f"${d['per_1000_questions'] or 0:.4f} per 1,000 questions")
+    return (
+        f"wrote {out_dir}/report.md, report.json and {len(report['plots'])} plots: "
+        f"{report['indexing']['videos_indexed']} videos, {report['answering']['questions']} questions; "
+        f"${d['per_indexed_video_hour'] or 0:.4f} per indexed video-hour, "
+        f"${d['per_1000_questions'] or 0:.4f} per 1,000 questions"
+    )
 
 
 def _mb(x: float | None) -> str:
@@ -270,51 +333,60 @@ def _num(x, fmt: str = "{:,.3f}") -> str:
 
 
 def render_markdown(report: dict, store_uri: str) -> str:
+    """report.md's text (without the plots' image links) of a `build_report` result."""
     i, s, a, d, p = (report[k] for k in ("indexing", "storage", "answering", "dollars", "prices"))
     lat = a["latency_s"]
-    return f"""# x2l report: {store_uri}
+    tokens_s = f"{_num(i['tokens_per_second'], '{:,.1f}')} / {_num(i['prefill_tokens_per_second'], '{:,.1f}')}"
+    read = a["store_bytes_read"]
+    return (
+        f"""# x2l report: {store_uri}
 
 ## Runs
 {render_runs_table(report.get("runs_table", []))}
 ## Indexing
 | | |
 | --- | --- |
-| runs / videos indexed | {i['runs']} / {i['videos_indexed']} |
-| video-hours indexed | {i['video_hours']:.4f} |
-| device-hours | {i['device_hours']:.4f} |
-| video-hours per device-hour | {_num(i['video_hours_per_device_hour'])} |
-| tokens/s (wall) / pre-fill tokens/s | {_num(i['tokens_per_second'], '{:,.1f}')} / {_num(i['prefill_tokens_per_second'], '{:,.1f}')} |
-| share of actor time waiting on decode | {i['decode_wait_share']:.1%} |
+| runs / videos indexed | {i["runs"]} / {i["videos_indexed"]} |
+| video-hours indexed | {i["video_hours"]:.4f} |
+| device-hours | {i["device_hours"]:.4f} |
+| video-hours per device-hour | {_num(i["video_hours_per_device_hour"])} |
+| tokens/s (wall) / pre-fill tokens/s | {tokens_s} |
+| share of actor time waiting on decode | {i["decode_wait_share"]:.1%} |
 
 ## Storage
 | level | bytes | per video-hour |
 | --- | --- | --- |
-""" + "".join(f"| {k} | {s['bytes'][k]:,} | {_mb(s['bytes_per_video_hour'][k])} |\n"
-              for k in ("sink", "h", "delta", "stored", "full")) + f"""
-Stored (sink + H + L delta) is {_num(s['stored_vs_full'], '{:.1%}')} of the uncompressed KV; H alone is
-{_num(s['h_vs_full'], '{:.1%}')}.
+"""
+        + "".join(
+            f"| {k} | {s['bytes'][k]:,} | {_mb(s['bytes_per_video_hour'][k])} |\n"
+            for k in ("sink", "h", "delta", "stored", "full")
+        )
+        + f"""
+Stored (sink + H + L delta) is {_num(s["stored_vs_full"], "{:.1%}")} of the uncompressed KV; H alone is
+{_num(s["h_vs_full"], "{:.1%}")}.
 
 ## Answering
 | | |
 | --- | --- |
-| runs / questions answered | {a['runs']} / {a['questions']} |
-| latency p50 / p90 / p95 / p99 | {' / '.join(_num(lat[k], '{:.3f} s') for k in ('p50', 'p90', 'p95', 'p99'))} |
-| bytes read from the store per question: mean / p95 | {_mb(a['store_bytes_read']['mean'])} / {_mb(a['store_bytes_read']['p95'])} |
-| L-cache hit rate | {_num(a['l_cache_hit_rate'], '{:.1%}')} |
-| attention cache used vs uncompressed | {_num(a['kv_bytes_used_vs_full'], '{:.1%}')} |
+| runs / questions answered | {a["runs"]} / {a["questions"]} |
+| latency p50 / p90 / p95 / p99 | {" / ".join(_num(lat[k], "{:.3f} s") for k in ("p50", "p90", "p95", "p99"))} |
+| bytes read from the store per question: mean / p95 | {_mb(read["mean"])} / {_mb(read["p95"])} |
+| L-cache hit rate | {_num(a["l_cache_hit_rate"], "{:.1%}")} |
+| attention cache used vs uncompressed | {_num(a["kv_bytes_used_vs_full"], "{:.1%}")} |
 
 ## Dollars
-Prices: GPU ${p['gpu_per_hour']}/h, storage ${p['storage_per_gb_month']}/GB-month, PUT ${p['put_per_1k']}/1k,
-GET ${p['get_per_1k']}/1k.
+Prices: GPU ${p["gpu_per_hour"]}/h, storage ${p["storage_per_gb_month"]}/GB-month, PUT ${p["put_per_1k"]}/1k,
+GET ${p["get_per_1k"]}/1k.
 
 | | |
 | --- | --- |
-| per indexed video-hour | {_num(d['per_indexed_video_hour'], '${:,.4f}')} |
-| per 1,000 questions | {_num(d['per_1000_questions'], '${:,.4f}')} |
-| storage per month | ${d['storage_per_month']:,.6f} |
+| per indexed video-hour | {_num(d["per_indexed_video_hour"], "${:,.4f}")} |
+| per 1,000 questions | {_num(d["per_1000_questions"], "${:,.4f}")} |
+| storage per month | ${d["storage_per_month"]:,.6f} |
 
 How the numbers are computed:
 {REPORT_FORMULAS}"""
+    )
 
 
 def render_plots(report: dict, index_runs: list, answer_runs: list, out_dir) -> list[str]:
@@ -377,8 +449,9 @@ def render_plots(report: dict, index_runs: list, answer_runs: list, out_dir) -> 
 
 def no_data(ax, why: str) -> None:
     """Say "no data" (and why) across an empty plot, instead of drawing empty axes (issue 13)."""
-    ax.text(0.5, 0.5, f"no data\n({why})", ha="center", va="center", transform=ax.transAxes, fontsize=12,
-            color="#666666")
+    ax.text(
+        0.5, 0.5, f"no data\n({why})", ha="center", va="center", transform=ax.transAxes, fontsize=12, color="#666666"
+    )
     ax.set_xticks([])
     ax.set_yticks([])
 

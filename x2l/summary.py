@@ -46,8 +46,9 @@ def decode_wait_share(rows: list[dict]) -> float:
     return max(0.0, 1 - busy / span) if span > 0 else 0.0
 
 
-def summarize_index_run(rows: list[dict], skipped: list[dict], wall_s: float, run_id: str, started: str,
-                        config: dict) -> dict:
+def summarize_index_run(
+    rows: list[dict], skipped: list[dict], wall_s: float, run_id: str, started: str, config: dict
+) -> dict:
     """The summary.json of an indexing run (jobs/index_corpus.py).
 
     rows: one stats row per video the run tried (status "indexed" or "failed"); skipped: the videos committed
@@ -86,8 +87,9 @@ def summarize_index_run(rows: list[dict], skipped: list[dict], wall_s: float, ru
     }
 
 
-def summarize_answer_run(rows: list[dict], wall_s: float, run_id: str, started: str, config: dict,
-                         startup_s: float = 0.0) -> dict:
+def summarize_answer_run(
+    rows: list[dict], wall_s: float, run_id: str, started: str, config: dict, startup_s: float = 0.0
+) -> dict:
     """The summary.json of an answer run (jobs/answer_questions.py).
 
     rows: one answer row per question of this run (`error` None when answered; `total_s` its latency in seconds,

@@ -1,4 +1,4 @@
-"""Multiple-choice prompting and reading the chosen letter back out of free model text.
+"""Multiple-choice options as the model sees them ("A. red") and the chosen letter read back out of free model text.
 
 Scores are only as good as the letter extraction: a reader that grabs the first capital letter turns "A man walks
 in ..." into answer A, and one that only accepts a bare letter scores "The answer is B" as wrong. `extract_letter`
@@ -28,10 +28,9 @@ than a weaker guess. Lowercase letters count only when bracketed or standing alo
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-ANSWER_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 
 _PREFIX = re.compile(r"^\s*\(?([A-Z])[.):]\s*")
 _MARKDOWN = re.compile(r"[*_`]+")
@@ -61,11 +60,6 @@ def label_options(texts: Sequence[object]) -> tuple[str, ...]:
 def option_text(option: str) -> str:
     """The text of a labelled option without its "A. " / "(A) " prefix ("A. red" -> "red")."""
     return _PREFIX.sub("", option, count=1).strip()
-
-
-def format_mc_prompt(question: str, options: Sequence[str], instruction: str = ANSWER_INSTRUCTION) -> str:
-    """Question, one labelled option per line, then the instruction: the prompt VNBench/LongVideoBench publish."""
-    return "\n".join([question.strip(), *options, instruction]).strip()
 
 
 def _letter(match: re.Match) -> str:

@@ -13,9 +13,10 @@ buckets (`duration_bucket`): short < 4 min, medium 4-20 min, long > 20 min.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, overload
+from typing import Any, Literal, overload
 
 from x2l.errors import ConfigError, X2LError
 from x2l.eval.answers import LETTERS, label_options

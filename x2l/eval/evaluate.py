@@ -9,9 +9,10 @@ Methods (every one answers every question):
 - `x2l:K`: the K chunks the question attends to most over [sink + every H] re-loaded at L (Video-X^2L).
 
 Videos are indexed through the store (once: a rerun reuses committed videos), answers are read back through it.
-Per method: accuracy overall (with its 95% Wilson interval) and per category, mean KV bytes of the cache each answer was decoded over (sink + H of
-every chunk + the L deltas it re-loaded; `full`: every token) and their ratio to the uncompressed cache, and the
-bytes fetched from the store for L deltas. Written as results.json, results.md and accuracy_vs_bytes.png.
+Per method: accuracy overall (with its 95% Wilson interval) and per category, mean KV bytes of the cache each answer
+was decoded over (sink + H of every chunk + the L deltas it re-loaded; `full`: every token) and their ratio to the
+uncompressed cache, and the bytes fetched from the store for L deltas. Written as results.json, results.md and
+accuracy_vs_bytes.png.
 """
 
 from __future__ import annotations
@@ -42,15 +43,17 @@ def parse_method(method: str) -> tuple[str, int]:
     raise ConfigError(f"unknown method {method!r}: use full, h, uniform:K or x2l:K (K >= 1)")
 
 
-def index_into(store, model, paths: list[str], sampling: SamplingConfig, compression: CompressionConfig,
-               progress: bool = True) -> None:
+def index_into(
+    store, model, paths: list[str], sampling: SamplingConfig, compression: CompressionConfig, progress: bool = True
+) -> None:
     """Index every video not yet committed with these settings (ids are the paths); a line per video on stderr."""
     indexer = Indexer(model, sampling, compression)
     with Progress(len(paths), f"index into {store.backend.uri}", "video", enabled=progress) as bar:
         for path in paths:
             meta = store.committed(path)
-            fresh = (meta is None or meta.get("compression") != _dict(compression)
-                     or meta.get("sampling") != _dict(sampling))
+            fresh = (
+                meta is None or meta.get("compression") != _dict(compression) or meta.get("sampling") != _dict(sampling)
+            )
             if fresh:
                 store.write(indexer.index(path, path), overwrite=True)
             bar.update(item=f"{path} {'indexed' if fresh else 'already stored'}")
@@ -62,10 +65,19 @@ def _dict(cfg) -> dict:
     return to_dict(cfg)
 
 
-def evaluate(questions: list[BenchQuestion], model, workdir: str | Path, methods=METHODS,
-             sampling: SamplingConfig = SamplingConfig(), compression: CompressionConfig = CompressionConfig(),
-             batch_size: int = 8, max_new_tokens: int = 8, targets: dict[str, list[int]] | None = None,
-             log=print, progress: bool = True) -> dict:
+def evaluate(
+    questions: list[BenchQuestion],
+    model,
+    workdir: str | Path,
+    methods=METHODS,
+    sampling: SamplingConfig = SamplingConfig(),
+    compression: CompressionConfig = CompressionConfig(),
+    batch_size: int = 8,
+    max_new_tokens: int = 8,
+    targets: dict[str, list[int]] | None = None,
+    log=print,
+    progress: bool = True,
+) -> dict:
     """Accuracy per method and category, bytes per question; per-question rows under "questions".
 
     `log` gets one result line per method; progress (a line per video indexed, questions answered per method) goes
@@ -83,12 +95,20 @@ def evaluate(questions: list[BenchQuestion], model, workdir: str | Path, methods
     if any(kind == "full" for _, kind, _ in parsed):
         stores["full"] = KVStore(StoreConfig(uri=str(workdir / "store-full"), l_cache_bytes=0), model.fingerprint)
         note(f"indexing {len(paths)} videos, uncompressed (for `full`)")
-        index_into(stores["full"], model, paths, sampling,
-                   CompressionConfig(1.0, compression.h_keep, compression.scorer, "full"), progress)
+        index_into(
+            stores["full"],
+            model,
+            paths,
+            sampling,
+            CompressionConfig(1.0, compression.h_keep, compression.scorer, "full"),
+            progress,
+        )
     if any(kind != "full" for _, kind, _ in parsed):
         stores["x2l"] = KVStore(StoreConfig(uri=str(workdir / "store"), l_cache_bytes=0), model.fingerprint)
-        note(f"indexing {len(paths)} videos, compressed (l_keep {compression.l_keep:g}, h_keep "
-             f"{compression.h_keep:g}, scorer {compression.scorer}, context {compression.context})")
+        note(
+            f"indexing {len(paths)} videos, compressed (l_keep {compression.l_keep:g}, h_keep "
+            f"{compression.h_keep:g}, scorer {compression.scorer}, context {compression.context})"
+        )
         index_into(stores["x2l"], model, paths, sampling, compression, progress)
 
     rows = {q.qid: {"qid": q.qid, "video": q.video, "category": q.category, "answer": q.answer} for q in questions}
@@ -96,25 +116,38 @@ def evaluate(questions: list[BenchQuestion], model, workdir: str | Path, methods
     for method, kind, k in parsed:
         store = stores["full" if kind == "full" else "x2l"]
         # `full` re-loads every chunk: "uniform" over all of them, with no relevance pass
-        retrieval = RetrievalConfig(top_k=k, max_new_tokens=max_new_tokens,
-                                    selection="uniform" if kind in ("uniform", "full") else "attention")
+        retrieval = RetrievalConfig(
+            top_k=k, max_new_tokens=max_new_tokens, selection="uniform" if kind in ("uniform", "full") else "attention"
+        )
         answerer = Answerer(model, store, retrieval)
         correct: dict[str, list[bool]] = defaultdict(list)
         used, ratio, fetched, hits = [], [], [], []
         t = time.perf_counter()
         bar = Progress(len(questions), method, "question", enabled=progress)
         for s in range(0, len(questions), batch_size):
-            batch = questions[s:s + batch_size]
-            asked = [Question(q.video, q.question, list(q.options), id=q.qid,
-                              top_k=store.info(q.video)["n_chunks"] if kind == "full" else None) for q in batch]
-            for q, a in zip(batch, answerer.answer(asked)):
+            batch = questions[s : s + batch_size]
+            asked = [
+                Question(
+                    q.video,
+                    q.question,
+                    list(q.options),
+                    id=q.qid,
+                    top_k=store.info(q.video)["n_chunks"] if kind == "full" else None,
+                )
+                for q in batch
+            ]
+            for q, a in zip(batch, answerer.answer(asked), strict=True):
                 ok = extract_letter(a.text, list(q.options)) == q.answer
                 correct[q.category].append(ok)
                 used.append(a.kv_bytes_used)
                 ratio.append(a.kv_bytes_used / a.kv_bytes_full)
                 fetched.append(a.store_bytes_read)
-                rows[q.qid][method] = {"text": a.text, "ok": ok, "selected": a.selected_chunks,
-                                       "kv_bytes": a.kv_bytes_used}
+                rows[q.qid][method] = {
+                    "text": a.text,
+                    "ok": ok,
+                    "selected": a.selected_chunks,
+                    "kv_bytes": a.kv_bytes_used,
+                }
                 if targets and targets.get(q.qid) and kind in ("uniform", "x2l"):
                     hits.append(len(set(targets[q.qid]) & set(a.selected_chunks)) / len(targets[q.qid]))
             bar.update(len(batch))
@@ -132,30 +165,56 @@ def evaluate(questions: list[BenchQuestion], model, workdir: str | Path, methods
             "seconds": round(time.perf_counter() - t, 1),
         }
         lo, hi = results[method]["accuracy_ci95"]
-        log(f"{method}: accuracy {results[method]['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}, n={len(flat)}), "
-            f"{results[method]['kv_ratio_mean']:.1%} of the full KV ({results[method]['seconds']} s)")
-    return {"methods": results, "compression": _dict(compression), "sampling": _dict(sampling),
-            "questions": list(rows.values())}
+        log(
+            f"{method}: accuracy {results[method]['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}, n={len(flat)}), "
+            f"{results[method]['kv_ratio_mean']:.1%} of the full KV ({results[method]['seconds']} s)"
+        )
+    return {
+        "methods": results,
+        "compression": _dict(compression),
+        "sampling": _dict(sampling),
+        "questions": list(rows.values()),
+    }
 
 
 def render_markdown(result: dict, title: str) -> str:
     methods = result["methods"]
     categories = sorted({c for m in methods.values() for c in m["by_category"]})
     hit = any(m.get("selection_hit_rate") is not None for m in methods.values())
-    head = ["method", "accuracy", "95% CI", *categories, "KV bytes / question", "of full KV", "L bytes fetched / question",
-            *(["answer chunks re-loaded"] if hit else [])]
+    head = [
+        "method",
+        "accuracy",
+        "95% CI",
+        *categories,
+        "KV bytes / question",
+        "of full KV",
+        "L bytes fetched / question",
+        *(["answer chunks re-loaded"] if hit else []),
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, m in methods.items():
         lo, hi = m["accuracy_ci95"]
-        cells = [name, f"{m['accuracy']:.1%}", f"{lo:.1%} - {hi:.1%}", *(f"{m['by_category'].get(c, float('nan')):.1%}" for c in categories),
-                 f"{m['kv_bytes_mean']:,.0f}", f"{m['kv_ratio_mean']:.1%}", f"{m['store_bytes_read_mean']:,.0f}"]
+        cells = [
+            name,
+            f"{m['accuracy']:.1%}",
+            f"{lo:.1%} - {hi:.1%}",
+            *(f"{m['by_category'].get(c, float('nan')):.1%}" for c in categories),
+            f"{m['kv_bytes_mean']:,.0f}",
+            f"{m['kv_ratio_mean']:.1%}",
+            f"{m['store_bytes_read_mean']:,.0f}",
+        ]
         if hit:
             rate = m.get("selection_hit_rate")
             cells.append("-" if rate is None else f"{rate:.1%}")
         lines.append("| " + " | ".join(cells) + " |")
     n = next(iter(methods.values()))["n"] if methods else 0
-    return (f"# {title}\n\n{n} questions. Compression: {result['compression']}.\n\n" + "\n".join(lines) + "\n\n"
-            + _overlap_note(methods) + "\n")
+    return (
+        f"# {title}\n\n{n} questions. Compression: {result['compression']}.\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+        + _overlap_note(methods)
+        + "\n"
+    )
 
 
 def _overlap_note(methods: dict) -> str:
@@ -164,8 +223,10 @@ def _overlap_note(methods: dict) -> str:
     if not pairs:
         return "95% CI: Wilson score interval. No two methods' intervals overlap."
     listed = ", ".join(f"{a} / {b}" for a, b in pairs)
-    return (f"95% CI: Wilson score interval. Intervals overlap (accuracy difference not shown by these "
-            f"{next(iter(methods.values()))['n']} questions): {listed}.")
+    return (
+        f"95% CI: Wilson score interval. Intervals overlap (accuracy difference not shown by these "
+        f"{next(iter(methods.values()))['n']} questions): {listed}."
+    )
 
 
 def render_plot(result: dict, path: Path) -> None:
@@ -179,9 +240,16 @@ def render_plot(result: dict, path: Path) -> None:
     markers = {"full": "s", "h": "v", "uniform": "x"}
     for name, m in result["methods"].items():  # a legend, not labels: cheap methods sit close together
         lo, hi = m["accuracy_ci95"]
-        ax.errorbar(m["kv_ratio_mean"] * 100, m["accuracy"] * 100, capsize=3, label=name, markersize=6,
-                    yerr=[[(m["accuracy"] - lo) * 100], [(hi - m["accuracy"]) * 100]], linestyle="none",
-                    marker=markers.get(name.partition(":")[0], "o"))
+        ax.errorbar(
+            m["kv_ratio_mean"] * 100,
+            m["accuracy"] * 100,
+            capsize=3,
+            label=name,
+            markersize=6,
+            yerr=[[(m["accuracy"] - lo) * 100], [(hi - m["accuracy"]) * 100]],
+            linestyle="none",
+            marker=markers.get(name.partition(":")[0], "o"),
+        )
     ax.set_xscale("log")
     ax.set_xticks([1, 2, 5, 10, 20, 50, 100], ["1", "2", "5", "10", "20", "50", "100"])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())

@@ -30,5 +30,9 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
 def overlapping_pairs(intervals: dict[str, tuple[float, float]]) -> list[tuple[str, str]]:
     """Pairs of names (in the given order) whose intervals overlap: their difference is not shown by this data."""
     names = list(intervals)
-    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
-            if intervals[a][0] <= intervals[b][1] and intervals[b][0] <= intervals[a][1]]
+    return [
+        (a, b)
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+        if intervals[a][0] <= intervals[b][1] and intervals[b][0] <= intervals[a][1]
+    ]

@@ -64,7 +64,7 @@ def letters(n: int) -> tuple[str, ...]:
 
 
 def _labelled(items) -> tuple[str, ...]:
-    return tuple(f"{l}. {o}" for l, o in zip(letters(len(items)), items))
+    return tuple(f"{l}. {o}" for l, o in zip(letters(len(items)), items, strict=True))
 
 
 # Fixed option lists per family: the answer letter is drawn uniformly by the generator, not by position bias.
@@ -208,7 +208,9 @@ def _draw(img: np.ndarray, n: Needle) -> None:
         img[inside] = RGB[n.colors[0]]
     elif n.kind == "grid":
         my, mx = hh // 2, ww // 2
-        for c, (r0, r1, c0, c1) in zip(n.colors, ((0, my, 0, mx), (0, my, mx, ww), (my, hh, 0, mx), (my, hh, mx, ww))):
+        for c, (r0, r1, c0, c1) in zip(
+            n.colors, ((0, my, 0, mx), (0, my, mx, ww), (my, hh, 0, mx), (my, hh, mx, ww)), strict=True
+        ):
             img[r0:r1, c0:c1] = RGB[c]
         line = 3
         img[:line], img[-line:], img[:, :line], img[:, -line:] = WHITE, WHITE, WHITE, WHITE
@@ -277,8 +279,9 @@ def valid(family: str, needles: list[Needle]) -> bool:
     return True
 
 
-def make_question(family: str, needles: list[Needle], rng: np.random.Generator,
-                  cell: int | None = None) -> tuple[str, tuple[str, ...], str]:
+def make_question(
+    family: str, needles: list[Needle], rng: np.random.Generator, cell: int | None = None
+) -> tuple[str, tuple[str, ...], str]:
     """(question, options, answer letter) about `needles` (targets first, as family_kinds orders them).
 
     detail asks about grid cell `cell` (index into CELLS), drawn from rng when None."""
@@ -296,13 +299,17 @@ def make_question(family: str, needles: list[Needle], rng: np.random.Generator,
         return q, opts, letters(4)[k - 1]
     if family == "detail":
         cell = int(rng.integers(4)) if cell is None else cell
-        q = f"In the frame with the white grid, what color was cell {cell + 1} (cells 1-4: left to right, top to bottom)?"
+        q = (
+            f"In the frame with the white grid, what color was cell {cell + 1} "
+            "(cells 1-4: left to right, top to bottom)?"
+        )
         return q, opts, letters(4)[COLORS.index(needles[0].colors[cell])]
     raise ValueError(f"unknown family {family!r}")
 
 
-def make_item(split: str, seed: int, index: int, family: str | None = None,
-              n_chunks: int | tuple[int, int] = TEST_CHUNKS) -> NeedleItem:
+def make_item(
+    split: str, seed: int, index: int, family: str | None = None, n_chunks: int | tuple[int, int] = TEST_CHUNKS
+) -> NeedleItem:
     """Question `index` of `split`: family round-robin over FAMILIES unless given; chunks drawn in [lo, hi]."""
     rng = item_rng(split, seed, index)
     family = family or FAMILIES[index % len(FAMILIES)]
@@ -313,17 +320,22 @@ def make_item(split: str, seed: int, index: int, family: str | None = None,
         raise ValueError(f"{family}: {len(kinds)} needles do not fit in {n_chunks} chunks")
     while True:
         chunks = rng.choice(n_chunks, size=len(kinds), replace=False)  # random order: kind j lands in chunks[j]
-        needles = [random_needle(kind, int(c), rng) for kind, c in zip(kinds, chunks)]
+        needles = [random_needle(kind, int(c), rng) for kind, c in zip(kinds, chunks, strict=True)]
         if valid(family, needles):
             break
     question, options, answer = make_question(family, needles, rng)
-    video = NeedleVideo(video_seed(split, seed, index), n_chunks,
-                        tuple(sorted(needles, key=lambda n: n.first_frame)), random_haystack(rng))
+    video = NeedleVideo(
+        video_seed(split, seed, index),
+        n_chunks,
+        tuple(sorted(needles, key=lambda n: n.first_frame)),
+        random_haystack(rng),
+    )
     return NeedleItem(f"needle-{split}-{seed}-{index:05d}", family, video, question, options, answer)
 
 
-def make_items(split: str, n: int, seed: int = 0, n_chunks: int | tuple[int, int] = TEST_CHUNKS,
-               start: int = 0) -> list[NeedleItem]:
+def make_items(
+    split: str, n: int, seed: int = 0, n_chunks: int | tuple[int, int] = TEST_CHUNKS, start: int = 0
+) -> list[NeedleItem]:
     return [make_item(split, seed, i, n_chunks=n_chunks) for i in range(start, start + n)]
 
 
@@ -349,6 +361,18 @@ def target_chunks(items: list[NeedleItem]) -> dict[str, list[int]]:
 
 
 __all__ = [
-    "BenchQuestion", "CELLS", "COLORS", "FAMILIES", "KINDS", "Needle", "NeedleItem", "NeedleVideo", "OPTIONS",
-    "make_item", "make_items", "make_question", "target_chunks", "write_videos",
+    "BenchQuestion",
+    "CELLS",
+    "COLORS",
+    "FAMILIES",
+    "KINDS",
+    "Needle",
+    "NeedleItem",
+    "NeedleVideo",
+    "OPTIONS",
+    "make_item",
+    "make_items",
+    "make_question",
+    "target_chunks",
+    "write_videos",
 ]

@@ -32,8 +32,9 @@ def write_run(backend: Backend, run_id: str, rows: list[dict], summary: dict, ki
     folder = backend.join("runs", run_id)
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows), buf)
-    backend.write_bytes(backend.join(folder, "videos.parquet" if kind == "index" else "answers.parquet"),
-                       buf.getvalue())
+    backend.write_bytes(
+        backend.join(folder, "videos.parquet" if kind == "index" else "answers.parquet"), buf.getvalue()
+    )
     backend.write_bytes(backend.join(folder, "summary.json"), json.dumps(summary | {"kind": kind}, indent=1).encode())
     return folder
 
@@ -57,7 +58,7 @@ def read_run_rows(backend: Backend, run_id: str, kind: str = "index") -> list[di
 
 
 def run_status(summary: dict) -> str:
-    """"ok", "failed" or "empty" (see the module doc); the recorded status if the job wrote one."""
+    """ "ok", "failed" or "empty" (see the module doc); the recorded status if the job wrote one."""
     if summary.get("status"):
         return summary["status"]
     done = summary.get("indexed" if summary.get("kind", "index") == "index" else "answered", 0)
@@ -68,12 +69,24 @@ def run_status(summary: dict) -> str:
 
 def run_counts(summary: dict) -> dict:
     """The counts `x2l runs ls` shows for a run of its kind."""
-    names = (("videos", "indexed", "skipped", "failed") if summary.get("kind", "index") == "index"
-             else ("questions", "answered", "already_answered", "failed"))
+    names = (
+        ("videos", "indexed", "skipped", "failed")
+        if summary.get("kind", "index") == "index"
+        else ("questions", "answered", "already_answered", "failed")
+    )
     return {k: summary.get(k, 0) for k in names}
 
 
 def list_runs(backend: Backend) -> list[dict]:
     """Every finished run, oldest first: run_id, kind, status, counts, started (UTC ISO 8601), wall_s."""
-    return [{"run_id": s["run_id"], "kind": s.get("kind", "index"), "status": run_status(s), "counts": run_counts(s),
-             "started": s.get("started", ""), "wall_s": s.get("wall_s", 0.0)} for s in read_runs(backend)]
+    return [
+        {
+            "run_id": s["run_id"],
+            "kind": s.get("kind", "index"),
+            "status": run_status(s),
+            "counts": run_counts(s),
+            "started": s.get("started", ""),
+            "wall_s": s.get("wall_s", 0.0),
+        }
+        for s in read_runs(backend)
+    ]
