@@ -1,6 +1,6 @@
 """Turn a video file into fixed-size chunks of sampled, resized RGB frames (the unit x2l prefills and compresses).
 
-Time is presentation time (issue 10; failure modes in /work/shared/references/decoding.md):
+Time is presentation time (issue 10; the failure modes each rule answers are named below):
 - Probe (`probe_video`): the container header, then one pass over the video packets without decoding them. The
   presented frames are the packets the demuxer does not mark as discarded (an MP4 edit list hides its lead-in frames
   that way), their presentation timestamps (PTS) sorted; time 0 is the first presented frame. The duration is the
