@@ -9,7 +9,8 @@ from x2l.eval.intervals import overlapping_pairs, wilson_interval
 
 
 def test_wilson_interval_matches_hand_computed_values():
-    # hand-computed to 6 digits (hence abs=1e-5). 7 of 8, z = 1.959964: z^2 = 3.841459, denominator 1 + z^2/8 = 1.480182,
+    # hand-computed to 6 digits (hence abs=1e-5). 7 of 8, z = 1.959964: z^2 = 3.841459,
+    # denominator 1 + z^2/8 = 1.480182,
     # centre (0.875 + 0.240091) / 1.480182 = 0.753348, half 1.959964 * sqrt(0.013672 + 0.015006) / 1.480182 = 0.224236
     lo, hi = wilson_interval(7, 8)
     assert lo == pytest.approx(0.529112, abs=1e-5) and hi == pytest.approx(0.977584, abs=1e-5)

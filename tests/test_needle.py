@@ -23,10 +23,10 @@ def test_same_seed_same_questions_and_frames():
     b = nd.make_items("test", 8, seed=0)
     assert a == b
     assert [x.family for x in a] == list(nd.FAMILIES) * 2
-    for x, y in zip(a[:4], b[:4]):
+    for x, y in zip(a[:4], b[:4], strict=True):
         assert np.array_equal(x.video.frames(), y.video.frames())
     c = nd.make_items("test", 8, seed=1)
-    assert all(x.video != y.video for x, y in zip(a, c))
+    assert all(x.video != y.video for x, y in zip(a, c, strict=True))
 
 
 def test_same_seed_same_video_bytes(tmp_path):
@@ -88,7 +88,7 @@ def test_questions_match_their_videos(tmp_path):
 def test_bench_question_records(tmp_path):
     items = nd.make_items("test", 4, seed=0, n_chunks=nd.MAX_NEEDLES)
     qs = nd.write_videos(items, tmp_path)
-    for it, q in zip(items, qs):
+    for it, q in zip(items, qs, strict=True):
         assert q.benchmark == "needle" and q.qid == it.qid and q.category == it.family
         assert q.options[0].startswith("A. ") and q.answer in "ABCD" and Path(q.video).is_file()
         assert q.duration == f"{it.video.n_frames}s"

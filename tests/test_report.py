@@ -207,7 +207,7 @@ def test_report_md_has_a_per_run_table(reported, tmp_path):
     assert table[0] == "| run id | kind | status | counts | started (UTC) | wall time | dollars |"
     listed = list_runs(backend)
     assert len(table) == 2 + len(listed) == 5
-    for line, run, summary in zip(table[2:], listed, summaries):
+    for line, run, summary in zip(table[2:], listed, summaries, strict=True):
         kind = run["kind"]
         rows = read_run_rows(backend, run["run_id"], kind)
         if kind == "index":

@@ -18,15 +18,16 @@ class Prices:
 
     gpu_per_hour: one accelerator-hour (default 1.006: an AWS g5.xlarge, 1 A10G, on demand in us-east-1, 2025).
     storage_per_gb_month: object storage (default 0.023: S3 Standard, first 50 TB). put_per_1k / get_per_1k:
-    requests (defaults 0.005 and 0.0004: S3 Standard PUT and GET). devices_for_cpu_runs: how many accelerators a
-    run on CPU-only actors is billed as (default 1 per actor, so CPU runs still get a comparable figure).
+    requests (defaults 0.005 and 0.0004: S3 Standard PUT and GET). serve_devices: accelerators behind the Serve app,
+    billed for runs answered over HTTP (default 1; such a run does not know them). A run on CPU-only actors is billed
+    as one accelerator per actor, so CPU runs still get a comparable figure.
     """
 
     gpu_per_hour: float = 1.006
     storage_per_gb_month: float = 0.023
     put_per_1k: float = 0.005
     get_per_1k: float = 0.0004
-    serve_devices: float = 1.0  # accelerators behind a Serve app (an answer run through HTTP does not know them)
+    serve_devices: float = 1.0
 
 
 def index_devices(config: dict) -> float:
@@ -42,6 +43,8 @@ def answering_s(summary: dict) -> float:
 
 
 def answer_devices(config: dict, prices: Prices) -> float:
+    """Accelerators an answer run is billed for: `prices.serve_devices` when it answered through a Serve app, else
+    one per in-job actor."""
     if config.get("serve_address"):
         return prices.serve_devices
     return config.get("concurrency", 1) * 1.0
