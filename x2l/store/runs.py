@@ -53,12 +53,13 @@ def read_runs(backend: Backend) -> list[dict]:
 
 
 def read_run_rows(backend: Backend, run_id: str, kind: str = "index") -> list[dict]:
+    """A run's rows: one stats row per video (kind "index") or one answer row per question (kind "answer")."""
     key = backend.join("runs", run_id, "videos.parquet" if kind == "index" else "answers.parquet")
     return pq.read_table(io.BytesIO(backend.read_bytes(key))).to_pylist()
 
 
 def run_status(summary: dict) -> str:
-    """ "ok", "failed" or "empty" (see the module doc); the recorded status if the job wrote one."""
+    """The run's status, "ok", "failed" or "empty" (see the module doc); the recorded status if the job wrote one."""
     if summary.get("status"):
         return summary["status"]
     done = summary.get("indexed" if summary.get("kind", "index") == "index" else "answered", 0)
