@@ -53,7 +53,7 @@ class Progress:
             print(self.line(item), file=self.file, flush=True)
 
     def line(self, item: str | None = None) -> str:
-        """ "index 5/20 chunks (25%) 0:12 elapsed, ETA 0:36, 0.41 chunk/s[, 1 failed][: item]"."""
+        """The progress line: "index 5/20 chunks (25%) 0:12 elapsed, ETA 0:36, 0.41 chunk/s[, 1 failed][: item]"."""
         elapsed = time.monotonic() - self.t0
         rate = self.n / elapsed if elapsed > 0 else 0.0
         done = (
