@@ -24,13 +24,9 @@ import pyarrow.parquet as pq
 from x2l.errors import ConfigError
 from x2l.store.backend import Backend
 
-ANSWER_FIELDS = (
-    "id",
-    "video_id",
-    "question",
-    "options",
-    "answer",
-    "error",
+# The per-question stats an answer carries under these names (Answer.to_dict, the HTTP API), and its seconds by
+# stage (the `<stage>_s` fields).
+ANSWER_STATS = (
     "selected_chunks",
     "n_chunks",
     "tokens_in_cache",
@@ -38,13 +34,13 @@ ANSWER_FIELDS = (
     "kv_bytes_full",
     "store_bytes_read",
     "cache_hits",
-    "load_h_s",
-    "relevance_s",
-    "fetch_s",
-    "assemble_s",
-    "decode_s",
-    "queue_s",
-    "total_s",
+)
+ANSWER_STAGES = ("load_h", "relevance", "fetch", "assemble", "decode", "queue")
+ANSWER_FIELDS = (
+    ("id", "video_id", "question", "options", "answer", "error")
+    + ANSWER_STATS
+    + tuple(f"{k}_s" for k in ANSWER_STAGES)
+    + ("total_s",)
 )
 
 
@@ -119,22 +115,8 @@ def answer_row(question: dict, result: dict) -> dict:
         row["error"] = err.get("message", str(err)) if isinstance(err, dict) else str(err)
         return row
     secs = result.get("seconds", {})
-    row |= {
-        k: result.get(k)
-        for k in (
-            "selected_chunks",
-            "n_chunks",
-            "tokens_in_cache",
-            "kv_bytes_used",
-            "kv_bytes_full",
-            "store_bytes_read",
-            "cache_hits",
-        )
-    }
-    row |= {
-        "answer": result["answer"],
-        **{f"{k}_s": secs.get(k) for k in ("load_h", "relevance", "fetch", "assemble", "decode", "queue")},
-    }
+    row |= {k: result.get(k) for k in ANSWER_STATS}
+    row |= {"answer": result["answer"], **{f"{k}_s": secs.get(k) for k in ANSWER_STAGES}}
     # Over HTTP "total" is the request's latency at the ingress; in-job it is the batch's engine time.
     row["total_s"] = secs.get("total", sum(v for k, v in secs.items() if k != "queue"))
     return row

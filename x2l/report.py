@@ -255,41 +255,31 @@ def load_runs(store_uri: str, config=None, which: RunFilter = RunFilter()) -> tu
     return index_runs, answer_runs
 
 
+# The price flags of `x2l report`: (flag, Prices field, what it prices, where its default comes from).
+PRICE_OPTIONS = (
+    ("--gpu-dollars-per-hour", "gpu_per_hour", "price of one accelerator-hour", ": AWS g5.xlarge on demand"),
+    ("--storage-dollars-per-gb-month", "storage_per_gb_month", "object storage price", ": S3 Standard"),
+    ("--put-dollars-per-1k", "put_per_1k", "price of 1,000 PUT requests", ""),
+    ("--get-dollars-per-1k", "get_per_1k", "price of 1,000 GET requests", ""),
+    ("--serve-devices", "serve_devices", "accelerators behind the Serve app for runs answered over HTTP", ""),
+)
+
+
 def add_report_options(p: argparse.ArgumentParser) -> None:
     """The options of `x2l report STORE` and `python jobs/report.py --store URI` (everything but the store): --out,
-    the prices (`Prices`) and the run filter (`RunFilter`); `report_options` reads them back."""
+    the prices (`Prices`, `PRICE_OPTIONS`) and the run filter (`RunFilter`); `report_options` reads them back."""
     d = Prices()
     p.add_argument("--out", default="report", help="local folder for report.md, report.json and plots (default report)")
-    p.add_argument(
-        "--gpu-dollars-per-hour",
-        type=float,
-        default=d.gpu_per_hour,
-        help=f"price of one accelerator-hour (default {d.gpu_per_hour}: AWS g5.xlarge on demand)",
-    )
-    p.add_argument(
-        "--storage-dollars-per-gb-month",
-        type=float,
-        default=d.storage_per_gb_month,
-        help=f"object storage price (default {d.storage_per_gb_month}: S3 Standard)",
-    )
-    p.add_argument(
-        "--put-dollars-per-1k",
-        type=float,
-        default=d.put_per_1k,
-        help=f"price of 1,000 PUT requests (default {d.put_per_1k})",
-    )
-    p.add_argument(
-        "--get-dollars-per-1k",
-        type=float,
-        default=d.get_per_1k,
-        help=f"price of 1,000 GET requests (default {d.get_per_1k})",
-    )
-    p.add_argument(
-        "--serve-devices",
-        type=float,
-        default=d.serve_devices,
-        help=f"accelerators behind the Serve app for runs answered over HTTP (default {d.serve_devices:g})",
-    )
+    for flag, field, what, source in PRICE_OPTIONS:
+        default = getattr(d, field)
+        p.add_argument(
+            flag,
+            dest=field,
+            metavar=flag[2:].upper().replace("-", "_"),
+            type=float,
+            default=default,
+            help=f"{what} (default {default:g}{source})",
+        )
     p.add_argument("--run-id", action="append", default=None, help="only this run (repeat for several)")
     p.add_argument(
         "--since",
@@ -306,13 +296,7 @@ def add_report_options(p: argparse.ArgumentParser) -> None:
 
 def report_options(args: argparse.Namespace) -> tuple[Prices, RunFilter]:
     """The prices and run filter of options parsed with `add_report_options`."""
-    prices = Prices(
-        args.gpu_dollars_per_hour,
-        args.storage_dollars_per_gb_month,
-        args.put_dollars_per_1k,
-        args.get_dollars_per_1k,
-        args.serve_devices,
-    )
+    prices = Prices(**{field: getattr(args, field) for _, field, _, _ in PRICE_OPTIONS})
     return prices, RunFilter(args.run_id, args.since, args.kind, args.include_failed)
 
 
