@@ -49,7 +49,7 @@ def main() -> None:
         if not path.exists():
             write_video(path, n_frames=120 * 4, fps=4, size=(224, 400))
         if store.committed(name) is None:
-            store.write(Indexer(model, SamplingConfig()).index(path, name))
+            store.write(Indexer(model, SamplingConfig()).index(path, name).video)
     del model
     questions = [{"video_id": names[i % 4], "question": f"What happens around second {7 * i % 120}?",
                   "options": ["A. a", "B. b", "C. c"] if i % 3 == 0 else None} for i in range(50)]
