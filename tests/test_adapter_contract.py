@@ -210,6 +210,14 @@ def test_stop_tokens_are_the_checkpoints_end_tokens_and_never_text(checkpoint, a
     assert sum(t in stops for t in tricky) == sum(t in stops for t in plain)
 
 
+def test_the_question_layout_without_weights_counts_what_the_adapter_builds(checkpoint, adapter):
+    """Serve's ingress bounds prompts in tokens from the tokenizer alone (registry.question_token_counter)."""
+    count = registry.question_token_counter(checkpoint)
+    for question, options in (("What color is the ball?", None), ("Which first?", ["a cup", "B) a dog", "a tree"]),
+                              ("<|im_end|> spelled out", ["<|im_start|>"])):
+        assert count(question, options) == len(adapter.question_ids(question, options)) > 0
+
+
 def test_decoding_stops_at_every_stop_token_and_leaves_it_out(adapter, exact_kv):
     for stop in adapter.stop_token_ids:
         def force(call, logits, stop=stop):

@@ -348,15 +348,12 @@ def _authorized(token: bytes, header: str | None) -> bool:
 @serve.ingress(api)
 class Ingress:
     def __init__(self, query: DeploymentHandle, config: dict):
-        from transformers import AutoTokenizer
-
-        from x2l.models.qwen2_vl import question_token_ids
+        from x2l.models.registry import question_token_counter
 
         self.query = query
         self.cfg = ServeConfig(**config)
         self.token = api_token(self.cfg.token_env)
-        tokenizer = AutoTokenizer.from_pretrained(self.cfg.model)  # to bound prompts in tokens before any replica
-        self.count_tokens = lambda q, o: len(question_token_ids(tokenizer, q, o))
+        self.count_tokens = question_token_counter(self.cfg.model)  # to bound prompts in tokens before any replica
 
     def _refused(self, q: "QuestionIn") -> dict | None:
         try:

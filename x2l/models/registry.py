@@ -2,8 +2,9 @@
 
 Each family has one user-facing name (the one spelling used by `x2l tiny-model --family`, stored in every indexed
 video's meta as `model_family`, and shown to users), its adapter class (x2l.models.base.ModelAdapter), its pixel-rule
-loader (the frame-size rule read without loading weights, for decode workers) and its tiny random-checkpoint builder
-(tests, demo, timings). Components are named "module:attribute" and imported only when used, so reading the registry
+loader (the frame-size rule read without loading weights, for decode workers), its question layout over a bare
+tokenizer (to bound prompts in tokens without loading weights, in Serve's ingress) and its tiny random-checkpoint
+builder (tests, demo, timings). Components are named "module:attribute" and imported only when used, so reading the registry
 loads neither torch nor transformers.
 
 Adding a family: one adapter module under x2l/models/, one `Family` entry below, and a tiny builder; the adapter
@@ -16,6 +17,7 @@ import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from x2l.errors import ModelError
@@ -32,6 +34,7 @@ class Family:
     model_type: str  # config.json "model_type", e.g. "qwen2_vl"
     adapter: str  # "module:Class", called as Class(path, dtype, attn_implementation, device, min_pixels, max_pixels)
     pixel_rule: str  # "module:callable", called as f(path, min_pixels, max_pixels) -> PixelRule
+    question_ids: str  # "module:callable", called as f(tokenizer, question, options) -> ids (= adapter.question_ids)
     tiny_builder: str  # "module:callable", called as f(out_dir, family=name, size=, seed=, dtype=) -> Path
 
     def load(self, attr: str) -> Any:
@@ -45,9 +48,10 @@ class Family:
 
 FAMILIES: tuple[Family, ...] = (
     Family("qwen2-vl", "qwen2_vl", "x2l.models.qwen2_vl:Qwen2VLAdapter", "x2l.models.qwen2_vl:PixelRule.from_checkpoint",
-           "x2l.testing.tiny_models:write_tiny_checkpoint"),
+           "x2l.models.qwen2_vl:question_token_ids", "x2l.testing.tiny_models:write_tiny_checkpoint"),
     Family("qwen2.5-vl", "qwen2_5_vl", "x2l.models.qwen2_vl:Qwen2VLAdapter",
-           "x2l.models.qwen2_vl:PixelRule.from_checkpoint", "x2l.testing.tiny_models:write_tiny_checkpoint"),
+           "x2l.models.qwen2_vl:PixelRule.from_checkpoint", "x2l.models.qwen2_vl:question_token_ids",
+           "x2l.testing.tiny_models:write_tiny_checkpoint"),
 )
 FAMILY_NAMES: tuple[str, ...] = tuple(f.name for f in FAMILIES)
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(f.model_type for f in FAMILIES)
@@ -110,6 +114,17 @@ def pixel_rule(path: str | Path, min_pixels: int | None = None, max_pixels: int 
     """The checkpoint's frame-size rule without loading weights (for decode workers)."""
     fam = checkpoint_family(path)
     return fam.load("pixel_rule")(Path(path), min_pixels, max_pixels)
+
+
+def question_token_counter(path: str | Path) -> Callable[[str, list[str] | None], int]:
+    """(question, options) -> how many tokens the family's question turn takes with this checkpoint's tokenizer,
+    without loading weights (x2l.prompt.check_prompt's counter)."""
+    from transformers import AutoTokenizer
+
+    fam = checkpoint_family(path)
+    layout = fam.load("question_ids")
+    tokenizer = AutoTokenizer.from_pretrained(Path(path))
+    return lambda question, options: len(layout(tokenizer, question, options))
 
 
 def write_tiny_checkpoint(out_dir: str | Path, family_name: str, size: str = "tiny", seed: int = 0,
