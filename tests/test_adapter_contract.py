@@ -258,3 +258,30 @@ def test_pixel_bounds_given_to_load_model_are_the_rule_decode_workers_read(check
     for h, w in SIZES:
         th, tw = model.target_size(h, w)
         assert (th, tw) == bounded.target_size(h, w) and low <= th * tw <= high, (h, w, th, tw)
+
+
+# --- the probing hook every family runs through ------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_probing_eager_attention_is_transformers_eager_bit_for_bit(dtype, masked):
+    """x2l.models.probing's family-neutral eager path returns exactly what transformers' per-model eager functions
+    return (Llama's, the template most decoders copy, and Qwen2-VL's), weights included (output_attentions)."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward as llama_eager
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import eager_attention_forward as qwen2_vl_eager
+
+    from x2l.models.probing import eager_attention
+
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 4, 5, 16, generator=g).to(dtype)
+    key, value = (torch.randn(2, 2, 9, 16, generator=g).to(dtype) for _ in range(2))
+    mask = None
+    if masked:  # causal over 4 cached entries plus 5 new ones, one padded cache slot in the second sample
+        allowed = torch.ones(2, 1, 5, 9, dtype=torch.bool).tril(diagonal=4)
+        allowed[1, :, :, 2] = False
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    module = torch.nn.Module().eval()
+    module.num_key_value_groups = 2
+    ours = eager_attention(module, query, key, value, mask, scaling=0.25)
+    for reference in (llama_eager, qwen2_vl_eager):
+        out, weights = reference(module, query, key, value, mask, scaling=0.25)
+        assert torch.equal(ours[0], out) and torch.equal(ours[1], weights)
