@@ -120,7 +120,7 @@ def run(args, model, sampling, videos, stores, work) -> None:
         t = time.perf_counter()
         for path in videos:
             if store.committed(path.name) is None:
-                store.write(Indexer(model, sampling, configs[name]).index(path, path.name))
+                store.write(Indexer(model, sampling, configs[name]).index(path, path.name).video)
         index_s[name] = time.perf_counter() - t
     n_chunks = KVStore(stores["x2l"]).info(videos[0].name)["n_chunks"]
 

@@ -17,7 +17,7 @@ from transformers import DynamicCache
 from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig
 from x2l.engine import Answerer, Indexer, Question
 from x2l.models import load_model
-from x2l.models.attention import probing
+from x2l.models.probing import probing
 from x2l.scorers import make_scorer
 from x2l.scorers.base import ScoringProbe
 from x2l.source import InMemorySource
@@ -82,7 +82,7 @@ def main() -> None:
 
     indexer = Indexer(model, SamplingConfig(), CompressionConfig())
     t = time.perf_counter()
-    kv = indexer.index(video, "bench")
+    kv, stats = indexer.index(video, "bench")
     index_s = time.perf_counter() - t
     qs = [Question("bench", f"What happens around second {s}?", ["A", "B", "C", "D"]) for s in (10, 50, 90, 110)]
     answerer = Answerer(model, InMemorySource([kv]), RetrievalConfig(top_k=3, max_new_tokens=8))
@@ -110,11 +110,11 @@ def main() -> None:
         "machine": f"{torch.get_num_threads()} torch threads, CPU",
         "model": args.size,
         "video_s": args.seconds,
-        "frames": indexer.last_stats.frames,
+        "frames": stats.frames,
         "chunks": kv.n_chunks,
-        "tokens": indexer.last_stats.tokens,
+        "tokens": stats.tokens,
         "index_wall_s": round(index_s, 2),
-        "index_stage_s": {k: round(v, 2) for k, v in indexer.last_stats.seconds.items()},
+        "index_stage_s": {k: round(v, 2) for k, v in stats.seconds.items()},
         "answer_1q_wall_s": round(answer1_s, 3),
         "answer_4q_batch_wall_s": round(answer4_s, 3),
         "answer_stage_s": {k: round(v, 4) for k, v in one.seconds.items()},

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from x2l.models.qwen2_vl import FINGERPRINT_CACHE, checkpoint_fingerprint
+from x2l.models.fingerprint import FINGERPRINT_CACHE, checkpoint_fingerprint
 
 
 def main() -> None:

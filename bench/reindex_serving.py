@@ -39,7 +39,7 @@ def main() -> None:
     model = load_model(ckpt)
     video = write_video(work / "v.mp4", n_frames=32, fps=4, size=(64, 96))
     versions = {
-        n: Indexer(model, SamplingConfig(fps=2, frames_per_chunk=f)).index(video, "v.mp4") for n, f in ((4, 4), (8, 2))
+        n: Indexer(model, SamplingConfig(fps=2, frames_per_chunk=f)).index(video, "v.mp4").video for n, f in ((4, 4), (8, 2))
     }
     store = KVStore(str(work / "store"), model.fingerprint)
     store.write(versions[4])

@@ -49,7 +49,7 @@ def main() -> None:
         if not path.exists():
             write_video(path, n_frames=120 * 4, fps=4, size=(224, 400))
         if store.committed(name) is None:
-            store.write(Indexer(model, SamplingConfig()).index(path, name))
+            store.write(Indexer(model, SamplingConfig()).index(path, name).video)
     del model
     questions = [
         {

@@ -54,7 +54,7 @@ def main() -> None:
         os.environ.update(server.env())
         uri = server.uri("skip")
         store = KVStore(uri, model.fingerprint)
-        meta = store.write(Indexer(model, sampling).index(video, "template"))
+        meta = store.write(Indexer(model, sampling).index(video, "template").video)
         rows = [{"video_id": f"v{i:05d}.mp4", "uri": f"s3://x2l/corpus/v{i:05d}.mp4"} for i in range(args.videos)]
 
         def commit(row: dict) -> None:

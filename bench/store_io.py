@@ -114,7 +114,7 @@ def main() -> None:
         write_video(video_path, n_frames=600 * 4, fps=4, size=(224, 400))
     sampling = SamplingConfig()
     t = time.perf_counter()
-    video = Indexer(load_model(ckpt), sampling).index(video_path, "ten-minutes")
+    video = Indexer(load_model(ckpt), sampling).index(video_path, "ten-minutes").video
     index_s = round(time.perf_counter() - t, 2)
 
     n = video.n_chunks

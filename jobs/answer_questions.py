@@ -201,7 +201,7 @@ def run(args) -> int:
     store_cfg = StoreConfig(uri=args.store)
     fingerprint = None
     if not args.serve_address:
-        from x2l.models.qwen2_vl import checkpoint_fingerprint
+        from x2l.models.fingerprint import checkpoint_fingerprint
 
         args.model = job_path(args.model, "--model")
         if not (Path(args.model) / "config.json").is_file():

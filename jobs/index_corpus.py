@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from x2l.distributed import (IndexJobConfig, build_pipeline, check_options, check_resources, job_path, start_ray,
                                  stats_row)
     from x2l.models import pixel_rule
-    from x2l.models.qwen2_vl import checkpoint_fingerprint
+    from x2l.models.fingerprint import checkpoint_fingerprint
     from x2l.summary import summarize_index_run
     from x2l.scorers import make_scorer
     from x2l.store import KVStore

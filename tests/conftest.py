@@ -43,16 +43,17 @@ def store_uri(request, tmp_path, monkeypatch):
 
 
 # --- models and videos ------------------------------------------------------------------------------------------------
-# tiny_checkpoints (session): {"qwen2-vl": dir, "qwen2.5-vl": dir}, random tiny checkpoints written by x2l itself.
+# tiny_checkpoints (session): {family name: dir} for every registered family ("qwen2-vl", "qwen2.5-vl"), random tiny
+#                   checkpoints written by each family's tiny builder (x2l.models.registry).
 # video_path (session): a 10 s, 2 fps-sampled, 64x96 H.264 test video written with PyAV.
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
-    from x2l.testing.tiny_models import write_tiny_checkpoint
+    from x2l.models.registry import FAMILY_NAMES, write_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("checkpoints")
-    return {fam: write_tiny_checkpoint(root / fam, family=fam, size="tiny") for fam in ("qwen2-vl", "qwen2.5-vl")}
+    return {fam: write_tiny_checkpoint(root / fam, fam, size="tiny") for fam in FAMILY_NAMES}
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,7 @@ def test_kv_is_cast_to_the_models_dtype_on_load(written, asked, tiny_checkpoints
     ckpt = tiny_checkpoints["qwen2-vl"]
     indexer_model = load_model(ckpt, "float32" if written == torch.float32 else "bfloat16", device="cpu")
     uri = str(tmp_path / "store")
-    KVStore(uri, indexer_model.fingerprint).write(Indexer(indexer_model, SAMPLING).index(video_path, "v"))
+    KVStore(uri, indexer_model.fingerprint).write(Indexer(indexer_model, SAMPLING).index(video_path, "v").video)
     assert KVStore(uri).info("v")["dtype"] == str(written).removeprefix("torch.")
 
     model = load_model(ckpt, asked, device="cpu")
@@ -55,7 +55,7 @@ def test_store_info_and_ls_show_the_kv_dtype(tiny_checkpoints, video_path, tmp_p
 
     model = load_model(tiny_checkpoints["qwen2-vl"], "float32", device="cpu")
     uri = str(tmp_path / "store")
-    KVStore(uri, model.fingerprint).write(Indexer(model, SAMPLING).index(video_path, "v"))
+    KVStore(uri, model.fingerprint).write(Indexer(model, SAMPLING).index(video_path, "v").video)
     r = x2l("store", "info", uri, "v")
     assert r.returncode == 0 and "KV dtype float32" in r.stdout
     assert json.loads(x2l("store", "ls", uri, "--json").stdout)[0]["dtype"] == "float32"
@@ -105,7 +105,7 @@ def test_the_index_jobs_check_stage_classifies_before_decoding(tiny_checkpoints,
     store = KVStore(uri, model.fingerprint)
     src = str(Path(video_path).resolve())
     for vid, size in (("job.mp4", os.path.getsize(src)), ("cli.mp4", None)):
-        kv = Indexer(model, SAMPLING).index(src, vid)
+        kv = Indexer(model, SAMPLING).index(src, vid).video
         if size is not None:
             kv.meta |= {"source_size": size}  # as the job's actors write it
         store.write(kv, source=src)

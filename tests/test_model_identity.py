@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import x2l.models.qwen2_vl as qwen2_vl
+import x2l.models.fingerprint as fingerprint
 from x2l.errors import ModelError
-from x2l.models.qwen2_vl import ANSWER_PREFIX, MC_INSTRUCTION, checkpoint_fingerprint, question_token_ids
+from x2l.models.fingerprint import checkpoint_fingerprint
+from x2l.models.qwen2_vl import ANSWER_PREFIX, MC_INSTRUCTION, question_token_ids
 from x2l.prompt import PromptError, PromptLimits, check_prompt
 from x2l.store.schema import SCHEMA_VERSION
 
@@ -44,13 +45,13 @@ def flip(f: Path, offset: int) -> None:
 def counting_digests(monkeypatch) -> list[str]:
     """Names of the files whose bytes the fingerprint hashes (so a test can tell a cache hit from a rehash)."""
     read: list[str] = []
-    real = qwen2_vl.hashlib.file_digest
+    real = fingerprint.hashlib.file_digest
 
     def spy(fh, name):
         read.append(Path(fh.name).name)
         return real(fh, name)
 
-    monkeypatch.setattr(qwen2_vl.hashlib, "file_digest", spy)
+    monkeypatch.setattr(fingerprint.hashlib, "file_digest", spy)
     return read
 
 
@@ -70,7 +71,7 @@ def test_digests_are_cached_beside_the_checkpoint_keyed_by_stat(tmp_path, monkey
     ckpt = weights_only(tmp_path / "ckpt", mib=2)
     read = counting_digests(monkeypatch)
     first = checkpoint_fingerprint(ckpt)
-    assert read == ["model.safetensors"] and (ckpt / qwen2_vl.FINGERPRINT_CACHE).is_file()
+    assert read == ["model.safetensors"] and (ckpt / fingerprint.FINGERPRINT_CACHE).is_file()
     assert checkpoint_fingerprint(ckpt) == first and read == ["model.safetensors"]  # cached: not read again
     f = ckpt / "model.safetensors"
     st = f.stat()
@@ -83,7 +84,7 @@ def test_digests_are_cached_beside_the_checkpoint_keyed_by_stat(tmp_path, monkey
 def test_read_only_checkpoint_caches_in_the_user_cache_or_not_at_all(tmp_path, monkeypatch):
     ckpt = weights_only(tmp_path / "ckpt", mib=1)
     expected = checkpoint_fingerprint(ckpt)
-    (ckpt / qwen2_vl.FINGERPRINT_CACHE).unlink()
+    (ckpt / fingerprint.FINGERPRINT_CACHE).unlink()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     real_replace = os.replace
 
@@ -92,16 +93,16 @@ def test_read_only_checkpoint_caches_in_the_user_cache_or_not_at_all(tmp_path, m
             raise PermissionError(f"read-only file system: {dst}")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(qwen2_vl.os, "replace", read_only)
+    monkeypatch.setattr(fingerprint.os, "replace", read_only)
     read = counting_digests(monkeypatch)
     assert checkpoint_fingerprint(ckpt) == expected and read == ["model.safetensors"]
-    assert not (ckpt / qwen2_vl.FINGERPRINT_CACHE).exists() and list(ckpt.glob(".*tmp-*")) == []
+    assert not (ckpt / fingerprint.FINGERPRINT_CACHE).exists() and list(ckpt.glob(".*tmp-*")) == []
     assert len(list((tmp_path / "cache" / "x2l" / "fingerprints").glob("*.json"))) == 1
     assert checkpoint_fingerprint(ckpt) == expected and read == ["model.safetensors"]  # from the user cache
     # a read-only copy that carries the original's cache file (stale here: other inodes): the user cache is used,
     # not hashed again on every load
     stale = {"files": {"model.safetensors": {"stat": [0, 0, 0, 0], "sha256": "0" * 64}}}
-    (ckpt / qwen2_vl.FINGERPRINT_CACHE).write_text(json.dumps(stale))
+    (ckpt / fingerprint.FINGERPRINT_CACHE).write_text(json.dumps(stale))
     for _ in range(2):  # the stale entry is ignored, the user cache's holds: never hashed again
         assert checkpoint_fingerprint(ckpt) == expected and len(read) == 1
     monkeypatch.setenv("XDG_CACHE_HOME", "/proc/x2l-nowhere")  # nowhere writable: hashed every time, still right

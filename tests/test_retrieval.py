@@ -74,7 +74,7 @@ def test_engine_selects_the_top_chunks_of_the_models_own_attention(tiny_checkpoi
     from x2l.models import load_model
 
     model = load_model(tiny_checkpoints["qwen2.5-vl"], attn_implementation="eager")
-    kv = Indexer(model, SamplingConfig(fps=2, frames_per_chunk=4)).index(video_path, "v")
+    kv = Indexer(model, SamplingConfig(fps=2, frames_per_chunk=4)).index(video_path, "v").video
     q = "Which object moves fastest near the end?"
     [ans] = Answerer(model, InMemorySource([kv]), RetrievalConfig(top_k=2, max_new_tokens=1)).answer([Question("v", q)])
 
@@ -106,7 +106,7 @@ def test_uniform_selection_is_evenly_spaced_and_ignores_the_question(tiny_checkp
     assert uniform_chunks(3, 7) == [0, 1, 2]
     assert uniform_chunks(5, 0) == []
     model = load_model(tiny_checkpoints["qwen2-vl"])
-    kv = Indexer(model, SamplingConfig(fps=2, frames_per_chunk=4)).index(video_path, "v")
+    kv = Indexer(model, SamplingConfig(fps=2, frames_per_chunk=4)).index(video_path, "v").video
     answerer = Answerer(model, InMemorySource([kv]), RetrievalConfig(top_k=2, max_new_tokens=1, selection="uniform"))
     a, b = answerer.answer([Question("v", "What is red?"), Question("v", "Count the dogs.")])
     assert a.selected_chunks == b.selected_chunks == [0, kv.n_chunks - 1]
@@ -118,7 +118,7 @@ def test_chosen_layers_stop_the_relevance_pass_early(tiny_checkpoints, video_pat
     from x2l.models import load_model
 
     model = load_model(tiny_checkpoints["qwen2-vl"])
-    kv = Indexer(model, SamplingConfig(fps=2, frames_per_chunk=4)).index(video_path, "v")
+    kv = Indexer(model, SamplingConfig(fps=2, frames_per_chunk=4)).index(video_path, "v").video
     prompt = model.question_ids("Where is the ball?")
     ran: list[int] = []
     hooks = [layer.register_forward_hook(lambda m, i, o, n=n: ran.append(n))

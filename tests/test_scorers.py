@@ -10,7 +10,7 @@ from x2l.compress import keep_count, split_levels
 from x2l.config import CompressionConfig, SamplingConfig
 from x2l.engine import Indexer
 from x2l.errors import ConfigError
-from x2l.models.attention import probing
+from x2l.models.probing import probing
 from x2l.scorers import SCORERS, make_scorer
 from x2l.scorers.base import ScoringProbe
 from x2l.scorers.uniform import van_der_corput
@@ -75,7 +75,7 @@ def test_scorer_shape_finite_and_levels(chunk_run, name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_every_scorer_indexes_a_video(model, video_path, name):
-    kv = Indexer(model, SAMPLING, CompressionConfig(scorer=name)).index(video_path, "v")
+    kv = Indexer(model, SAMPLING, CompressionConfig(scorer=name)).index(video_path, "v").video
     assert kv.n_chunks >= 3 and all(c.delta.n_entries > 0 for c in kv.chunks)
 
 

@@ -37,10 +37,10 @@ def archive(tmp_path_factory, tiny_checkpoints):
     store = KVStore(str(root / "store"), model.fingerprint)
     for i, (name, frames) in enumerate(VIDEOS.items()):
         path = write_video(root / name, n_frames=frames, fps=4, size=(64, 96 + 28 * i))
-        store.write(Indexer(model, SAMPLING).index(path, name))
+        store.write(Indexer(model, SAMPLING).index(path, name).video)
     # a store of its own for the re-index test: one video, indexed in chunks of 4 frames
     live = write_video(root / "live.mp4", n_frames=32, fps=4, size=(64, 96))
-    KVStore(str(root / "live"), model.fingerprint).write(Indexer(model, SAMPLING).index(live, "live.mp4"))
+    KVStore(str(root / "live"), model.fingerprint).write(Indexer(model, SAMPLING).index(live, "live.mp4").video)
     return {"store": str(root / "store"), "model": str(model_dir), "model_obj": model, "live": str(root / "live"),
             "live_video": live}
 

@@ -30,7 +30,7 @@ def indexed(tmp_path_factory, tiny_checkpoints):
     model = load_model(model_dir)
     store = KVStore(str(root / "store"), model.fingerprint)
     path = write_video(root / "cats.mp4", n_frames=24, fps=4, size=(64, 96))
-    store.write(Indexer(model, SamplingConfig(fps=2, frames_per_chunk=4)).index(path, "cats.mp4"))
+    store.write(Indexer(model, SamplingConfig(fps=2, frames_per_chunk=4)).index(path, "cats.mp4").video)
     return {"store": str(root / "store"), "model": str(model_dir), "model_obj": model}
 
 

@@ -119,7 +119,7 @@ def tiny_model(tiny_checkpoints):
 
 @pytest.fixture(scope="module")
 def indexed(tiny_model, video_path) -> VideoKV:
-    return Indexer(tiny_model, SamplingConfig(fps=2, frames_per_chunk=4)).index(video_path, "vid")
+    return Indexer(tiny_model, SamplingConfig(fps=2, frames_per_chunk=4)).index(video_path, "vid").video
 
 
 # --- keys ---------------------------------------------------------------------------------------------------------

@@ -433,7 +433,7 @@ def forward_loss(adapter, layout: Layout, pool: ChunkPool, videos: list[VideoExa
     mixed cache x2l would assemble (see CompressionPlan), gathered from the pre-fill so gradients flow through it.
     Returns (loss, letter correct [M], answer loss, families [M])."""
     from x2l.compress import merge_levels, split_levels
-    from x2l.models.attention import probing
+    from x2l.models.probing import probing
     from x2l.scorers import make_scorer
 
     model = adapter.model

@@ -15,6 +15,7 @@ from pathlib import Path
 from x2l import __version__, console
 from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig, to_dict
 from x2l.errors import ConfigError, OneLineParser, X2LError, one_line
+from x2l.models.registry import FAMILY_NAMES
 from x2l.prompt import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS
 from x2l.store.keys import GRACE_S
 
@@ -152,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tiny-model", help="write a random-weight checkpoint in the HF layout (tests, demo, timings)")
     p.add_argument("out_dir")
-    p.add_argument("--family", default="qwen2-vl", choices=["qwen2-vl", "qwen2.5-vl"], help="default qwen2-vl")
+    p.add_argument("--family", default=FAMILY_NAMES[0], choices=FAMILY_NAMES, help=f"default {FAMILY_NAMES[0]}")
     p.add_argument("--size", default="tiny", choices=["tiny", "small", "medium"], help="default tiny")
     p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
 
@@ -235,11 +236,10 @@ def cmd_index(args) -> None:
         return
     t = time.perf_counter()
     with ChunkProgress(f"index {video_id}", enabled=not args.quiet) as progress:
-        kv = indexer.index(args.video, video_id, on_chunk=progress.chunk_done)
+        kv, stats = indexer.index(args.video, video_id, on_chunk=progress.chunk_done)
     before = store.backend.stats.snapshot()
     meta = store.write(kv, source=source, source_hash=source_hash, overwrite=args.overwrite)
     written = (store.backend.stats.snapshot() - before).bytes_written
-    stats = indexer.last_stats
     result = {
         "video_id": kv.video_id, "store": args.out, "frames": stats.frames, "chunks": kv.n_chunks,
         "decoder": stats.decoder, "frames_promised": stats.frames_promised, "frames_decoded": stats.frames_decoded,
@@ -474,9 +474,9 @@ def cmd_eval(args) -> None:
 
 
 def cmd_tiny_model(args) -> None:
-    from x2l.testing.tiny_models import write_tiny_checkpoint
+    from x2l.models.registry import write_tiny_checkpoint
 
-    out = write_tiny_checkpoint(args.out_dir, family=args.family, size=args.size, seed=args.seed)
+    out = write_tiny_checkpoint(args.out_dir, args.family, size=args.size, seed=args.seed)
     print(f"wrote random-weight {args.family} {args.size} checkpoint (seed {args.seed}) to {out}")
 
 

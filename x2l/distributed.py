@@ -187,7 +187,7 @@ class IndexActor:
                            "t_start": t_start, "t_end": time.time()}
         try:
             t = time.perf_counter()
-            kv = self.indexer.index_clip(clip, row["video_id"])
+            kv, st = self.indexer.index_clip(clip, row["video_id"])
             index_s = time.perf_counter() - t
             self._maybe_crash()
             kv.meta |= {"source_size": info["size"], "run_id": self.cfg.run_id}
@@ -201,7 +201,6 @@ class IndexActor:
         except Exception as e:  # noqa: BLE001 - one bad video must not fail the job; the reason is recorded
             reason = f"{type(e).__name__}: {e} | {traceback.format_exc(limit=3).splitlines()[-1]}"
             return base | {"status": "failed", "reason": reason, "t_start": t_start, "t_end": time.time()}
-        st = self.indexer.last_stats
         return base | {
             "status": "indexed", "frames": st.frames, "chunks": st.chunks, "tokens": st.tokens,
             "vision_s": st.seconds["vision"], "prefill_s": st.seconds["prefill"],

@@ -7,23 +7,29 @@ attention layers, and splits the chunk's KV into H and the L delta from that one
 Answering loads the sink and every H, finds each question's chunks from its attention over them, fetches only those
 chunks' L delta, assembles the mixed cache in temporal order and decodes greedily. Questions are answered as one
 batch: caches are padded to a common length and masked, questions left-padded.
+
+Positions are the adapter's (x2l.models.base): the engine threads its cursor from the sink through the chunks to the
+question and asks it for every decode step's positions, so nothing here knows a family's position rule.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 
 from x2l.compress import ChunkKV, LevelKV, VideoKV, merge_levels, split_levels
 from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig, to_dict
-from x2l.models.attention import probing
 from x2l.models.base import ModelAdapter, Segment
+from x2l.models.probing import probing
 from x2l.retrieval import EnoughLayers, RelevanceProbe, chunk_relevance, select_chunks
 from x2l.scorers import make_scorer
 from x2l.scorers.base import ScoringProbe
@@ -36,6 +42,16 @@ ChunkDone = Callable[[int, int], None]  # (chunks done, chunks in the video)
 
 def _cache(layers: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
     return DynamicCache(ddp_cache_data=list(layers))
+
+
+@contextmanager
+def timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    """Add the wall-clock seconds the block takes to `seconds[stage]` (a defaultdict(float)), even when it raises."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[stage] += time.perf_counter() - t
 
 
 @dataclass
@@ -51,6 +67,13 @@ class IndexStats:
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
+class Indexed(NamedTuple):
+    """What Indexer.index returns: the video's bi-level KV and what indexing it did (`kv, stats = ...` unpacks)."""
+
+    video: VideoKV
+    stats: IndexStats
+
+
 class Indexer:
     """Turns a video into its bi-level compressed KV with one pre-fill pass per chunk."""
 
@@ -64,64 +87,60 @@ class Indexer:
         self.sampling = sampling
         self.compression = compression
         self.scorer = make_scorer(compression.scorer)
-        self.last_stats = IndexStats()
 
-    def index(self, path: str | Path, video_id: str | None = None, on_chunk: ChunkDone | None = None) -> VideoKV:
+    def index(self, path: str | Path, video_id: str | None = None, on_chunk: ChunkDone | None = None) -> Indexed:
         """Decode and index one video file (the id defaults to the file name); `on_chunk(done, total)` after each
-        chunk's pre-fill, for progress."""
-        t0 = time.perf_counter()
-        clip = load_video(path, self.sampling, self.model.target_size)
-        decode_s = time.perf_counter() - t0
-        kv = self.index_clip(clip, video_id if video_id is not None else Path(path).name, on_chunk)
-        self.last_stats.seconds["decode"] += decode_s
-        return kv
+        chunk's pre-fill, for progress. VideoError for a file that cannot be decoded."""
+        seconds: dict[str, float] = defaultdict(float)
+        with timed(seconds, "decode"):
+            clip = load_video(path, self.sampling, self.model.target_size)
+        indexed = self.index_clip(clip, video_id if video_id is not None else Path(path).name, on_chunk)
+        indexed.stats.seconds["decode"] += seconds["decode"]
+        return indexed
 
-    def index_clip(self, clip: VideoClip, video_id: str, on_chunk: ChunkDone | None = None) -> VideoKV:
-        stats = self.last_stats = IndexStats(frames=clip.n_real_frames, chunks=clip.n_chunks, decoder=clip.decoder,
-                                             frames_promised=clip.frames_promised,
-                                             frames_decoded=clip.frames_decoded)
-        model, comp = self.model, self.compression
-        t = time.perf_counter()
-        sink = model.sink()
-        cache = DynamicCache()
-        model.forward(sink.embeds[None], sink.positions[:, None], cache, logits=False)
-        context = [(layer.keys, layer.values) for layer in cache.layers]
-        sink_k = torch.stack([k[0] for k, _ in context])
-        sink_v = torch.stack([v[0] for _, v in context])
-        stats.seconds["prefill"] += time.perf_counter() - t
+    def index_clip(self, clip: VideoClip, video_id: str, on_chunk: ChunkDone | None = None) -> Indexed:
+        """Index frames already decoded (the Ray job decodes on other workers); stats.seconds has vision, prefill
+        and compress."""
+        stats = IndexStats(frames=clip.n_real_frames, chunks=clip.n_chunks, decoder=clip.decoder,
+                           frames_promised=clip.frames_promised, frames_decoded=clip.frames_decoded)
+        model, comp, seconds = self.model, self.compression, stats.seconds
+        with timed(seconds, "prefill"):
+            sink = model.sink()
+            cache = DynamicCache()
+            model.forward(sink.embeds[None], sink.positions[:, None], cache, logits=False)
+            context = [(layer.keys, layer.values) for layer in cache.layers]
+            sink_k = torch.stack([k[0] for k, _ in context])
+            sink_v = torch.stack([v[0] for _, v in context])
         stats.tokens += sink.n_tokens
 
         sample_fps = clip.n_real_frames / clip.duration_s if clip.duration_s > 0 else self.sampling.fps
         start = sink.next_position
         chunks: list[ChunkKV] = []
         for i in range(clip.n_chunks):
-            t = time.perf_counter()
-            seg: Segment = model.chunk(clip.chunk_frames(i), start, sample_fps)
-            stats.seconds["vision"] += time.perf_counter() - t
+            with timed(seconds, "vision"):
+                seg: Segment = model.chunk(clip.chunk_frames(i), start, sample_fps)
             start = seg.next_position
             n = seg.n_tokens
             stats.tokens += n
 
-            t = time.perf_counter()
-            if comp.context != "full" or i == 0:
-                cache = _cache(context)
-            probe = ScoringProbe(self.scorer)
-            with probing(probe):
-                model.forward(seg.embeds[None], seg.positions[:, None], cache, logits=False)
-            stats.seconds["prefill"] += time.perf_counter() - t
+            with timed(seconds, "prefill"):
+                if comp.context != "full" or i == 0:
+                    cache = _cache(context)
+                probe = ScoringProbe(self.scorer)
+                with probing(probe):
+                    model.forward(seg.embeds[None], seg.positions[:, None], cache, logits=False)
 
-            t = time.perf_counter()
-            keys = torch.stack([layer.keys[0, :, -n:] for layer in cache.layers])
-            values = torch.stack([layer.values[0, :, -n:] for layer in cache.layers])
-            h, delta = split_levels(keys, values, probe.scores(), comp.l_keep, comp.h_keep)
-            start_s, end_s = clip.chunk_times[i]
-            chunks.append(ChunkKV(i, start_s, end_s, n, h, delta, delta.n_entries))
-            if comp.context == "h":
-                context = [(torch.cat([ck, h.keys[l][None]], dim=2), torch.cat([cv, h.values[l][None]], dim=2))
-                           for l, (ck, cv) in enumerate(context)]
-            stats.seconds["compress"] += time.perf_counter() - t
+            with timed(seconds, "compress"):
+                keys = torch.stack([layer.keys[0, :, -n:] for layer in cache.layers])
+                values = torch.stack([layer.values[0, :, -n:] for layer in cache.layers])
+                h, delta = split_levels(keys, values, probe.scores(), comp.l_keep, comp.h_keep)
+                start_s, end_s = clip.chunk_times[i]
+                chunks.append(ChunkKV(i, start_s, end_s, n, h, delta, delta.n_entries))
+                if comp.context == "h":
+                    context = [(torch.cat([ck, h.keys[l][None]], dim=2), torch.cat([cv, h.values[l][None]], dim=2))
+                               for l, (ck, cv) in enumerate(context)]
             if on_chunk is not None:
-                on_chunk(i + 1, clip.n_chunks)
+                on_chunk(len(chunks), clip.n_chunks)
 
         meta = {
             "video_id": video_id,
@@ -137,7 +156,7 @@ class Indexer:
             "frames_promised": clip.frames_promised,
             "frames_decoded": clip.frames_decoded,
         }
-        return VideoKV(video_id, sink_k, sink_v, chunks, start, meta)
+        return Indexed(VideoKV(video_id, sink_k, sink_v, chunks, start, meta), stats)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -213,7 +232,8 @@ def _padded_batch(
 ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad caches and left-pad prompts so every sample's last prompt token is the batch's last column.
 
-    Returns (cache, input embeds [B, Q, h], positions [3, B, Q], 2D attention mask [B, S + Q], valid prompt rows).
+    `starts` are the adapter's cursors where each prompt goes. Returns (cache, input embeds [B, Q, h], positions
+    [A, B, Q] (0 in padding), 2D attention mask [B, S + Q], valid prompt rows [B, Q] bool).
     """
     b = len(caches)
     s = max(c[0][0].shape[1] for c in caches)
@@ -232,16 +252,16 @@ def _padded_batch(
         layers.append((keys, values))
     mask = torch.zeros(b, s + q, dtype=torch.long)
     ids = torch.zeros(b, q, dtype=torch.long)
-    positions = torch.zeros(3, b, q, dtype=torch.long)
     valid = torch.zeros(b, q, dtype=torch.bool)
+    positions = []
     for i, (cache, prompt, start) in enumerate(zip(caches, prompts, starts)):
         n, pad = cache[0][0].shape[1], q - len(prompt)
         mask[i, :n] = 1
         mask[i, s + pad:] = 1
         ids[i, pad:] = torch.tensor(prompt)
-        positions[:, i, pad:] = torch.arange(start, start + len(prompt))
+        positions.append(F.pad(model.text_positions(start, len(prompt)), (pad, 0)))
         valid[i, pad:] = True
-    return _cache(layers), model.embed_ids(ids), positions, mask, valid
+    return _cache(layers), model.embed_ids(ids), torch.stack(positions, dim=1), mask, valid
 
 
 def greedy_decode(
@@ -261,10 +281,10 @@ def greedy_decode(
     b = len(prompts)
     out: list[list[int]] = [[] for _ in range(b)]
     done = torch.zeros(b, dtype=torch.bool)
-    last = positions[:, :, -1]
+    step_positions = positions[..., -1:]  # [A, B, 1]
     stops = torch.tensor(model.stop_token_ids)
     limits = torch.tensor(max_new_tokens)
-    for step in range(int(limits.max())):
+    for _ in range(int(limits.max())):
         nxt = logits.argmax(dim=-1).cpu()
         done |= torch.isin(nxt, stops)
         for i in range(b):
@@ -273,9 +293,9 @@ def greedy_decode(
         done |= torch.tensor([len(o) for o in out]) >= limits
         if bool(done.all()):
             break
-        last = last + 1
+        step_positions = model.next_positions(step_positions)
         mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype)], dim=1)
-        logits = model.forward(model.embed_ids(nxt[:, None]), last[:, :, None], cache, mask)
+        logits = model.forward(model.embed_ids(nxt[:, None]), step_positions, cache, mask)
     return out, first
 
 
@@ -287,8 +307,23 @@ def uniform_chunks(n_chunks: int, k: int) -> list[int]:
     return sorted({round(i * (n_chunks - 1) / (k - 1)) if k > 1 else (n_chunks - 1) // 2 for i in range(k)})
 
 
+@dataclass
+class _VideoWork:
+    """One video's share of a batch as the stages fill it in: its questions (indices into the batch), its H level,
+    their selected chunks and relevance, and the L deltas fetched for them."""
+
+    questions: list[int]
+    video: VideoKV | None = None
+    fetch: Fetch = field(default_factory=lambda: Fetch({}))
+    levels: dict[int, LevelKV] = field(default_factory=dict)  # chunk -> its L level (H merged with the delta)
+
+
 class Answerer:
-    """Answers batches of questions over indexed videos with task-aware selective re-loading of L."""
+    """Answers batches of questions over indexed videos with task-aware selective re-loading of L.
+
+    `answer` runs named stages, each timed into Answer.seconds under its key: group (questions by video), load H
+    ("load_h"), select ("relevance"), fetch ("fetch"), assemble ("assemble"), decode ("decode"), account.
+    """
 
     def __init__(self, model: ModelAdapter, source: KVSource, retrieval: RetrievalConfig = RetrievalConfig()):
         self.model = model
@@ -312,65 +347,75 @@ class Answerer:
         return chunk_relevance(probe.entry_attention(), sink_len, [c.h.n_entries for c in video.chunks])
 
     def answer(self, questions: list[Question]) -> list[Answer]:
-        cfg = self.retrieval
+        """Answer a batch of questions (any mix of videos) in one decode; answers in the questions' order."""
         seconds: dict[str, float] = defaultdict(float)
         prompts = [self.model.question_ids(q.question, q.options) for q in questions]
-        by_video: dict[str, list[int]] = defaultdict(list)
-        for i, q in enumerate(questions):
-            by_video[q.video_id].append(i)
-
-        videos: dict[str, VideoKV] = {}
         selected: list[list[int]] = [[] for _ in questions]
         relevance: list[list[float]] = [[] for _ in questions]
-        levels: dict[str, dict[int, LevelKV]] = {}
-        fetches: dict[str, Fetch] = {}
-        for vid, idx in by_video.items():
-            t = time.perf_counter()
-            video = videos[vid] = self.source.load_h(vid)
-            seconds["load_h"] += time.perf_counter() - t
+        work = self._group(questions)
+        for vid, w in work.items():
+            with timed(seconds, "load_h"):
+                w.video = self.source.load_h(vid)
+            with timed(seconds, "relevance"):
+                self._select(w, questions, prompts, selected, relevance)
+            with timed(seconds, "fetch"):
+                self._fetch(vid, w, selected)
+        with timed(seconds, "assemble"):
+            caches = [mixed_cache_layers(work[q.video_id].video, {c: work[q.video_id].levels[c] for c in selected[i]})
+                      for i, q in enumerate(questions)]
+        with timed(seconds, "decode"):
+            limits = [q.max_new_tokens or self.retrieval.max_new_tokens for q in questions]
+            starts = [work[q.video_id].video.next_position for q in questions]
+            tokens, first = greedy_decode(self.model, caches, prompts, starts, limits)
+        return self._account(questions, work, caches, tokens, first, selected, relevance, seconds)
 
-            t = time.perf_counter()
-            ks = [questions[i].top_k if questions[i].top_k is not None else cfg.top_k for i in idx]
-            budgets = [questions[i].budget_bytes if questions[i].budget_bytes is not None else cfg.budget_bytes
-                       for i in idx]
-            wants = [i for i, k, b in zip(idx, ks, budgets) if k > 0 or b is not None]
-            if wants and cfg.selection == "uniform":
-                for i, k in zip(idx, ks):
-                    selected[i] = uniform_chunks(video.n_chunks, k)
-            elif wants:
-                rel = self.relevance(video, [prompts[i] for i in wants])
-                delta_bytes = [video.entry_bytes(c.delta_entries) for c in video.chunks]
-                for row, i in zip(rel, wants):
-                    q = questions[i]
-                    k = q.top_k if q.top_k is not None else cfg.top_k
-                    budget = q.budget_bytes if q.budget_bytes is not None else cfg.budget_bytes
-                    selected[i] = select_chunks(row, k, budget, delta_bytes)
-                    relevance[i] = row.tolist()
-            seconds["relevance"] += time.perf_counter() - t
+    # --- stages -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _group(questions: list[Question]) -> dict[str, _VideoWork]:
+        """Questions by video, in first-asked order: each video's H is loaded and its deltas fetched once."""
+        work: dict[str, _VideoWork] = {}
+        for i, q in enumerate(questions):
+            work.setdefault(q.video_id, _VideoWork([])).questions.append(i)
+        return work
 
-            t = time.perf_counter()
-            need = sorted({c for i in idx for c in selected[i]})
-            fetch = fetches[vid] = (self.source.fetch_deltas(vid, need, video.meta.get("write_id")) if need
-                                    else Fetch({}))
-            levels[vid] = {c: merge_levels(video.chunks[c].h, d) for c, d in fetch.levels.items()}
-            seconds["fetch"] += time.perf_counter() - t
+    def _select(self, w: _VideoWork, questions: list[Question], prompts: list[list[int]],
+                selected: list[list[int]], relevance: list[list[float]]) -> None:
+        """Each question's chunks to load at L: evenly spaced (selection "uniform"), else by its attention over
+        the H level, top_k or as many as its byte budget allows (x2l.retrieval.select_chunks)."""
+        cfg, video, idx = self.retrieval, w.video, w.questions
+        ks = [questions[i].top_k if questions[i].top_k is not None else cfg.top_k for i in idx]
+        budgets = [questions[i].budget_bytes if questions[i].budget_bytes is not None else cfg.budget_bytes
+                   for i in idx]
+        wants = [i for i, k, b in zip(idx, ks, budgets) if k > 0 or b is not None]
+        if wants and cfg.selection == "uniform":
+            for i, k in zip(idx, ks):
+                selected[i] = uniform_chunks(video.n_chunks, k)
+        elif wants:
+            rel = self.relevance(video, [prompts[i] for i in wants])
+            delta_bytes = [video.entry_bytes(c.delta_entries) for c in video.chunks]
+            for row, i in zip(rel, wants):
+                q = questions[i]
+                k = q.top_k if q.top_k is not None else cfg.top_k
+                budget = q.budget_bytes if q.budget_bytes is not None else cfg.budget_bytes
+                selected[i] = select_chunks(row, k, budget, delta_bytes)
+                relevance[i] = row.tolist()
 
-        t = time.perf_counter()
-        caches = [mixed_cache_layers(videos[q.video_id], {c: levels[q.video_id][c] for c in selected[i]})
-                  for i, q in enumerate(questions)]
-        seconds["assemble"] += time.perf_counter() - t
+    def _fetch(self, vid: str, w: _VideoWork, selected: list[list[int]]) -> None:
+        """The L deltas of every chunk any of the video's questions selected, merged with their H into L."""
+        need = sorted({c for i in w.questions for c in selected[i]})
+        if need:
+            w.fetch = self.source.fetch_deltas(vid, need, w.video.meta.get("write_id"))
+        w.levels = {c: merge_levels(w.video.chunks[c].h, d) for c, d in w.fetch.levels.items()}
 
-        t = time.perf_counter()
-        limits = [q.max_new_tokens or cfg.max_new_tokens for q in questions]
-        starts = [videos[q.video_id].next_position for q in questions]
-        tokens, first = greedy_decode(self.model, caches, prompts, starts, limits)
-        seconds["decode"] += time.perf_counter() - t
-
+    def _account(self, questions: list[Question], work: dict[str, _VideoWork],
+                 caches: list[list[tuple[torch.Tensor, torch.Tensor]]], tokens: list[list[int]],
+                 first: torch.Tensor, selected: list[list[int]], relevance: list[list[float]],
+                 seconds: dict[str, float]) -> list[Answer]:
+        """Answers with their text, cache sizes, bytes read and cache hits, and the batch's seconds by stage."""
         answers = []
         for i, q in enumerate(questions):
-            video = videos[q.video_id]
+            video, fetch = work[q.video_id].video, work[q.video_id].fetch
             entries = caches[i][0][0].shape[1]
-            fetch = fetches[q.video_id]
             answers.append(Answer(
                 question=q,
                 text=self.model.decode_text(tokens[i]),

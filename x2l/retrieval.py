@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from x2l.models.attention import attention_probs
+from x2l.models.probing import attention_probs
 
 
 class EnoughLayers(Exception):

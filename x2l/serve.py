@@ -109,7 +109,7 @@ class ServeConfig:
     def check(self) -> None:
         """ConfigError (one line, naming the argument) for a value a replica would refuse or could never get: checked
         by the builder, since a replica that fails in its constructor is restarted forever and `serve run` waits."""
-        from x2l.models.qwen2_vl import DTYPE_NAMES
+        from x2l.models.base import DTYPE_NAMES
 
         at_least = {"max_batch_size": 1, "max_questions_per_request": 1, "max_prompt_chars": 1,
                     "max_prompt_tokens": 1, "num_replicas": 1, "max_new_tokens": 1, "top_k": 1, "num_gpus": 0,
@@ -348,15 +348,12 @@ def _authorized(token: bytes, header: str | None) -> bool:
 @serve.ingress(api)
 class Ingress:
     def __init__(self, query: DeploymentHandle, config: dict):
-        from transformers import AutoTokenizer
-
-        from x2l.models.qwen2_vl import question_token_ids
+        from x2l.models.registry import question_token_counter
 
         self.query = query
         self.cfg = ServeConfig(**config)
         self.token = api_token(self.cfg.token_env)
-        tokenizer = AutoTokenizer.from_pretrained(self.cfg.model)  # to bound prompts in tokens before any replica
-        self.count_tokens = lambda q, o: len(question_token_ids(tokenizer, q, o))
+        self.count_tokens = question_token_counter(self.cfg.model)  # to bound prompts in tokens before any replica
 
     def _refused(self, q: "QuestionIn") -> dict | None:
         try:
@@ -450,7 +447,7 @@ class Ingress:
 def check_deployable(cfg: ServeConfig) -> None:
     """The model directory is a checkpoint and the store exists and holds KV of that model (ConfigError naming
     which and why): checked by the application builder, before anything is deployed."""
-    from x2l.models.qwen2_vl import checkpoint_fingerprint
+    from x2l.models.fingerprint import checkpoint_fingerprint
     from x2l.store import KVStore
 
     model = Path(cfg.model)

@@ -55,7 +55,7 @@ def index_into(
                 meta is None or meta.get("compression") != _dict(compression) or meta.get("sampling") != _dict(sampling)
             )
             if fresh:
-                store.write(indexer.index(path, path), overwrite=True)
+                store.write(indexer.index(path, path).video, overwrite=True)
             bar.update(item=f"{path} {'indexed' if fresh else 'already stored'}")
 
 

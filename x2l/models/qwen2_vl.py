@@ -14,13 +14,9 @@ original Qwen2-VL rule, transformers 5.23's `get_rope_index` advances by max(h, 
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import math
-import os
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +25,10 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, DynamicCache
 
 from x2l.errors import ModelError
-from x2l.models import attention
-from x2l.models.base import Segment
+from x2l.models import probing
+from x2l.models.base import Segment, resolve_device, resolve_dtype
+from x2l.models.fingerprint import checkpoint_fingerprint, weight_files
+from x2l.models.registry import family_of_model_type
 from x2l.video import resize_frames
 
 SYSTEM_PROMPT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
@@ -39,7 +37,6 @@ MC_INSTRUCTION = "Answer with the option's letter from the given choices directl
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _LABELLED = re.compile(r"^\(?[A-Z][.):]")  # options that already carry their letter ("A. red", "(B) blue")
-FAMILIES = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl"}
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -57,103 +54,6 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
         h = math.ceil(height * beta / factor) * factor
         w = math.ceil(width * beta / factor) * factor
     return h, w
-
-
-FINGERPRINT_CACHE = ".x2l-fingerprint.json"
-PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")
-
-
-def weight_files(path: Path) -> list[Path]:
-    """The checkpoint's safetensors weight files, sorted. x2l loads nothing else (pickled weights can run code):
-    ModelError in one line when the weights are only `pytorch_model.bin` & co. or missing."""
-    files = sorted(path.glob("*.safetensors"))
-    if files:
-        return files
-    pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLED_WEIGHTS) if path.is_dir() else []
-    if pickled:
-        raise ModelError(f"checkpoint {path} has weights only as {', '.join(pickled)} (PyTorch pickle): x2l loads "
-                         f"safetensors only; convert it (load it with transformers and save_pretrained, which "
-                         f"writes model.safetensors)")
-    raise ModelError(f"checkpoint {path} has no *.safetensors weight files")
-
-
-def _cache_files(path: Path) -> list[Path]:
-    """Where weight digests are cached: beside the checkpoint, else (read-only checkpoint) in the user's cache."""
-    user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "x2l" / "fingerprints"
-    tag = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
-    return [path / FINGERPRINT_CACHE, user / f"{tag}.json"]
-
-
-def _stat_key(f: Path) -> list[int]:
-    """What must be unchanged for a cached digest to hold: size, inode, modification and status-change times (ns).
-    Any write to the file moves mtime and ctime, and ctime cannot be set back by a user (utime moves it too)."""
-    st = f.stat()
-    return [st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
-
-
-def weight_digests(path: Path, files: list[Path]) -> dict[str, str]:
-    """sha256 of every weight file, whole. Digests are cached (JSON, see _cache_files) keyed by _stat_key, so only
-    new or changed files are read; an unreadable or unwritable cache just means hashing again."""
-    cached: dict[str, list] = {}  # file name -> its entries in every cache (a stale one, e.g. a copied
-    for cache in _cache_files(path):  # checkpoint's, must not hide a valid one in the user cache)
-        try:
-            doc = json.loads(cache.read_text())
-            listed = doc.get("files", {}) if isinstance(doc, dict) else {}
-            for name, entry in (listed.items() if isinstance(listed, dict) else ()):
-                cached.setdefault(name, []).append(entry)
-        except (OSError, ValueError):
-            pass
-    out, entries, fresh = {}, {}, False
-    for f in files:
-        key = _stat_key(f)
-        hit = next((e for e in cached.get(f.name, []) if isinstance(e, dict) and e.get("stat") == key
-                    and isinstance(e.get("sha256"), str)), None)
-        if hit is not None:
-            digest = hit["sha256"]
-        else:
-            with f.open("rb") as fh:
-                digest = hashlib.file_digest(fh, "sha256").hexdigest()
-            fresh = True
-        out[f.name] = digest
-        entries[f.name] = {"stat": key, "sha256": digest}
-    if fresh:
-        data = json.dumps({"files": entries}, indent=1)
-        for cache in _cache_files(path):
-            tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            try:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                tmp.write_text(data)
-                os.replace(tmp, cache)
-                break
-            except OSError:  # read-only checkpoint folder: try the next place; none writable: no cache
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-    return out
-
-
-# --dtype names load_model takes besides "auto" -> the torch dtype attribute
-DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-               "float16": "float16", "fp16": "float16"}
-
-
-def checkpoint_fingerprint(path: Path) -> str:
-    """Identity of config + tokenizer + weights: two checkpoints that differ in any byte of these differ.
-
-    Config, tokenizer and preprocessor files and the safetensors index are hashed whole, and every safetensors
-    weight file by its name and its whole sha256 (weight_digests: computed once, then cached beside the checkpoint
-    keyed by size, inode, mtime and ctime). ModelError for a checkpoint without safetensors weights (issue 11).
-    """
-    path = Path(path)
-    files = weight_files(path)
-    h = hashlib.sha256()
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
-                 "video_preprocessor_config.json", "model.safetensors.index.json"):
-        f = path / name
-        if f.exists():
-            h.update(name.encode() + b"\0" + f.read_bytes())
-    for name, digest in weight_digests(path, files).items():
-        h.update(f"{name}\0{digest}\0".encode())
-    return h.hexdigest()[:32]
 
 
 def question_token_ids(tokenizer, question: str, options: list[str] | None = None) -> list[int]:
@@ -204,8 +104,13 @@ class PixelRule:
             std=tuple(pre.get("image_std", CLIP_STD)),
         )
 
+    @property
+    def factor(self) -> int:
+        """Resized sides are multiples of this: patch_size * merge_size pixels (28 for the released models)."""
+        return self.patch_size * self.merge_size
+
     def target_size(self, height: int, width: int) -> tuple[int, int]:
-        return smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
+        return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
 
 
 def _read_json(f: Path) -> dict:
@@ -231,24 +136,12 @@ class Qwen2VLAdapter:
 
         self.path = Path(path)
         config = AutoConfig.from_pretrained(self.path)
-        self.family = FAMILIES[config.model_type]
-        model_cls = Qwen2VLForConditionalGeneration if self.family == "qwen2-vl" else Qwen2_5_VLForConditionalGeneration
-        try:
-            self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                       ("cpu" if device == "auto" else device))
-        except RuntimeError as e:
-            raise ModelError(f"device {device!r} is not a device (use auto, cpu, cuda or cuda:N): {e}") from e
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ModelError(f"device {device!r}: CUDA is not available on this machine (torch {torch.__version__}, "
-                             f"no usable GPU): use --device cpu or auto")
-        if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
-            raise ModelError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        if dtype == "auto":
-            self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        else:
-            self.dtype = getattr(torch, DTYPE_NAMES[dtype]) if dtype in DTYPE_NAMES else None
-            if self.dtype is None:
-                raise ModelError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+        self.model_type = config.model_type
+        self.family = family_of_model_type(self.model_type).name
+        model_cls = {"qwen2_vl": Qwen2VLForConditionalGeneration,
+                     "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}[self.model_type]
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         weight_files(self.path)  # safetensors only: a pickled checkpoint is refused before transformers sees it
         try:
             self.model = model_cls.from_pretrained(self.path, dtype=self.dtype, attn_implementation=attn_implementation,
@@ -257,7 +150,7 @@ class Qwen2VLAdapter:
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot load checkpoint {self.path}: {e}") from e
         self.model.to(self.device).eval()
-        attention.install(self.model.config.text_config, attn_implementation)
+        probing.install(self.model.config.text_config, attn_implementation)
 
         text = self.model.config.text_config
         self.vision = self.model.config.vision_config
@@ -297,16 +190,23 @@ class Qwen2VLAdapter:
         return x.reshape(gt * gh * gw, c * tp * p * p), (gt, gh, gw)
 
     # --- prompt layout ----------------------------------------------------------------------------------------
-    def _text(self, ids: list[int], start: int) -> Segment:
-        ids_t = torch.tensor(ids, dtype=torch.long)
-        pos = (torch.arange(len(ids)) + start).view(1, -1).expand(3, -1).clone()
-        return Segment(self.embed_ids(ids_t.to(self.device)), pos)
+    def text_positions(self, start: int, n: int) -> torch.Tensor:
+        """Text advances all three axes together: [3, n] = start, start + 1, ... on every axis."""
+        return torch.arange(start, start + n).view(1, -1).expand(3, -1).clone()
+
+    def next_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """The next text token: one more on every axis."""
+        return positions + 1
+
+    def _sink_ids(self) -> list[int]:
+        return self.tokenizer.encode(SYSTEM_PROMPT, add_special_tokens=False)
 
     def sink(self) -> Segment:
-        return self._text(self.tokenizer.encode(SYSTEM_PROMPT, add_special_tokens=False), 0)
+        ids = self._sink_ids()
+        return Segment(self.embed_ids(torch.tensor(ids, dtype=torch.long)), self.text_positions(0, len(ids)), len(ids))
 
     def _time_interval(self, fps: float) -> float:
-        if self.family == "qwen2-vl":
+        if self.model_type == "qwen2_vl":
             return 1.0
         return self.vision.tokens_per_second * self.temporal_patch_size / fps
 
@@ -324,11 +224,11 @@ class Qwen2VLAdapter:
         t_idx = (torch.arange(gt) * self._time_interval(fps)).long()
         tt, yy, xx = torch.meshgrid(t_idx, torch.arange(gh // m), torch.arange(gw // m), indexing="ij")
         vis_pos = torch.stack([tt, yy, xx]).reshape(3, -1) + start + 1
-        end = int(vis_pos.max()) + 1
+        end = int(vis_pos.max()) + 1  # vision_end, and text after it, continue from the largest position + 1
         positions = torch.cat([torch.full((3, 1), start), vis_pos, torch.full((3, 1), end)], dim=1)
         wrap = self.embed_ids(torch.tensor([self._vision_start, self._vision_end], device=self.device))
         embeds = torch.cat([wrap[:1], vision.to(wrap.dtype), wrap[1:]])
-        return Segment(embeds, positions)
+        return Segment(embeds, positions, end + 1)
 
     def chunk_token_count(self, n_frames: int, height: int, width: int) -> int:
         h, w = self.target_size(height, width)
@@ -338,6 +238,29 @@ class Qwen2VLAdapter:
     def chunk_token_ids(self, n_tokens: int) -> list[int]:
         """The chunk's placeholder ids as the stock processor writes them (for one-shot reference runs)."""
         return [self._vision_start] + [self._video_pad] * (n_tokens - 2) + [self._vision_end]
+
+    def reference_inputs(self, chunks: list[np.ndarray], fps: float, ids: list[int]) -> dict[str, torch.Tensor]:
+        """Qwen2(.5)-VL's stock forward over the whole prompt: input ids with video placeholders, pixel values,
+        video_grid_thw, mm_token_type_ids (2 = video) and this adapter's whole-prompt positions [3, 1, L] (the stock
+        get_rope_index follows another rule after a video, see the module docstring)."""
+        sink = self.sink()
+        tokens, positions, pixels, grids = self._sink_ids(), [sink.positions], [], []
+        start = sink.next_position
+        for frames in chunks:
+            seg = self.chunk(frames, start, fps)
+            start = seg.next_position
+            tokens += self.chunk_token_ids(seg.n_tokens)
+            positions.append(seg.positions)
+            h, w = self.target_size(frames.shape[1], frames.shape[2])
+            p, grid = self.pixel_values(resize_frames(frames, (h, w)) if (h, w) != frames.shape[1:3] else frames)
+            pixels.append(p)
+            grids.append(grid)
+        tokens += ids
+        positions.append(self.text_positions(start, len(ids)))
+        input_ids = torch.tensor([tokens])
+        return {"input_ids": input_ids, "pixel_values_videos": torch.cat(pixels), "video_grid_thw": torch.tensor(grids),
+                "mm_token_type_ids": (input_ids == self._video_pad).int() * 2,
+                "position_ids": torch.cat(positions, dim=1)[:, None]}
 
     def question_ids(self, question: str, options: list[str] | None = None) -> list[int]:
         return question_token_ids(self.tokenizer, question, options)

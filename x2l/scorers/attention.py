@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from x2l.models.attention import attention_probs
+from x2l.models.probing import attention_probs
 from x2l.scorers.base import Scorer
 
 BLOCK = 256  # query rows per softmax block: bounds memory on long chunks

@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from x2l.errors import ConfigError
-from x2l.models.attention import attention_probs
+from x2l.models.probing import attention_probs
 from x2l.scorers.base import Scorer
 
 

@@ -30,8 +30,11 @@ from transformers import (
 
 from x2l import __version__
 from x2l.errors import ConfigError
+from x2l.models.registry import FAMILIES as REGISTERED
 
-FAMILIES = ("qwen2-vl", "qwen2.5-vl")
+# The registered families this module builds (registry.Family.tiny_builder), by their config.json model_type.
+MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+FAMILIES = tuple(f.name for f in REGISTERED if f.model_type in MODEL_TYPES)
 SIZES = ("tiny", "small", "medium")
 
 # The Qwen2-VL special tokens, in the order the real tokenizer numbers them (there they start at 151643; here they
@@ -164,11 +167,13 @@ OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def _check(family: str, size: str) -> None:
+def _check(family: str, size: str) -> str:
+    """The family's model_type; ConfigError for a family this module does not build or an unknown size."""
     if family not in FAMILIES:
         raise ConfigError(f"unknown model family {family!r}; expected one of {FAMILIES}")
     if size not in SIZES:
         raise ConfigError(f"unknown tiny-model size {size!r}; expected one of {SIZES}")
+    return next(f.model_type for f in REGISTERED if f.name == family)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -221,7 +226,7 @@ def special_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
 
 def tiny_config(family: str, size: str, vocab_size: int, special_ids: dict[str, int]) -> PreTrainedConfig:
     """A Qwen2VLConfig / Qwen2_5_VLConfig of the given size whose token ids are `special_ids` (see special_token_ids)."""
-    _check(family, size)
+    model_type = _check(family, size)
     t, v = _TEXT[size], _VISION[size]
     head_dim = t["hidden_size"] // t["num_attention_heads"]
     assert sum(t["mrope"]) * 2 == head_dim, (size, head_dim)
@@ -244,7 +249,7 @@ def tiny_config(family: str, size: str, vocab_size: int, special_ids: dict[str, 
                   num_heads=v["num_heads"])
     ids = {k: special_ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
                                        "vision_end_token_id")}
-    if family == "qwen2-vl":
+    if model_type == "qwen2_vl":
         vision_config = dict(common, depth=v["depth"], embed_dim=v["embed_dim"], mlp_ratio=v["mlp_ratio"],
                              hidden_size=t["hidden_size"])
         return Qwen2VLConfig(text_config=text_config, vision_config=vision_config, **ids)
@@ -257,13 +262,13 @@ def tiny_config(family: str, size: str, vocab_size: int, special_ids: dict[str, 
 
 def model_class(family: str) -> type[PreTrainedModel]:
     """The transformers class a checkpoint of `family` is built and loaded with."""
-    _check(family, "tiny")
-    return Qwen2VLForConditionalGeneration if family == "qwen2-vl" else Qwen2_5_VLForConditionalGeneration
+    model_type = _check(family, "tiny")
+    return Qwen2VLForConditionalGeneration if model_type == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
 
 
 def preprocessor_config(family: str, size: str) -> dict[str, Any]:
     """The Qwen2-VL image/video processor settings x2l reads to do its own pixel preprocessing."""
-    _check(family, size)
+    model_type = _check(family, size)
     min_pixels, max_pixels = _PIXELS[size]
     return {
         "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
@@ -279,7 +284,7 @@ def preprocessor_config(family: str, size: str) -> dict[str, Any]:
         "rescale_factor": 1 / 255,
         "do_normalize": True,
         "do_convert_rgb": True,
-        "processor_class": "Qwen2VLProcessor" if family == "qwen2-vl" else "Qwen2_5_VLProcessor",
+        "processor_class": "Qwen2VLProcessor" if model_type == "qwen2_vl" else "Qwen2_5_VLProcessor",
     }
 
 
@@ -289,7 +294,7 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 
 def write_tiny_checkpoint(
     out_dir: str | Path,
-    family: str = "qwen2-vl",
+    family: str = FAMILIES[0],
     size: str = "tiny",
     seed: int = 0,
     dtype: torch.dtype | None = None,

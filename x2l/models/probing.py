@@ -1,9 +1,13 @@
-"""A registered attention function that lets x2l look at post-RoPE queries and keys while the model runs.
+"""A registered attention function that lets x2l look at post-RoPE queries and keys while the model runs, for any
+family whose language model dispatches attention through transformers' AttentionInterface.
 
 transformers dispatches attention by name (`config._attn_implementation`). x2l registers "x2l|sdpa" and
-"x2l|eager": each calls the stock implementation unchanged and, while a probe is active (`probing(...)`), first hands
-the probe the layer's queries (after RoPE), its keys and values (cache included, one per KV head) and the mask. Scoring
-and chunk relevance are probes; nothing re-runs the model or asks for `output_attentions`.
+"x2l|eager": each calls a standard implementation and, while a probe is active (`probing(...)`), first hands the probe
+the layer's queries (after RoPE), its keys and values (cache included, one per KV head) and the mask. "sdpa" is
+transformers' own; "eager" is `eager_attention`, the textbook computation every transformers decoder's
+`eager_attention_forward` performs (grouped KV heads repeated, scaled scores plus the additive mask, fp32 softmax).
+Scoring and chunk relevance are probes; nothing re-runs the model or asks for `output_attentions`. (Not to be
+confused with x2l/scorers/attention.py, the scorer that ranks a chunk's tokens by the attention they receive.)
 """
 
 from __future__ import annotations
@@ -48,10 +52,28 @@ def probing(probe: Probe) -> Iterator[Probe]:
         _active.reset(token)
 
 
-def _eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import eager_attention_forward
-
-    return eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout)
+def eager_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain attention, family-neutral: query [B, Hq, q, D], key/value [B, Hkv, kv, D], additive mask
+    [B, 1, q, kv] or None -> (output [B, q, Hq, D], weights [B, Hq, q, kv]). The same operations in the same order
+    as transformers' per-model `eager_attention_forward` (Llama, Qwen2, Qwen2-VL...), so results are identical."""
+    groups = query.shape[1] // key.shape[1]
+    keys = key.repeat_interleave(groups, dim=1)  # = transformers' repeat_kv: each KV head serves `groups` queries
+    values = value.repeat_interleave(groups, dim=1)
+    weights = torch.matmul(query, keys.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, values).transpose(1, 2).contiguous(), weights
 
 
 def _make(base: str):
@@ -61,7 +83,7 @@ def _make(base: str):
         if probe is not None:
             probe(module.layer_idx, query, key, value, attention_mask, scaling)
         if base == "eager":
-            return _eager(module, query, key, value, attention_mask, **kwargs)
+            return eager_attention(module, query, key, value, attention_mask, **kwargs)
         return ALL_ATTENTION_FUNCTIONS[base](module, query, key, value, attention_mask, **kwargs)
 
     return attention
