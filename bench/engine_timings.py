@@ -21,7 +21,7 @@ from x2l.models.attention import probing
 from x2l.testing.tiny_models import write_tiny_checkpoint
 from x2l.scorers import make_scorer
 from x2l.scorers.base import ScoringProbe
-from x2l.source import InMemorySource
+from x2l.kv import InMemorySource
 from x2l.testing.videos import write_video
 from x2l.video import load_video
 
