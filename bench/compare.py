@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from x2l.caching import HCache
 from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig, StoreConfig
 from x2l.engine import Answerer, Indexer, Question, greedy_decode
 from x2l.models import load_model
-from x2l.testing.tiny_models import write_tiny_checkpoint
-from x2l.caching import HCache
 from x2l.store import KVStore
+from x2l.testing.tiny_models import write_tiny_checkpoint
 from x2l.testing.videos import write_video
 from x2l.video import load_video
 

@@ -524,3 +524,19 @@ def test_no_pickle_in_the_store():
     for name in ("keys.py", "schema.py", "writer.py", "reader.py", "kvstore.py", "__init__.py", "../kv.py",
                  "../lru.py", "../caching.py"):
         assert "pickle" not in (root / name).read_text(), name
+
+
+def test_the_store_imports_nothing_of_the_answering_side():
+    """Issue 14: the store reads and writes the types of x2l/kv.py; engine, caches, retrieval and serving sit above."""
+    import ast
+
+    above = ("x2l.engine", "x2l.caching", "x2l.retrieval", "x2l.serve", "x2l.distributed", "x2l.models",
+             "x2l.scorers")
+    root = Path(kvstore_mod.__file__).parent
+    found = []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [(path.name, n) for n in names if n.startswith(above)]
+    assert len(list(root.glob("*.py"))) >= 8 and found == []
