@@ -18,7 +18,7 @@ import torch
 
 import x2l.store.kvstore as kvstore_mod
 import x2l.store.schema as schema_mod
-from x2l.caching import DeltaCache
+from x2l.caching import DeltaCache, cached_source
 from x2l.config import RetrievalConfig, SamplingConfig, StoreConfig
 from x2l.engine import Answerer, Indexer, Question
 from x2l.errors import CorruptionError, IncompatibleError, NotFoundError, StoreError
@@ -262,6 +262,27 @@ def test_cache_hits_read_nothing_and_budget_evicts_lru(store_uri):
         fetch = s.fetch_deltas("c", [3])
         assert_level(fetch.levels[3], video.chunks[3].delta)
         assert s.stats()["entries"] == 0 and s.fetch_deltas("c", [3]).bytes_read[3] > 0
+
+
+def test_cached_source_follows_a_new_commit(store):
+    old = synthetic("r", n_chunks=3, seed=1)
+    store.write(old)
+    src = cached_source(store, 1 << 30, 1 << 30)
+    h = src.current("r")
+    assert src.fetch_deltas("r", [0, 1], h.meta["write_id"]).cache_hits == set()
+    assert src.fetch_deltas("r", [0], h.meta["write_id"]).cache_hits == {0}
+    new = synthetic("r", n_chunks=3, seed=2, compression={"l_keep": 0.25, "h_keep": 0.0625})
+    store.write(new, overwrite=True)
+    kept = src.fetch_deltas("r", [1], h.meta["write_id"])  # the H held is of the old write: its deltas match it
+    assert kept.cache_hits == {1} and kept.write_id == h.meta["write_id"]
+    assert_level(kept.levels[1], old.chunks[1].delta)
+    h2 = src.current("r")  # the new commit: H reloaded, the old write's deltas dropped
+    assert h2.meta["write_id"] != h.meta["write_id"] and src.stats()["reloads"] == 1
+    assert_level(h2.chunks[0].h, new.chunks[0].h)
+    assert src.source.stats()["entries"] == 0
+    fresh = src.fetch_deltas("r", [0], h2.meta["write_id"])
+    assert fresh.cache_hits == set() and fresh.bytes_read[0] > 0 and fresh.write_id == h2.meta["write_id"]
+    assert_level(fresh.levels[0], new.chunks[0].delta)
 
 
 def test_delta_cache_wraps_any_source():

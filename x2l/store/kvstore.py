@@ -10,14 +10,14 @@ written by another model fingerprint or schema version; a damaged video is an er
 by `list_videos(damaged=True)`), never of the store. Racing writers never share a file and the last commit wins
 whole (writer.py). A reader keeps each open video's meta and Parquet footer (small LRU), so a lazy fetch reads the
 chunk's row group and nothing else. It caches no KV: the H and L-delta caches of answering wrap any KVSource
-(x2l/caching.py). Deltas are fetched
-from the write the reader last loaded H from (load_h moves it to the current commit), so H and L always come from one
-write; a replaced write's file stays readable until `gc` removes it. Files no commit names are garbage: `verify`
-reports them, `gc` removes them (maintenance.py), `remove` deletes a video (uncommit first).
+(x2l/caching.py). Deltas are fetched from the write the reader last loaded H from (load_h moves it to the current
+commit), so H and L always come from one write; a replaced write's file stays readable until `gc` removes it. Files
+no commit names are garbage: `verify` reports them, `gc` removes them (maintenance.py), `remove` deletes a video
+(uncommit first).
 `fetch_deltas(..., write_id=W)` reads the deltas of write W, the one the caller's H came from (StaleError if that
 write is neither the one this reader holds nor the current commit: ask again). With `dtype` set, every tensor read
-is cast to it (a float32 store served by a bfloat16 model and back; issue 12), so the caches hold KV in the model's
-dtype.
+is cast to it (a float32 store served by a bfloat16 model and back; issue 12), so the caches over it hold KV in the
+model's dtype.
 
 KVStore is a KVSource (x2l/kv.py); nothing under x2l/store imports the answering side (engine, caching, serving).
 """
