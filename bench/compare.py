@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from x2l.caching import HCache
 from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig, StoreConfig
 from x2l.engine import Answerer, Indexer, Question, greedy_decode
 from x2l.models import load_model
-from x2l.source import HCache
 from x2l.store import KVStore
 from x2l.testing.tiny_models import write_tiny_checkpoint
 from x2l.testing.videos import write_video
@@ -143,7 +143,7 @@ def run(args, model, sampling, videos, stores, work) -> None:
     # (b) full KV: a fresh store handle per question, so everything is read from storage every time
     for q in questions:
         t = time.perf_counter()
-        store = KVStore(StoreConfig(uri=stores["full"], l_cache_bytes=0))
+        store = KVStore(StoreConfig(uri=stores["full"]))
         answerer = Answerer(
             model, store, RetrievalConfig(top_k=n_chunks, selection="uniform", max_new_tokens=args.max_new_tokens)
         )
@@ -151,7 +151,7 @@ def run(args, model, sampling, videos, stores, work) -> None:
         record("(b) full-kv", time.perf_counter() - t, store.stats.io.bytes_read, a.tokens_in_cache, a.token_ids)
 
     # (c), (d): the query tier's setup: H in memory (loaded once per video, not counted per question), L cold
-    store = KVStore(StoreConfig(uri=stores["x2l"], l_cache_bytes=0))
+    store = KVStore(StoreConfig(uri=stores["x2l"]))
     h = HCache(store, 1 << 34)
     t = time.perf_counter()
     h_bytes_before = store.stats.io.bytes_read

@@ -16,11 +16,11 @@ from transformers import DynamicCache
 
 from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig
 from x2l.engine import Answerer, Indexer, Question
+from x2l.kv import InMemorySource
 from x2l.models import load_model
 from x2l.models.probing import probing
 from x2l.scorers import make_scorer
 from x2l.scorers.base import ScoringProbe
-from x2l.source import InMemorySource
 from x2l.testing.tiny_models import write_tiny_checkpoint
 from x2l.testing.videos import write_video
 from x2l.video import load_video

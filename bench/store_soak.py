@@ -31,7 +31,7 @@ FP = "soak-model"
 
 def video(video_id: str, writer: int):
     """A small VideoKV whose bytes depend on (id, writer); settings are the same for every writer."""
-    from x2l.compress import ChunkKV, LevelKV, VideoKV
+    from x2l.kv import ChunkKV, LevelKV, VideoKV
 
     g = torch.Generator().manual_seed(int(hashlib.sha256(f"{video_id}/{writer}".encode()).hexdigest()[:8], 16))
     layers, heads, dim, tokens, n_chunks = 2, 2, 32, 128, 3

@@ -31,8 +31,8 @@ from x2l.cli import build_parser
 from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig
 from x2l.engine import Answerer, Indexer, Question
 from x2l.errors import ModelError
+from x2l.kv import InMemorySource
 from x2l.models import load_model, pixel_rule, registry
-from x2l.source import InMemorySource
 from x2l.video import load_video
 
 SAMPLING = SamplingConfig(fps=2, frames_per_chunk=4, max_frames=64)

@@ -13,9 +13,9 @@ from transformers import DynamicCache
 from x2l.compress import keep_count, merge_levels
 from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig
 from x2l.engine import Answerer, Indexer, Question, h_cache_layers
+from x2l.kv import InMemorySource
 from x2l.models.probing import probing
 from x2l.retrieval import RelevanceProbe
-from x2l.source import InMemorySource
 
 SAMPLING = SamplingConfig(fps=2, frames_per_chunk=4, max_frames=64)
 QUESTIONS = [

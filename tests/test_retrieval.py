@@ -7,8 +7,8 @@ import torch
 
 from x2l.config import RetrievalConfig, SamplingConfig
 from x2l.engine import Answerer, Indexer, Question
+from x2l.kv import InMemorySource
 from x2l.retrieval import EnoughLayers, RelevanceProbe, chunk_relevance, select_chunks
-from x2l.source import InMemorySource
 
 
 def constructed_attention(hot: list[int], n_chunks=6, sink=3, h=2, d=8, q_len=4, kv_heads=2, groups=2):

@@ -1,5 +1,6 @@
 """The KV store (x2l.store.KVStore) on a local folder and on the real local S3 server (every store_uri test runs on
-both): bit-exact round trips, lazy fetches that read only their chunk's row group, the delta cache, crash safety,
+both): bit-exact round trips, lazy fetches that read only their chunk's row group, the delta cache over it
+(x2l.caching.DeltaCache), crash safety,
 corruption detection, idempotent writes and fingerprint checks, and answers equal to those from memory."""
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import torch
 
 import x2l.store.kvstore as kvstore_mod
 import x2l.store.schema as schema_mod
-from x2l.compress import ChunkKV, LevelKV, VideoKV
+from x2l.caching import DeltaCache, cached_source
 from x2l.config import RetrievalConfig, SamplingConfig, StoreConfig
 from x2l.engine import Answerer, Indexer, Question
 from x2l.errors import CorruptionError, IncompatibleError, NotFoundError, StoreError
-from x2l.source import InMemorySource
-from x2l.store import SCHEMA_VERSION, Fetch, KVStore, video_key
+from x2l.kv import ChunkKV, Fetch, InMemorySource, LevelKV, VideoKV
+from x2l.store import SCHEMA_VERSION, KVStore, video_key
 from x2l.store.keys import kv_path, meta_path, video_dir
 from x2l.store.maintenance import gc, verify
 
@@ -239,26 +240,61 @@ def test_cache_hits_read_nothing_and_budget_evicts_lru(store_uri):
     one = video.chunks[0].delta.nbytes + video.chunks[0].delta.index.nbytes
     with KVStore(store_uri) as w:
         w.write(video)
-    with KVStore(StoreConfig(uri=store_uri, l_cache_bytes=int(2.5 * one))) as s:
+    with KVStore(store_uri) as store:
+        s = DeltaCache(store, int(2.5 * one))
         s.load_h("c")
         assert s.fetch_deltas("c", [0, 1]).cache_hits == set()
-        before = s.backend.stats.snapshot()
+        before = store.backend.stats.snapshot()
         again = s.fetch_deltas("c", [1, 0])
         assert again.cache_hits == {0, 1} and again.bytes_read == {0: 0, 1: 0}
-        assert (s.backend.stats.snapshot() - before).bytes_read == 0
+        assert (store.backend.stats.snapshot() - before).bytes_read == 0
         assert_level(again.levels[1], video.chunks[1].delta)
         s.fetch_deltas("c", [1])  # 1 is now the most recently used
         s.fetch_deltas("c", [2])  # over budget: evicts 0, the least recently used
-        st = s.stats
-        assert (st.cache_entries, st.cache_evictions, st.cache_bytes) == (2, 1, 2 * one)
+        st = s.stats()
+        assert (st["entries"], st["evictions"], st["bytes"]) == (2, 1, 2 * one)
         assert s.fetch_deltas("c", [1]).cache_hits == {1}
         refetch = s.fetch_deltas("c", [0])
         assert refetch.cache_hits == set() and refetch.bytes_read[0] > 0
-        assert s.stats.cache_hits == 3 + 1 and s.stats.cache_misses == 2 + 1 + 1
-    with KVStore(StoreConfig(uri=store_uri, l_cache_bytes=one // 2)) as s:  # too big to cache: returned, not kept
+        assert s.stats()["hits"] == 3 + 1 and s.stats()["misses"] == 2 + 1 + 1
+    with KVStore(store_uri) as store:  # too big to cache: returned, not kept
+        s = DeltaCache(store, one // 2)
         fetch = s.fetch_deltas("c", [3])
         assert_level(fetch.levels[3], video.chunks[3].delta)
-        assert s.stats.cache_entries == 0 and s.fetch_deltas("c", [3]).bytes_read[3] > 0
+        assert s.stats()["entries"] == 0 and s.fetch_deltas("c", [3]).bytes_read[3] > 0
+
+
+def test_cached_source_follows_a_new_commit(store):
+    old = synthetic("r", n_chunks=3, seed=1)
+    store.write(old)
+    src = cached_source(store, 1 << 30, 1 << 30)
+    h = src.current("r")
+    assert src.fetch_deltas("r", [0, 1], h.meta["write_id"]).cache_hits == set()
+    assert src.fetch_deltas("r", [0], h.meta["write_id"]).cache_hits == {0}
+    new = synthetic("r", n_chunks=3, seed=2, compression={"l_keep": 0.25, "h_keep": 0.0625})
+    store.write(new, overwrite=True)
+    kept = src.fetch_deltas("r", [1], h.meta["write_id"])  # the H held is of the old write: its deltas match it
+    assert kept.cache_hits == {1} and kept.write_id == h.meta["write_id"]
+    assert_level(kept.levels[1], old.chunks[1].delta)
+    h2 = src.current("r")  # the new commit: H reloaded, the old write's deltas dropped
+    assert h2.meta["write_id"] != h.meta["write_id"] and src.stats()["reloads"] == 1
+    assert_level(h2.chunks[0].h, new.chunks[0].h)
+    assert src.source.stats()["entries"] == 0
+    fresh = src.fetch_deltas("r", [0], h2.meta["write_id"])
+    assert fresh.cache_hits == set() and fresh.bytes_read[0] > 0 and fresh.write_id == h2.meta["write_id"]
+    assert_level(fresh.levels[0], new.chunks[0].delta)
+
+
+def test_delta_cache_wraps_any_source():
+    video = synthetic("m", n_chunks=3)
+    s = DeltaCache(InMemorySource([video]), 1 << 30)
+    first = s.fetch_deltas("m", [2, 0])
+    assert list(first.levels) == [0, 2] and first.cache_hits == {0, 2} and first.total_bytes == 0
+    assert s.stats()["misses"] == 0 and s.stats()["entries"] == 2  # the source's own hits stay hits
+    again = s.fetch_deltas("m", [0, 1])
+    assert again.cache_hits == {0, 1} and s.stats()["hits"] == 2 + 2 and s.stats()["entries"] == 3
+    for c in (0, 1):
+        assert_level(again.levels[c], video.chunks[c].delta)
 
 
 def test_fetches_run_concurrently_up_to_the_cap(store_uri, monkeypatch):
@@ -289,27 +325,6 @@ def test_fetches_run_concurrently_up_to_the_cap(store_uri, monkeypatch):
         assert_level(fetch.levels[c], video.chunks[c].delta)
 
 
-def test_prefetch_fills_the_cache(store_uri):
-    video = synthetic("pf", n_chunks=4)
-    with KVStore(store_uri) as w:
-        w.write(video)
-    with KVStore(StoreConfig(uri=store_uri, prefetch=True)) as s:
-        s.load_h("pf")
-        started = s.prefetch("pf", [1, 2])
-        assert len(started) == 2
-        assert s.prefetch("pf", [1, 2]) == []  # under way or cached: nothing more to start
-        for f in started:
-            f.result()
-        assert s.prefetch("pf", [1, 2]) == [] and s.stats.cache_entries == 2
-        before = s.backend.stats.snapshot()
-        fetch = s.fetch_deltas("pf", [1, 2, 3])
-        assert fetch.cache_hits == {1, 2} and fetch.bytes_read[1] == fetch.bytes_read[2] == 0
-        assert (s.backend.stats.snapshot() - before).bytes_read == fetch.bytes_read[3] > 0
-        for c in (1, 2, 3):
-            assert_level(fetch.levels[c], video.chunks[c].delta)
-
-
-# --- errors, crash safety, corruption -------------------------------------------------------------------------------
 def test_unknown_ids_and_chunks(store):
     for op in (lambda: store.load_h("nope/1"), lambda: store.fetch_deltas("nope/1", [0]),
                lambda: store.info("nope/1")):
@@ -364,12 +379,13 @@ def test_flipped_byte_in_a_delta_blob_is_detected(store_uri):
         key = kv_of(s, "flip")
         rewrite(s, key, lambda b: b[: (o := col.data_page_offset + col.total_compressed_size // 2)]
                 + bytes([b[o] ^ 0x10]) + b[o + 1:])
-    with KVStore(store_uri) as s:
+    with KVStore(store_uri) as store:
+        s = DeltaCache(store, 1 << 30)
         assert_level(s.load_h("flip").chunks[2].h, video.chunks[2].h)  # row group 0 is intact
         assert_level(s.fetch_deltas("flip", [1]).levels[1], video.chunks[1].delta)
         with pytest.raises(CorruptionError, match="video 'flip' chunk 2 delta"):
             s.fetch_deltas("flip", [2])
-        assert s.stats.cache_entries == 1  # nothing of chunk 2 was kept
+        assert s.stats()["entries"] == 1  # nothing of chunk 2 was kept
 
 
 def test_flipped_byte_in_an_h_blob_is_detected(store_uri):
@@ -451,8 +467,9 @@ def test_same_video_again_is_a_no_op(store, tmp_path):
 def test_other_settings_need_overwrite(store):
     old = synthetic("o", n_chunks=3, seed=1)
     meta = store.write(old)
-    store.load_h("o")
-    store.fetch_deltas("o", [0, 1])  # cached in this store: must not outlive the overwrite
+    cached = DeltaCache(store, 1 << 30)
+    cached.load_h("o")
+    cached.fetch_deltas("o", [0, 1])  # cached over this store: must not outlive the overwrite
     new = synthetic("o", n_chunks=2, seed=2, compression={"l_keep": 0.25, "h_keep": 0.0625})
     with pytest.raises(IncompatibleError, match=f"{meta['fingerprint']}.*compression.*overwrite=True"):
         store.write(new)
@@ -461,7 +478,9 @@ def test_other_settings_need_overwrite(store):
     assert_round_trip(store, old)  # untouched
     new_meta = store.write(new, overwrite=True)
     assert new_meta["fingerprint"] != meta["fingerprint"] and new_meta["write_id"] != meta["write_id"]
-    assert store.committed("o") == new_meta and store.stats.cache_entries == 0
+    assert store.committed("o") == new_meta and cached.load_h("o").meta["write_id"] == new_meta["write_id"]
+    assert cached.stats()["entries"] == 0  # the new commit seen: the old write's deltas dropped
+    assert_level(cached.fetch_deltas("o", [0]).levels[0], new.chunks[0].delta)
     assert_round_trip(store, new)
     with KVStore(store.config) as other:
         assert_round_trip(other, new)
@@ -505,7 +524,8 @@ def test_answers_through_the_store_equal_answers_from_memory(store, tiny_model, 
     retrieval = RetrievalConfig(top_k=2, max_new_tokens=6)
     expected = Answerer(tiny_model, InMemorySource([indexed]), retrieval).answer(questions)
     before = store.backend.stats.snapshot()
-    got = Answerer(tiny_model, store, retrieval).answer(questions)  # the store is a KVSource
+    cached = DeltaCache(store, 256 << 20)  # the store is a KVSource, and so is a cache over it
+    got = Answerer(tiny_model, cached, retrieval).answer(questions)
     cost = store.backend.stats.snapshot() - before
     for e, g in zip(expected, got):
         assert g.selected_chunks == e.selected_chunks and len(g.selected_chunks) == 2
@@ -516,11 +536,28 @@ def test_answers_through_the_store_equal_answers_from_memory(store, tiny_model, 
             indexed.chunks[c].delta_entries for c in g.selected_chunks))
     fetched = {c for g in got for c in g.selected_chunks}
     assert cost.bytes_read > sum(indexed.chunks[c].delta.nbytes for c in fetched)  # + meta.json and the H group
-    again = Answerer(tiny_model, store, retrieval).answer(questions[:1])[0]
+    again = Answerer(tiny_model, cached, retrieval).answer(questions[:1])[0]
     assert again.cache_hits == 2 and again.store_bytes_read == 0 and again.token_ids == expected[0].token_ids
 
 
 def test_no_pickle_in_the_store():
     root = Path(kvstore_mod.__file__).parent
-    for name in ("keys.py", "schema.py", "writer.py", "reader.py", "cache.py", "kvstore.py", "__init__.py"):
+    for name in ("keys.py", "schema.py", "writer.py", "reader.py", "kvstore.py", "__init__.py", "../kv.py",
+                 "../lru.py", "../caching.py"):
         assert "pickle" not in (root / name).read_text(), name
+
+
+def test_the_store_imports_nothing_of_the_answering_side():
+    """Issue 14: the store reads and writes the types of x2l/kv.py; engine, caches, retrieval and serving sit above."""
+    import ast
+
+    above = ("x2l.engine", "x2l.caching", "x2l.retrieval", "x2l.serve", "x2l.distributed", "x2l.models",
+             "x2l.scorers")
+    root = Path(kvstore_mod.__file__).parent
+    found = []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [(path.name, n) for n in names if n.startswith(above)]
+    assert len(list(root.glob("*.py"))) >= 8 and found == []

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from test_store import FP, assert_round_trip, kv_of, rewrite, synthetic
-from x2l.compress import VideoKV
+from x2l.kv import VideoKV
 from x2l.errors import CorruptionError, IncompatibleError, NotFoundError
 from x2l.store import KVStore, video_key
 from x2l.store.keys import kv_path, meta_path, video_dir

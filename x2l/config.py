@@ -94,8 +94,8 @@ class StoreConfig:
 
     uri: a local directory (default) or s3://bucket/prefix. endpoint_url / region / access_key / secret_key
     default to the standard AWS environment variables (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, AWS_REGION,
-    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY). max_concurrent_fetches caps parallel L fetches; l_cache_bytes is
-    the byte budget of the LRU cache of L deltas; prefetch starts fetching selected chunks before they are needed.
+    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY). max_concurrent_fetches caps parallel L fetches. The store caches
+    no KV: answering's H and L-delta caches (and their byte budgets) are x2l/caching.py's.
     """
 
     uri: str = "x2l-store"
@@ -104,8 +104,6 @@ class StoreConfig:
     access_key: str | None = None
     secret_key: str | None = None
     max_concurrent_fetches: int = 8
-    l_cache_bytes: int = 256 * 2**20
-    prefetch: bool = False
 
     def resolved_s3_options(self) -> dict:
         """s3fs options from this config, falling back to the AWS environment."""

@@ -310,10 +310,11 @@ class AnswerJobConfig:
     max_prompt_tokens: int = MAX_PROMPT_TOKENS
     budget_bytes: int | None = None
     h_budget_bytes: int = 1 << 30
+    l_cache_bytes: int = 256 << 20
 
 
 class AnswerActor:
-    """Holds the model and the store (with its L cache); answers a batch of questions in one engine call and writes
+    """Holds the model and the store (and H, L caches); answers a batch of questions in one engine call and writes
     the batch's answers as one part file before returning them, so a killed job keeps every finished batch."""
 
     def __init__(self, cfg: AnswerJobConfig):
@@ -328,11 +329,11 @@ class AnswerActor:
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         self.cfg = cfg
-        from x2l.source import HCache
+        from x2l.caching import cached_source
 
         self.model = load_model(cfg.model, cfg.dtype, cfg.attn, "cuda" if cfg.use_gpu else "cpu")
         self.store = KVStore(cfg.store, self.model.fingerprint, dtype=self.model.dtype)
-        self.h = HCache(self.store, cfg.h_budget_bytes)
+        self.h = cached_source(self.store, cfg.h_budget_bytes, cfg.l_cache_bytes)
         self.answerer = Answerer(self.model, self.h, RetrievalConfig(cfg.top_k, cfg.budget_bytes,
                                                                      max_new_tokens=cfg.max_new_tokens))
         self.out = open_backend(cfg.out, cfg.store)

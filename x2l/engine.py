@@ -26,16 +26,15 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from x2l.compress import ChunkKV, LevelKV, VideoKV, merge_levels, split_levels
+from x2l.compress import merge_levels, split_levels
 from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig, to_dict
+from x2l.kv import ChunkKV, Fetch, KVSource, LevelKV, VideoKV
 from x2l.models.base import ModelAdapter, Segment
 from x2l.models.probing import probing
 from x2l.retrieval import EnoughLayers, RelevanceProbe, chunk_relevance, select_chunks
 from x2l.scorers import make_scorer
 from x2l.scorers.base import ScoringProbe
-from x2l.source import Fetch, KVSource
 from x2l.video import VideoClip, load_video
-
 
 ChunkDone = Callable[[int, int], None]  # (chunks done, chunks in the video)
 

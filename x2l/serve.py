@@ -1,7 +1,7 @@
 """The query tier on Ray Serve: `serve run x2l.serve:app store=URI model=DIR [key=value ...]`.
 
 Two deployments. `QueryModel` holds the model, the H levels of the store's videos (preloaded at start within
-`h_budget_bytes`, the rest on first use, least recently used out) and the store's LRU cache of L deltas
+`h_budget_bytes`, the rest on first use, least recently used out) and an LRU cache of L deltas
 (`l_cache_bytes`). Single questions arrive through `answer()`, are grouped by `@serve.batch` (`max_batch_size`,
 `batch_wait_timeout_s`) and answered together by one Answerer call: questions on the same video share its H and
 one relevance pass, and the whole batch decodes together. Every batch reads each of its videos' commit record
@@ -170,16 +170,16 @@ class QueryModel:
 
         from x2l.engine import Answerer
         from x2l.models import load_model
-        from x2l.source import HCache
+        from x2l.caching import cached_source
         from x2l.store import KVStore
 
         self.cfg = cfg = ServeConfig(**config)
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         self.model = load_model(cfg.model, cfg.dtype, cfg.attn, "cuda" if cfg.num_gpus > 0 else "cpu")
-        self.store = KVStore(StoreConfig(uri=cfg.store, l_cache_bytes=cfg.l_cache_bytes), self.model.fingerprint,
+        self.store = KVStore(StoreConfig(uri=cfg.store), self.model.fingerprint,
                              dtype=self.model.dtype)
-        self.h = HCache(self.store, cfg.h_budget_bytes)
+        self.h = cached_source(self.store, cfg.h_budget_bytes, cfg.l_cache_bytes)
         self.preloaded = self.h.preload(v["video_id"] for v in self.store.list_videos())  # healthy videos only
         self.limits = cfg.prompt_limits
         self.answerer = Answerer(self.model, self.h, RetrievalConfig(top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens))
@@ -279,14 +279,13 @@ class QueryModel:
         return [v | {"h_loaded": v["video_id"] in loaded} for v in self.store.list_videos(damaged=True)]
 
     def stats(self) -> dict:
-        s = self.store.stats
+        s, deltas = self.store.stats, self.h.source.stats()
         return {
             "questions": self.questions,
             "decode_calls": self.decode_calls,
             "batch_sizes": self.batch_sizes[-1000:],
             "h_cache": self.h.stats(),
-            "l_cache": {"hits": s.cache_hits, "misses": s.cache_misses, "bytes": s.cache_bytes,
-                        "evictions": s.cache_evictions},
+            "l_cache": {k: deltas[k] for k in ("hits", "misses", "bytes", "evictions")},
             "store_bytes_read": s.io.bytes_read,
             "preloaded": self.preloaded,
         }

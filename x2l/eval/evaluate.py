@@ -93,7 +93,7 @@ def evaluate(
     paths = sorted({q.video for q in questions})
     stores = {}
     if any(kind == "full" for _, kind, _ in parsed):
-        stores["full"] = KVStore(StoreConfig(uri=str(workdir / "store-full"), l_cache_bytes=0), model.fingerprint)
+        stores["full"] = KVStore(StoreConfig(uri=str(workdir / "store-full")), model.fingerprint)
         note(f"indexing {len(paths)} videos, uncompressed (for `full`)")
         index_into(
             stores["full"],
@@ -104,7 +104,7 @@ def evaluate(
             progress,
         )
     if any(kind != "full" for _, kind, _ in parsed):
-        stores["x2l"] = KVStore(StoreConfig(uri=str(workdir / "store"), l_cache_bytes=0), model.fingerprint)
+        stores["x2l"] = KVStore(StoreConfig(uri=str(workdir / "store")), model.fingerprint)
         note(
             f"indexing {len(paths)} videos, compressed (l_keep {compression.l_keep:g}, h_keep "
             f"{compression.h_keep:g}, scorer {compression.scorer}, context {compression.context})"

@@ -1,15 +1,16 @@
 """KV storage: byte backends (backend.py), the Parquet layout (schema.py) and the store of indexed videos
-(kvstore.py). The store's names are imported lazily so `x2l.store.backend` stays light."""
+(kvstore.py), a reader and a writer of the types of x2l/kv.py. Nothing here imports the answering side (engine,
+caching, serving). The store's names are imported lazily so `x2l.store.backend` stays light."""
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["KVStore", "Fetch", "StoreStats", "video_key", "SCHEMA_VERSION"]
+__all__ = ["KVStore", "StoreStats", "video_key", "SCHEMA_VERSION"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("KVStore", "Fetch", "StoreStats"):
+    if name in ("KVStore", "StoreStats"):
         from x2l.store import kvstore
 
         return getattr(kvstore, name)

@@ -9,14 +9,17 @@ Readers see committed videos only, verify the commit's checksum and every row's 
 written by another model fingerprint or schema version; a damaged video is an error of that video (listed as damaged
 by `list_videos(damaged=True)`), never of the store. Racing writers never share a file and the last commit wins
 whole (writer.py). A reader keeps each open video's meta and Parquet footer (small LRU), so a lazy fetch reads the
-chunk's row group and nothing else, and keeps fetched deltas in an LRU cache with a byte budget. Deltas are fetched
-from the write the reader last loaded H from (load_h moves it to the current commit), so H and L always come from one
-write; a replaced write's file stays readable until `gc` removes it. Files no commit names are garbage: `verify`
-reports them, `gc` removes them (maintenance.py), `remove` deletes a video (uncommit first).
+chunk's row group and nothing else. It caches no KV: the H and L-delta caches of answering wrap any KVSource
+(x2l/caching.py). Deltas are fetched from the write the reader last loaded H from (load_h moves it to the current
+commit), so H and L always come from one write; a replaced write's file stays readable until `gc` removes it. Files
+no commit names are garbage: `verify` reports them, `gc` removes them (maintenance.py), `remove` deletes a video
+(uncommit first).
 `fetch_deltas(..., write_id=W)` reads the deltas of write W, the one the caller's H came from (StaleError if that
 write is neither the one this reader holds nor the current commit: ask again). With `dtype` set, every tensor read
-is cast to it (a float32 store served by a bfloat16 model and back; issue 12), so the caches hold KV in the model's
-dtype.
+is cast to it (a float32 store served by a bfloat16 model and back; issue 12), so the caches over it hold KV in the
+model's dtype.
+
+KVStore is a KVSource (x2l/kv.py); nothing under x2l/store imports the answering side (engine, caching, serving).
 """
 
 from __future__ import annotations
@@ -25,18 +28,19 @@ import json
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from typing import TYPE_CHECKING
 
 import pyarrow.parquet as pq
 
-from x2l import __version__, source
+from x2l import __version__
 from x2l.config import StoreConfig
 from x2l.errors import CorruptionError, IncompatibleError, NotFoundError, StoreError
+from x2l.kv import ChunkKV, Fetch, LevelKV, VideoKV
+from x2l.lru import LRU
 from x2l.store.backend import IOStats, open_backend
-from x2l.store.cache import LRU
 from x2l.store.keys import STORE_DOC, VIDEOS, kv_file, kv_path, meta_path, source_path, video_dir, video_key
 from x2l.store.reader import Tally, open_parquet, read_delta, read_h
 from x2l.store.schema import META_CHECKSUM, SCHEMA_VERSION, meta_checksum
@@ -46,40 +50,15 @@ from x2l.store.writer import (build_meta, check_complete, new_write_id, resolve_
 if TYPE_CHECKING:  # torch is imported where KV is read or written: listing and inspecting a store needs none
     import torch
 
-    from x2l.compress import LevelKV, VideoKV
-
 STORE_FORMAT = "x2l-kvstore"
 OPEN_VIDEOS = 64  # footers kept (a few KiB to a few hundred KiB each)
 
 
 @dataclass
-class Fetch(source.Fetch):
-    """x2l.source.Fetch (levels, bytes_read per chunk, cache_hits) plus the bytes not owed to any one chunk.
-
-    cache_hits also holds chunks a prefetch was already reading (bytes_read 0: this call read nothing for them).
-    """
-
-    overhead_bytes: int = 0  # meta.json + Parquet footer, when the video had not been opened (load_h) before
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.bytes_read.values()) + self.overhead_bytes
-
-
-@dataclass
 class StoreStats:
-    """Bytes moved by the backend (IOStats) and how the delta cache did."""
+    """Bytes moved by the backend (IOStats). The caches of KV are x2l/caching.py's, with their own stats."""
 
     io: IOStats
-    cache_hits: int = 0
-    cache_misses: int = 0  # deltas read from storage (fetches and prefetches)
-    cache_bytes: int = 0
-    cache_entries: int = 0
-    cache_evictions: int = 0
-
-
-def _level_bytes(level: LevelKV) -> int:
-    return level.nbytes + level.index.nbytes
 
 
 class StaleError(CorruptionError):
@@ -88,8 +67,6 @@ class StaleError(CorruptionError):
 
 def cast_level(level: LevelKV, dtype: torch.dtype | None) -> LevelKV:
     """The level with keys and values in `dtype` (unchanged when None or already so)."""
-    from x2l.compress import LevelKV
-
     if dtype is None or level.keys.dtype == dtype:
         return level
     return LevelKV(level.index, level.keys.to(dtype), level.values.to(dtype))
@@ -97,8 +74,6 @@ def cast_level(level: LevelKV, dtype: torch.dtype | None) -> LevelKV:
 
 def cast_video(video: VideoKV, dtype: torch.dtype | None) -> VideoKV:
     """The video (sink and every chunk's H, and delta where loaded) with KV in `dtype`."""
-    from x2l.compress import ChunkKV, VideoKV
-
     if dtype is None or video.sink_keys.dtype == dtype:
         return video
     chunks = [ChunkKV(c.chunk, c.start_s, c.end_s, c.n_tokens, cast_level(c.h, dtype),
@@ -127,11 +102,8 @@ class KVStore:
         self.model_fingerprint = model_fingerprint
         self.dtype = dtype
         self._open = LRU(OPEN_VIDEOS)
-        self._deltas = LRU(self.config.l_cache_bytes)
-        self._inflight: dict[tuple, Future] = {}
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
-        self._hits = self._misses = 0
         self._doc = self._read_json(STORE_DOC, "the store document")
         self._doc_stored = self._doc is not None
         self.mixed: str | None = None  # why a store without store.json has no one model (read-only opens only)
@@ -454,8 +426,7 @@ class KVStore:
 
     # --- reading ---------------------------------------------------------------------------------------------------
     def _forget(self, key: str) -> None:
-        self._open.discard(lambda k: k == key)
-        self._deltas.discard(lambda k: k[0] == key)
+        self._open.pop(key)
 
     def load_h(self, video_id: str) -> VideoKV:
         """Sink and every chunk's H (one row-group read; chunks have delta=None and delta_entries set). Always reads
@@ -500,78 +471,32 @@ class KVStore:
         return sorted(set(chunks))
 
     def _executor(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max(1, self.config.max_concurrent_fetches), thread_name_prefix="x2l-fetch")
-        return self._pool
-
-    def _start(self, held: _Open, chunk: int) -> Future:
-        """Submit one delta read (caller holds self._lock): it fills the cache and leaves the in-flight table."""
-        ckey = (held.meta["video_key"], held.meta["write_id"], chunk)
-
-        def task() -> tuple[LevelKV, int]:
-            try:
-                level, nbytes = read_delta(self.backend, held.meta, held.footer, chunk)
-                level = cast_level(level, self.dtype)
-            except BaseException:
-                with self._lock:
-                    self._inflight.pop(ckey, None)
-                raise
-            with self._lock:
-                self._deltas.put(ckey, level, _level_bytes(level))
-                self._inflight.pop(ckey, None)
-            return level, nbytes
-
-        fut = self._executor().submit(task)
-        self._inflight[ckey] = fut
-        self._misses += 1
-        return fut
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max(1, self.config.max_concurrent_fetches),
+                                                thread_name_prefix="x2l-fetch")
+            return self._pool
 
     def fetch_deltas(self, video_id: str, chunks: list[int], write_id: str | None = None) -> Fetch:
-        """The L deltas of `chunks`: each from the cache, or read as exactly its row group, concurrently (at most
-        max_concurrent_fetches at once), checksums verified. write_id: the commit whose H the caller holds
-        (StaleError if the video was committed anew since)."""
+        """The L deltas of `chunks` (sorted, each once), each read as exactly its row group, concurrently (at most
+        max_concurrent_fetches at once), checksums verified, cast to `dtype`. write_id: the commit whose H the
+        caller holds (StaleError if the video was committed anew since). The Fetch names the write read from; its
+        cache_hits is empty (this reader caches no KV)."""
         held, overhead = self._opened(video_id, write_id)
         chunks = self._check_chunks(held.meta, chunks)
-        levels: dict[int, LevelKV] = {}
-        hits: set[int] = set()
-        waits: dict[int, tuple[Future, bool]] = {}
-        with self._lock:
-            for c in chunks:
-                ckey = (held.meta["video_key"], held.meta["write_id"], c)
-                level = self._deltas.get(ckey)
-                if level is not None:
-                    levels[c] = level
-                elif ckey in self._inflight:  # a prefetch is reading it: wait for that one
-                    waits[c] = (self._inflight[ckey], False)
-                else:
-                    waits[c] = (self._start(held, c), True)
-                if c not in waits or not waits[c][1]:
-                    hits.add(c)
-                    self._hits += 1
-        bytes_read = {c: 0 for c in chunks}
-        for c, (fut, mine) in waits.items():
-            levels[c], nbytes = fut.result()
-            bytes_read[c] = nbytes if mine else 0
-        return Fetch({c: levels[c] for c in chunks}, bytes_read, hits, overhead)
 
-    def prefetch(self, video_id: str, chunks: list[int]) -> list[Future]:
-        """Start reading deltas into the cache in the background (not cached, not already under way); returns the
-        futures started. Errors surface when the chunk is fetched."""
-        held, _ = self._opened(video_id)
-        started = []
-        with self._lock:
-            for c in self._check_chunks(held.meta, chunks):
-                ckey = (held.meta["video_key"], held.meta["write_id"], c)
-                if ckey not in self._deltas and ckey not in self._inflight:
-                    started.append(self._start(held, c))
-        return started
+        def read(chunk: int) -> tuple[LevelKV, int]:
+            level, nbytes = read_delta(self.backend, held.meta, held.footer, chunk)
+            return cast_level(level, self.dtype), nbytes
+
+        got = dict(zip(chunks, self._executor().map(read, chunks)))
+        return Fetch({c: got[c][0] for c in chunks}, {c: got[c][1] for c in chunks}, set(), overhead,
+                     held.meta["write_id"])
 
     # --- accounting and lifetime -----------------------------------------------------------------------------------
     @property
     def stats(self) -> StoreStats:
-        with self._lock:
-            return StoreStats(self.backend.stats.snapshot(), self._hits, self._misses, self._deltas.cost,
-                              len(self._deltas), self._deltas.evictions)
+        return StoreStats(self.backend.stats.snapshot())
 
     def close(self) -> None:
         if self._pool is not None:

@@ -20,7 +20,7 @@ from x2l.store.keys import kv_path
 from x2l.store.schema import COLUMNS, decode_level, decode_row, table_rows
 
 if TYPE_CHECKING:
-    from x2l.compress import LevelKV, VideoKV
+    from x2l.kv import LevelKV, VideoKV
 
 
 def name(meta: dict) -> str:
@@ -92,7 +92,7 @@ def check_layout(pf: pq.ParquetFile, meta: dict) -> None:
 
 def read_h(backend: Backend, meta: dict, file_meta: pq.FileMetaData | None) -> tuple[VideoKV, pq.FileMetaData]:
     """Sink and every chunk's H from row group 0 (one read, plus the footer when `file_meta` is None)."""
-    from x2l.compress import ChunkKV, VideoKV
+    from x2l.kv import ChunkKV, VideoKV
 
     what = f"{name(meta)}: H row group"
     with open_parquet(backend, meta, file_meta) as pf, corruption(what):

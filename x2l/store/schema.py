@@ -35,7 +35,7 @@ from x2l.errors import CorruptionError, StoreError
 if TYPE_CHECKING:  # torch is imported where tensors are made: reading commits (`x2l store ls`) needs none
     import torch
 
-    from x2l.compress import LevelKV
+    from x2l.kv import LevelKV
 
 SCHEMA_VERSION = 2  # 2: one kv-<write_id>.parquet per write, named by a checksummed meta.json (issue 11)
 META_CHECKSUM = "meta_checksum"
@@ -170,7 +170,7 @@ def decode_row(row: dict, what: str, chunk: int, level: str) -> tuple[torch.Tens
 
 
 def decode_level(row: dict, what: str, chunk: int, level: str) -> LevelKV:
-    from x2l.compress import LevelKV
+    from x2l.kv import LevelKV
 
     keys, values, index = decode_row(row, what, chunk, level)
     return LevelKV(index, keys, values)

@@ -23,7 +23,7 @@ from x2l.errors import StoreError
 from x2l.store.backend import Backend
 from x2l.store.keys import kv_file, kv_path
 if TYPE_CHECKING:
-    from x2l.compress import VideoKV
+    from x2l.kv import VideoKV
 from x2l.store.schema import META_CHECKSUM, SCHEMA, SCHEMA_VERSION, WRITER_OPTIONS, encode_row, meta_checksum, table_of
 
 

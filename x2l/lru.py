@@ -1,4 +1,5 @@
-"""A thread-safe LRU with a cost budget: bytes for the cache of L deltas, entry count for open-file metadata."""
+"""The one LRU of x2l (issue 14): thread-safe, with a cost budget. Bytes for the H and L-delta caches
+(x2l/caching.py), an entry count for the store's open-file metadata (x2l/store/kvstore.py)."""
 
 from __future__ import annotations
 
@@ -42,11 +43,25 @@ class LRU:
             self.cost += cost
             return True
 
+    def pop(self, key: Hashable) -> Any | None:
+        """Remove the item and return its value (None if absent)."""
+        with self._lock:
+            item = self._items.pop(key, None)
+            if item is None:
+                return None
+            self.cost -= item[1]
+            return item[0]
+
     def discard(self, match: Callable[[Hashable], bool]) -> None:
         """Drop every item whose key matches (a video that was rewritten)."""
         with self._lock:
             for key in [k for k in self._items if match(k)]:
                 self.cost -= self._items.pop(key)[1]
+
+    def keys(self) -> list[Hashable]:
+        """The keys held, least recently used first."""
+        with self._lock:
+            return list(self._items)
 
     def __contains__(self, key: Hashable) -> bool:
         with self._lock:
