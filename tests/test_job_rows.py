@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from x2l.config import SamplingConfig, StoreConfig
-from x2l.distributed import fetch_and_decode
+from x2l.distributed.indexing import fetch_and_decode
 
 
 def test_an_unexpected_error_in_decode_is_a_failed_row(monkeypatch, tiny_checkpoints, video_path):
