@@ -70,7 +70,7 @@ def serve_app(archive, damaged_store):
     from ray import serve
 
     from x2l.testing.ray_head import free_port
-    from x2l.serve import app
+    from x2l.serve import ServeArgs, app
 
     os.environ[TOKEN_ENV] = "s3cret"  # replicas inherit the driver's environment at ray.init
     ray.init(address="local", num_cpus=2, include_dashboard=False)
@@ -78,13 +78,16 @@ def serve_app(archive, damaged_store):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = {"store": archive["store"], "model": archive["model"], "max_batch_size": 8, "batch_wait_timeout_s": 0.2,
             "max_prompt_chars": 200, "max_prompt_tokens": 150, "max_questions_per_request": 20, "num_cpus": 0.2}
-    serve.run(app(base), name="main", route_prefix="/")
+
+    def built(**args):  # Serve validates the arguments into the builder's typed argument, then calls the builder
+        return app(ServeArgs.model_validate(base | args))
+
+    serve.run(built(), name="main", route_prefix="/")
     one_video = KVStore(archive["store"]).list_videos()[0]["bytes"]
-    serve.run(app(base | {"h_budget_bytes": one_video["sink"] + one_video["h"] * 2}), name="tight",
-              route_prefix="/tight")
-    serve.run(app(base | {"token_env": TOKEN_ENV}), name="auth", route_prefix="/auth")
-    serve.run(app(base | {"store": damaged_store}), name="damaged", route_prefix="/damaged")
-    serve.run(app(base | {"store": archive["live"]}), name="live", route_prefix="/live")
+    serve.run(built(h_budget_bytes=one_video["sink"] + one_video["h"] * 2), name="tight", route_prefix="/tight")
+    serve.run(built(token_env=TOKEN_ENV), name="auth", route_prefix="/auth")
+    serve.run(built(store=damaged_store), name="damaged", route_prefix="/damaged")
+    serve.run(built(store=archive["live"]), name="live", route_prefix="/live")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()

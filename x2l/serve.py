@@ -30,8 +30,11 @@ A damaged video (issue 11) is an error of that video only: the app starts and pr
 `GET /v1/videos` lists damaged ones with `"damaged": reason`, and a video removed from the store stops being answered
 (each batch reads the commit of each of its videos: one small read per video per batch).
 
-The application builder (`app`) checks the model directory and the store before anything is deployed: a missing
-one ends `serve run` with one line and a non-zero exit.
+The application's arguments are `ServeArgs`, the builder's typed argument: Serve validates `key=value` arguments (or a
+config file's `args:`) into it before it calls the builder, so an unknown key or a value out of range ends
+`serve run` with one line naming it. The builder (`app`) then checks the model directory and the store before
+anything is deployed: a missing one ends `serve run` with one line and a non-zero exit. `deploy` / `shutdown` run the
+app on a Ray of this process (`x2l serve`, the demo).
 """
 # No `from __future__ import annotations` here: FastAPI reads the route signatures' annotations at runtime.
 
@@ -461,6 +464,31 @@ def check_deployable(cfg: ServeArgs) -> None:
         KVStore(StoreConfig(uri=cfg.store), checkpoint_fingerprint(model), create=False).require_exists()
     except StoreError as e:
         raise ConfigError(f"store={cfg.store}: {e}") from e
+
+
+def deploy(args: ServeArgs, host: str, port: int, name: str = "x2l", **ray_init: Any) -> str:
+    """Join or start Ray (`ray.init(**ray_init)`, unless this process is already connected), start Serve's HTTP
+    proxy at host:port and run the app there as `name` at route /; returns its URL, http://host:port. The builder's
+    checks come first (AppConfigError); Serve's own errors propagate. `shutdown()` undoes it."""
+    import ray
+
+    built = app(args)
+    if not ray.is_initialized():
+        ray.init(**ray_init)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(built, name=name, route_prefix="/")
+    return f"http://{host}:{port}"
+
+
+def shutdown() -> None:
+    """Shut Serve and then Ray down in this process (what `deploy` started), whichever of them is running."""
+    import ray
+
+    if ray.is_initialized():
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
 
 
 def app(args: ServeArgs):

@@ -129,9 +129,8 @@ def run_serve(args: argparse.Namespace, verbose: bool = False) -> int:
     code = 0
     try:
         import ray
-        from ray import serve
 
-        from x2l.serve import app
+        from x2l.serve import deploy
 
         if not verbose:
             logging.getLogger("ray").setLevel(logging.ERROR)
@@ -143,9 +142,8 @@ def run_serve(args: argparse.Namespace, verbose: bool = False) -> int:
         url = f"http://{args.host}:{args.port}"
         print(f"x2l serve: Ray started (temp dir {temp_dir}); deploying x2l.serve:app at {url}",
               file=sys.stderr, flush=True)
-        serve.start(http_options={"host": args.host, "port": args.port})
         try:
-            serve.run(app(cfg), name="x2l", route_prefix="/")
+            deploy(cfg, args.host, args.port)
         except (Stop, X2LError):
             raise
         except Exception as e:  # noqa: BLE001 - a replica that failed to start: one line, not Serve's traceback
@@ -168,14 +166,9 @@ def run_serve(args: argparse.Namespace, verbose: bool = False) -> int:
             signal.signal(s, signal.SIG_IGN)  # a second Ctrl-C does not cut the shutdown short
         print("x2l serve: stopping", file=sys.stderr, flush=True)
         try:
-            import ray
-            from ray import serve
+            from x2l.serve import shutdown
 
-            if ray.is_initialized():
-                try:
-                    serve.shutdown()
-                finally:
-                    ray.shutdown()
+            shutdown()
         finally:
             shutil.rmtree(temp_dir, ignore_errors=True)
             for s, handler in previous.items():

@@ -129,7 +129,9 @@ def fetch_and_decode(row: dict, model_dir: str, sampling: SamplingConfig, store:
 
 
 class IndexActor:
-    """Holds the model and a store handle; indexes one decoded video per call and writes it to the store."""
+    """Holds the model and a store handle; indexes one decoded video per call and writes it to the store.
+    `attempts`: the run's AttemptCounter actor (None: every start is a first one), which caps the starts of one
+    video's indexing at MAX_VIDEO_ATTEMPTS."""
 
     def __init__(self, cfg: IndexJobConfig, attempts=None):
         from x2l.engine import Indexer
@@ -283,7 +285,8 @@ def check_committed(batch: dict[str, np.ndarray], cfg: IndexJobConfig, model_fin
 
 
 def build_pipeline(rows: list[dict], cfg: IndexJobConfig, model_fingerprint: str):
-    """The Ray Dataset of stats rows (indexed, skipped or failed) for `rows`, the corpus entries."""
+    """The Ray Dataset of stats rows (indexed, skipped or failed) for `rows`, the corpus entries. Starts the run's
+    AttemptCounter actor (owned by the calling driver: it ends with the job)."""
     import ray
 
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // CHECK_BATCH)))
