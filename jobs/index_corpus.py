@@ -22,8 +22,14 @@ from pathlib import Path
 
 from x2l.config import StoreConfig, to_dict
 from x2l.errors import NotFoundError, OneLineParser, X2LError
-from x2l.options import (compression_config, compression_options, model_config, model_options, sampling_config,
-                         sampling_options)
+from x2l.options import (
+    compression_config,
+    compression_options,
+    model_config,
+    model_options,
+    sampling_config,
+    sampling_options,
+)
 from x2l.progress import Progress
 
 

@@ -15,10 +15,19 @@ from pathlib import Path
 from x2l import __version__, console
 from x2l.config import SamplingConfig, to_dict
 from x2l.errors import ConfigError, OneLineParser, X2LError, one_line
-from x2l.options import (compression_config, compression_options, model_config, model_options,
-                         retrieval_config, retrieval_options, sampling_config, sampling_options)
+from x2l.options import (
+    compression_config,
+    compression_options,
+    model_config,
+    model_options,
+    retrieval_config,
+    retrieval_options,
+    sampling_config,
+    sampling_options,
+)
 from x2l.prompt import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS
 from x2l.store.keys import GRACE_S
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="x2l", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from x2l.config import (ATTENTIONS, CompressionConfig, ModelConfig, RetrievalConfig, SamplingConfig)
+from x2l.config import ATTENTIONS, CompressionConfig, ModelConfig, RetrievalConfig, SamplingConfig
 
 D_SAMPLING, D_COMP, D_RETR = SamplingConfig(), CompressionConfig(), RetrievalConfig()
 MODEL_HELP = "local checkpoint directory (HF layout: config.json, weights, tokenizer)"

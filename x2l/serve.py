@@ -60,7 +60,6 @@ from x2l.distributed.common import error_line, isolate_failures
 from x2l.errors import ConfigError, CorruptionError, IncompatibleError, NotFoundError, StoreError, one_line
 from x2l.prompt import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, PromptError, PromptLimits, check_prompt
 
-
 Bound = Annotated  # a field's type with its bound: Bound[int, Field(ge=1)]
 SERVE_RUN = "serve run x2l.serve:app store=URI model=DIR"
 
