@@ -60,7 +60,6 @@ from x2l.distributed.common import error_line, isolate_failures
 from x2l.errors import ConfigError, CorruptionError, IncompatibleError, NotFoundError, StoreError, one_line
 from x2l.prompt import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, PromptError, PromptLimits, check_prompt
 
-Bound = Annotated  # a field's type with its bound: Bound[int, Field(ge=1)]
 SERVE_RUN = "serve run x2l.serve:app store=URI model=DIR"
 
 
@@ -86,23 +85,23 @@ class ServeArgs(BaseModel):
 
     store: str
     model: str
-    num_gpus: Bound[float, Field(ge=0)] = 0.0
-    num_cpus: Bound[float, Field(ge=0)] = 0.5
-    num_replicas: Bound[int, Field(ge=1)] = 1
-    max_batch_size: Bound[int, Field(ge=1)] = 16
-    batch_wait_timeout_s: Bound[float, Field(ge=0)] = 0.05
-    h_budget_bytes: Bound[int, Field(ge=0)] = 1 << 30
-    l_cache_bytes: Bound[int, Field(ge=0)] = 256 << 20
-    top_k: Bound[int, Field(ge=1)] = 3
-    max_new_tokens: Bound[int, Field(ge=1)] = 32
-    max_prompt_chars: Bound[int, Field(ge=1)] = MAX_PROMPT_CHARS
-    max_prompt_tokens: Bound[int, Field(ge=1)] = MAX_PROMPT_TOKENS
-    max_questions_per_request: Bound[int, Field(ge=1)] = 64
+    num_gpus: Annotated[float, Field(ge=0)] = 0.0
+    num_cpus: Annotated[float, Field(ge=0)] = 0.5
+    num_replicas: Annotated[int, Field(ge=1)] = 1
+    max_batch_size: Annotated[int, Field(ge=1)] = 16
+    batch_wait_timeout_s: Annotated[float, Field(ge=0)] = 0.05
+    h_budget_bytes: Annotated[int, Field(ge=0)] = 1 << 30
+    l_cache_bytes: Annotated[int, Field(ge=0)] = 256 << 20
+    top_k: Annotated[int, Field(ge=1)] = 3
+    max_new_tokens: Annotated[int, Field(ge=1)] = 32
+    max_prompt_chars: Annotated[int, Field(ge=1)] = MAX_PROMPT_CHARS
+    max_prompt_tokens: Annotated[int, Field(ge=1)] = MAX_PROMPT_TOKENS
+    max_questions_per_request: Annotated[int, Field(ge=1)] = 64
     dtype: str = "auto"
     attn: str = "sdpa"
-    torch_threads: Bound[int, Field(ge=0)] = 0
+    torch_threads: Annotated[int, Field(ge=0)] = 0
     token_env: str = "X2L_API_TOKEN"
-    ready_timeout_s: Bound[float, Field(gt=0)] = 2.0
+    ready_timeout_s: Annotated[float, Field(gt=0)] = 2.0
 
     @field_validator("store", "model")
     @classmethod
