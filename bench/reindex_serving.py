@@ -47,16 +47,14 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from x2l.serve import app
+    from x2l.serve import ServeArgs, app
     from x2l.testing.ray_head import free_port
 
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(
-        app({"store": str(work / "store"), "model": str(ckpt), "num_cpus": 0.5, "batch_wait_timeout_s": 0.0}),
-        route_prefix="/",
-    )
+    serve.run(app(ServeArgs(store=str(work / "store"), model=str(ckpt), num_cpus=0.5, batch_wait_timeout_s=0.0)),
+              route_prefix="/")
     url = f"http://127.0.0.1:{port}/v1/answer"
     q = {"video_id": "v.mp4", "question": "What is shown?", "top_k": 3}
 

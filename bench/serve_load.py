@@ -63,7 +63,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from x2l.serve import app
+    from x2l.serve import ServeArgs, app
     from x2l.testing.ray_head import free_port
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
@@ -72,21 +72,8 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     results = {}
     for batch in (1, 4, 16):
-        serve.run(
-            app(
-                {
-                    "store": store_uri,
-                    "model": str(ckpt),
-                    "max_batch_size": batch,
-                    "batch_wait_timeout_s": 0.02,
-                    "num_cpus": 1,
-                    "torch_threads": 2,
-                    "max_new_tokens": 8,
-                }
-            ),
-            name="x2l",
-            route_prefix="/",
-        )
+        serve.run(app(ServeArgs(store=store_uri, model=str(ckpt), max_batch_size=batch, batch_wait_timeout_s=0.02,
+                                num_cpus=1, torch_threads=2, max_new_tokens=8)), name="x2l", route_prefix="/")
         with httpx.Client(base_url=url, timeout=600) as client:
             client.post("/v1/answer", json={"questions": questions[:1]})  # warm-up
             before = client.get("/v1/stats").json()

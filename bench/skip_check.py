@@ -28,8 +28,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # an in-process local Ray: n
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from x2l.config import SamplingConfig, StoreConfig  # noqa: E402
-from x2l.distributed import CheckCommitted, IndexJobConfig, already_indexed, check_committed  # noqa: E402
+from x2l.config import ModelConfig, SamplingConfig, StoreConfig  # noqa: E402
+from x2l.distributed.indexing import CheckCommitted, IndexJobConfig, already_indexed, check_committed  # noqa: E402
 from x2l.engine import Indexer  # noqa: E402
 from x2l.models import load_model  # noqa: E402
 from x2l.store import KVStore, video_key  # noqa: E402
@@ -64,7 +64,8 @@ def main() -> None:
 
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(commit, rows))
-        cfg = IndexJobConfig(corpus="s3://x2l/corpus", store=StoreConfig(uri=uri), model=str(ckpt), sampling=sampling)
+        cfg = IndexJobConfig(corpus="s3://x2l/corpus", store=StoreConfig(uri=uri), model=ModelConfig(str(ckpt)),
+                             sampling=sampling)
 
         # before: the driver's serial loop (jobs/index_corpus.py until issue 12)
         reader = KVStore(uri, model.fingerprint)
@@ -89,7 +90,7 @@ def main() -> None:
             include_dashboard=False,
             runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}},
         )
-        from x2l.distributed import CHECK_BATCH
+        from x2l.distributed.indexing import CHECK_BATCH
 
         t = time.perf_counter()
         ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // CHECK_BATCH)))

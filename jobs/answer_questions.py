@@ -28,6 +28,7 @@ from pathlib import Path
 
 from x2l.config import StoreConfig
 from x2l.errors import OneLineParser, X2LError
+from x2l.options import model_config, model_options, retrieval_config, retrieval_options
 from x2l.progress import Progress
 from x2l.prompt import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS
 
@@ -42,17 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--token", default=os.environ.get("X2L_API_TOKEN"),
                    help="bearer token for the Serve app (default: $X2L_API_TOKEN)")
     p.add_argument("--in-flight", type=int, default=16, help="questions in flight to the Serve app (default 16)")
-    p.add_argument("--model", default=None, help="checkpoint directory (in-job answering only)")
     p.add_argument("--concurrency", type=int, default=1, help="in-job answering actors (default 1)")
     p.add_argument("--batch-size", type=int, default=8, help="questions per in-job engine call (default 8)")
     p.add_argument("--num-gpus-per-actor", type=float, default=0.0, help="GPUs per in-job actor (default 0)")
     p.add_argument("--num-cpus-per-actor", type=float, default=0.5, help="logical CPUs per actor (default 0.5)")
-    p.add_argument("--torch-threads", type=int, default=None, help="torch threads per actor (default: Ray's)")
-    p.add_argument("--top-k", type=int, default=3, help="chunks re-loaded at L (default 3; in-job only, the Serve "
-                                                         "app uses its own unless the question sets top_k)")
-    p.add_argument("--budget-bytes", type=int, default=None,
-                   help="instead of top-k: as many chunks as fit in this many bytes of L delta, per question")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="decode limit (default 32)")
     p.add_argument("--max-prompt-chars", type=int, default=MAX_PROMPT_CHARS,
                    help=f"refuse a question whose text and options exceed this many characters (default "
                         f"{MAX_PROMPT_CHARS}); refused questions get an error row and are never sent")
@@ -64,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                               "else a line every 10 s with rate, ETA and failures)")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS / the running "
                                                        "cluster / a new local one); 'local' always starts a new one")
+    model_options(p, required=False, model_help="checkpoint directory (in-job answering only)", device=False,
+                  threads=True)
+    retrieval_options(p)
     return p.parse_args(argv)
 
 
@@ -139,21 +136,18 @@ def _part_name(rows: list[dict]) -> str:
 def answer_in_job(args, todo: list[dict]) -> tuple[float, str]:
     """Answer with an in-job actor pool; returns when the first batch of answers reached the driver and one of its
     question ids."""
-    import ray
+    from x2l.distributed.answering import AnswerJobConfig, answer_pipeline
+    from x2l.distributed.common import check_resources
+    from x2l.prompt import PromptLimits
 
-    from x2l.distributed import AnswerActor, AnswerJobConfig, check_resources, map_with_actors
-
-    cfg = AnswerJobConfig(StoreConfig(uri=args.store), args.model, args.out, args.top_k, args.max_new_tokens,
-                          torch_threads=args.torch_threads, use_gpu=args.num_gpus_per_actor > 0,
-                          budget_bytes=args.budget_bytes, max_prompt_chars=args.max_prompt_chars,
-                          max_prompt_tokens=args.max_prompt_tokens)
+    cfg = AnswerJobConfig(StoreConfig(uri=args.store),
+                          model_config(args, device="cuda" if args.num_gpus_per_actor > 0 else "cpu"), args.out,
+                          retrieval_config(args), PromptLimits(args.max_prompt_chars, args.max_prompt_tokens))
     check_resources(args.concurrency * args.num_cpus_per_actor, args.concurrency * args.num_gpus_per_actor,
                     f"--concurrency {args.concurrency} x (--num-cpus-per-actor {args.num_cpus_per_actor:g}, "
                     f"--num-gpus-per-actor {args.num_gpus_per_actor:g})")
-    rows = [q | {"options": json.dumps(q["options"]) if q["options"] else ""} for q in todo]
-    ds = map_with_actors(ray.data.from_items(rows), AnswerActor, batch_size=args.batch_size,
-                         fn_constructor_kwargs={"cfg": cfg}, concurrency=args.concurrency,
-                         num_cpus=args.num_cpus_per_actor, num_gpus=args.num_gpus_per_actor or None)
+    ds = answer_pipeline(todo, cfg, args.batch_size, args.concurrency, args.num_cpus_per_actor,
+                         args.num_gpus_per_actor)
     first: tuple[float, str] | None = None
     with Progress(len(todo), "answer_questions", "question", enabled=not args.quiet) as progress:
         for batch in ds.iter_batches(batch_size=None):
@@ -184,7 +178,7 @@ def refuse_questions(todo: list[dict], limits, out) -> list[dict]:
 
 
 def run(args) -> int:
-    from x2l.distributed import check_options, job_path, start_ray
+    from x2l.distributed.common import check_options, job_path, start_ray
     from x2l.questions import consolidate, read_parts
     from x2l.store import KVStore
     from x2l.store.backend import open_backend
@@ -194,7 +188,7 @@ def run(args) -> int:
     if not args.serve_address and not args.model:
         raise X2LError("give --serve-address (a running Serve app) or --model (answer in-job)")
     check_options(args, {"in_flight": 1, "concurrency": 1, "batch_size": 1, "num_gpus_per_actor": 0,
-                         "num_cpus_per_actor": 0, "torch_threads": 1, "top_k": 1, "budget_bytes": 0,
+                         "num_cpus_per_actor": 0, "torch_threads": 1, "top_k": 0, "budget_bytes": 0,
                          "max_new_tokens": 1, "max_prompt_chars": 1, "max_prompt_tokens": 1})
     args.store, args.out = job_path(args.store, "--store"), job_path(args.out, "--out")
     args.questions = job_path(args.questions, "--questions")

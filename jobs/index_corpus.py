@@ -20,8 +20,16 @@ import sys
 import time
 from pathlib import Path
 
-from x2l.config import CompressionConfig, SamplingConfig, StoreConfig, to_dict
+from x2l.config import StoreConfig, to_dict
 from x2l.errors import NotFoundError, OneLineParser, X2LError
+from x2l.options import (
+    compression_config,
+    compression_options,
+    model_config,
+    model_options,
+    sampling_config,
+    sampling_options,
+)
 from x2l.progress import Progress
 
 
@@ -30,25 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--corpus", required=True, help="local folder (recursive), s3://bucket/prefix, or a .txt/.csv "
                                                    "list of URIs with optional ',id'")
     p.add_argument("--store", required=True, help="KV store root: local folder or s3://bucket/prefix")
-    p.add_argument("--model", required=True, help="checkpoint directory (HF layout), visible to every worker")
     p.add_argument("--concurrency", type=int, default=1, help="indexing actors (default 1)")
     p.add_argument("--num-gpus-per-actor", type=float, default=0.0, help="GPUs per actor; 0 = CPU (default 0)")
     p.add_argument("--num-cpus-per-actor", type=float, default=0.5,
                    help="logical CPUs each actor reserves (default 0.5: fractional so decode tasks always fit)")
     p.add_argument("--decode-cpus", type=float, default=0.5, help="logical CPUs per decode task (default 0.5)")
-    p.add_argument("--torch-threads", type=int, default=None, help="torch threads per actor (default: Ray's)")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation (default sdpa)")
-    d_s, d_c = SamplingConfig(), CompressionConfig()
-    p.add_argument("--fps", type=float, default=d_s.fps, help=f"default {d_s.fps:g}")
-    p.add_argument("--max-frames", type=int, default=d_s.max_frames, help=f"default {d_s.max_frames}")
-    p.add_argument("--frames-per-chunk", type=int, default=d_s.frames_per_chunk, help=f"default {d_s.frames_per_chunk}")
-    p.add_argument("--min-pixels", type=int, default=None, help="default: the checkpoint's")
-    p.add_argument("--max-pixels", type=int, default=None, help="default: the checkpoint's")
-    p.add_argument("--l-keep", type=float, default=d_c.l_keep, help=f"default {d_c.l_keep:g}")
-    p.add_argument("--h-keep", type=float, default=d_c.h_keep, help="default 1/16")
-    p.add_argument("--scorer", default=d_c.scorer, help=f"default {d_c.scorer}")
-    p.add_argument("--context", default=d_c.context, choices=["h", "full", "none"], help=f"default {d_c.context}")
     p.add_argument("--overwrite", action="store_true", help="re-index videos stored with other settings")
     p.add_argument("--allow-duplicates", action="store_true",
                    help="index a file even if the same bytes are stored under another id (default: skip it)")
@@ -58,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ray-address", default=None,
                    help="Ray cluster to join (default: RAY_ADDRESS / the running cluster / a new local one); "
                         "'local' always starts a new one")
+    model_options(p, model_help="checkpoint directory (HF layout), visible to every worker", device=False, threads=True)
+    sampling_options(p)
+    compression_options(p)
     return p.parse_args(argv)
 
 
@@ -86,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from x2l.corpus import list_corpus
-    from x2l.distributed import (IndexJobConfig, build_pipeline, check_options, check_resources, job_path, start_ray,
-                                 stats_row)
+    from x2l.distributed.common import check_options, check_resources, job_path, start_ray
+    from x2l.distributed.indexing import IndexJobConfig, build_pipeline, stats_row
     from x2l.models import pixel_rule
     from x2l.models.fingerprint import checkpoint_fingerprint
     from x2l.summary import summarize_index_run
@@ -98,17 +95,17 @@ def run(args: argparse.Namespace) -> int:
     check_options(args, {"concurrency": 1, "num_gpus_per_actor": 0, "num_cpus_per_actor": 0, "decode_cpus": 0,
                          "torch_threads": 1})
     cfg_kwargs = {"run_id": args.run_id} if args.run_id else {}
+    args.model = job_path(args.model, "--model")
     cfg = IndexJobConfig(
         corpus=job_path(args.corpus, "--corpus"), store=StoreConfig(uri=job_path(args.store, "--store")),
-        model=job_path(args.model, "--model"),
-        sampling=SamplingConfig(args.fps, args.max_frames, args.frames_per_chunk, args.min_pixels, args.max_pixels),
-        compression=CompressionConfig(args.l_keep, args.h_keep, args.scorer, args.context),
+        model=model_config(args, device="cuda" if args.num_gpus_per_actor > 0 else "cpu"),
+        sampling=sampling_config(args), compression=compression_config(args),
         concurrency=args.concurrency, num_gpus_per_actor=args.num_gpus_per_actor,
-        num_cpus_per_actor=args.num_cpus_per_actor, decode_cpus=args.decode_cpus, torch_threads=args.torch_threads,
-        dtype=args.dtype, attn=args.attn, overwrite=args.overwrite, allow_duplicates=args.allow_duplicates, **cfg_kwargs)
+        num_cpus_per_actor=args.num_cpus_per_actor, decode_cpus=args.decode_cpus, overwrite=args.overwrite,
+        allow_duplicates=args.allow_duplicates, **cfg_kwargs)
     make_scorer(cfg.compression.scorer)  # refuse a bad scorer or checkpoint before starting anything
-    pixel_rule(cfg.model)
-    fingerprint = checkpoint_fingerprint(Path(cfg.model))
+    pixel_rule(cfg.model.path)
+    fingerprint = checkpoint_fingerprint(Path(cfg.model.path))
     try:  # unreachable or incompatible store: fails here, exit 1
         store = KVStore(cfg.store, fingerprint, create=False)
     except NotFoundError:
@@ -146,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - t0
     skipped = [r for r in rows if r["status"] == "skipped"]
     rows = [r for r in rows if r["status"] != "skipped"]
-    config = {"corpus": cfg.corpus, "store": cfg.store.uri, "model": cfg.model, "model_fingerprint": fingerprint,
+    config = {"corpus": cfg.corpus, "store": cfg.store.uri, "model": cfg.model.path, "model_fingerprint": fingerprint,
               "sampling": to_dict(cfg.sampling), "compression": to_dict(cfg.compression),
               "concurrency": cfg.concurrency, "num_gpus_per_actor": cfg.num_gpus_per_actor,
               "num_cpus_per_actor": cfg.num_cpus_per_actor, "decode_cpus": cfg.decode_cpus}

@@ -13,6 +13,8 @@ import pytest
 from x2l.store.schema import SCHEMA_VERSION
 from x2l.testing.videos import write_audio_with_cover_art
 
+ROOT = Path(__file__).resolve().parents[1]
+
 X2L = [str(Path(sys.executable).parent / "x2l")]
 
 
@@ -154,6 +156,41 @@ def test_clip_shorter_than_a_chunk_is_one_padded_chunk(tmp_path, tiny_checkpoint
 def test_bad_options_are_named(args, message, tmp_path, tiny_checkpoints, video_path):
     r = x2l("index", video_path, "--model", tiny_checkpoints["qwen2-vl"], "--out", tmp_path / "o", *args, check=False)
     assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_x2l_and_both_jobs_share_the_option_declarations_and_the_configs_defaults():
+    """Sampling, compression, retrieval and model options are declared once (x2l/options.py): `x2l index`, `x2l ask`
+    and both jobs parse them to the same configs, whose defaults are the dataclasses' own."""
+    import importlib.util
+
+    from x2l.cli import build_parser
+    from x2l.config import CompressionConfig, ModelConfig, RetrievalConfig, SamplingConfig
+    from x2l.errors import ConfigError
+    from x2l.options import compression_config, model_config, retrieval_config, sampling_config
+
+    def job(name: str):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "jobs" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    shared = ["--model", "m", "--dtype", "bfloat16", "--attn", "eager", "--fps", "2", "--frames-per-chunk", "4",
+              "--l-keep", "0.25", "--scorer", "key_norm"]
+    index = build_parser().parse_args(["index", "v.mp4", "--out", "s", *shared])
+    bulk = job("index_corpus").parse_args(["--corpus", "c", "--store", "s", *shared, "--torch-threads", "2"])
+    for args in (index, bulk):
+        assert sampling_config(args) == SamplingConfig(fps=2, frames_per_chunk=4)
+        assert compression_config(args) == CompressionConfig(l_keep=0.25, scorer="key_norm")
+    assert model_config(index) == ModelConfig("m", "bfloat16", "eager", "auto", None)
+    assert model_config(bulk, device="cpu") == ModelConfig("m", "bfloat16", "eager", "cpu", 2)
+    ask = build_parser().parse_args(["ask", "s", "--question", "q", "--model", "m"])
+    answer = job("answer_questions").parse_args(["--store", "s", "--questions", "q", "--out", "o"])
+    assert retrieval_config(ask) == retrieval_config(answer) == RetrievalConfig()
+    for bad, message in (({"dtype": "float17"}, "model dtype 'float17': use auto, float32, bfloat16 or float16"),
+                         ({"attention": "flash"}, "model attention 'flash': use sdpa or eager"),
+                         ({"threads": 0}, "model threads must be >= 1")):
+        with pytest.raises(ConfigError, match=message):
+            ModelConfig("m", **bad)
 
 
 def test_bad_model_and_kv_paths(tmp_path, tiny_checkpoints, video_path):

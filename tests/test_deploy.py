@@ -96,8 +96,8 @@ def test_the_index_jobs_check_stage_classifies_before_decoding(tiny_checkpoints,
 
     import numpy as np
 
-    from x2l.config import StoreConfig
-    from x2l.distributed import IndexJobConfig, check_committed
+    from x2l.config import ModelConfig, StoreConfig
+    from x2l.distributed.indexing import IndexJobConfig, check_committed
     from x2l.models import load_model
 
     model = load_model(tiny_checkpoints["qwen2-vl"], "float32", device="cpu")
@@ -113,7 +113,7 @@ def test_the_index_jobs_check_stage_classifies_before_decoding(tiny_checkpoints,
 
     (tmp_path / "store" / "videos" / video_key("bad.mp4")).mkdir(parents=True)
     (tmp_path / "store" / "videos" / video_key("bad.mp4") / "meta.json").write_text("{not json")
-    cfg = IndexJobConfig(corpus=str(tmp_path), store=StoreConfig(uri=uri), model=str(tiny_checkpoints["qwen2-vl"]),
+    cfg = IndexJobConfig(corpus=str(tmp_path), store=StoreConfig(uri=uri), model=ModelConfig(str(tiny_checkpoints["qwen2-vl"])),
                          sampling=SAMPLING)
     ids = ["job.mp4", "cli.mp4", "new.mp4", "bad.mp4"]
     batch = {"video_id": np.array(ids), "uri": np.array([src] * 4)}

@@ -119,6 +119,32 @@ def test_actor_killed_mid_video_is_retried_and_commits_each_video_once(ray_head,
     check_first_run(str(store), tiny_checkpoints["qwen2-vl"])
 
 
+def test_a_video_that_always_crashes_its_actor_becomes_a_failed_row(corpus, tiny_checkpoints, tmp_path):
+    """A video whose indexing kills its actor every time (as a native decoder or kernel fault would) is tried
+    MAX_VIDEO_ATTEMPTS times, then is a failed row; the job finishes and the other videos are indexed (issue 14)."""
+    from x2l.distributed.indexing import FAULT_VIDEO_ENV, MAX_VIDEO_ATTEMPTS
+    from x2l.testing.ray_head import loopback_env
+
+    some, log = tmp_path / "corpus", tmp_path / "crashes.log"
+    some.mkdir()
+    for name in ("a.mp4", "b.mp4", "short.mp4"):
+        (some / name).write_bytes((corpus / name).read_bytes())
+    env = loopback_env() | {FAULT_VIDEO_ENV: json.dumps({"video_id": "b.mp4", "log": str(log)})}
+    r = subprocess.run([sys.executable, "jobs/index_corpus.py", "--corpus", str(some), "--store", str(tmp_path / "s"),
+                        "--model", str(tiny_checkpoints["qwen2-vl"]), "--ray-address", "local", *JOB_ARGS],
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert len(log.read_text().splitlines()) == MAX_VIDEO_ATTEMPTS  # the actor died on every start, no more
+    summary, rows = last_run(str(tmp_path / "s"))
+    by_id = {row["video_id"]: row for row in rows}
+    assert {vid: row["status"] for vid, row in by_id.items()} == {"a.mp4": "indexed", "b.mp4": "failed",
+                                                                  "short.mp4": "indexed"}
+    assert by_id["b.mp4"]["reason"].startswith(f"its indexing actor died {MAX_VIDEO_ATTEMPTS} times while indexing it")
+    assert summary["indexed"] == 2 and summary["failed"] == 1
+    assert sorted(v["video_id"] for v in KVStore(str(tmp_path / "s")).list_videos()) == ["a.mp4", "short.mp4"]
+    assert "index_corpus: failed b.mp4: its indexing actor died" in r.stderr
+
+
 def test_indexing_into_s3_works_like_a_local_folder(ray_head, corpus, tiny_checkpoints, s3_server, monkeypatch):
     store = s3_server.uri("index-job-test")
     r = submit(ray_head, "--corpus", corpus, "--store", store, "--model", tiny_checkpoints["qwen2-vl"], *JOB_ARGS,

@@ -322,9 +322,9 @@ def test_rayservice_deploys_serve_app_with_documented_args():
     (app,) = serve_cfg["applications"]
     assert app["import_path"] == SERVE_IMPORT_PATH
     check_import_path(app["import_path"], "rayservice")
-    from x2l.serve import ServeConfig
+    from x2l.serve import ServeArgs
 
-    ServeConfig.from_args(app["args"])  # unknown or mistyped args fail here
+    ServeArgs.model_validate(app["args"])  # unknown or mistyped args fail here
     args = app["args"]
     assert {"store", "model"} <= set(args) <= SERVE_ARGS, sorted(args)
     serve_src = (ROOT / "x2l" / "serve.py").read_text()
@@ -369,14 +369,14 @@ def test_readme_commands_scripts_options_and_import_paths_exist():
 
 
 def test_serve_config_for_serve_deploy_builds_the_app_config():
-    """infra/serve_config.yaml: every arg is one ServeConfig takes (with its type), and each is documented."""
-    from x2l.serve import ServeConfig
+    """infra/serve_config.yaml: every arg is one ServeArgs takes (with its type), and each is documented."""
+    from x2l.serve import ServeArgs
 
     doc = yaml.safe_load((ROOT / "infra" / "serve_config.yaml").read_text())
     [app] = doc["applications"]
     assert app["import_path"] == "x2l.serve:app"
     check_import_path(app["import_path"], "serve_config")
-    cfg = ServeConfig.from_args(app["args"])
+    cfg = ServeArgs.model_validate(app["args"])
     assert cfg.max_ongoing_requests >= cfg.max_batch_size
     readme = README.read_text()
     for key in app["args"]:

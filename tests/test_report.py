@@ -151,8 +151,8 @@ def test_per_question_stats_survive_a_bad_video_in_the_batch(reported, tiny_chec
     the same questions answered without it (the failed video does not re-run the batch with a warm cache)."""
     import numpy as np
 
-    from x2l.config import StoreConfig
-    from x2l.distributed import AnswerActor, AnswerJobConfig
+    from x2l.config import ModelConfig, RetrievalConfig, StoreConfig
+    from x2l.distributed.answering import AnswerActor, AnswerJobConfig
 
     store, _ = reported
     good = [{"id": "1", "video_id": "one.mp4", "question": "What is in it?"},
@@ -160,7 +160,8 @@ def test_per_question_stats_survive_a_bad_video_in_the_batch(reported, tiny_chec
     bad = {"id": "3", "video_id": "nope.mp4", "question": "What?"}
 
     def answered(questions: list[dict], out: str) -> dict[str, dict]:
-        cfg = AnswerJobConfig(StoreConfig(uri=str(store)), str(tiny_checkpoints["qwen2-vl"]), out, top_k=2)
+        cfg = AnswerJobConfig(StoreConfig(uri=str(store)), ModelConfig(str(tiny_checkpoints["qwen2-vl"])), out,
+                              RetrievalConfig(top_k=2))
         actor = AnswerActor(cfg)  # the in-job actor's class, run in this process: fresh caches
         batch = {k: np.array([q[k] for q in questions]) for k in ("id", "video_id", "question")}
         actor(batch | {"options": np.array([""] * len(questions))})

@@ -70,7 +70,7 @@ def serve_app(archive, damaged_store):
     from ray import serve
 
     from x2l.testing.ray_head import free_port
-    from x2l.serve import app
+    from x2l.serve import ServeArgs, app
 
     os.environ[TOKEN_ENV] = "s3cret"  # replicas inherit the driver's environment at ray.init
     ray.init(address="local", num_cpus=2, include_dashboard=False)
@@ -78,13 +78,16 @@ def serve_app(archive, damaged_store):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = {"store": archive["store"], "model": archive["model"], "max_batch_size": 8, "batch_wait_timeout_s": 0.2,
             "max_prompt_chars": 200, "max_prompt_tokens": 150, "max_questions_per_request": 20, "num_cpus": 0.2}
-    serve.run(app(base), name="main", route_prefix="/")
+
+    def built(**args):  # Serve validates the arguments into the builder's typed argument, then calls the builder
+        return app(ServeArgs.model_validate(base | args))
+
+    serve.run(built(), name="main", route_prefix="/")
     one_video = KVStore(archive["store"]).list_videos()[0]["bytes"]
-    serve.run(app(base | {"h_budget_bytes": one_video["sink"] + one_video["h"] * 2}), name="tight",
-              route_prefix="/tight")
-    serve.run(app(base | {"token_env": TOKEN_ENV}), name="auth", route_prefix="/auth")
-    serve.run(app(base | {"store": damaged_store}), name="damaged", route_prefix="/damaged")
-    serve.run(app(base | {"store": archive["live"]}), name="live", route_prefix="/live")
+    serve.run(built(h_budget_bytes=one_video["sink"] + one_video["h"] * 2), name="tight", route_prefix="/tight")
+    serve.run(built(token_env=TOKEN_ENV), name="auth", route_prefix="/auth")
+    serve.run(built(store=damaged_store), name="damaged", route_prefix="/damaged")
+    serve.run(built(store=archive["live"]), name="live", route_prefix="/live")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
@@ -306,10 +309,10 @@ def test_readyz_once_the_query_replica_has_model_and_h(serve_app):
 def test_app_builder_refuses_a_missing_model_or_store_before_deploying(archive, tmp_path):
     from x2l.testing.ray_head import loopback_env
     from x2l.errors import ConfigError
-    from x2l.serve import app
+    from x2l.serve import ServeArgs, app
 
     with pytest.raises(ConfigError, match=f"store={tmp_path / 'none'}: store {tmp_path / 'none'} does not exist"):
-        app({"store": str(tmp_path / "none"), "model": archive["model"]})
+        app(ServeArgs(store=str(tmp_path / "none"), model=archive["model"]))
     assert not (tmp_path / "none").exists()
     r = subprocess.run([str(Path(sys.executable).parent / "serve"), "run", "x2l.serve:app",
                         f"store={archive['store']}", f"model={tmp_path / 'nomodel'}"],
@@ -317,17 +320,23 @@ def test_app_builder_refuses_a_missing_model_or_store_before_deploying(archive, 
     assert r.returncode == 1 and "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last == f"Error: x2l.serve: model directory {tmp_path / 'nomodel'} does not exist"
+    # Serve validates the arguments into the builder's typed argument (ServeArgs) before calling it: one line too
+    r = subprocess.run([str(Path(sys.executable).parent / "serve"), "run", "x2l.serve:app",
+                        f"store={archive['store']}", f"model={archive['model']}", "max_batch_size=0"],
+                       capture_output=True, text=True, env=loopback_env(), timeout=120, cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "Error: x2l.serve: x2l.serve argument max_batch_size=0: must be >= 1"
 
 
 def test_app_arguments_resolve_local_paths_where_the_builder_checks_them(tmp_path, monkeypatch):
     """Replicas do not run in `serve run`'s working directory: a relative store= or model= is made absolute by the
     builder, the side that checked it, instead of being opened relative to a worker's directory."""
-    from x2l.serve import ServeConfig
+    from x2l.serve import ServeArgs
 
     monkeypatch.chdir(tmp_path)
-    cfg = ServeConfig.from_args({"store": "store", "model": "file://models/m"})
+    cfg = ServeArgs.model_validate({"store": "store", "model": "file://models/m"})
     assert (cfg.store, cfg.model) == (str(tmp_path / "store"), str(tmp_path / "models" / "m"))
-    assert ServeConfig.from_args({"store": "s3://x2l/store", "model": "m"}).store == "s3://x2l/store"
+    assert ServeArgs.model_validate({"store": "s3://x2l/store", "model": "m"}).store == "s3://x2l/store"
 
 
 @pytest.mark.parametrize("arg, message", [
@@ -338,12 +347,13 @@ def test_app_arguments_resolve_local_paths_where_the_builder_checks_them(tmp_pat
     ({"h_budget_bytes": "-5"}, "h_budget_bytes=-5: must be >= 0"),
 ])
 def test_app_builder_refuses_arguments_a_replica_would_refuse(archive, arg, message):
-    """A replica whose constructor fails is restarted forever while `serve run` waits: such values stop the builder."""
+    """A replica whose constructor fails is restarted forever while `serve run` waits: such values stop the builder's
+    typed argument, which Serve validates before it calls the builder."""
     from x2l.errors import ConfigError
-    from x2l.serve import app
+    from x2l.serve import ServeArgs
 
     with pytest.raises(ConfigError) as e:
-        app({"store": archive["store"], "model": archive["model"]} | arg)
+        ServeArgs.model_validate({"store": archive["store"], "model": archive["model"]} | arg)
     assert str(e.value) == f"x2l.serve: x2l.serve argument {message}"
 
 
@@ -383,7 +393,7 @@ def test_h_memory_budget_evicts_and_reloads_with_right_answers(serve_app, archiv
 
 def test_store_unreachable_gives_503(tmp_path, archive, monkeypatch):
     """The query deployment over an S3 store whose server went away answers 503 and says why."""
-    from x2l.serve import QueryModel
+    from x2l.serve import QueryModel, ServeArgs
     from x2l.testing.s3_server import LocalS3Server
 
     with LocalS3Server(str(tmp_path / "s3")) as server:
@@ -399,7 +409,7 @@ def test_store_unreachable_gives_503(tmp_path, archive, monkeypatch):
             meta = src.committed(vid)
             dst.write(video, source=meta["source"], source_hash=meta["source_sha256"])
         # the deployment's own class, run in this process; an H budget of 0 keeps nothing in memory
-        model = QueryModel.func_or_class({"store": uri, "model": archive["model"], "h_budget_bytes": 0})
+        model = QueryModel.func_or_class(ServeArgs(store=uri, model=archive["model"], h_budget_bytes=0))
     # the server is stopped now
     results = model._answer_batch([{"video_id": "dogs.mp4", "question": "q", "_arrived": time.time()}])
     assert results[0]["error"]["status"] == 503 and "unreachable" in results[0]["error"]["message"]
@@ -494,8 +504,8 @@ def test_bulk_job_refuses_bad_questions_alone(archive, tmp_path):
 
     import numpy as np
 
-    from x2l.config import StoreConfig
-    from x2l.distributed import AnswerActor, AnswerJobConfig
+    from x2l.config import ModelConfig, StoreConfig
+    from x2l.distributed.answering import AnswerActor, AnswerJobConfig
     from x2l.prompt import PromptLimits
     from x2l.questions import read_parts
     from x2l.store.backend import open_backend
@@ -511,8 +521,8 @@ def test_bulk_job_refuses_bad_questions_alone(archive, tmp_path):
     rows = read_parts(out)
     assert "306 characters, the limit is 200" in rows["opts"]["error"] and "empty" in rows["blank"]["error"]
 
-    actor = AnswerActor(AnswerJobConfig(StoreConfig(uri=archive["store"]), archive["model"], str(tmp_path / "out2"),
-                                        max_prompt_tokens=150))
+    actor = AnswerActor(AnswerJobConfig(StoreConfig(uri=archive["store"]), ModelConfig(archive["model"]),
+                                        str(tmp_path / "out2"), limits=PromptLimits(max_tokens=150)))
     actor({"id": np.array(["long", "ok"]), "video_id": np.array(["cats.mp4", "cats.mp4"]),
            "question": np.array(["视频" * 50, QUESTIONS[0]["question"]]), "options": np.array(["", ""])})
     rows = read_parts(open_backend(str(tmp_path / "out2")))

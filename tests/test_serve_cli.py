@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import signal
@@ -44,11 +43,11 @@ def env() -> dict:
     return loopback_env()
 
 
-def test_options_are_serve_config_fields_with_its_defaults():
-    from x2l.serve import ServeConfig
+def test_options_are_serve_args_fields_with_its_defaults():
+    from x2l.serve import ServeArgs
     from x2l.serve_cli import OPTIONS
 
-    defaults = {f.name: f.default for f in dataclasses.fields(ServeConfig)}
+    defaults = {name: f.default for name, f in ServeArgs.model_fields.items()}
     assert set(OPTIONS) == set(defaults) - {"store", "model"}
     assert {k: d for k, (d, _) in OPTIONS.items()} == {k: defaults[k] for k in OPTIONS}
 

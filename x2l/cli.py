@@ -13,53 +13,21 @@ import time
 from pathlib import Path
 
 from x2l import __version__, console
-from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig, to_dict
+from x2l.config import SamplingConfig, to_dict
 from x2l.errors import ConfigError, OneLineParser, X2LError, one_line
 from x2l.models.registry import FAMILY_NAMES
+from x2l.options import (
+    compression_config,
+    compression_options,
+    model_config,
+    model_options,
+    retrieval_config,
+    retrieval_options,
+    sampling_config,
+    sampling_options,
+)
 from x2l.prompt import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS
 from x2l.store.keys import GRACE_S
-
-D_SAMPLING, D_COMP, D_RETR = SamplingConfig(), CompressionConfig(), RetrievalConfig()
-
-
-def _model_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="local checkpoint directory (HF layout: config.json, weights, tokenizer)")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
-    g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation (default sdpa)")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-
-
-def _sampling_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--fps", type=float, default=D_SAMPLING.fps, help=f"frames sampled per second (default {D_SAMPLING.fps:g})")
-    g.add_argument("--max-frames", type=int, default=D_SAMPLING.max_frames,
-                   help=f"frame cap; longer videos are sampled evenly at a lower rate (default {D_SAMPLING.max_frames})")
-    g.add_argument("--frames-per-chunk", type=int, default=D_SAMPLING.frames_per_chunk,
-                   help=f"frames per chunk (default {D_SAMPLING.frames_per_chunk})")
-    g.add_argument("--min-pixels", type=int, default=None, help="per-frame pixel floor (default: the checkpoint's)")
-    g.add_argument("--max-pixels", type=int, default=None, help="per-frame pixel cap (default: the checkpoint's)")
-
-
-def _compression_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("compression")
-    g.add_argument("--l-keep", type=float, default=D_COMP.l_keep, help=f"L level keep fraction (default {D_COMP.l_keep:g})")
-    g.add_argument("--h-keep", type=float, default=D_COMP.h_keep, help="H level keep fraction (default 1/16)")
-    g.add_argument("--scorer", default=D_COMP.scorer,
-                   help="token scorer: attention[:Q] (Q voting queries spread over the chunk, default 64; 0 = all), "
-                        "window_attention[:W] (last W queries, default 32), key_norm, value_norm, uniform (default attention)")
-    g.add_argument("--context", default=D_COMP.context, choices=["h", "full", "none"],
-                   help="what each chunk is pre-filled over: sink + earlier H (h, default), every earlier token "
-                        "(full), sink only (none)")
-
-
-def _retrieval_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("retrieval")
-    g.add_argument("--top-k", type=int, default=D_RETR.top_k, help=f"chunks re-loaded at L (default {D_RETR.top_k}; 0 = H only)")
-    g.add_argument("--budget-bytes", type=int, default=None,
-                   help="instead of top-k: as many chunks as fit in this many bytes of L delta")
-    g.add_argument("--max-new-tokens", type=int, default=D_RETR.max_new_tokens,
-                   help=f"decode limit (default {D_RETR.max_new_tokens})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the video if it is stored with other settings (default: refuse)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    _model_options(p)
-    _sampling_options(p)
-    _compression_options(p)
+    model_options(p)
+    sampling_options(p)
+    compression_options(p)
 
     p = sub.add_parser("ask", help="answer questions about an indexed video")
     p.add_argument("store", help="store URI written by `x2l index` (local folder or s3://bucket/prefix)")
@@ -92,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {MAX_PROMPT_CHARS})")
     p.add_argument("--max-prompt-tokens", type=int, default=MAX_PROMPT_TOKENS,
                    help=f"refuse a question whose prompt exceeds this many tokens (default {MAX_PROMPT_TOKENS})")
-    _model_options(p)
-    _retrieval_options(p)
+    model_options(p)
+    retrieval_options(p)
 
     p = sub.add_parser("store", help="inspect a KV store")
     store_sub = p.add_subparsers(dest="store_command", required=True)
@@ -147,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="questions per engine call (default 8)")
     p.add_argument("--eval-max-new-tokens", dest="max_new_tokens", type=int, default=8,
                    help="decode limit per answer (default 8: a letter)")
-    _model_options(p)
-    _sampling_options(p)
-    _compression_options(p)
+    model_options(p)
+    sampling_options(p)
+    compression_options(p)
 
     p = sub.add_parser("tiny-model", help="write a random-weight checkpoint in the HF layout (tests, demo, timings)")
     p.add_argument("out_dir")
@@ -196,10 +164,7 @@ def _output_options(p: argparse.ArgumentParser) -> None:
 
 
 def _load_model(args):
-    from x2l.models import load_model
-
-    return load_model(args.model, args.dtype, args.attn, args.device,
-                      getattr(args, "min_pixels", None), getattr(args, "max_pixels", None))
+    return model_config(args).load(getattr(args, "min_pixels", None), getattr(args, "max_pixels", None))
 
 
 def cmd_index(args) -> None:
@@ -210,8 +175,7 @@ def cmd_index(args) -> None:
     from x2l.video import probe_video
 
     probe_video(args.video)  # refuse a bad file before spending time on the model
-    sampling = SamplingConfig(args.fps, args.max_frames, args.frames_per_chunk, args.min_pixels, args.max_pixels)
-    compression = CompressionConfig(args.l_keep, args.h_keep, args.scorer, args.context)
+    sampling, compression = sampling_config(args), compression_config(args)
     model = _load_model(args)
     store = KVStore(args.out, model.fingerprint)
     indexer = Indexer(model, sampling, compression)
@@ -317,8 +281,7 @@ def cmd_ask(args) -> None:
     store = KVStore(args.store, model.fingerprint, dtype=model.dtype, create=False)
     video_id = _pick_video(store, args.video_id)
     store.info(video_id)  # unknown id: a clear error before any work
-    retrieval = RetrievalConfig(args.top_k, args.budget_bytes, None, args.max_new_tokens)
-    answers = Answerer(model, store, retrieval).answer([Question(video_id, q, args.options) for q in args.question])
+    answers = Answerer(model, store, retrieval_config(args)).answer([Question(video_id, q, args.options) for q in args.question])
     for a in answers:
         if args.json:
             print(json.dumps(a.to_dict()))
@@ -464,8 +427,8 @@ def cmd_eval(args) -> None:
         from x2l.eval.benchmarks import load_benchmark
 
         questions = load_benchmark(args.bench, args.data, args.split)[: args.limit]
-        sampling = SamplingConfig(args.fps, args.max_frames, args.frames_per_chunk, args.min_pixels, args.max_pixels)
-    compression = CompressionConfig(args.l_keep, args.h_keep, args.scorer, args.context)
+        sampling = sampling_config(args)
+    compression = compression_config(args)
     model = _load_model(args)
     result = evaluate(questions, model, args.out, methods, sampling, compression, args.batch_size,
                       args.max_new_tokens, targets, log=lambda m: print(m, flush=True), progress=not args.quiet)

@@ -9,6 +9,61 @@ from typing import Literal
 from x2l.errors import ConfigError
 
 Context = Literal["h", "full", "none"]
+# --dtype names the model loader takes besides "auto" -> the torch dtype attribute (x2l.models.base.resolve_dtype)
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float16": "float16", "fp16": "float16"}
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")  # as messages name them; the short aliases work too
+ATTENTIONS = ("sdpa", "eager")
+
+
+def one_of(choices: tuple[str, ...]) -> str:
+    """"a, b or c": the choices as a message names them."""
+    return ", ".join(choices[:-1]) + " or " + choices[-1] if len(choices) > 1 else choices[0]
+
+
+def dtype_problem(dtype: str) -> str | None:
+    """Why `dtype` is not a model dtype (None when it is one)."""
+    return None if dtype == "auto" or dtype in DTYPE_NAMES else f"use {one_of(MODEL_DTYPES)}"
+
+
+def attention_problem(attention: str) -> str | None:
+    """Why `attention` is not an attention implementation x2l runs (None when it is one)."""
+    return None if attention in ATTENTIONS else f"use {one_of(ATTENTIONS)}"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which checkpoint to load and how: the one model description of `x2l`, both jobs and the Serve app.
+
+    path: local checkpoint directory (HF layout). dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "float32",
+    "bfloat16" or "float16". attention: "sdpa" or "eager". device: "auto" (cuda if available), "cpu", "cuda",
+    "cuda:N". threads: torch intra-op threads of the process that loads it (None: torch's default).
+    Raises ConfigError for a dtype, attention or thread count no loader takes.
+    """
+
+    path: str
+    dtype: str = "auto"
+    attention: str = "sdpa"
+    device: str = "auto"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, problem in (("dtype", dtype_problem(self.dtype)), ("attention", attention_problem(self.attention))):
+            if problem:
+                raise ConfigError(f"model {name} {getattr(self, name)!r}: {problem}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"model threads must be >= 1 (or None: torch's default), got {self.threads}")
+
+    def load(self, min_pixels: int | None = None, max_pixels: int | None = None):
+        """The model adapter (x2l.models.load_model), after setting this process's torch threads. min_pixels /
+        max_pixels: per-frame pixel bounds (None: the checkpoint's). Raises ModelError as load_model does."""
+        import torch
+
+        from x2l.models import load_model
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        return load_model(self.path, self.dtype, self.attention, self.device, min_pixels, max_pixels)
 
 
 @dataclass(frozen=True)

@@ -129,21 +129,11 @@ def run_demo(workdir: Path, model_dir: Path = MODEL) -> None:
         os.environ.update({k: v for k, v in head.env().items() if k.startswith("RAY_")})
         import logging
 
-        import ray
-        from ray import serve
-
-        from x2l.serve import app
+        from x2l.serve import ServeArgs, deploy, shutdown
 
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
-        ray.init(address=head.address, logging_level="ERROR", log_to_driver=False)
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(
-            app({"store": str(store), "model": str(model_dir), "max_batch_size": 8, "torch_threads": 2}),
-            name="x2l",
-            route_prefix="/",
-        )
-        url = f"http://127.0.0.1:{port}"
+        url = deploy(ServeArgs(store=str(store), model=str(model_dir), max_batch_size=8, torch_threads=2),
+                     "127.0.0.1", free_port(), address=head.address, logging_level="ERROR", log_to_driver=False)
         ready = httpx.get(url + "/readyz", timeout=30)
         print(
             f"      {url} (POST /v1/answer, GET /v1/videos, /v1/stats, /healthz); GET /readyz -> HTTP "
@@ -215,8 +205,7 @@ def run_demo(workdir: Path, model_dir: Path = MODEL) -> None:
         )
 
         steps.start("shutting down Serve and Ray")
-        serve.shutdown()
-        ray.shutdown()
+        shutdown()
     report_dir = workdir / "report"
     steps.start(f"x2l report {store.name}/ --out {report_dir.name}/")
     from x2l.report import write_report

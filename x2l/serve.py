@@ -30,8 +30,11 @@ A damaged video (issue 11) is an error of that video only: the app starts and pr
 `GET /v1/videos` lists damaged ones with `"damaged": reason`, and a video removed from the store stops being answered
 (each batch reads the commit of each of its videos: one small read per video per batch).
 
-The application builder (`app`) checks the model directory and the store before anything is deployed: a missing
-one ends `serve run` with one line and a non-zero exit.
+The application's arguments are `ServeArgs`, the builder's typed argument: Serve validates `key=value` arguments (or a
+config file's `args:`) into it before it calls the builder, so an unknown key or a value out of range ends
+`serve run` with one line naming it. The builder (`app`) then checks the model directory and the store before
+anything is deployed: a missing one ends `serve run` with one line and a non-zero exit. `deploy` / `shutdown` run the
+app on a Ray of this process (`x2l serve`, the demo).
 """
 # No `from __future__ import annotations` here: FastAPI reads the route signatures' annotations at runtime.
 
@@ -39,91 +42,132 @@ import asyncio
 import hmac
 import os
 import time
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import click
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from x2l.config import RetrievalConfig, StoreConfig
-from x2l.errors import ConfigError, CorruptionError, IncompatibleError, NotFoundError, StoreError
+from x2l.config import ModelConfig, RetrievalConfig, StoreConfig, attention_problem, dtype_problem
+from x2l.distributed.common import error_line, isolate_failures
+from x2l.errors import ConfigError, CorruptionError, IncompatibleError, NotFoundError, StoreError, one_line
 from x2l.prompt import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, PromptError, PromptLimits, check_prompt
 
+SERVE_RUN = "serve run x2l.serve:app store=URI model=DIR"
 
-@dataclass(frozen=True)
-class ServeConfig:
-    """Application arguments (`serve run x2l.serve:app key=value`, or `args:` in a serve config file)."""
+
+class AppConfigError(ConfigError, click.ClickException):
+    """An application argument that cannot work. Under `serve run` click prints it as one line and exits 1. `detail`
+    is the message without the "x2l.serve: " prefix (`x2l serve` prints its own)."""
+
+    def __init__(self, detail: str):
+        self.detail = detail
+        ConfigError.__init__(self, f"x2l.serve: {detail}")
+        click.ClickException.__init__(self, f"x2l.serve: {detail}")
+
+
+class ServeArgs(BaseModel):
+    """The application's arguments (`serve run x2l.serve:app key=value ...`, `args:` in a serve config file, or the
+    options of `x2l serve`): Ray Serve validates them into this model before it calls the builder `app` (a typed
+    application builder). Unknown keys, values of the wrong type and values out of range (the bounds below: what a
+    replica would refuse or could never get) raise AppConfigError, one line naming the argument, before anything is
+    deployed: a replica whose constructor fails is restarted forever while `serve run` waits. A local `store` or
+    `model` path is made absolute here, where the builder checks it: replicas run in another working directory."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     store: str
     model: str
-    num_gpus: float = 0.0
-    num_cpus: float = 0.5
-    num_replicas: int = 1
-    max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.05
-    h_budget_bytes: int = 1 << 30
-    l_cache_bytes: int = 256 << 20
-    top_k: int = 3
-    max_new_tokens: int = 32
-    max_prompt_chars: int = MAX_PROMPT_CHARS
-    max_prompt_tokens: int = MAX_PROMPT_TOKENS
-    max_questions_per_request: int = 64
+    num_gpus: Annotated[float, Field(ge=0)] = 0.0
+    num_cpus: Annotated[float, Field(ge=0)] = 0.5
+    num_replicas: Annotated[int, Field(ge=1)] = 1
+    max_batch_size: Annotated[int, Field(ge=1)] = 16
+    batch_wait_timeout_s: Annotated[float, Field(ge=0)] = 0.05
+    h_budget_bytes: Annotated[int, Field(ge=0)] = 1 << 30
+    l_cache_bytes: Annotated[int, Field(ge=0)] = 256 << 20
+    top_k: Annotated[int, Field(ge=1)] = 3
+    max_new_tokens: Annotated[int, Field(ge=1)] = 32
+    max_prompt_chars: Annotated[int, Field(ge=1)] = MAX_PROMPT_CHARS
+    max_prompt_tokens: Annotated[int, Field(ge=1)] = MAX_PROMPT_TOKENS
+    max_questions_per_request: Annotated[int, Field(ge=1)] = 64
     dtype: str = "auto"
     attn: str = "sdpa"
-    torch_threads: int = 0
+    torch_threads: Annotated[int, Field(ge=0)] = 0
     token_env: str = "X2L_API_TOKEN"
-    ready_timeout_s: float = 2.0
+    ready_timeout_s: Annotated[float, Field(gt=0)] = 2.0
+
+    @field_validator("store", "model")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value:
+            raise ValueError("empty")
+        if "://" not in value or value.startswith("file://"):
+            return os.path.abspath(os.path.expanduser(value.removeprefix("file://")))
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value: str) -> str:
+        if problem := dtype_problem(value):
+            raise ValueError(problem)
+        return value
+
+    @field_validator("attn")
+    @classmethod
+    def _attn(cls, value: str) -> str:
+        if problem := attention_problem(value):
+            raise ValueError(problem)
+        return value
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _one_line(cls, data: Any, handler):
+        """pydantic's errors as AppConfigError: one line, naming the argument and the cause."""
+        try:
+            return handler(data)
+        except ValidationError as e:
+            raise AppConfigError(cls._describe(e.errors(include_url=False))) from None
 
     @classmethod
-    def from_args(cls, args: dict[str, Any]) -> "ServeConfig":
-        known = {f.name: f for f in fields(cls)}
-        unknown = set(args) - set(known)
+    def _describe(cls, errors: list[dict]) -> str:
+        unknown = sorted(str(err["loc"][0]) for err in errors if err["type"] == "extra_forbidden")
         if unknown:
-            raise ConfigError(f"unknown x2l.serve argument(s) {sorted(unknown)}; known: {sorted(known)}")
-        for required in ("store", "model"):
-            if not args.get(required):
-                raise ConfigError(f"x2l.serve needs {required}=... (e.g. serve run x2l.serve:app store=URI model=DIR)")
-        values = {}
-        for name, value in args.items():
-            kind = type(getattr(cls, name, "")) if name not in ("store", "model") else str
-            try:
-                values[name] = kind(value)
-            except (TypeError, ValueError) as e:
-                raise ConfigError(f"x2l.serve argument {name}={value!r}: expected {kind.__name__}") from e
-        for name in ("store", "model"):  # the path the builder checks must be the one the replicas open: replicas
-            value = values[name]         # run in another working directory (a worker's, or the cluster's)
-            if "://" not in value or value.startswith("file://"):
-                values[name] = os.path.abspath(os.path.expanduser(value.removeprefix("file://")))
-        cfg = cls(**values)
-        cfg.check()
-        return cfg
+            return f"unknown x2l.serve argument(s) {unknown}; known: {sorted(cls.model_fields)}"
+        err = errors[0]
+        name = str(err["loc"][0]) if err["loc"] else "args"
+        if name in ("store", "model") and err["type"] in ("missing", "value_error"):
+            return f"x2l.serve needs {name}=... (e.g. {SERVE_RUN})"
+        if err["type"] == "missing":
+            return f"x2l.serve needs {name}=..."
+        if name not in cls.model_fields:
+            return f"x2l.serve arguments: {err['msg']}"
+        field = cls.model_fields[name]
+        value = err["input"]
+        if err["type"] in ("greater_than_equal", "greater_than"):
+            value = TypeAdapter(field.annotation).validate_python(value)  # as typed: num_gpus=-1.0
+            op, low = (">=", err["ctx"]["ge"]) if err["type"] == "greater_than_equal" else (">", err["ctx"]["gt"])
+            return f"x2l.serve argument {name}={value!r}: must be {op} {low:g}"
+        if err["type"] == "value_error":
+            return f"x2l.serve argument {name}={value!r}: {err['ctx']['error']}"
+        return f"x2l.serve argument {name}={value!r}: expected {getattr(field.annotation, '__name__', field.annotation)}"
 
-    def check(self) -> None:
-        """ConfigError (one line, naming the argument) for a value a replica would refuse or could never get: checked
-        by the builder, since a replica that fails in its constructor is restarted forever and `serve run` waits."""
-        from x2l.models.base import DTYPE_NAMES
+    @property
+    def model_settings(self) -> ModelConfig:
+        """The model each replica loads: on CUDA when the replica asks for GPUs, else on CPU."""
+        return ModelConfig(self.model, self.dtype, self.attn, "cuda" if self.num_gpus > 0 else "cpu",
+                           self.torch_threads or None)
 
-        at_least = {"max_batch_size": 1, "max_questions_per_request": 1, "max_prompt_chars": 1,
-                    "max_prompt_tokens": 1, "num_replicas": 1, "max_new_tokens": 1, "top_k": 1, "num_gpus": 0,
-                    "num_cpus": 0, "h_budget_bytes": 0, "l_cache_bytes": 0, "batch_wait_timeout_s": 0,
-                    "torch_threads": 0}
-        for name, low in at_least.items():
-            if getattr(self, name) < low:
-                raise ConfigError(f"x2l.serve argument {name}={getattr(self, name)!r}: must be >= {low}")
-        if self.ready_timeout_s <= 0:
-            raise ConfigError(f"x2l.serve argument ready_timeout_s={self.ready_timeout_s!r}: must be > 0")
-        if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
-            raise ConfigError(f"x2l.serve argument dtype={self.dtype!r}: use auto, float32, bfloat16 or float16")
-        if self.attn not in ("sdpa", "eager"):
-            raise ConfigError(f"x2l.serve argument attn={self.attn!r}: use sdpa or eager")
+    @property
+    def retrieval(self) -> RetrievalConfig:
+        """Defaults of the questions that do not set their own top_k / max_new_tokens."""
+        return RetrievalConfig(top_k=self.top_k, max_new_tokens=self.max_new_tokens)
 
     @property
     def prompt_limits(self) -> PromptLimits:
@@ -135,14 +179,6 @@ class ServeConfig:
         return 2 * self.max_batch_size
 
 
-class AppConfigError(ConfigError, click.ClickException):
-    """An application argument that cannot work. Under `serve run` click prints it as one line and exits 1."""
-
-    def __init__(self, message: str):
-        ConfigError.__init__(self, message)
-        click.ClickException.__init__(self, message)
-
-
 def _error(status: int, message: str) -> dict:
     return {"error": {"status": status, "message": message}}
 
@@ -151,38 +187,35 @@ def _error_response(status: int, message: str) -> JSONResponse:
     return JSONResponse(_error(status, message), status)
 
 
-def _status_of(e: Exception) -> int:
+def _video_error(video_id: str, e: Exception) -> dict:
+    """The error result of a question whose video could not be answered from: 404 unknown (or removed) video, 500
+    damaged or incompatible video (the message names it), 503 store unreachable, 500 anything else."""
     if isinstance(e, NotFoundError):
-        return 404
+        return _error(404, f"unknown video id {video_id!r}")
     if isinstance(e, (CorruptionError, IncompatibleError)):
-        return 500
+        return _error(500, one_line(f"video {video_id!r}: {e}"))
     if isinstance(e, StoreError):
-        return 503
-    return 500
+        return _error(503, one_line(f"store unreachable: {e}"))
+    return _error(500, error_line(e))
 
 
 @serve.deployment
 class QueryModel:
     """Model + H cache + L cache on one replica; answers micro-batches of questions."""
 
-    def __init__(self, config: dict):
-        import torch
-
+    def __init__(self, cfg: ServeArgs):
         from x2l.engine import Answerer
-        from x2l.models import load_model
         from x2l.caching import cached_source
         from x2l.store import KVStore
 
-        self.cfg = cfg = ServeConfig(**config)
-        if cfg.torch_threads:
-            torch.set_num_threads(cfg.torch_threads)
-        self.model = load_model(cfg.model, cfg.dtype, cfg.attn, "cuda" if cfg.num_gpus > 0 else "cpu")
+        self.cfg = cfg
+        self.model = cfg.model_settings.load()
         self.store = KVStore(StoreConfig(uri=cfg.store), self.model.fingerprint,
                              dtype=self.model.dtype)
         self.h = cached_source(self.store, cfg.h_budget_bytes, cfg.l_cache_bytes)
         self.preloaded = self.h.preload(v["video_id"] for v in self.store.list_videos())  # healthy videos only
         self.limits = cfg.prompt_limits
-        self.answerer = Answerer(self.model, self.h, RetrievalConfig(top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens))
+        self.answerer = Answerer(self.model, self.h, cfg.retrieval)
         self._batched.set_max_batch_size(cfg.max_batch_size)
         self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self.batch_sizes: list[int] = []
@@ -210,68 +243,35 @@ class QueryModel:
         self.batch_sizes.append(len(items))
         self.questions += len(items)
         results: list[dict | None] = [None] * len(items)
-        good: dict[str, list[int]] = {}
-        failed: dict[str, dict] = {}  # video id -> its error result
 
         def echo(i: int) -> dict:
             return {"id": items[i].get("id"), "video_id": items[i]["video_id"]}
 
+        asked = []
         for i, item in enumerate(items):
             try:  # the ingress checked already; a replica called through its handle checks too
                 check_prompt(item["question"], item.get("options"), self.limits, self.model_tokens)
+                asked.append(i)
             except PromptError as e:
                 results[i] = echo(i) | _error(e.status, str(e))
-                continue
-            vid = item["video_id"]
-            if vid not in good and vid not in failed:
-                failed_result = self._current(vid)  # its commit read once per batch; H loaded or reloaded
-                if failed_result is not None:
-                    failed[vid] = failed_result
-            if vid in failed:
-                results[i] = echo(i) | failed[vid]
-            else:
-                good.setdefault(vid, []).append(i)
 
-        def run(idx: list[int]) -> None:
+        def run(idx: list[int]) -> list[dict]:
             questions = [Question(items[i]["video_id"], items[i]["question"], items[i].get("options"),
                                   items[i].get("top_k"), items[i].get("max_new_tokens"), items[i].get("id"),
                                   items[i].get("budget_bytes")) for i in idx]
             self.decode_calls += 1
-            for i, a in zip(idx, self.answerer.answer(questions)):
-                results[i] = a.to_dict() | {"queue_s": round(start - items[i]["_arrived"], 6)}
+            return [a.to_dict() | {"queue_s": round(start - items[i]["_arrived"], 6)}
+                    for i, a in zip(idx, self.answerer.answer(questions))]
 
-        everything = [i for idx in good.values() for i in idx]
-        if everything:
-            try:
-                run(everything)  # one call: one relevance pass per video, one decode for the whole batch
-            except Exception:  # noqa: BLE001 - isolate: answer video by video so one bad video fails alone
-                for vid, idx in good.items():
-                    try:
-                        error = self._current(vid)  # re-read: the video may have been committed anew meanwhile
-                        if error is not None:
-                            for i in idx:
-                                results[i] = echo(i) | error
-                            continue
-                        run(idx)
-                    except Exception as e:  # noqa: BLE001
-                        for i in idx:
-                            results[i] = echo(i) | _error(_status_of(e), f"{type(e).__name__}: {e}")
+        # Each video's commit is read once per batch (its H loaded or reloaded); the good questions decode together.
+        answered = isolate_failures([items[i]["video_id"] for i in asked], self.h.current,
+                                    lambda idx: run([asked[j] for j in idx]), _video_error)
+        for i, result in zip(asked, answered):
+            results[i] = result if "error" not in result else echo(i) | result
         return results
 
     def model_tokens(self, question: str, options: list[str] | None) -> int:
         return len(self.model.question_ids(question, options))
-
-    def _current(self, video_id: str) -> dict | None:
-        """Make the H cache hold the video's current commit; None, or the error result of its questions."""
-        try:
-            self.h.current(video_id)
-        except NotFoundError:
-            return _error(404, f"unknown video id {video_id!r}")
-        except (CorruptionError, IncompatibleError) as e:
-            return _error(500, f"video {video_id!r}: {e}")
-        except StoreError as e:
-            return _error(503, f"store unreachable: {e}")
-        return None
 
     def videos(self) -> list[dict]:
         """Every committed video, damaged ones with {"damaged": reason} (issue 11)."""
@@ -346,11 +346,11 @@ def _authorized(token: bytes, header: str | None) -> bool:
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, query: DeploymentHandle, config: dict):
+    def __init__(self, query: DeploymentHandle, cfg: ServeArgs):
         from x2l.models.registry import question_token_counter
 
         self.query = query
-        self.cfg = ServeConfig(**config)
+        self.cfg = cfg
         self.token = api_token(self.cfg.token_env)
         self.count_tokens = question_token_counter(self.cfg.model)  # to bound prompts in tokens before any replica
 
@@ -443,7 +443,7 @@ class Ingress:
         return JSONResponse({"answers": results}, status)
 
 
-def check_deployable(cfg: ServeConfig) -> None:
+def check_deployable(cfg: ServeArgs) -> None:
     """The model directory is a checkpoint and the store exists and holds KV of that model (ConfigError naming
     which and why): checked by the application builder, before anything is deployed."""
     from x2l.models.fingerprint import checkpoint_fingerprint
@@ -460,20 +460,46 @@ def check_deployable(cfg: ServeConfig) -> None:
         raise ConfigError(f"store={cfg.store}: {e}") from e
 
 
-def app(args: dict[str, Any]):
-    """Application builder for `serve run x2l.serve:app store=... model=...` and serve config files."""
+def deploy(args: ServeArgs, host: str, port: int, name: str = "x2l", **ray_init: Any) -> str:
+    """Join or start Ray (`ray.init(**ray_init)`, unless this process is already connected), start Serve's HTTP
+    proxy at host:port and run the app there as `name` at route /; returns its URL, http://host:port. The builder's
+    checks come first (AppConfigError); Serve's own errors propagate. `shutdown()` undoes it."""
+    import ray
+
+    built = app(args)
+    if not ray.is_initialized():
+        ray.init(**ray_init)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(built, name=name, route_prefix="/")
+    return f"http://{host}:{port}"
+
+
+def shutdown() -> None:
+    """Shut Serve and then Ray down in this process (what `deploy` started), whichever of them is running."""
+    import ray
+
+    if ray.is_initialized():
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def app(args: ServeArgs):
+    """Application builder for `serve run x2l.serve:app store=... model=...` and serve config files: a typed builder,
+    so Serve validates the arguments into ServeArgs (one-line AppConfigError) before calling it. The model directory,
+    the store and the token variable are checked here, before anything is deployed (AppConfigError)."""
     try:
-        cfg = ServeConfig.from_args(args)
-        check_deployable(cfg)
-        api_token(cfg.token_env)  # the replicas normally share this environment: a blank token stops here
+        check_deployable(args)
+        api_token(args.token_env)  # the replicas normally share this environment: a blank token stops here
     except ConfigError as e:
-        raise AppConfigError(f"x2l.serve: {e}") from None
+        raise AppConfigError(str(e)) from None
     query = QueryModel.options(
-        num_replicas=cfg.num_replicas,
-        max_ongoing_requests=cfg.max_ongoing_requests,
-        ray_actor_options={"num_gpus": cfg.num_gpus, "num_cpus": cfg.num_cpus},
-    ).bind(asdict(cfg))
+        num_replicas=args.num_replicas,
+        max_ongoing_requests=args.max_ongoing_requests,
+        ray_actor_options={"num_gpus": args.num_gpus, "num_cpus": args.num_cpus},
+    ).bind(args)
     return Ingress.options(
-        max_ongoing_requests=cfg.max_questions_per_request * 4,
+        max_ongoing_requests=args.max_questions_per_request * 4,
         ray_actor_options={"num_cpus": 0.1},
-    ).bind(query, asdict(cfg))
+    ).bind(query, args)

@@ -24,8 +24,8 @@ from typing import Any
 
 from x2l.prompt import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS
 
-# The ServeConfig fields `x2l serve` takes as --options (store and model are its positional STORE and --model), with
-# ServeConfig's defaults (tests/test_serve_cli.py checks they agree; written out so that building the CLI parser does
+# The ServeArgs fields `x2l serve` takes as --options (store and model are its positional STORE and --model), with
+# ServeArgs's defaults (tests/test_serve_cli.py checks they agree; written out so that building the CLI parser does
 # not import Ray).
 OPTIONS: dict[str, tuple[Any, str]] = {
     "num_replicas": (1, "QueryModel replicas, each with its own model and H cache"),
@@ -52,7 +52,7 @@ OPTIONS: dict[str, tuple[Any, str]] = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The `x2l serve` arguments: STORE, --model, --host, --port, --startup-timeout and one option per entry of
-    OPTIONS (a ServeConfig field, with its default)."""
+    OPTIONS (a ServeArgs field, with its default)."""
     p.add_argument("store", help="store URI (local folder or s3://bucket/prefix) indexed with --model")
     p.add_argument("--model", required=True, help="checkpoint directory the store was indexed with")
     p.add_argument("--host", default="127.0.0.1", help="address the HTTP server binds (default 127.0.0.1)")
@@ -109,12 +109,15 @@ def run_serve(args: argparse.Namespace, verbose: bool = False) -> int:
     """Serve until SIGINT (returns 130) or SIGTERM (returns 0). Bad model, store, options or port: ConfigError
     before Ray starts. A deployment that does not come up: X2LError naming the cause, after everything started is
     shut down."""
-    from x2l.errors import X2LError
-    from x2l.serve import ServeConfig, check_deployable
+    from x2l.errors import ConfigError, X2LError
+    from x2l.serve import AppConfigError, ServeArgs, check_deployable
 
     config: dict[str, Any] = {"store": args.store, "model": args.model}
     config |= {name: getattr(args, name) for name in OPTIONS}
-    cfg = ServeConfig.from_args(config)
+    try:
+        cfg = ServeArgs.model_validate(config)  # what Serve does with `serve run` arguments
+    except AppConfigError as e:
+        raise ConfigError(e.detail) from None
     check_deployable(cfg)  # the application builder's own checks, before Ray starts
     check_port(args.host, args.port)
 
@@ -126,9 +129,8 @@ def run_serve(args: argparse.Namespace, verbose: bool = False) -> int:
     code = 0
     try:
         import ray
-        from ray import serve
 
-        from x2l.serve import app
+        from x2l.serve import deploy
 
         if not verbose:
             logging.getLogger("ray").setLevel(logging.ERROR)
@@ -140,9 +142,8 @@ def run_serve(args: argparse.Namespace, verbose: bool = False) -> int:
         url = f"http://{args.host}:{args.port}"
         print(f"x2l serve: Ray started (temp dir {temp_dir}); deploying x2l.serve:app at {url}",
               file=sys.stderr, flush=True)
-        serve.start(http_options={"host": args.host, "port": args.port})
         try:
-            serve.run(app(config), name="x2l", route_prefix="/")
+            deploy(cfg, args.host, args.port)
         except (Stop, X2LError):
             raise
         except Exception as e:  # noqa: BLE001 - a replica that failed to start: one line, not Serve's traceback
@@ -165,14 +166,9 @@ def run_serve(args: argparse.Namespace, verbose: bool = False) -> int:
             signal.signal(s, signal.SIG_IGN)  # a second Ctrl-C does not cut the shutdown short
         print("x2l serve: stopping", file=sys.stderr, flush=True)
         try:
-            import ray
-            from ray import serve
+            from x2l.serve import shutdown
 
-            if ray.is_initialized():
-                try:
-                    serve.shutdown()
-                finally:
-                    ray.shutdown()
+            shutdown()
         finally:
             shutil.rmtree(temp_dir, ignore_errors=True)
             for s, handler in previous.items():

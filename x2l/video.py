@@ -169,6 +169,35 @@ class VideoClip:
             raise IndexError(f"chunk {i} out of range for {self.n_chunks} chunks of {self.path}")
         return self.frames[i * self.frames_per_chunk : (i + 1) * self.frames_per_chunk]
 
+    # Crossing the Ray boundary (issue 14): the indexing job decodes in CPU tasks and pre-fills in actors, so a clip
+    # travels as a Ray Data row. Arrays stay arrays (Arrow tensors, no copy through Python lists); the other fields
+    # go as one struct column. A row without a clip (a skipped or failed video) has the same columns, empty.
+
+    def to_row(self) -> dict:
+        """This clip as the columns of a Ray Data row: frames_data (uint8 [N, H, W, 3]), timestamps (float64 [N],
+        seconds) and clip (a dict of the other fields; chunk_times as [start_s, end_s] lists). `from_row` inverts it."""
+        return {"frames_data": self.frames, "timestamps": self.timestamps,
+                "clip": {"path": self.path, "n_real_frames": self.n_real_frames,
+                         "frames_per_chunk": self.frames_per_chunk,
+                         "chunk_times": [list(c) for c in self.chunk_times], "duration_s": self.duration_s,
+                         "native_fps": self.native_fps, "codec": self.codec, "decoder": self.decoder,
+                         "frames_promised": self.frames_promised, "frames_decoded": self.frames_decoded}}
+
+    @staticmethod
+    def empty_row() -> dict:
+        """The columns of `to_row` for a row that carries no clip (zero frames, an empty clip struct)."""
+        return {"frames_data": np.zeros((0, 1, 1, 3), np.uint8), "timestamps": np.zeros(0), "clip": {}}
+
+    @classmethod
+    def from_row(cls, row: dict) -> "VideoClip":
+        """The clip of a row written by `to_row` (other keys of the row are ignored); arrays as numpy arrays."""
+        info = row["clip"]
+        return cls(info["path"], np.asarray(row["frames_data"]), np.asarray(row["timestamps"]),
+                   int(info["n_real_frames"]), int(info["frames_per_chunk"]),
+                   [(float(a), float(b)) for a, b in info["chunk_times"]], float(info["duration_s"]),
+                   float(info["native_fps"]), str(info["codec"]), decoder=str(info["decoder"]),
+                   frames_promised=int(info["frames_promised"]), frames_decoded=int(info["frames_decoded"]))
+
 
 def _check_file(path: str) -> None:
     p = Path(path)

@@ -18,15 +18,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from x2l.errors import ModelError
+from x2l.config import DTYPE_NAMES
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
     from transformers import DynamicCache
 
-# --dtype names load_model takes besides "auto" -> the torch dtype attribute
-DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-               "float16": "float16", "fp16": "float16"}
 
 
 @dataclass
