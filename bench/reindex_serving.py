@@ -39,7 +39,8 @@ def main() -> None:
     model = load_model(ckpt)
     video = write_video(work / "v.mp4", n_frames=32, fps=4, size=(64, 96))
     versions = {
-        n: Indexer(model, SamplingConfig(fps=2, frames_per_chunk=f)).index(video, "v.mp4").video for n, f in ((4, 4), (8, 2))
+        n: Indexer(model, SamplingConfig(fps=2, frames_per_chunk=f)).index(video, "v.mp4").video
+        for n, f in ((4, 4), (8, 2))
     }
     store = KVStore(str(work / "store"), model.fingerprint)
     store.write(versions[4])
@@ -53,8 +54,10 @@ def main() -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app(ServeArgs(store=str(work / "store"), model=str(ckpt), num_cpus=0.5, batch_wait_timeout_s=0.0)),
-              route_prefix="/")
+    serve.run(
+        app(ServeArgs(store=str(work / "store"), model=str(ckpt), num_cpus=0.5, batch_wait_timeout_s=0.0)),
+        route_prefix="/",
+    )
     url = f"http://127.0.0.1:{port}/v1/answer"
     q = {"video_id": "v.mp4", "question": "What is shown?", "top_k": 3}
 

@@ -72,8 +72,21 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     results = {}
     for batch in (1, 4, 16):
-        serve.run(app(ServeArgs(store=store_uri, model=str(ckpt), max_batch_size=batch, batch_wait_timeout_s=0.02,
-                                num_cpus=1, torch_threads=2, max_new_tokens=8)), name="x2l", route_prefix="/")
+        serve.run(
+            app(
+                ServeArgs(
+                    store=store_uri,
+                    model=str(ckpt),
+                    max_batch_size=batch,
+                    batch_wait_timeout_s=0.02,
+                    num_cpus=1,
+                    torch_threads=2,
+                    max_new_tokens=8,
+                )
+            ),
+            name="x2l",
+            route_prefix="/",
+        )
         with httpx.Client(base_url=url, timeout=600) as client:
             client.post("/v1/answer", json={"questions": questions[:1]})  # warm-up
             before = client.get("/v1/stats").json()

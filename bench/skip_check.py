@@ -64,8 +64,9 @@ def main() -> None:
 
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(commit, rows))
-        cfg = IndexJobConfig(corpus="s3://x2l/corpus", store=StoreConfig(uri=uri), model=ModelConfig(str(ckpt)),
-                             sampling=sampling)
+        cfg = IndexJobConfig(
+            corpus="s3://x2l/corpus", store=StoreConfig(uri=uri), model=ModelConfig(str(ckpt)), sampling=sampling
+        )
 
         # before: the driver's serial loop (jobs/index_corpus.py until issue 12)
         reader = KVStore(uri, model.fingerprint)

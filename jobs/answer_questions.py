@@ -38,28 +38,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--store", required=True, help="KV store root: local folder or s3://bucket/prefix")
     p.add_argument("--questions", required=True, help="question file (.jsonl, .csv, .parquet), local or s3://")
     p.add_argument("--out", required=True, help="output folder (local or s3://) for parts, answers and summary")
-    p.add_argument("--serve-address", default=None, help="base URL of a running x2l Serve app (e.g. "
-                                                         "http://127.0.0.1:8000); default: answer in-job")
-    p.add_argument("--token", default=os.environ.get("X2L_API_TOKEN"),
-                   help="bearer token for the Serve app (default: $X2L_API_TOKEN)")
+    p.add_argument(
+        "--serve-address",
+        default=None,
+        help="base URL of a running x2l Serve app (e.g. http://127.0.0.1:8000); default: answer in-job",
+    )
+    p.add_argument(
+        "--token",
+        default=os.environ.get("X2L_API_TOKEN"),
+        help="bearer token for the Serve app (default: $X2L_API_TOKEN)",
+    )
     p.add_argument("--in-flight", type=int, default=16, help="questions in flight to the Serve app (default 16)")
     p.add_argument("--concurrency", type=int, default=1, help="in-job answering actors (default 1)")
     p.add_argument("--batch-size", type=int, default=8, help="questions per in-job engine call (default 8)")
     p.add_argument("--num-gpus-per-actor", type=float, default=0.0, help="GPUs per in-job actor (default 0)")
     p.add_argument("--num-cpus-per-actor", type=float, default=0.5, help="logical CPUs per actor (default 0.5)")
-    p.add_argument("--max-prompt-chars", type=int, default=MAX_PROMPT_CHARS,
-                   help=f"refuse a question whose text and options exceed this many characters (default "
-                        f"{MAX_PROMPT_CHARS}); refused questions get an error row and are never sent")
-    p.add_argument("--max-prompt-tokens", type=int, default=MAX_PROMPT_TOKENS,
-                   help=f"refuse a question whose prompt exceeds this many tokens (default {MAX_PROMPT_TOKENS}; "
-                        f"in-job: checked by each actor; over HTTP the Serve app applies its own)")
+    p.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=MAX_PROMPT_CHARS,
+        help=f"refuse a question whose text and options exceed this many characters (default "
+        f"{MAX_PROMPT_CHARS}); refused questions get an error row and are never sent",
+    )
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=MAX_PROMPT_TOKENS,
+        help=f"refuse a question whose prompt exceeds this many tokens (default {MAX_PROMPT_TOKENS}; "
+        f"in-job: checked by each actor; over HTTP the Serve app applies its own)",
+    )
     p.add_argument("--run-id", default=None, help="run id (default: timestamp-pid)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr (default: a bar on a terminal, "
-                                                              "else a line every 10 s with rate, ETA and failures)")
-    p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS / the running "
-                                                       "cluster / a new local one); 'local' always starts a new one")
-    model_options(p, required=False, model_help="checkpoint directory (in-job answering only)", device=False,
-                  threads=True)
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress on stderr (default: a bar on a terminal, else a line every 10 s with rate, ETA and failures)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to join (default: RAY_ADDRESS / the running "
+        "cluster / a new local one); 'local' always starts a new one",
+    )
+    model_options(
+        p, required=False, model_help="checkpoint directory (in-job answering only)", device=False, threads=True
+    )
     retrieval_options(p)
     return p.parse_args(argv)
 
@@ -91,8 +114,15 @@ def answer_over_http(args, todo: list[dict], out) -> tuple[float, str]:
     client = httpx.Client(base_url=args.serve_address, headers=headers, timeout=600)
 
     def ask(q: dict) -> dict:
-        body = {"id": q["id"], "video_id": q["video_id"], "question": q["question"], "options": q["options"],
-                "top_k": args.top_k, "budget_bytes": args.budget_bytes, "max_new_tokens": args.max_new_tokens}
+        body = {
+            "id": q["id"],
+            "video_id": q["video_id"],
+            "question": q["question"],
+            "options": q["options"],
+            "top_k": args.top_k,
+            "budget_bytes": args.budget_bytes,
+            "max_new_tokens": args.max_new_tokens,
+        }
         try:
             r = client.post("/v1/answer", json={"questions": [body]})
         except httpx.HTTPError as e:
@@ -116,9 +146,11 @@ def answer_over_http(args, todo: list[dict], out) -> tuple[float, str]:
             first.append((time.perf_counter(), q["id"]))
         return result
 
-    with ThreadPoolExecutor(args.in_flight) as pool, Progress(len(todo), "answer_questions", "question",
-                                                             enabled=not args.quiet) as progress:
-        for q, result in zip(todo, pool.map(timed, todo)):
+    with (
+        ThreadPoolExecutor(args.in_flight) as pool,
+        Progress(len(todo), "answer_questions", "question", enabled=not args.quiet) as progress,
+    ):
+        for q, result in zip(todo, pool.map(timed, todo), strict=True):
             pending.append(answer_row(q, result))
             progress.update(failed="error" in result)
             if len(pending) >= 16:
@@ -140,14 +172,20 @@ def answer_in_job(args, todo: list[dict]) -> tuple[float, str]:
     from x2l.distributed.common import check_resources
     from x2l.prompt import PromptLimits
 
-    cfg = AnswerJobConfig(StoreConfig(uri=args.store),
-                          model_config(args, device="cuda" if args.num_gpus_per_actor > 0 else "cpu"), args.out,
-                          retrieval_config(args), PromptLimits(args.max_prompt_chars, args.max_prompt_tokens))
-    check_resources(args.concurrency * args.num_cpus_per_actor, args.concurrency * args.num_gpus_per_actor,
-                    f"--concurrency {args.concurrency} x (--num-cpus-per-actor {args.num_cpus_per_actor:g}, "
-                    f"--num-gpus-per-actor {args.num_gpus_per_actor:g})")
-    ds = answer_pipeline(todo, cfg, args.batch_size, args.concurrency, args.num_cpus_per_actor,
-                         args.num_gpus_per_actor)
+    cfg = AnswerJobConfig(
+        StoreConfig(uri=args.store),
+        model_config(args, device="cuda" if args.num_gpus_per_actor > 0 else "cpu"),
+        args.out,
+        retrieval_config(args),
+        PromptLimits(args.max_prompt_chars, args.max_prompt_tokens),
+    )
+    check_resources(
+        args.concurrency * args.num_cpus_per_actor,
+        args.concurrency * args.num_gpus_per_actor,
+        f"--concurrency {args.concurrency} x (--num-cpus-per-actor {args.num_cpus_per_actor:g}, "
+        f"--num-gpus-per-actor {args.num_gpus_per_actor:g})",
+    )
+    ds = answer_pipeline(todo, cfg, args.batch_size, args.concurrency, args.num_cpus_per_actor, args.num_gpus_per_actor)
     first: tuple[float, str] | None = None
     with Progress(len(todo), "answer_questions", "question", enabled=not args.quiet) as progress:
         for batch in ds.iter_batches(batch_size=None):
@@ -187,9 +225,22 @@ def run(args) -> int:
 
     if not args.serve_address and not args.model:
         raise X2LError("give --serve-address (a running Serve app) or --model (answer in-job)")
-    check_options(args, {"in_flight": 1, "concurrency": 1, "batch_size": 1, "num_gpus_per_actor": 0,
-                         "num_cpus_per_actor": 0, "torch_threads": 1, "top_k": 0, "budget_bytes": 0,
-                         "max_new_tokens": 1, "max_prompt_chars": 1, "max_prompt_tokens": 1})
+    check_options(
+        args,
+        {
+            "in_flight": 1,
+            "concurrency": 1,
+            "batch_size": 1,
+            "num_gpus_per_actor": 0,
+            "num_cpus_per_actor": 0,
+            "torch_threads": 1,
+            "top_k": 0,
+            "budget_bytes": 0,
+            "max_new_tokens": 1,
+            "max_prompt_chars": 1,
+            "max_prompt_tokens": 1,
+        },
+    )
     args.store, args.out = job_path(args.store, "--store"), job_path(args.out, "--out")
     args.questions = job_path(args.questions, "--questions")
     store_cfg = StoreConfig(uri=args.store)
@@ -210,8 +261,11 @@ def run(args) -> int:
     done = {qid for qid, row in read_parts(out).items() if row["error"] is None}
     todo = [q for q in questions if q["id"] not in done]
     run_id = args.run_id or time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
-    print(f"answer_questions: {len(questions)} questions, {len(done)} already answered, {len(todo)} to answer; "
-          f"{'via ' + args.serve_address if args.serve_address else 'in-job'}; run {run_id}", flush=True)
+    print(
+        f"answer_questions: {len(questions)} questions, {len(done)} already answered, {len(todo)} to answer; "
+        f"{'via ' + args.serve_address if args.serve_address else 'in-job'}; run {run_id}",
+        flush=True,
+    )
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     t0 = time.perf_counter()
     from x2l.prompt import PromptLimits
@@ -229,9 +283,18 @@ def run(args) -> int:
     new = [r for r in rows if r["id"] in {q["id"] for q in todo}]
     first_latency = next((r["total_s"] or 0.0 for r in new if r["id"] == first_id), 0.0)
     startup = max(0.0, first_at - t0 - first_latency) if first_id else 0.0
-    config = {"store": args.store, "questions": args.questions, "out": args.out, "serve_address": args.serve_address,
-              "model": args.model, "top_k": args.top_k, "budget_bytes": args.budget_bytes,
-              "max_new_tokens": args.max_new_tokens, "concurrency": args.concurrency, "batch_size": args.batch_size}
+    config = {
+        "store": args.store,
+        "questions": args.questions,
+        "out": args.out,
+        "serve_address": args.serve_address,
+        "model": args.model,
+        "top_k": args.top_k,
+        "budget_bytes": args.budget_bytes,
+        "max_new_tokens": args.max_new_tokens,
+        "concurrency": args.concurrency,
+        "batch_size": args.batch_size,
+    }
     summary = summarize_answer_run(new, wall, run_id, started, config, startup) | {"already_answered": len(done)}
     # Printed before anything is written: a store gone at the end loses the record, not what the run did.
     print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "errors")}, indent=1), flush=True)

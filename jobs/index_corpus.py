@@ -35,23 +35,40 @@ from x2l.progress import Progress
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", required=True, help="local folder (recursive), s3://bucket/prefix, or a .txt/.csv "
-                                                   "list of URIs with optional ',id'")
+    p.add_argument(
+        "--corpus",
+        required=True,
+        help="local folder (recursive), s3://bucket/prefix, or a .txt/.csv list of URIs with optional ',id'",
+    )
     p.add_argument("--store", required=True, help="KV store root: local folder or s3://bucket/prefix")
     p.add_argument("--concurrency", type=int, default=1, help="indexing actors (default 1)")
     p.add_argument("--num-gpus-per-actor", type=float, default=0.0, help="GPUs per actor; 0 = CPU (default 0)")
-    p.add_argument("--num-cpus-per-actor", type=float, default=0.5,
-                   help="logical CPUs each actor reserves (default 0.5: fractional so decode tasks always fit)")
+    p.add_argument(
+        "--num-cpus-per-actor",
+        type=float,
+        default=0.5,
+        help="logical CPUs each actor reserves (default 0.5: fractional so decode tasks always fit)",
+    )
     p.add_argument("--decode-cpus", type=float, default=0.5, help="logical CPUs per decode task (default 0.5)")
     p.add_argument("--overwrite", action="store_true", help="re-index videos stored with other settings")
-    p.add_argument("--allow-duplicates", action="store_true",
-                   help="index a file even if the same bytes are stored under another id (default: skip it)")
+    p.add_argument(
+        "--allow-duplicates",
+        action="store_true",
+        help="index a file even if the same bytes are stored under another id (default: skip it)",
+    )
     p.add_argument("--run-id", default=None, help="run id (default: timestamp-pid)")
-    p.add_argument("-q", "--quiet", action="store_true",
-                   help="no progress lines on stderr (default: one line per video, with rate, ETA and failures)")
-    p.add_argument("--ray-address", default=None,
-                   help="Ray cluster to join (default: RAY_ADDRESS / the running cluster / a new local one); "
-                        "'local' always starts a new one")
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress lines on stderr (default: one line per video, with rate, ETA and failures)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to join (default: RAY_ADDRESS / the running cluster / a new local one); "
+        "'local' always starts a new one",
+    )
     model_options(p, model_help="checkpoint directory (HF layout), visible to every worker", device=False, threads=True)
     sampling_options(p)
     compression_options(p)
@@ -87,22 +104,30 @@ def run(args: argparse.Namespace) -> int:
     from x2l.distributed.indexing import IndexJobConfig, build_pipeline, stats_row
     from x2l.models import pixel_rule
     from x2l.models.fingerprint import checkpoint_fingerprint
-    from x2l.summary import summarize_index_run
     from x2l.scorers import make_scorer
     from x2l.store import KVStore
     from x2l.store.runs import write_run
+    from x2l.summary import summarize_index_run
 
-    check_options(args, {"concurrency": 1, "num_gpus_per_actor": 0, "num_cpus_per_actor": 0, "decode_cpus": 0,
-                         "torch_threads": 1})
+    check_options(
+        args, {"concurrency": 1, "num_gpus_per_actor": 0, "num_cpus_per_actor": 0, "decode_cpus": 0, "torch_threads": 1}
+    )
     cfg_kwargs = {"run_id": args.run_id} if args.run_id else {}
     args.model = job_path(args.model, "--model")
     cfg = IndexJobConfig(
-        corpus=job_path(args.corpus, "--corpus"), store=StoreConfig(uri=job_path(args.store, "--store")),
+        corpus=job_path(args.corpus, "--corpus"),
+        store=StoreConfig(uri=job_path(args.store, "--store")),
         model=model_config(args, device="cuda" if args.num_gpus_per_actor > 0 else "cpu"),
-        sampling=sampling_config(args), compression=compression_config(args),
-        concurrency=args.concurrency, num_gpus_per_actor=args.num_gpus_per_actor,
-        num_cpus_per_actor=args.num_cpus_per_actor, decode_cpus=args.decode_cpus, overwrite=args.overwrite,
-        allow_duplicates=args.allow_duplicates, **cfg_kwargs)
+        sampling=sampling_config(args),
+        compression=compression_config(args),
+        concurrency=args.concurrency,
+        num_gpus_per_actor=args.num_gpus_per_actor,
+        num_cpus_per_actor=args.num_cpus_per_actor,
+        decode_cpus=args.decode_cpus,
+        overwrite=args.overwrite,
+        allow_duplicates=args.allow_duplicates,
+        **cfg_kwargs,
+    )
     make_scorer(cfg.compression.scorer)  # refuse a bad scorer or checkpoint before starting anything
     pixel_rule(cfg.model.path)
     fingerprint = checkpoint_fingerprint(Path(cfg.model.path))
@@ -118,35 +143,57 @@ def run(args: argparse.Namespace) -> int:
 
     start_ray(args.ray_address)
     # A request the cluster can never meet would wait forever in silence: the actors, and one decode task.
-    check_resources(cfg.concurrency * cfg.num_cpus_per_actor + cfg.decode_cpus,
-                    cfg.concurrency * cfg.num_gpus_per_actor,
-                    f"--concurrency {cfg.concurrency} x (--num-cpus-per-actor {cfg.num_cpus_per_actor:g}, "
-                    f"--num-gpus-per-actor {cfg.num_gpus_per_actor:g}) + --decode-cpus {cfg.decode_cpus:g}")
-    print(f"index_corpus: {len(entries)} videos in {cfg.corpus}; which are already committed is checked in parallel "
-          f"as the pipeline runs; store {cfg.store.uri}; run {cfg.run_id}", flush=True)
+    check_resources(
+        cfg.concurrency * cfg.num_cpus_per_actor + cfg.decode_cpus,
+        cfg.concurrency * cfg.num_gpus_per_actor,
+        f"--concurrency {cfg.concurrency} x (--num-cpus-per-actor {cfg.num_cpus_per_actor:g}, "
+        f"--num-gpus-per-actor {cfg.num_gpus_per_actor:g}) + --decode-cpus {cfg.decode_cpus:g}",
+    )
+    print(
+        f"index_corpus: {len(entries)} videos in {cfg.corpus}; which are already committed is checked in parallel "
+        f"as the pipeline runs; store {cfg.store.uri}; run {cfg.run_id}",
+        flush=True,
+    )
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     t0 = time.perf_counter()
     named = [e for e in entries if utf8(e.video_id) and utf8(e.uri)]
     # a file name that is not UTF-8: a failed row, the job goes on
-    rows: list[dict] = [stats_row(printable(e.video_id), printable(e.uri), "failed",
-                                  f"file name {printable(e.uri)!r} is not valid UTF-8: rename the file or list it "
-                                  f"with an id in a .txt/.csv corpus file") for e in entries if e not in named]
+    rows: list[dict] = [
+        stats_row(
+            printable(e.video_id),
+            printable(e.uri),
+            "failed",
+            f"file name {printable(e.uri)!r} is not valid UTF-8: rename the file or list it "
+            f"with an id in a .txt/.csv corpus file",
+        )
+        for e in entries
+        if e not in named
+    ]
     with Progress(len(entries), "index_corpus", "video", enabled=not args.quiet) as progress:
         for row in rows:
             progress.update(item=f"{row['video_id']} {row['status']}: {row['reason']}", failed=True)
         if named:  # rows stream out as videos finish: a line per video (skipped, indexed or failed)
-            for row in build_pipeline([{"video_id": e.video_id, "uri": e.uri} for e in named], cfg,
-                                      fingerprint).iter_rows():
+            for row in build_pipeline(
+                [{"video_id": e.video_id, "uri": e.uri} for e in named], cfg, fingerprint
+            ).iter_rows():
                 rows.append(row)
                 note = f": {row['reason']}" if row["status"] == "failed" else ""
                 progress.update(item=f"{row['video_id']} {row['status']}{note}", failed=row["status"] == "failed")
     wall = time.perf_counter() - t0
     skipped = [r for r in rows if r["status"] == "skipped"]
     rows = [r for r in rows if r["status"] != "skipped"]
-    config = {"corpus": cfg.corpus, "store": cfg.store.uri, "model": cfg.model.path, "model_fingerprint": fingerprint,
-              "sampling": to_dict(cfg.sampling), "compression": to_dict(cfg.compression),
-              "concurrency": cfg.concurrency, "num_gpus_per_actor": cfg.num_gpus_per_actor,
-              "num_cpus_per_actor": cfg.num_cpus_per_actor, "decode_cpus": cfg.decode_cpus}
+    config = {
+        "corpus": cfg.corpus,
+        "store": cfg.store.uri,
+        "model": cfg.model.path,
+        "model_fingerprint": fingerprint,
+        "sampling": to_dict(cfg.sampling),
+        "compression": to_dict(cfg.compression),
+        "concurrency": cfg.concurrency,
+        "num_gpus_per_actor": cfg.num_gpus_per_actor,
+        "num_cpus_per_actor": cfg.num_cpus_per_actor,
+        "decode_cpus": cfg.decode_cpus,
+    }
     summary = summarize_index_run(rows, skipped, wall, cfg.run_id, started, config)
     # The summary and the failures are printed before the run is recorded: a store gone at the end loses the
     # record, not what the run did.

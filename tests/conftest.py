@@ -63,7 +63,7 @@ def video_path(tmp_path_factory):
     return write_video(tmp_path_factory.mktemp("videos") / "clip.mp4", n_frames=50, fps=5, size=(64, 96))
 
 
-# --- Ray ----------------------------------------------------------------------------------------------------------------
+# --- Ray --------------------------------------------------------------------------------------------------------------
 # ray_head (session): a real single-node Ray head (`ray start --head`) on 127.0.0.1 with 2 CPUs, stopped at the end.
 # Submit with `ray job submit --address ray_head.dashboard_url ...` and env=ray_head.env().
 

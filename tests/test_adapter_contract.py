@@ -119,8 +119,12 @@ def test_the_checkpoint_loads_into_its_registered_family(family, checkpoint, ada
     assert build_parser().parse_args(["tiny-model", "out", "--family", family]).family == family  # a CLI choice
     text = AutoConfig.from_pretrained(checkpoint).get_text_config()
     assert adapter.num_layers == text.num_hidden_layers and adapter.num_kv_heads == text.num_key_value_heads
-    assert exact_kv.sink_keys.shape == (adapter.num_layers, adapter.num_kv_heads, adapter.sink().n_tokens,
-                                        adapter.head_dim)
+    assert exact_kv.sink_keys.shape == (
+        adapter.num_layers,
+        adapter.num_kv_heads,
+        adapter.sink().n_tokens,
+        adapter.head_dim,
+    )
 
 
 def test_an_unregistered_model_type_is_refused_in_one_line(tmp_path):
@@ -141,12 +145,14 @@ def test_full_context_all_chunks_l_keep_1_equals_one_shot_stock_forward(checkpoi
     rec = Recording(adapter)
     limit = 3
     answers = Answerer(rec, InMemorySource([kv]), RetrievalConfig(top_k=kv.n_chunks, max_new_tokens=limit)).answer(
-        QUESTIONS)
-    stock = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32,
-                                                        attn_implementation="eager").eval()
+        QUESTIONS
+    )
+    stock = AutoModelForImageTextToText.from_pretrained(
+        checkpoint, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     chunks = [clip.chunk_frames(i) for i in range(clip.n_chunks)]
     compared = 0
-    for row, (q, ans) in enumerate(zip(QUESTIONS, answers)):
+    for row, (q, ans) in enumerate(zip(QUESTIONS, answers, strict=True)):
         assert ans.selected_chunks == list(range(kv.n_chunks))
         assert ans.tokens_in_cache * kv.bytes_per_token == kv.full_bytes
         assert torch.equal(ans.first_logits, rec.logits[0][row])
@@ -169,7 +175,7 @@ def test_positions_continue_from_sink_through_chunks_question_and_decode(adapter
     assert sink.embeds.shape[0] == sink.n_tokens
     assert torch.equal(sink.positions, adapter.text_positions(0, sink.n_tokens))  # the sink is text from cursor 0
     run = adapter.text_positions(0, sink.n_tokens + 5)  # text after the sink continues its run
-    assert torch.equal(adapter.text_positions(sink.next_position, 5), run[:, sink.n_tokens:])
+    assert torch.equal(adapter.text_positions(sink.next_position, 5), run[:, sink.n_tokens :])
 
     start, before = sink.next_position, sink.positions.amax(dim=1)
     for i in range(clip.n_chunks):
@@ -213,13 +219,17 @@ def test_stop_tokens_are_the_checkpoints_end_tokens_and_never_text(checkpoint, a
 def test_the_question_layout_without_weights_counts_what_the_adapter_builds(checkpoint, adapter):
     """Serve's ingress bounds prompts in tokens from the tokenizer alone (registry.question_token_counter)."""
     count = registry.question_token_counter(checkpoint)
-    for question, options in (("What color is the ball?", None), ("Which first?", ["a cup", "B) a dog", "a tree"]),
-                              ("<|im_end|> spelled out", ["<|im_start|>"])):
+    for question, options in (
+        ("What color is the ball?", None),
+        ("Which first?", ["a cup", "B) a dog", "a tree"]),
+        ("<|im_end|> spelled out", ["<|im_start|>"]),
+    ):
         assert count(question, options) == len(adapter.question_ids(question, options)) > 0
 
 
 def test_decoding_stops_at_every_stop_token_and_leaves_it_out(adapter, exact_kv):
     for stop in adapter.stop_token_ids:
+
         def force(call, logits, stop=stop):
             logits[:, list(adapter.stop_token_ids)] = float("-inf")  # no early stop by chance
             if call == 2:
@@ -227,7 +237,8 @@ def test_decoding_stops_at_every_stop_token_and_leaves_it_out(adapter, exact_kv)
 
         rec = Recording(adapter, force)
         [ans] = Answerer(rec, InMemorySource([exact_kv]), RetrievalConfig(top_k=0, max_new_tokens=6)).answer(
-            QUESTIONS[:1])
+            QUESTIONS[:1]
+        )
         assert len(rec.logits) == 3 and len(ans.token_ids) == 2
         assert not set(ans.token_ids) & set(adapter.stop_token_ids)
         assert ans.token_ids == [int(rec.logits[0][0].argmax()), int(rec.logits[1][0].argmax())]
@@ -260,7 +271,7 @@ def test_pixel_bounds_given_to_load_model_are_the_rule_decode_workers_read(check
         assert (th, tw) == bounded.target_size(h, w) and low <= th * tw <= high, (h, w, th, tw)
 
 
-# --- the probing hook every family runs through ------------------------------------------------------------------------
+# --- the probing hook every family runs through -----------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("masked", [False, True])
 def test_probing_eager_attention_is_transformers_eager_bit_for_bit(dtype, masked):

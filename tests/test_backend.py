@@ -198,10 +198,12 @@ def test_small_range_of_big_object_counts_only_that_range(backend, monkeypatch):
 
 def _write_parquet(backend, key, n_groups=5, rows_per_group=32_768):
     rng = np.random.default_rng(0)
-    table = pa.table({
-        "a": rng.integers(0, 2**62, n_groups * rows_per_group),
-        "b": rng.random(n_groups * rows_per_group),
-    })
+    table = pa.table(
+        {
+            "a": rng.integers(0, 2**62, n_groups * rows_per_group),
+            "b": rng.random(n_groups * rows_per_group),
+        }
+    )
     with backend.open_output(key) as f:  # a streaming writer over the sink
         with pq.ParquetWriter(f, table.schema, compression="none") as w:
             w.write_table(table, row_group_size=rows_per_group)
@@ -273,10 +275,18 @@ def test_unreachable_s3_is_a_quick_store_error(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     endpoint = f"http://127.0.0.1:{_closed_port()}"
     cfg = StoreConfig(uri="s3://x2l/p", endpoint_url=endpoint, access_key="k", secret_key="s", region="us-east-1")
-    b = open_backend(cfg.uri, cfg, fs_options={"config_kwargs": {
-        "connect_timeout": 1, "read_timeout": 1, "retries": {"total_max_attempts": 1}}})
-    for op in (lambda: b.read_bytes("x"), lambda: b.write_bytes("x", b"1"), lambda: b.list_dirs(""),
-               lambda: b.exists("x"), lambda: b.open_input("x")):
+    b = open_backend(
+        cfg.uri,
+        cfg,
+        fs_options={"config_kwargs": {"connect_timeout": 1, "read_timeout": 1, "retries": {"total_max_attempts": 1}}},
+    )
+    for op in (
+        lambda: b.read_bytes("x"),
+        lambda: b.write_bytes("x", b"1"),
+        lambda: b.list_dirs(""),
+        lambda: b.exists("x"),
+        lambda: b.open_input("x"),
+    ):
         with pytest.raises(StoreError, match=r"store s3://x2l/p unreachable at http://127\.0\.0\.1:\d+") as e:
             op()
         assert not isinstance(e.value, NotFoundError)
@@ -290,15 +300,30 @@ def test_s3_credentials_are_enforced(s3_server, monkeypatch):
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     uri = s3_server.uri("creds")
-    good = StoreConfig(uri=uri, endpoint_url=s3_server.endpoint_url, access_key=s3_server.access_key,
-                       secret_key=s3_server.secret_key, region="us-east-1")
+    good = StoreConfig(
+        uri=uri,
+        endpoint_url=s3_server.endpoint_url,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+        region="us-east-1",
+    )
     open_backend(uri, good).write_bytes("obj", b"ok")
     for key, secret in ((s3_server.access_key, "wrong-secret"), ("nobody", "nothing")):
-        bad = StoreConfig(uri=uri, endpoint_url=s3_server.endpoint_url, access_key=key, secret_key=secret,
-                          region="us-east-1")
+        bad = StoreConfig(
+            uri=uri, endpoint_url=s3_server.endpoint_url, access_key=key, secret_key=secret, region="us-east-1"
+        )
         with pytest.raises(StoreError, match="refused access"):
             open_backend(uri, bad).read_bytes("obj")
-    anon = open_backend(uri, None, fs_options={"anon": True, "key": None, "secret": None, "client_kwargs": {"endpoint_url": s3_server.endpoint_url}})
+    anon = open_backend(
+        uri,
+        None,
+        fs_options={
+            "anon": True,
+            "key": None,
+            "secret": None,
+            "client_kwargs": {"endpoint_url": s3_server.endpoint_url},
+        },
+    )
     with pytest.raises(StoreError, match="refused access"):
         anon.read_bytes("obj")
     assert open_backend(uri, good).read_bytes("obj") == b"ok"

@@ -95,7 +95,14 @@ def test_vnbench():
 
 def test_duration_buckets():
     assert [duration_bucket(s) for s in (None, 0, 1, 239.9, 240, 1200, 1200.1, 7200)] == [
-        "unknown", "unknown", "short", "short", "medium", "medium", "long", "long"
+        "unknown",
+        "unknown",
+        "short",
+        "short",
+        "medium",
+        "medium",
+        "long",
+        "long",
     ]
 
 

@@ -29,8 +29,21 @@ def x2l(*args, check=True):
 @pytest.fixture(scope="module")
 def indexed(tiny_checkpoints, video_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "store"
-    r = x2l("index", video_path, "--model", tiny_checkpoints["qwen2-vl"], "--out", out, "--video-id", "clip-1",
-            "--fps", 2, "--frames-per-chunk", 4, "--json")
+    r = x2l(
+        "index",
+        video_path,
+        "--model",
+        tiny_checkpoints["qwen2-vl"],
+        "--out",
+        out,
+        "--video-id",
+        "clip-1",
+        "--fps",
+        2,
+        "--frames-per-chunk",
+        4,
+        "--json",
+    )
     return out, json.loads(r.stdout)
 
 
@@ -46,13 +59,41 @@ def test_index_reports_what_it_wrote(indexed, tiny_checkpoints, video_path):
     from x2l.store import KVStore
 
     write_id = KVStore(str(out)).committed("clip-1")["write_id"]
-    again = x2l("index", video_path, "--model", tiny_checkpoints["qwen2-vl"], "--out", out, "--video-id", "clip-1",
-                "--fps", 2, "--frames-per-chunk", 4, "--json")
+    again = x2l(
+        "index",
+        video_path,
+        "--model",
+        tiny_checkpoints["qwen2-vl"],
+        "--out",
+        out,
+        "--video-id",
+        "clip-1",
+        "--fps",
+        2,
+        "--frames-per-chunk",
+        4,
+        "--json",
+    )
     res2 = json.loads(again.stdout)
     assert res2["already_stored"] is True and res2["bytes_written"] == 0 and "seconds" not in res2
     assert res2["chunks"] == 5
-    other = x2l("index", video_path, "--model", tiny_checkpoints["qwen2-vl"], "--out", out, "--video-id", "clip-1",
-                "--fps", 2, "--frames-per-chunk", 4, "--l-keep", 0.25, check=False)
+    other = x2l(
+        "index",
+        video_path,
+        "--model",
+        tiny_checkpoints["qwen2-vl"],
+        "--out",
+        out,
+        "--video-id",
+        "clip-1",
+        "--fps",
+        2,
+        "--frames-per-chunk",
+        4,
+        "--l-keep",
+        0.25,
+        check=False,
+    )
     assert other.returncode == 1 and "pass --overwrite" in other.stderr and "compression" in other.stderr
     assert len(other.stderr.strip().splitlines()) == 1
     assert KVStore(str(out)).committed("clip-1")["write_id"] == write_id
@@ -73,13 +114,35 @@ def test_store_ls_and_info(indexed):
 
 def test_ask_json_has_the_documented_fields(indexed, tiny_checkpoints):
     out, _ = indexed
-    r = x2l("ask", out, "--model", tiny_checkpoints["qwen2-vl"], "--question", "What color is the ball?",
-            "--question", "Is it raining?", "--options", "yes", "no", "--top-k", 2, "--json")
+    r = x2l(
+        "ask",
+        out,
+        "--model",
+        tiny_checkpoints["qwen2-vl"],
+        "--question",
+        "What color is the ball?",
+        "--question",
+        "Is it raining?",
+        "--options",
+        "yes",
+        "no",
+        "--top-k",
+        2,
+        "--json",
+    )
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert len(rows) == 2
     for row in rows:
-        assert {"answer", "selected_chunks", "n_chunks", "tokens_in_cache", "kv_bytes_used", "kv_bytes_full",
-                "store_bytes_read", "cache_hits"} <= set(row)
+        assert {
+            "answer",
+            "selected_chunks",
+            "n_chunks",
+            "tokens_in_cache",
+            "kv_bytes_used",
+            "kv_bytes_full",
+            "store_bytes_read",
+            "cache_hits",
+        } <= set(row)
         assert len(row["selected_chunks"]) == 2 and row["n_chunks"] == 5
         assert row["kv_bytes_used"] < row["kv_bytes_full"]
     # chunks both questions chose are read once: the reads add up to the deltas fetched, never more
@@ -109,15 +172,18 @@ BAD_INPUTS = {
     "missing video": (lambda d: d / "nope.mp4", "no such file"),
     "zero bytes": (lambda d: _file(d / "empty.mp4", b""), "empty"),
     "not a video": (lambda d: _file(d / "notes.mp4", b"hello, not a video"), "not a readable video"),
-    "cover art only": (lambda d: write_audio_with_cover_art(d / "song.m4a"), "no video stream (only an attached picture)"),
+    "cover art only": (
+        lambda d: write_audio_with_cover_art(d / "song.m4a"),
+        "no video stream (only an attached picture)",
+    ),
     "cut after header": (lambda d: _cut_after_header(d), "truncated: the header lists 20 frames but none"),
 }
 
 
 def _cut_after_header(d: Path) -> Path:
-    from x2l.testing.videos import write_video
-
     import av
+
+    from x2l.testing.videos import write_video
 
     data = write_video(d / "full.mp4", 20, 10, size=(64, 64), faststart=True).read_bytes()
     with av.open(str(d / "full.mp4")) as container:
@@ -148,11 +214,14 @@ def test_clip_shorter_than_a_chunk_is_one_padded_chunk(tmp_path, tiny_checkpoint
     assert info["duration_s"] == 3.0
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--l-keep", "0.01"], "h_keep <= l_keep"),
-    (["--scorer", "nope"], "unknown scorer"),
-    (["--context", "some"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--l-keep", "0.01"], "h_keep <= l_keep"),
+        (["--scorer", "nope"], "unknown scorer"),
+        (["--context", "some"], "invalid choice"),
+    ],
+)
 def test_bad_options_are_named(args, message, tmp_path, tiny_checkpoints, video_path):
     r = x2l("index", video_path, "--model", tiny_checkpoints["qwen2-vl"], "--out", tmp_path / "o", *args, check=False)
     assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
@@ -174,8 +243,22 @@ def test_x2l_and_both_jobs_share_the_option_declarations_and_the_configs_default
         spec.loader.exec_module(module)
         return module
 
-    shared = ["--model", "m", "--dtype", "bfloat16", "--attn", "eager", "--fps", "2", "--frames-per-chunk", "4",
-              "--l-keep", "0.25", "--scorer", "key_norm"]
+    shared = [
+        "--model",
+        "m",
+        "--dtype",
+        "bfloat16",
+        "--attn",
+        "eager",
+        "--fps",
+        "2",
+        "--frames-per-chunk",
+        "4",
+        "--l-keep",
+        "0.25",
+        "--scorer",
+        "key_norm",
+    ]
     index = build_parser().parse_args(["index", "v.mp4", "--out", "s", *shared])
     bulk = job("index_corpus").parse_args(["--corpus", "c", "--store", "s", *shared, "--torch-threads", "2"])
     for args in (index, bulk):
@@ -186,9 +269,11 @@ def test_x2l_and_both_jobs_share_the_option_declarations_and_the_configs_default
     ask = build_parser().parse_args(["ask", "s", "--question", "q", "--model", "m"])
     answer = job("answer_questions").parse_args(["--store", "s", "--questions", "q", "--out", "o"])
     assert retrieval_config(ask) == retrieval_config(answer) == RetrievalConfig()
-    for bad, message in (({"dtype": "float17"}, "model dtype 'float17': use auto, float32, bfloat16 or float16"),
-                         ({"attention": "flash"}, "model attention 'flash': use sdpa or eager"),
-                         ({"threads": 0}, "model threads must be >= 1")):
+    for bad, message in (
+        ({"dtype": "float17"}, "model dtype 'float17': use auto, float32, bfloat16 or float16"),
+        ({"attention": "flash"}, "model attention 'flash': use sdpa or eager"),
+        ({"threads": 0}, "model threads must be >= 1"),
+    ):
         with pytest.raises(ConfigError, match=message):
             ModelConfig("m", **bad)
 
@@ -201,8 +286,9 @@ def test_bad_model_and_kv_paths(tmp_path, tiny_checkpoints, video_path):
     r = x2l("index", video_path, "--model", not_a_ckpt, "--out", tmp_path / "o", check=False)
     assert r.returncode == 1 and "no config.json" in r.stderr
     (tmp_path / "empty-store").mkdir()
-    (tmp_path / "empty-store" / "store.json").write_text(json.dumps({
-        "format": "x2l-kvstore", "schema_version": SCHEMA_VERSION, "model_fingerprint": None}))
+    (tmp_path / "empty-store" / "store.json").write_text(
+        json.dumps({"format": "x2l-kvstore", "schema_version": SCHEMA_VERSION, "model_fingerprint": None})
+    )
     r = x2l("ask", tmp_path / "empty-store", "--model", tiny_checkpoints["qwen2-vl"], "--question", "q", check=False)
     assert r.returncode == 1 and "model fingerprint" in r.stderr
     garbage = tmp_path / "garbage-store"
@@ -213,16 +299,28 @@ def test_bad_model_and_kv_paths(tmp_path, tiny_checkpoints, video_path):
 
 
 def test_debug_shows_the_traceback(tmp_path, tiny_checkpoints):
-    r = x2l("index", tmp_path / "nope.mp4", "--model", tiny_checkpoints["qwen2-vl"], "--out", tmp_path / "o",
-            "--debug", check=False)
+    r = x2l(
+        "index",
+        tmp_path / "nope.mp4",
+        "--model",
+        tiny_checkpoints["qwen2-vl"],
+        "--out",
+        tmp_path / "o",
+        "--debug",
+        check=False,
+    )
     assert r.returncode == 1 and "Traceback" in r.stderr and "VideoError" in r.stderr
 
 
 def test_a_closed_pipe_ends_the_listing_quietly(indexed):
     """`x2l store ls | head -1`: the reader going away is not an x2l error (no 'internal error: BrokenPipeError')."""
     out, _ = indexed
-    p = subprocess.Popen(X2L + ["store", "ls", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    p = subprocess.Popen(
+        X2L + ["store", "ls", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     p.stdout.close()  # the reader is gone before x2l writes anything
     err = p.stderr.read().decode()
     assert p.wait(timeout=300) == 141

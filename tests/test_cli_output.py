@@ -43,14 +43,25 @@ def test_index_prints_its_result_on_stdout_and_only_progress_on_stderr(store, vi
 
 def test_ask_prints_answers_and_nothing_on_stderr(store, tiny_checkpoints, video_path):
     out, _ = store
-    r = run("ask", out, "--model", tiny_checkpoints["qwen2-vl"], "--question", "What is shown?", "--top-k", 1,
-            "--video-id", Path(video_path).name)
+    r = run(
+        "ask",
+        out,
+        "--model",
+        tiny_checkpoints["qwen2-vl"],
+        "--question",
+        "What is shown?",
+        "--top-k",
+        1,
+        "--video-id",
+        Path(video_path).name,
+    )
     assert r.returncode == 0 and r.stdout.startswith("Q: What is shown?\nA: ") and r.stderr == "", r.stderr
 
 
 def test_quiet_prints_nothing_on_success(tiny_checkpoints, video_path, tmp_path):
-    r = run("index", video_path, "--model", tiny_checkpoints["qwen2-vl"], "--out", tmp_path / "s", *INDEX_ARGS,
-            "--quiet")
+    r = run(
+        "index", video_path, "--model", tiny_checkpoints["qwen2-vl"], "--out", tmp_path / "s", *INDEX_ARGS, "--quiet"
+    )
     assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
     r = run("--quiet", "store", "ls", tmp_path / "s")  # before the command too
     assert r.returncode == 0 and r.stdout.startswith("1 video in ") and r.stderr == ""
@@ -74,8 +85,10 @@ def test_common_failures_are_one_line_and_nonzero(tmp_path, tiny_checkpoints):
         (["store", "ls", tmp_path / "nowhere"], "does not exist"),
         (["store", "info", tmp_path / "nowhere", "v"], "does not exist"),
         (["ask", tmp_path / "nowhere", "--model", tiny_checkpoints["qwen2-vl"], "--question", "q"], "does not exist"),
-        (["index", tmp_path / "missing.mp4", "--model", tiny_checkpoints["qwen2-vl"], "--out", tmp_path / "s"],
-         "no such file"),
+        (
+            ["index", tmp_path / "missing.mp4", "--model", tiny_checkpoints["qwen2-vl"], "--out", tmp_path / "s"],
+            "no such file",
+        ),
         (["runs", "ls", tmp_path / "nowhere"], "does not exist"),
     ]
     for args, cause in cases:
@@ -87,8 +100,12 @@ def test_common_failures_are_one_line_and_nonzero(tmp_path, tiny_checkpoints):
 
 def test_store_ls_into_a_closed_pipe_ends_quietly(store):
     out, _ = store
-    r = subprocess.run(["bash", "-c", f"'{X2L}' store ls '{out}' | true; echo \"rc=${{PIPESTATUS[0]}}\""],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        ["bash", "-c", f"'{X2L}' store ls '{out}' | true; echo \"rc=${{PIPESTATUS[0]}}\""],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.stdout.strip() == "rc=141" and r.stderr == ""  # as a shell reports a process ended by SIGPIPE
 
 
@@ -102,7 +119,10 @@ def test_video_ids_are_the_same_whichever_entrypoint(tmp_path):
     listing = corpus / "list.txt"
     listing.write_text(f"a.mp4\n./cats/b.mp4\n{corpus / 'a.mp4'},explicit\n")
     assert [(e.video_id, Path(e.uri)) for e in list_corpus(str(listing))] == [
-        ("a.mp4", corpus / "a.mp4"), ("cats/b.mp4", corpus / "cats/b.mp4"), ("explicit", corpus / "a.mp4")]
+        ("a.mp4", corpus / "a.mp4"),
+        ("cats/b.mp4", corpus / "cats/b.mp4"),
+        ("explicit", corpus / "a.mp4"),
+    ]
     other = tmp_path / "other.txt"
     other.write_text(f"{corpus / 'cats/b.mp4'}\ns3://bucket/x/c.mp4\n")  # outside the list's folder: the file name
     assert [e.video_id for e in list_corpus(str(other))] == ["b.mp4", "c.mp4"]
@@ -117,8 +137,17 @@ def test_the_same_file_is_not_stored_twice_under_two_ids(store, tiny_checkpoints
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert f"the same bytes are already stored as '{Path(video_path).name}'" in r.stderr
     assert "--allow-duplicate" in r.stderr
-    r = run("index", copy, "--model", tiny_checkpoints["qwen2-vl"], "--out", out, *INDEX_ARGS, "--allow-duplicate",
-            "--quiet")
+    r = run(
+        "index",
+        copy,
+        "--model",
+        tiny_checkpoints["qwen2-vl"],
+        "--out",
+        out,
+        *INDEX_ARGS,
+        "--allow-duplicate",
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     r = run("store", "ls", out)
     assert r.stdout.startswith("2 videos in ") and "copy.mp4" in r.stdout
@@ -127,9 +156,11 @@ def test_the_same_file_is_not_stored_twice_under_two_ids(store, tiny_checkpoints
 def test_listing_a_store_imports_neither_torch_nor_transformers(store):
     """What keeps `x2l store ls` / `store info` fast to start: the configuration, not a clock."""
     out, _ = store
-    code = ("import sys; from x2l.cli import main; rc = main(['store', 'ls', sys.argv[1]]); "
-            "rc = rc or main(['store', 'info', sys.argv[1], sys.argv[2]]); "
-            "print('loaded:', sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys; from x2l.cli import main; rc = main(['store', 'ls', sys.argv[1]]); "
+        "rc = rc or main(['store', 'info', sys.argv[1], sys.argv[2]]); "
+        "print('loaded:', sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
     r = subprocess.run([sys.executable, "-c", code, str(out), "clip.mp4"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().endswith("loaded: []")

@@ -22,8 +22,9 @@ SAMPLING = SamplingConfig(fps=2, frames_per_chunk=4)
 
 
 def x2l(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([X2L, *map(str, args)], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    return subprocess.run(
+        [X2L, *map(str, args)], capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1")
+    )
 
 
 @pytest.mark.parametrize("written,asked", [(torch.float32, "bfloat16"), (torch.bfloat16, "float32")])
@@ -63,9 +64,13 @@ def test_store_info_and_ls_show_the_kv_dtype(tiny_checkpoints, video_path, tmp_p
 
 def test_read_only_commands_on_a_missing_store_say_so_and_create_nothing(tiny_checkpoints, tmp_path):
     missing = tmp_path / "no" / "store"
-    for args in (["store", "ls", missing], ["store", "info", missing, "v"], ["runs", "ls", missing],
-                 ["ask", missing, "--model", tiny_checkpoints["qwen2-vl"], "--question", "q"],
-                 ["report", missing, "--out", tmp_path / "rep"]):
+    for args in (
+        ["store", "ls", missing],
+        ["store", "info", missing, "v"],
+        ["runs", "ls", missing],
+        ["ask", missing, "--model", tiny_checkpoints["qwen2-vl"], "--question", "q"],
+        ["report", missing, "--out", tmp_path / "rep"],
+    ):
         r = x2l(*args)
         assert r.returncode == 1, args
         assert r.stderr.strip() == f"x2l: error: store {missing} does not exist", (args, r.stderr)
@@ -76,8 +81,10 @@ def test_read_only_commands_on_a_missing_store_say_so_and_create_nothing(tiny_ch
     assert r.returncode == 1 and "does not exist (no store.json there)" in r.stderr
     for args in (["runs", "ls", tmp_path / "empty"], ["report", tmp_path / "empty", "--out", tmp_path / "rep"]):
         r = x2l(*args)  # not "0 runs" / an empty report of a folder that is no store
-        assert r.returncode == 1 and r.stderr == f"x2l: error: {tmp_path / 'empty'} is not an x2l store (no store.json " \
-                                                 f"or runs/ there)\n", (args, r.stderr)
+        assert (
+            r.returncode == 1
+            and r.stderr == f"x2l: error: {tmp_path / 'empty'} is not an x2l store (no store.json or runs/ there)\n"
+        ), (args, r.stderr)
     assert not (tmp_path / "rep").exists()
 
 
@@ -113,8 +120,12 @@ def test_the_index_jobs_check_stage_classifies_before_decoding(tiny_checkpoints,
 
     (tmp_path / "store" / "videos" / video_key("bad.mp4")).mkdir(parents=True)
     (tmp_path / "store" / "videos" / video_key("bad.mp4") / "meta.json").write_text("{not json")
-    cfg = IndexJobConfig(corpus=str(tmp_path), store=StoreConfig(uri=uri), model=ModelConfig(str(tiny_checkpoints["qwen2-vl"])),
-                         sampling=SAMPLING)
+    cfg = IndexJobConfig(
+        corpus=str(tmp_path),
+        store=StoreConfig(uri=uri),
+        model=ModelConfig(str(tiny_checkpoints["qwen2-vl"])),
+        sampling=SAMPLING,
+    )
     ids = ["job.mp4", "cli.mp4", "new.mp4", "bad.mp4"]
     batch = {"video_id": np.array(ids), "uri": np.array([src] * 4)}
     out = check_committed(batch, cfg, model.fingerprint)
@@ -123,8 +134,10 @@ def test_the_index_jobs_check_stage_classifies_before_decoding(tiny_checkpoints,
     other = dataclasses.replace(cfg, sampling=SamplingConfig(fps=1, frames_per_chunk=4))
     out = check_committed(batch, other, model.fingerprint)
     assert out["status"][:3] == ["failed", "failed", "todo"]
-    assert out["reason"][0] == ("video 'job.mp4' is already stored with other settings or source (differs in "
-                                "sampling): pass --overwrite to re-index it")
+    assert out["reason"][0] == (
+        "video 'job.mp4' is already stored with other settings or source (differs in "
+        "sampling): pass --overwrite to re-index it"
+    )
     forced = check_committed(batch, dataclasses.replace(other, overwrite=True), model.fingerprint)
     assert forced["status"] == ["todo"] * 4
 
@@ -132,13 +145,34 @@ def test_the_index_jobs_check_stage_classifies_before_decoding(tiny_checkpoints,
 def test_usage_errors_are_one_line_naming_the_option():
     """A missing, unknown or mistyped option: one line (not the usage block), exit 2, for x2l and the jobs."""
     r = x2l("report", "store", "--kind", "foo")
-    assert r.returncode == 2 and r.stderr == ("x2l report: error: argument --kind: invalid choice: 'foo' (choose from "
-                                              "'index', 'answer') (see x2l report --help)\n")
+    assert r.returncode == 2 and r.stderr == (
+        "x2l report: error: argument --kind: invalid choice: 'foo' (choose from "
+        "'index', 'answer') (see x2l report --help)\n"
+    )
     r = x2l("store", "info", "store")
-    assert r.returncode == 2 and r.stderr == ("x2l store info: error: the following arguments are required: video_id "
-                                              "(see x2l store info --help)\n")
-    r = subprocess.run([sys.executable, "jobs/index_corpus.py", "--corpus", "c", "--store", "s", "--model", "m",
-                        "--concurrency", "two"], cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "argument --concurrency: invalid int value: 'two'" \
-        in r.stderr
+    assert r.returncode == 2 and r.stderr == (
+        "x2l store info: error: the following arguments are required: video_id (see x2l store info --help)\n"
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "jobs/index_corpus.py",
+            "--corpus",
+            "c",
+            "--store",
+            "s",
+            "--model",
+            "m",
+            "--concurrency",
+            "two",
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        r.returncode == 2
+        and r.stderr.count("\n") == 1
+        and "argument --concurrency: invalid int value: 'two'" in r.stderr
+    )

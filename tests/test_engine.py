@@ -1,4 +1,5 @@
-"""The method's invariants on real tiny checkpoints of both families and real video files (docs/DESIGN.md, "The method").
+"""The method's invariants on real tiny checkpoints of both families and real video files (docs/DESIGN.md,
+"The method").
 
 The exactness invariant (context=full, l_keep=1, every chunk selected equals a one-shot forward of the stock model)
 is stated for every registered family in tests/test_adapter_contract.py.
@@ -35,7 +36,9 @@ def eager_model(request, tiny_checkpoints):
 def test_top_k_0_equals_decoding_over_h_alone(eager_model, video_path):
     """DESIGN invariant 2: with top_k=0 the answer equals decoding over [sink + every H], built here by hand."""
     kv = Indexer(eager_model, SAMPLING).index(video_path, "v").video
-    [ans] = Answerer(eager_model, InMemorySource([kv]), RetrievalConfig(top_k=0, max_new_tokens=4)).answer(QUESTIONS[:1])
+    [ans] = Answerer(eager_model, InMemorySource([kv]), RetrievalConfig(top_k=0, max_new_tokens=4)).answer(
+        QUESTIONS[:1]
+    )
     assert ans.selected_chunks == []
 
     layers = []
@@ -81,7 +84,7 @@ def test_batched_answers_equal_one_at_a_time(eager_model, video_path):
     kv = Indexer(eager_model, SAMPLING).index(video_path, "v").video
     answerer = Answerer(eager_model, InMemorySource([kv]), RetrievalConfig(top_k=2, max_new_tokens=4))
     batch = answerer.answer(QUESTIONS)
-    for q, b in zip(QUESTIONS, batch):
+    for q, b in zip(QUESTIONS, batch, strict=True):
         [single] = answerer.answer([q])
         assert b.selected_chunks == single.selected_chunks
         assert b.token_ids == single.token_ids
@@ -99,9 +102,11 @@ def test_relevance_probe_matches_model_attention_weights(eager_model, video_path
     probe = RelevanceProbe(n_cache)
     with probing(probe), torch.no_grad():
         out = eager_model.model.model.language_model(
-            inputs_embeds=eager_model.embed_ids(torch.tensor([ids])), position_ids=pos,
+            inputs_embeds=eager_model.embed_ids(torch.tensor([ids])),
+            position_ids=pos,
             cache=DynamicCache(ddp_cache_data=[(k[None], v[None]) for k, v in layers]),
-            use_cache=True, output_attentions=True,
+            use_cache=True,
+            output_attentions=True,
         )
     g = eager_model.model.config.text_config.num_attention_heads // eager_model.num_kv_heads
     for l, attn in enumerate(out.attentions):  # [1, Hq, q, n_cache + q]

@@ -25,9 +25,22 @@ def test_methods_parse_and_bad_ones_are_named():
 
 def test_eval_cli_writes_accuracy_and_bytes_per_method(tiny_checkpoints, tmp_path):
     out = tmp_path / "eval"
-    cmd = [str(Path(sys.executable).parent / "x2l"), "eval", "--bench", "longvideobench", "--data",
-           str(ROOT / "tests/data/benchmarks/longvideobench"), "--model", str(tiny_checkpoints["qwen2-vl"]),
-           "--methods", "full,h,uniform:1,x2l:1", "--out", str(out), "--frames-per-chunk", "2"]
+    cmd = [
+        str(Path(sys.executable).parent / "x2l"),
+        "eval",
+        "--bench",
+        "longvideobench",
+        "--data",
+        str(ROOT / "tests/data/benchmarks/longvideobench"),
+        "--model",
+        str(tiny_checkpoints["qwen2-vl"]),
+        "--methods",
+        "full,h,uniform:1,x2l:1",
+        "--out",
+        str(out),
+        "--frames-per-chunk",
+        "2",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads((out / "results.json").read_text())
@@ -51,5 +64,6 @@ def test_eval_cli_writes_accuracy_and_bytes_per_method(tiny_checkpoints, tmp_pat
     again = json.loads((out / "results.json").read_text())["methods"]
     assert r.returncode == 0 and "indexing" in r.stderr  # progress: stderr (issue 13)
     for m in methods:
-        assert {k: v for k, v in again[m].items() if k != "seconds"} == {k: v for k, v in methods[m].items()
-                                                                          if k != "seconds"}
+        assert {k: v for k, v in again[m].items() if k != "seconds"} == {
+            k: v for k, v in methods[m].items() if k != "seconds"
+        }

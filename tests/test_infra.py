@@ -33,12 +33,20 @@ DOCKERFILE = ROOT / "infra" / "Dockerfile"
 RAYJOB = ROOT / "infra" / "rayjob.yaml"
 RAYSERVICE = ROOT / "infra" / "rayservice.yaml"
 README = ROOT / "infra" / "README.md"
-IMAGE_REPO = "/home/ray/x2l/"   # where infra/Dockerfile puts the repo (checked below)
-IMAGE_HOME = "/home/ray"        # $HOME of user `ray` in rayproject/ray images: what `~` means on cluster nodes
+IMAGE_REPO = "/home/ray/x2l/"  # where infra/Dockerfile puts the repo (checked below)
+IMAGE_HOME = "/home/ray"  # $HOME of user `ray` in rayproject/ray images: what `~` means on cluster nodes
 INDEX_SCRIPT = "jobs/index_corpus.py"
 SERVE_IMPORT_PATH = "x2l.serve:app"
-SERVE_ARGS = {"store", "model", "num_gpus", "max_batch_size", "batch_wait_timeout_s", "h_budget_bytes",
-              "l_cache_bytes", "top_k"}
+SERVE_ARGS = {
+    "store",
+    "model",
+    "num_gpus",
+    "max_batch_size",
+    "batch_wait_timeout_s",
+    "h_budget_bytes",
+    "l_cache_bytes",
+    "top_k",
+}
 RAY_VERSION = importlib.metadata.version("ray")
 
 OPT = re.compile(r"(?<![\w-])--[A-Za-z][\w-]*")
@@ -47,6 +55,7 @@ IMPORT_PATH = re.compile(r"\bx2l(?:\.\w+)+:\w+")
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
+
 
 @functools.cache
 def help_options(*cmd: str) -> frozenset[str]:
@@ -144,8 +153,13 @@ def check_import_path(path: str, where: str) -> None:
     file = ROOT / (module.replace(".", "/") + ".py")
     assert file.is_file(), f"{where}: {path}: {file.relative_to(ROOT)} does not exist"
     names = {n.name for n in ast.parse(file.read_text()).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
-    names |= {t.id for n in ast.parse(file.read_text()).body if isinstance(n, ast.Assign)
-              for t in n.targets if isinstance(t, ast.Name)}
+    names |= {
+        t.id
+        for n in ast.parse(file.read_text()).body
+        if isinstance(n, ast.Assign)
+        for t in n.targets
+        if isinstance(t, ast.Name)
+    }
     assert attr in names, f"{where}: {path}: {file.relative_to(ROOT)} defines no top-level {attr}"
 
 
@@ -203,6 +217,7 @@ def dockerfile() -> list[tuple[str, str]]:
 
 # --- ray_cluster.yaml ---------------------------------------------------------------------------------------------
 
+
 def test_cluster_config_passes_ray_validation():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
@@ -228,8 +243,9 @@ def test_cluster_cpu_head_spot_gpu_workers_and_ray_version():
 def test_cluster_setup_installs_cuda_torch_then_x2l_from_file_mounts():
     cfg = load(CLUSTER)
     cmds = cfg["setup_commands"]
-    assert not any("torchvision" in c for c in cmds + cfg.get("head_setup_commands", [])
-                   + cfg.get("worker_setup_commands", []))
+    assert not any(
+        "torchvision" in c for c in cmds + cfg.get("head_setup_commands", []) + cfg.get("worker_setup_commands", [])
+    )
     torch_i = [i for i, c in enumerate(cmds) if re.search(r"pip install\b.*\btorch\b(?![\w.-])", c)]
     assert torch_i, "setup_commands do not install torch"
     # The CUDA build comes from the default index: no CPU wheel index, no pinned +cpu build.
@@ -249,12 +265,14 @@ def test_cluster_commands_name_existing_scripts_and_options():
     starts = [part for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] for part in c.split(";")]
     units = command_units(CLUSTER.read_text(), markdown=False) + cfg["setup_commands"] + starts
     checked = [c for u in units for c in check_command(u, "ray_cluster.yaml")]
-    assert {INDEX_SCRIPT, "ray up", "ray dashboard", "ray job submit", "ray down", "hf download",
-            "ray start"} <= set(checked), checked
+    assert {INDEX_SCRIPT, "ray up", "ray dashboard", "ray job submit", "ray down", "hf download", "ray start"} <= set(
+        checked
+    ), checked
     # The documented job: --model is where setup_commands put the checkpoint; GPUs suffice for --concurrency.
     fetched = {m.replace("~", IMAGE_HOME) for c in cfg["setup_commands"] for m in re.findall(r"--local-dir\s+(\S+)", c)}
-    gpu_slots = sum(t.get("max_workers", 0) * t["resources"].get("GPU", 0)
-                    for t in cfg["available_node_types"].values())
+    gpu_slots = sum(
+        t.get("max_workers", 0) * t["resources"].get("GPU", 0) for t in cfg["available_node_types"].values()
+    )
     for u in units:
         if m := SCRIPT.search(u):
             ns = parse_script_args(m.group(1), shlex.split(m.group(2)), "ray_cluster.yaml")
@@ -263,6 +281,7 @@ def test_cluster_commands_name_existing_scripts_and_options():
 
 
 # --- infra/Dockerfile ---------------------------------------------------------------------------------------------
+
 
 def test_dockerfile_base_copies_repo_and_installs_torch_and_x2l():
     instr = dockerfile()
@@ -289,6 +308,7 @@ def test_dockerfile_base_copies_repo_and_installs_torch_and_x2l():
 
 # --- infra/rayjob.yaml --------------------------------------------------------------------------------------------
 
+
 def test_rayjob_runs_index_job_on_gpu_workers_with_secret_credentials():
     doc = load(RAYJOB)
     assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayJob")
@@ -304,7 +324,7 @@ def test_rayjob_runs_index_job_on_gpu_workers_with_secret_credentials():
     assert cluster["rayVersion"] == RAY_VERSION
     head, workers = ray_containers(cluster)
     assert gpus(head) == 0 and all(gpus(w) >= 1 for w in workers)
-    total_gpus = sum(g["replicas"] * gpus(w) for g, w in zip(cluster["workerGroupSpecs"], workers))
+    total_gpus = sum(g["replicas"] * gpus(w) for g, w in zip(cluster["workerGroupSpecs"], workers, strict=True))
     assert ns.concurrency * ns.num_gpus_per_actor <= total_gpus, "--concurrency exceeds the GPU workers"
     for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
         assert isinstance(g["rayStartParams"], dict)
@@ -314,6 +334,7 @@ def test_rayjob_runs_index_job_on_gpu_workers_with_secret_credentials():
 
 
 # --- infra/rayservice.yaml ----------------------------------------------------------------------------------------
+
 
 def test_rayservice_deploys_serve_app_with_documented_args():
     doc = load(RAYSERVICE)
@@ -343,6 +364,7 @@ def test_rayservice_deploys_serve_app_with_documented_args():
 
 # --- across files -------------------------------------------------------------------------------------------------
 
+
 def test_kuberay_images_are_the_documented_build():
     images = all_images(cluster_spec(load(RAYJOB))) | all_images(cluster_spec(load(RAYSERVICE)))
     assert len(images) == 1, f"RayJob and RayService should run one image: {images}"
@@ -354,8 +376,9 @@ def test_kuberay_images_are_the_documented_build():
 def test_readme_commands_scripts_options_and_import_paths_exist():
     text = README.read_text()
     checked = [c for u in command_units(text, markdown=True) for c in check_command(u, "infra/README.md", True)]
-    assert {INDEX_SCRIPT, "ray up", "ray dashboard", "ray job submit", "ray job logs", "ray down",
-            "options"} <= set(checked), checked
+    assert {INDEX_SCRIPT, "ray up", "ray dashboard", "ray job submit", "ray job logs", "ray down", "options"} <= set(
+        checked
+    ), checked
     paths = set(IMPORT_PATH.findall(text))
     assert SERVE_IMPORT_PATH in paths
     for p in paths:

@@ -29,8 +29,15 @@ def test_overlap_note_says_which_methods_eight_questions_cannot_tell_apart():
     assert overlapping_pairs({"a": (0.1, 0.3), "b": (0.25, 0.5), "c": (0.6, 0.9)}) == [("a", "b")]
 
     def method(k: int, n: int) -> dict:
-        return {"accuracy": k / n, "accuracy_ci95": list(wilson_interval(k, n)), "by_category": {},
-                "n": n, "kv_bytes_mean": 1.0, "kv_ratio_mean": 1.0, "store_bytes_read_mean": 0.0}
+        return {
+            "accuracy": k / n,
+            "accuracy_ci95": list(wilson_interval(k, n)),
+            "by_category": {},
+            "n": n,
+            "kv_bytes_mean": 1.0,
+            "kv_ratio_mean": 1.0,
+            "store_bytes_read_mean": 0.0,
+        }
 
     small = render_markdown({"methods": {"full": method(8, 8), "x2l:2": method(6, 8)}, "compression": {}}, "t")
     assert "| full | 100.0% | 67.6% - 100.0% |" in small

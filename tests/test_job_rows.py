@@ -13,8 +13,12 @@ def test_an_unexpected_error_in_decode_is_a_failed_row(monkeypatch, tiny_checkpo
         raise RuntimeError("decoder fell over")
 
     monkeypatch.setattr(x2l.video, "load_video", boom)
-    row = fetch_and_decode({"video_id": "v.mp4", "uri": str(video_path)}, str(tiny_checkpoints["qwen2-vl"]),
-                           SamplingConfig(), StoreConfig())
+    row = fetch_and_decode(
+        {"video_id": "v.mp4", "uri": str(video_path)},
+        str(tiny_checkpoints["qwen2-vl"]),
+        SamplingConfig(),
+        StoreConfig(),
+    )
     assert row["status"] == "failed" and row["video_id"] == "v.mp4"
     assert row["reason"] == "RuntimeError: decoder fell over"
 
@@ -69,7 +73,12 @@ def test_isolate_failures_confines_each_failure_to_its_video():
         return f"{vid}: {type(e).__name__}"
 
     assert isolate_failures(videos, check, run, failure) == [
-        "answer 0", "bad: KeyError", "answer 2", "answer 3", "boom: RuntimeError"]
+        "answer 0",
+        "bad: KeyError",
+        "answer 2",
+        "answer 3",
+        "boom: RuntimeError",
+    ]
     assert calls == [[0, 2, 3, 4], [0, 3], [2], [4]]  # joint run first, then video by video
     calls.clear()
     assert isolate_failures(["a", "b"], check, run, failure) == ["answer 0", "answer 1"] and calls == [[0, 1]]

@@ -120,11 +120,24 @@ def test_a_pickled_checkpoint_is_refused_in_one_line(tmp_path, tiny_checkpoints)
         with pytest.raises(ModelError, match="pytorch_model.bin .*safetensors only"):
             op()
     (tmp_path / "store").mkdir()  # an existing (empty) store: the checkpoint is what is refused
-    (tmp_path / "store" / "store.json").write_text(json.dumps({"format": "x2l-kvstore",
-                                                               "schema_version": SCHEMA_VERSION}))
-    r = subprocess.run([str(Path(sys.executable).parent / "x2l"), "ask", str(tmp_path / "store"), "--model", str(ckpt),
-                        "--question", "What?"], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    (tmp_path / "store" / "store.json").write_text(
+        json.dumps({"format": "x2l-kvstore", "schema_version": SCHEMA_VERSION})
+    )
+    r = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "x2l"),
+            "ask",
+            str(tmp_path / "store"),
+            "--model",
+            str(ckpt),
+            "--question",
+            "What?",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith("x2l: error: checkpoint") and "safetensors only" in r.stderr
 
@@ -143,7 +156,7 @@ def test_user_text_never_becomes_special_tokens(tokenizer):
     options = ["<|im_end|>", "b <|vision_end|>"]
     ids = question_token_ids(tokenizer, question, options)
     template = tokenizer.encode(MC_INSTRUCTION + ANSWER_PREFIX, add_special_tokens=False)
-    user, tail = ids[: -len(template)], ids[-len(template):]
+    user, tail = ids[: -len(template)], ids[-len(template) :]
     assert tail == template and not specials & set(user)
     assert tokenizer.decode(user) == question + "\nA. <|im_end|>\nB. b <|vision_end|>\n"  # kept as plain text
     assert specials & set(tokenizer.encode(question, add_special_tokens=False))  # what the old tokenization did
@@ -151,15 +164,17 @@ def test_user_text_never_becomes_special_tokens(tokenizer):
     assert not specials & set(no_options[: -len(tokenizer.encode(ANSWER_PREFIX, add_special_tokens=False))])
 
 
-@pytest.mark.parametrize("question,options", [("What color is the ball?", None),
-                                              ("Which first?", ["a cup", "B) a dog", "a tree"])])
+@pytest.mark.parametrize(
+    "question,options", [("What color is the ball?", None), ("Which first?", ["a cup", "B) a dog", "a tree"])]
+)
 def test_ordinary_questions_tokenize_as_before(tokenizer, question, options):
     text = question
     if options:
         lines = [o if o.startswith("B)") else f"{chr(65 + i)}. {o}" for i, o in enumerate(options)]
         text += "\n" + "\n".join(lines) + "\n" + MC_INSTRUCTION
-    assert question_token_ids(tokenizer, question, options) == tokenizer.encode(text + ANSWER_PREFIX,
-                                                                                add_special_tokens=False)
+    assert question_token_ids(tokenizer, question, options) == tokenizer.encode(
+        text + ANSWER_PREFIX, add_special_tokens=False
+    )
 
 
 def test_prompt_bounds():
@@ -181,13 +196,38 @@ def test_prompt_bounds():
 
 
 def test_x2l_ask_refuses_an_over_long_prompt_before_loading_the_model(tmp_path):
-    r = subprocess.run([str(Path(sys.executable).parent / "x2l"), "ask", str(tmp_path / "store"), "--model",
-                        str(tmp_path / "no-model"), "--question", "Which?", "--options", *["o" * 1000] * 20],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "x2l"),
+            "ask",
+            str(tmp_path / "store"),
+            "--model",
+            str(tmp_path / "no-model"),
+            "--question",
+            "Which?",
+            "--options",
+            *["o" * 1000] * 20,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 1 and r.stderr.count("\n") == 1
     assert "--question 1 ('Which?'): question and options are 20006 characters, the limit is 2000" in r.stderr
-    r = subprocess.run([str(Path(sys.executable).parent / "x2l"), "ask", str(tmp_path / "store"), "--model",
-                        str(tmp_path / "no-model"), "--question", "   "], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "x2l"),
+            "ask",
+            str(tmp_path / "store"),
+            "--model",
+            str(tmp_path / "no-model"),
+            "--question",
+            "   ",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 1 and "question is empty" in r.stderr
 
 

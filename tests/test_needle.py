@@ -108,8 +108,19 @@ def test_training_is_deterministic_given_the_seed(tmp_path):
     from training.train_needle import TrainConfig, train
     from x2l.models import load_model
 
-    cfg = TrainConfig(seed=3, steps=3, pool_videos=4, pool_chunks=8, start_chunks=7, max_chunks=8,
-                      tokens_per_batch=600, compress_after=0.0, val_per_family=0, log_every=1, threads=1)
+    cfg = TrainConfig(
+        seed=3,
+        steps=3,
+        pool_videos=4,
+        pool_chunks=8,
+        start_chunks=7,
+        max_chunks=8,
+        tokens_per_batch=600,
+        compress_after=0.0,
+        val_per_family=0,
+        log_every=1,
+        threads=1,
+    )
     threads = torch.get_num_threads()
     try:
         a = train(tmp_path / "a", cfg, log=lambda s: None)
@@ -146,11 +157,27 @@ def test_x2l_eval_on_needle_with_the_shipped_model(tmp_path):
     import sys
 
     out, data = tmp_path / "eval", tmp_path / "videos"
-    cmd = [str(Path(sys.executable).parent / "x2l"), "eval", "--bench", "needle", "--data", str(data), "--limit", "8",
-           "--model", str(MODEL), "--methods", "full,h,uniform:2,x2l:2", "--out", str(out)]
+    cmd = [
+        str(Path(sys.executable).parent / "x2l"),
+        "eval",
+        "--bench",
+        "needle",
+        "--data",
+        str(data),
+        "--limit",
+        "8",
+        "--model",
+        str(MODEL),
+        "--methods",
+        "full,h,uniform:2,x2l:2",
+        "--out",
+        str(out),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert sorted(p.name for p in data.glob("*.mp4")) == sorted(f"{it.video.key}.mp4" for it in nd.make_items("test", 8))
+    assert sorted(p.name for p in data.glob("*.mp4")) == sorted(
+        f"{it.video.key}.mp4" for it in nd.make_items("test", 8)
+    )
     methods = json.loads((out / "results.json").read_text())["methods"]
     assert {c for m in methods.values() for c in m["by_category"]} == set(nd.FAMILIES)
     assert methods["full"]["kv_ratio_mean"] == 1.0 and methods["x2l:2"]["kv_ratio_mean"] <= 0.25

@@ -14,8 +14,16 @@ from x2l.store.runs import read_run_rows, read_runs
 from x2l.testing.videos import write_video
 
 ROOT = Path(__file__).resolve().parents[1]
-PRICES = ["--gpu-dollars-per-hour", "2.5", "--storage-dollars-per-gb-month", "0.1", "--put-dollars-per-1k", "0.01",
-          "--get-dollars-per-1k", "0.002"]
+PRICES = [
+    "--gpu-dollars-per-hour",
+    "2.5",
+    "--storage-dollars-per-gb-month",
+    "0.1",
+    "--put-dollars-per-1k",
+    "0.01",
+    "--get-dollars-per-1k",
+    "0.002",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,24 +37,80 @@ def reported(tmp_path_factory, tiny_checkpoints):
         write_video(corpus / name, n_frames=frames, fps=4, size=(64, 96))
     model = str(tiny_checkpoints["qwen2-vl"])
     common = dict(cwd=ROOT, env=loopback_env(), capture_output=True, text=True, timeout=600)
-    r = subprocess.run([sys.executable, "jobs/index_corpus.py", "--corpus", str(corpus), "--store", str(store),
-                        "--model", model, "--fps", "2", "--frames-per-chunk", "4", "--ray-address", "local"], **common)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "jobs/index_corpus.py",
+            "--corpus",
+            str(corpus),
+            "--store",
+            str(store),
+            "--model",
+            model,
+            "--fps",
+            "2",
+            "--frames-per-chunk",
+            "4",
+            "--ray-address",
+            "local",
+        ],
+        **common,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     questions = root / "q.jsonl"
-    questions.write_text("".join(json.dumps({"video_id": v, "question": f"What is in {v} at {i} s?"}) + "\n"
-                                 for i in range(6) for v in ("one.mp4", "two.mp4")))
-    r = subprocess.run([sys.executable, "jobs/answer_questions.py", "--store", str(store), "--questions",
-                        str(questions), "--out", str(root / "answers"), "--model", model, "--top-k", "2",
-                        "--batch-size", "4", "--ray-address", "local"], **common)
+    questions.write_text(
+        "".join(
+            json.dumps({"video_id": v, "question": f"What is in {v} at {i} s?"}) + "\n"
+            for i in range(6)
+            for v in ("one.mp4", "two.mp4")
+        )
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "jobs/answer_questions.py",
+            "--store",
+            str(store),
+            "--questions",
+            str(questions),
+            "--out",
+            str(root / "answers"),
+            "--model",
+            model,
+            "--top-k",
+            "2",
+            "--batch-size",
+            "4",
+            "--ray-address",
+            "local",
+        ],
+        **common,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "jobs/report.py", "--store", str(store), "--out", str(root / "rep"), *PRICES],
-                       **common)
+    r = subprocess.run(
+        [sys.executable, "jobs/report.py", "--store", str(store), "--out", str(root / "rep"), *PRICES], **common
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     # then a failed run: every question is about a video the store does not hold
     bad = root / "bad.jsonl"
     bad.write_text("".join(json.dumps({"video_id": "nope.mp4", "question": f"q{i}"}) + "\n" for i in range(3)))
-    r = subprocess.run([sys.executable, "jobs/answer_questions.py", "--store", str(store), "--questions", str(bad),
-                        "--out", str(root / "bad_answers"), "--model", model, "--ray-address", "local"], **common)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "jobs/answer_questions.py",
+            "--store",
+            str(store),
+            "--questions",
+            str(bad),
+            "--out",
+            str(root / "bad_answers"),
+            "--model",
+            model,
+            "--ray-address",
+            "local",
+        ],
+        **common,
+    )
     assert r.returncode == 1 and "answer_questions: failed" in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
     return store, root / "rep"
 
@@ -73,9 +137,12 @@ def test_report_numbers_follow_from_the_recorded_stats(reported):
     assert report["indexing"]["video_hours"] == pytest.approx(video_hours, abs=1e-6)
     assert report["indexing"]["tokens"] == sum(v["tokens"] for v in videos)
     assert report["storage"]["bytes"]["stored"] == stored and report["storage"]["bytes"]["full"] == full
-    assert report["storage"]["bytes_per_video_hour"]["h"] == pytest.approx(sum(v["bytes_h"] for v in videos) / video_hours)
-    assert report["dollars"]["per_indexed_video_hour"] == pytest.approx((index_dollars + storage_month) / video_hours,
-                                                                        rel=1e-4)
+    assert report["storage"]["bytes_per_video_hour"]["h"] == pytest.approx(
+        sum(v["bytes_h"] for v in videos) / video_hours
+    )
+    assert report["dollars"]["per_indexed_video_hour"] == pytest.approx(
+        (index_dollars + storage_month) / video_hours, rel=1e-4
+    )
 
     latencies = sorted(a["total_s"] for a in answers)
     assert report["answering"]["latency_s"]["p50"] == pytest.approx(latencies[5])  # nearest rank of 12: the 6th
@@ -106,8 +173,9 @@ def test_report_files_and_plots(reported):
 
 
 def x2l(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([str(Path(sys.executable).parent / "x2l"), *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "x2l"), *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_runs_ls_and_report_filters(reported, tmp_path):
@@ -155,13 +223,16 @@ def test_per_question_stats_survive_a_bad_video_in_the_batch(reported, tiny_chec
     from x2l.distributed.answering import AnswerActor, AnswerJobConfig
 
     store, _ = reported
-    good = [{"id": "1", "video_id": "one.mp4", "question": "What is in it?"},
-            {"id": "2", "video_id": "two.mp4", "question": "What moves?"}]
+    good = [
+        {"id": "1", "video_id": "one.mp4", "question": "What is in it?"},
+        {"id": "2", "video_id": "two.mp4", "question": "What moves?"},
+    ]
     bad = {"id": "3", "video_id": "nope.mp4", "question": "What?"}
 
     def answered(questions: list[dict], out: str) -> dict[str, dict]:
-        cfg = AnswerJobConfig(StoreConfig(uri=str(store)), ModelConfig(str(tiny_checkpoints["qwen2-vl"])), out,
-                              RetrievalConfig(top_k=2))
+        cfg = AnswerJobConfig(
+            StoreConfig(uri=str(store)), ModelConfig(str(tiny_checkpoints["qwen2-vl"])), out, RetrievalConfig(top_k=2)
+        )
         actor = AnswerActor(cfg)  # the in-job actor's class, run in this process: fresh caches
         batch = {k: np.array([q[k] for q in questions]) for k in ("id", "video_id", "question")}
         actor(batch | {"options": np.array([""] * len(questions))})
@@ -185,9 +256,25 @@ def test_answer_job_refusing_a_model_is_one_line_before_ray(reported, tiny_check
     store, _ = reported
     q = tmp_path / "q.jsonl"
     q.write_text(json.dumps({"video_id": "one.mp4", "question": "q"}) + "\n")
-    r = subprocess.run([sys.executable, "jobs/answer_questions.py", "--store", str(store), "--questions", str(q),
-                        "--out", str(tmp_path / "out"), "--model", str(tiny_checkpoints["qwen2.5-vl"])],
-                       cwd=ROOT, env=loopback_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "jobs/answer_questions.py",
+            "--store",
+            str(store),
+            "--questions",
+            str(q),
+            "--out",
+            str(tmp_path / "out"),
+            "--model",
+            str(tiny_checkpoints["qwen2.5-vl"]),
+        ],
+        cwd=ROOT,
+        env=loopback_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 1 and r.stdout == ""
     [line] = r.stderr.strip().splitlines()
     assert line.startswith("answer_questions: error: store ") and "not of model fingerprint" in line
@@ -218,8 +305,10 @@ def test_report_md_has_a_per_run_table(reported, tmp_path):
             gets = sum(len(r["selected_chunks"]) - r["cache_hits"] for r in ok)
             dollars = summary["answer_s"] / 3600 * 2.5 + gets / 1000 * 0.002
         counts = ", ".join(f"{k} {v}" for k, v in run["counts"].items())
-        assert line == (f"| {run['run_id']} | {kind} | {run['status']} | {counts} | {run['started']} | "
-                        f"{run['wall_s']:,.1f} s | ${dollars:,.6f} |")
+        assert line == (
+            f"| {run['run_id']} | {kind} | {run['status']} | {counts} | {run['started']} | "
+            f"{run['wall_s']:,.1f} s | ${dollars:,.6f} |"
+        )
     assert [r["status"] for r in report["runs_table"]] == ["ok", "ok", "failed"]
 
 

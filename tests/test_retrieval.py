@@ -18,7 +18,7 @@ def constructed_attention(hot: list[int], n_chunks=6, sink=3, h=2, d=8, q_len=4,
     query[..., 0] = 1.0
     keys = torch.randn(1, kv_heads, sink + n_chunks * h + q_len, d) * 0.01
     for rank, c in enumerate(reversed(hot), start=1):
-        keys[:, :, sink + c * h: sink + (c + 1) * h, 0] = 3.0 * rank
+        keys[:, :, sink + c * h : sink + (c + 1) * h, 0] = 3.0 * rank
     return query, keys, sink, [h] * n_chunks
 
 
@@ -83,15 +83,18 @@ def test_engine_selects_the_top_chunks_of_the_models_own_attention(tiny_checkpoi
     pos = torch.arange(kv.next_position, kv.next_position + len(ids)).view(1, 1, -1).expand(3, 1, -1)
     with torch.no_grad():
         out = model.model.model.language_model(
-            inputs_embeds=model.embed_ids(torch.tensor([ids])), position_ids=pos, use_cache=True,
+            inputs_embeds=model.embed_ids(torch.tensor([ids])),
+            position_ids=pos,
+            use_cache=True,
             cache=DynamicCache(ddp_cache_data=[(k[None], v[None]) for k, v in layers]),
-            output_attentions=True)
+            output_attentions=True,
+        )
     sink, h = kv.sink_keys.shape[2], kv.chunks[0].h.n_entries
     g = model.model.config.text_config.num_attention_heads // model.num_kv_heads
     mass = torch.zeros(kv.n_chunks)
     for attn in out.attentions:  # [1, Hq, q, kv]
         per_entry = attn[0].sum(dim=1).view(model.num_kv_heads, g, -1).mean(dim=1).mean(dim=0)
-        mass += torch.stack([per_entry[sink + c * h: sink + (c + 1) * h].sum() for c in range(kv.n_chunks)])
+        mass += torch.stack([per_entry[sink + c * h : sink + (c + 1) * h].sum() for c in range(kv.n_chunks)])
     assert ans.selected_chunks == sorted(torch.topk(mass, 2).indices.tolist())
     torch.testing.assert_close(torch.tensor(ans.relevance), mass / len(out.attentions), atol=1e-5, rtol=1e-4)
 
@@ -121,8 +124,10 @@ def test_chosen_layers_stop_the_relevance_pass_early(tiny_checkpoints, video_pat
     kv = Indexer(model, SamplingConfig(fps=2, frames_per_chunk=4)).index(video_path, "v").video
     prompt = model.question_ids("Where is the ball?")
     ran: list[int] = []
-    hooks = [layer.register_forward_hook(lambda m, i, o, n=n: ran.append(n))
-             for n, layer in enumerate(model.model.model.language_model.layers)]
+    hooks = [
+        layer.register_forward_hook(lambda m, i, o, n=n: ran.append(n))
+        for n, layer in enumerate(model.model.model.language_model.layers)
+    ]
     try:
         first = Answerer(model, InMemorySource([kv]), RetrievalConfig(layers=(0,))).relevance(kv, [prompt])
         assert ran == []  # layer 0 stops inside its attention: no decoder layer completes

@@ -46,8 +46,13 @@ def run_scorer(chunk_run, scorer):
     cache = DynamicCache(ddp_cache_data=context)
     probe = ScoringProbe(scorer)
     with probing(probe), torch.no_grad():
-        out = model.model.model.language_model(inputs_embeds=seg.embeds[None], position_ids=seg.positions[:, None],
-                                               cache=cache, use_cache=True, output_attentions=True)
+        out = model.model.model.language_model(
+            inputs_embeds=seg.embeds[None],
+            position_ids=seg.positions[:, None],
+            cache=cache,
+            use_cache=True,
+            output_attentions=True,
+        )
     return probe.scores(), out.attentions, cache
 
 
@@ -96,8 +101,9 @@ def test_chunk_attention_equals_model_attention_weights(chunk_run):
     seen_by = (voters[None, :] >= torch.arange(n)[:, None]).sum(dim=1).float()
     for l, attn in enumerate(attentions):
         ref = attn[0, :, voters, -n:].sum(dim=1) / seen_by
-        torch.testing.assert_close(scores[l], ref.view(model.num_kv_heads, g, n).mean(dim=1).float(),
-                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            scores[l], ref.view(model.num_kv_heads, g, n).mean(dim=1).float(), atol=1e-5, rtol=1e-4
+        )
 
 
 def test_window_attention_equals_model_attention_weights(chunk_run):

@@ -41,8 +41,13 @@ def archive(tmp_path_factory, tiny_checkpoints):
     # a store of its own for the re-index test: one video, indexed in chunks of 4 frames
     live = write_video(root / "live.mp4", n_frames=32, fps=4, size=(64, 96))
     KVStore(str(root / "live"), model.fingerprint).write(Indexer(model, SAMPLING).index(live, "live.mp4").video)
-    return {"store": str(root / "store"), "model": str(model_dir), "model_obj": model, "live": str(root / "live"),
-            "live_video": live}
+    return {
+        "store": str(root / "store"),
+        "model": str(model_dir),
+        "model_obj": model,
+        "live": str(root / "live"),
+        "live_video": live,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -69,15 +74,23 @@ def serve_app(archive, damaged_store):
     import ray
     from ray import serve
 
-    from x2l.testing.ray_head import free_port
     from x2l.serve import ServeArgs, app
+    from x2l.testing.ray_head import free_port
 
     os.environ[TOKEN_ENV] = "s3cret"  # replicas inherit the driver's environment at ray.init
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    base = {"store": archive["store"], "model": archive["model"], "max_batch_size": 8, "batch_wait_timeout_s": 0.2,
-            "max_prompt_chars": 200, "max_prompt_tokens": 150, "max_questions_per_request": 20, "num_cpus": 0.2}
+    base = {
+        "store": archive["store"],
+        "model": archive["model"],
+        "max_batch_size": 8,
+        "batch_wait_timeout_s": 0.2,
+        "max_prompt_chars": 200,
+        "max_prompt_tokens": 150,
+        "max_questions_per_request": 20,
+        "num_cpus": 0.2,
+    }
 
     def built(**args):  # Serve validates the arguments into the builder's typed argument, then calls the builder
         return app(ServeArgs.model_validate(base | args))
@@ -120,7 +133,7 @@ def test_http_and_handle_answers_equal_the_single_process_engine(serve_app, arch
     got = r.json()["answers"]
     handle = serve.get_deployment_handle("QueryModel", app_name="main")
     via_handle = [handle.answer.remote(q).result() for q in QUESTIONS]
-    for e, h, d in zip(expected, got, via_handle):
+    for e, h, d in zip(expected, got, via_handle, strict=True):
         assert h["answer"] == d["answer"] == e.text
         assert h["selected_chunks"] == d["selected_chunks"] == e.selected_chunks
         assert {"load_h", "relevance", "fetch", "assemble", "decode", "queue", "total"} <= set(h["seconds"])
@@ -134,7 +147,7 @@ def test_batching_is_real(serve_app):
         codes = list(pool.map(lambda q: ask(serve_app, [q]).status_code, qs))
     assert codes == [200] * 16
     after = httpx.get(serve_app + "/v1/stats").json()
-    sizes = after["batch_sizes"][len(before["batch_sizes"]):]
+    sizes = after["batch_sizes"][len(before["batch_sizes"]) :]
     calls = after["decode_calls"] - before["decode_calls"]
     assert sum(sizes) == 16 and max(sizes) > 1
     assert calls < 16
@@ -169,8 +182,11 @@ def test_prompt_bounds_cover_options_and_tokens_and_refuse_alone(serve_app, arch
     from ray import serve
 
     refused = [
-        ({"video_id": "cats.mp4", "question": "Which?", "options": ["o" * 40] * 5}, 413,
-         "206 characters, the limit is 200"),
+        (
+            {"video_id": "cats.mp4", "question": "Which?", "options": ["o" * 40] * 5},
+            413,
+            "206 characters, the limit is 200",
+        ),
         ({"video_id": "cats.mp4", "question": "视频" * 50}, 413, "tokens, the limit is 150"),  # 100 chars
         ({"video_id": "cats.mp4", "question": "  \n\t "}, 422, "question is empty"),
         ({"video_id": "cats.mp4", "question": ""}, 422, "question is empty"),
@@ -179,7 +195,7 @@ def test_prompt_bounds_cover_options_and_tokens_and_refuse_alone(serve_app, arch
     r = ask(serve_app, [q for q, _, _ in refused] + [QUESTIONS[0]])
     assert r.status_code == 200
     *bad, good = r.json()["answers"]
-    for (_, status, text), got in zip(refused, bad):
+    for (_, status, text), got in zip(refused, bad, strict=True):
         assert got["error"]["status"] == status and text in got["error"]["message"], got
     assert good["answer"] == engine_answers(archive, QUESTIONS[:1])[0].text
     assert httpx.get(serve_app + "/v1/stats").json()["questions"] == before + 1  # refused ones never reached it
@@ -202,8 +218,8 @@ def test_damaged_videos_fail_alone_and_removed_videos_stop_being_answered(serve_
     expected = engine_answers(archive, qs)
     r = ask(url, qs)
     assert r.status_code == 200
-    got = dict(zip(VIDEOS, r.json()["answers"]))
-    for (v, g), e in zip(got.items(), expected):
+    got = dict(zip(VIDEOS, r.json()["answers"], strict=True))
+    for (v, g), e in zip(got.items(), expected, strict=True):
         if v in ("birds.mp4", "fish.mp4"):
             assert g["error"]["status"] == 500 and f"video {v!r}" in g["error"]["message"], g
         else:
@@ -220,8 +236,7 @@ def test_damaged_videos_fail_alone_and_removed_videos_stop_being_answered(serve_
     other = src.load_h("fish.mp4")
     for c, d in src.fetch_deltas("fish.mp4", list(range(other.n_chunks))).levels.items():
         other.chunks[c].delta = d
-    KVStore(damaged_store).write(dataclasses.replace(other, video_id="cats.mp4"), source_hash="0" * 64,
-                                 overwrite=True)
+    KVStore(damaged_store).write(dataclasses.replace(other, video_id="cats.mp4"), source_hash="0" * 64, overwrite=True)
     expected = Answerer(archive["model_obj"], KVStore(damaged_store), RetrievalConfig(top_k=3, max_new_tokens=32))
     e = expected.answer([Question("cats.mp4", qs[0]["question"])])[0]
     got = ask(url, [qs[0]]).json()["answers"][0]
@@ -233,10 +248,14 @@ def test_bearer_token(serve_app):
     assert httpx.get(url + "/healthz").status_code == 200  # open
     assert httpx.get(url + "/readyz").status_code == 200  # open
     unauthorized = {"error": {"status": 401, "message": "missing or wrong bearer token"}}
-    for r in (httpx.get(url + "/v1/videos"), ask(url, QUESTIONS[:1]),
-              ask(url, QUESTIONS[:1], headers={"Authorization": "Bearer wrong"}),
-              ask(url, QUESTIONS[:1], headers={"Authorization": "Basic s3cret"}),
-              httpx.get(url + "/docs"), httpx.get(url + "/openapi.json")):
+    for r in (
+        httpx.get(url + "/v1/videos"),
+        ask(url, QUESTIONS[:1]),
+        ask(url, QUESTIONS[:1], headers={"Authorization": "Bearer wrong"}),
+        ask(url, QUESTIONS[:1], headers={"Authorization": "Basic s3cret"}),
+        httpx.get(url + "/docs"),
+        httpx.get(url + "/openapi.json"),
+    ):
         assert r.status_code == 401 and r.json() == unauthorized
     # the token is checked before the body is read: a malformed body without it is 401, not 422
     r = httpx.post(url + "/v1/answer", content=b"{not json", headers={"content-type": "application/json"})
@@ -283,9 +302,11 @@ def test_every_error_body_has_one_shape(serve_app):
 def test_results_echo_id_and_video_id_and_take_a_byte_budget(serve_app, archive):
     meta = KVStore(archive["store"]).info("fish.mp4")
     one_chunk = meta["chunks"][0]["delta_bytes"]
-    qs = [{"id": "a", "video_id": "fish.mp4", "question": "What swims?", "budget_bytes": 0},
-          {"id": "b", "video_id": "fish.mp4", "question": "What swims?", "budget_bytes": 2 * one_chunk, "top_k": 0},
-          {"id": "c", "video_id": "nope.mp4", "question": "What swims?"}]
+    qs = [
+        {"id": "a", "video_id": "fish.mp4", "question": "What swims?", "budget_bytes": 0},
+        {"id": "b", "video_id": "fish.mp4", "question": "What swims?", "budget_bytes": 2 * one_chunk, "top_k": 0},
+        {"id": "c", "video_id": "nope.mp4", "question": "What swims?"},
+    ]
     r = ask(serve_app, qs)
     assert r.status_code == 200
     a, b, c = r.json()["answers"]
@@ -294,7 +315,8 @@ def test_results_echo_id_and_video_id_and_take_a_byte_budget(serve_app, archive)
     assert a["selected_chunks"] == [] and c["error"]["status"] == 404
     store = KVStore(archive["store"])
     expected = Answerer(archive["model_obj"], store, RetrievalConfig(top_k=0, budget_bytes=2 * one_chunk)).answer(
-        [Question("fish.mp4", "What swims?")])[0]
+        [Question("fish.mp4", "What swims?")]
+    )[0]
     assert b["selected_chunks"] == expected.selected_chunks and len(b["selected_chunks"]) == 2
     assert b["answer"] == expected.text
 
@@ -307,23 +329,46 @@ def test_readyz_once_the_query_replica_has_model_and_h(serve_app):
 
 
 def test_app_builder_refuses_a_missing_model_or_store_before_deploying(archive, tmp_path):
-    from x2l.testing.ray_head import loopback_env
     from x2l.errors import ConfigError
     from x2l.serve import ServeArgs, app
+    from x2l.testing.ray_head import loopback_env
 
     with pytest.raises(ConfigError, match=f"store={tmp_path / 'none'}: store {tmp_path / 'none'} does not exist"):
         app(ServeArgs(store=str(tmp_path / "none"), model=archive["model"]))
     assert not (tmp_path / "none").exists()
-    r = subprocess.run([str(Path(sys.executable).parent / "serve"), "run", "x2l.serve:app",
-                        f"store={archive['store']}", f"model={tmp_path / 'nomodel'}"],
-                       capture_output=True, text=True, env=loopback_env(), timeout=120, cwd=tmp_path)
+    r = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "serve"),
+            "run",
+            "x2l.serve:app",
+            f"store={archive['store']}",
+            f"model={tmp_path / 'nomodel'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=loopback_env(),
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert r.returncode == 1 and "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last == f"Error: x2l.serve: model directory {tmp_path / 'nomodel'} does not exist"
     # Serve validates the arguments into the builder's typed argument (ServeArgs) before calling it: one line too
-    r = subprocess.run([str(Path(sys.executable).parent / "serve"), "run", "x2l.serve:app",
-                        f"store={archive['store']}", f"model={archive['model']}", "max_batch_size=0"],
-                       capture_output=True, text=True, env=loopback_env(), timeout=120, cwd=tmp_path)
+    r = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "serve"),
+            "run",
+            "x2l.serve:app",
+            f"store={archive['store']}",
+            f"model={archive['model']}",
+            "max_batch_size=0",
+        ],
+        capture_output=True,
+        text=True,
+        env=loopback_env(),
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == "Error: x2l.serve: x2l.serve argument max_batch_size=0: must be >= 1"
 
@@ -339,13 +384,16 @@ def test_app_arguments_resolve_local_paths_where_the_builder_checks_them(tmp_pat
     assert ServeArgs.model_validate({"store": "s3://x2l/store", "model": "m"}).store == "s3://x2l/store"
 
 
-@pytest.mark.parametrize("arg, message", [
-    ({"dtype": "float17"}, "dtype='float17': use auto, float32, bfloat16 or float16"),
-    ({"attn": "flash"}, "attn='flash': use sdpa or eager"),
-    ({"num_replicas": "0"}, "num_replicas=0: must be >= 1"),
-    ({"num_gpus": "-1"}, "num_gpus=-1.0: must be >= 0"),
-    ({"h_budget_bytes": "-5"}, "h_budget_bytes=-5: must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ({"dtype": "float17"}, "dtype='float17': use auto, float32, bfloat16 or float16"),
+        ({"attn": "flash"}, "attn='flash': use sdpa or eager"),
+        ({"num_replicas": "0"}, "num_replicas=0: must be >= 1"),
+        ({"num_gpus": "-1"}, "num_gpus=-1.0: must be >= 0"),
+        ({"h_budget_bytes": "-5"}, "h_budget_bytes=-5: must be >= 0"),
+    ],
+)
 def test_app_builder_refuses_arguments_a_replica_would_refuse(archive, arg, message):
     """A replica whose constructor fails is restarted forever while `serve run` waits: such values stop the builder's
     typed argument, which Serve validates before it calls the builder."""
@@ -364,8 +412,9 @@ def test_reindex_while_serving_answers_from_the_new_index(serve_app, archive):
     q = {"id": "x", "video_id": "live.mp4", "question": "What is shown?", "top_k": 2}
     before = ask(url, [q]).json()["answers"][0]
     assert before["n_chunks"] == 4  # 16 frames at 2 fps, 4 per chunk
-    new = Indexer(archive["model_obj"], SamplingConfig(fps=2, frames_per_chunk=2)).index(archive["live_video"],
-                                                                                          "live.mp4")
+    new = Indexer(archive["model_obj"], SamplingConfig(fps=2, frames_per_chunk=2)).index(
+        archive["live_video"], "live.mp4"
+    )
     KVStore(archive["live"], archive["model_obj"].fingerprint).write(new, overwrite=True)
     for top_k in (2, 8):  # every chunk of the new index: deltas the replica never held
         r = ask(url, [q | {"top_k": top_k}])
@@ -373,7 +422,8 @@ def test_reindex_while_serving_answers_from_the_new_index(serve_app, archive):
         after = r.json()["answers"][0]
         assert after["n_chunks"] == 8 and len(after["selected_chunks"]) == top_k
     expected = Answerer(archive["model_obj"], KVStore(archive["live"]), RetrievalConfig(top_k=8)).answer(
-        [Question("live.mp4", "What is shown?")])[0]
+        [Question("live.mp4", "What is shown?")]
+    )[0]
     assert after["answer"] == expected.text
     stats = httpx.get(url + "/v1/stats").json()["h_cache"]
     assert stats["reloads"] == 1
@@ -383,7 +433,7 @@ def test_h_memory_budget_evicts_and_reloads_with_right_answers(serve_app, archiv
     url = serve_app + "/tight"
     qs = [{"video_id": v, "question": f"What moves in {v}?"} for v in VIDEOS] * 2
     expected = engine_answers(archive, qs)
-    for q, e in zip(qs, expected):  # one at a time: every switch of video evicts
+    for q, e in zip(qs, expected, strict=True):  # one at a time: every switch of video evicts
         r = ask(url, [q])
         assert r.status_code == 200 and r.json()["answers"][0]["answer"] == e.text
     h = httpx.get(url + "/v1/stats").json()["h_cache"]
@@ -416,8 +466,15 @@ def test_store_unreachable_gives_503(tmp_path, archive, monkeypatch):
 
 
 def write_questions(path: Path, n: int) -> list[dict]:
-    rows = [{"id": f"q{i:03d}", "video_id": list(VIDEOS)[i % 4], "question": f"What is on screen at {i} s?",
-             "options": ["A. a cat", "B. a dog"] if i % 5 == 0 else None} for i in range(n)]
+    rows = [
+        {
+            "id": f"q{i:03d}",
+            "video_id": list(VIDEOS)[i % 4],
+            "question": f"What is on screen at {i} s?",
+            "options": ["A. a cat", "B. a dog"] if i % 5 == 0 else None,
+        }
+        for i in range(n)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
@@ -425,15 +482,31 @@ def write_questions(path: Path, n: int) -> list[dict]:
 def run_bulk(archive, questions: Path, out: Path, *extra) -> subprocess.Popen:
     from x2l.testing.ray_head import loopback_env
 
-    return subprocess.Popen([sys.executable, "jobs/answer_questions.py", "--store", archive["store"],
-                             "--questions", str(questions), "--out", str(out), *map(str, extra)],
-                            cwd=ROOT, env=loopback_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group: the driver and the Ray it started
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "jobs/answer_questions.py",
+            "--store",
+            archive["store"],
+            "--questions",
+            str(questions),
+            "--out",
+            str(out),
+            *map(str, extra),
+        ],
+        cwd=ROOT,
+        env=loopback_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )  # its own process group: the driver and the Ray it started
 
 
 def settled_parts(parts: Path, quiet_s: float = 5.0, limit_s: float = 60.0) -> set[str]:
     """Question ids in the parts once none has appeared for `quiet_s`: a Ray worker of the killed driver may finish
     the batch it holds before it notices its raylet is gone (observed in CI), and that part counts as answered."""
+
     def ids() -> set[str]:
         return {r["id"] for p in parts.glob("*.parquet") for r in pq.read_table(p).to_pylist()}
 
@@ -489,8 +562,9 @@ def test_bulk_job_through_the_serve_app(serve_app, archive, tmp_path):
     from x2l.store.backend import open_backend
     from x2l.store.runs import read_runs
 
-    assert any(s["kind"] == "answer" and s["run_id"] == summary["run_id"]
-               for s in read_runs(open_backend(archive["store"])))
+    assert any(
+        s["kind"] == "answer" and s["run_id"] == summary["run_id"] for s in read_runs(open_backend(archive["store"]))
+    )
     # a rerun has nothing left to do
     proc = run_bulk(archive, qfile, out, "--serve-address", serve_app)
     output, _ = proc.communicate(timeout=300)
@@ -514,17 +588,31 @@ def test_bulk_job_refuses_bad_questions_alone(archive, tmp_path):
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     out = open_backend(str(tmp_path / "out"))
-    todo = [{"id": "opts", "video_id": "cats.mp4", "question": "Which?", "options": ["o" * 100] * 3},
-            {"id": "blank", "video_id": "cats.mp4", "question": " \t", "options": None},
-            {"id": "fine", "video_id": "cats.mp4", "question": "What?", "options": ["a", "b"]}]
+    todo = [
+        {"id": "opts", "video_id": "cats.mp4", "question": "Which?", "options": ["o" * 100] * 3},
+        {"id": "blank", "video_id": "cats.mp4", "question": " \t", "options": None},
+        {"id": "fine", "video_id": "cats.mp4", "question": "What?", "options": ["a", "b"]},
+    ]
     assert [q["id"] for q in job.refuse_questions(todo, PromptLimits(max_chars=200), out)] == ["fine"]
     rows = read_parts(out)
     assert "306 characters, the limit is 200" in rows["opts"]["error"] and "empty" in rows["blank"]["error"]
 
-    actor = AnswerActor(AnswerJobConfig(StoreConfig(uri=archive["store"]), ModelConfig(archive["model"]),
-                                        str(tmp_path / "out2"), limits=PromptLimits(max_tokens=150)))
-    actor({"id": np.array(["long", "ok"]), "video_id": np.array(["cats.mp4", "cats.mp4"]),
-           "question": np.array(["视频" * 50, QUESTIONS[0]["question"]]), "options": np.array(["", ""])})
+    actor = AnswerActor(
+        AnswerJobConfig(
+            StoreConfig(uri=archive["store"]),
+            ModelConfig(archive["model"]),
+            str(tmp_path / "out2"),
+            limits=PromptLimits(max_tokens=150),
+        )
+    )
+    actor(
+        {
+            "id": np.array(["long", "ok"]),
+            "video_id": np.array(["cats.mp4", "cats.mp4"]),
+            "question": np.array(["视频" * 50, QUESTIONS[0]["question"]]),
+            "options": np.array(["", ""]),
+        }
+    )
     rows = read_parts(open_backend(str(tmp_path / "out2")))
     assert "tokens, the limit is 150" in rows["long"]["error"] and rows["ok"]["error"] is None
     assert rows["ok"]["answer"] == engine_answers(archive, QUESTIONS[:1])[0].text

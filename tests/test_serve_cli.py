@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -54,12 +53,18 @@ def test_options_are_serve_args_fields_with_its_defaults():
 
 def test_bad_model_store_or_port_is_one_line_before_ray_starts(indexed, tmp_path):
     cases = [
-        ([indexed["store"], "--model", str(tmp_path / "nomodel")],
-         f"x2l: error: model directory {tmp_path / 'nomodel'} does not exist"),
-        ([str(tmp_path / "nostore"), "--model", indexed["model"]],
-         f"x2l: error: store={tmp_path / 'nostore'}: store {tmp_path / 'nostore'} does not exist"),
-        ([indexed["store"], "--model", indexed["model"], "--max-batch-size", "0"],
-         "x2l: error: x2l.serve argument max_batch_size=0: must be >= 1"),
+        (
+            [indexed["store"], "--model", str(tmp_path / "nomodel")],
+            f"x2l: error: model directory {tmp_path / 'nomodel'} does not exist",
+        ),
+        (
+            [str(tmp_path / "nostore"), "--model", indexed["model"]],
+            f"x2l: error: store={tmp_path / 'nostore'}: store {tmp_path / 'nostore'} does not exist",
+        ),
+        (
+            [indexed["store"], "--model", indexed["model"], "--max-batch-size", "0"],
+            "x2l: error: x2l.serve argument max_batch_size=0: must be >= 1",
+        ),
     ]
     for args, line in cases:
         r = subprocess.run(x2l("serve", *args), capture_output=True, text=True, env=env(), cwd=tmp_path)
@@ -72,8 +77,13 @@ def test_bad_model_store_or_port_is_one_line_before_ray_starts(indexed, tmp_path
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        r = subprocess.run(x2l("serve", indexed["store"], "--model", indexed["model"], "--port", str(port)),
-                           capture_output=True, text=True, env=env(), cwd=tmp_path)
+        r = subprocess.run(
+            x2l("serve", indexed["store"], "--model", indexed["model"], "--port", str(port)),
+            capture_output=True,
+            text=True,
+            env=env(),
+            cwd=tmp_path,
+        )
     assert r.returncode == 1
     [line] = r.stderr.strip().splitlines()
     assert line.startswith(f"x2l: error: --host 127.0.0.1 --port {port}: cannot listen there")
@@ -114,9 +124,27 @@ def test_serve_starts_answers_and_stops_with_its_ray(indexed, tmp_path, sig, cod
     from x2l.testing.ray_head import free_port
 
     port = free_port()
-    proc = subprocess.Popen(x2l("serve", indexed["store"], "--model", indexed["model"], "--port", str(port),
-                                "--num-cpus", "0.2", "--max-batch-size", "4", "--torch-threads", "1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=tmp_path)
+    proc = subprocess.Popen(
+        x2l(
+            "serve",
+            indexed["store"],
+            "--model",
+            indexed["model"],
+            "--port",
+            str(port),
+            "--num-cpus",
+            "0.2",
+            "--max-batch-size",
+            "4",
+            "--torch-threads",
+            "1",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(),
+        cwd=tmp_path,
+    )
     try:
         url = proc.stdout.readline().strip()  # printed once GET /readyz answered 200
         assert url == f"http://127.0.0.1:{port}", proc.stderr.read() if proc.poll() is not None else url
@@ -125,8 +153,9 @@ def test_serve_starts_answers_and_stops_with_its_ray(indexed, tmp_path, sig, cod
         r = httpx.post(url + "/v1/answer", json={"questions": [question]}, timeout=120)
         assert r.status_code == 200
         [got] = r.json()["answers"]
-        answerer = Answerer(indexed["model_obj"], KVStore(indexed["store"]),
-                            RetrievalConfig(top_k=3, max_new_tokens=32))
+        answerer = Answerer(
+            indexed["model_obj"], KVStore(indexed["store"]), RetrievalConfig(top_k=3, max_new_tokens=32)
+        )
         [want] = answerer.answer([Question("cats.mp4", question["question"])])
         assert got["answer"] == want.text and got["selected_chunks"] == want.selected_chunks
         ray_procs = _descendants(proc.pid)

@@ -31,9 +31,21 @@ FP = "model-fp-test"
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
-def synthetic(video_id: str = "syn", dtype: torch.dtype = torch.float32, n_chunks: int = 4, layers: int = 2,
-              heads: int = 2, dim: int = 64, n_tokens: int = 640, h: int = 40, d: int = 300, sink: int = 12,
-              seed: int = 0, fp: str = FP, compression: dict | None = None) -> VideoKV:
+def synthetic(
+    video_id: str = "syn",
+    dtype: torch.dtype = torch.float32,
+    n_chunks: int = 4,
+    layers: int = 2,
+    heads: int = 2,
+    dim: int = 64,
+    n_tokens: int = 640,
+    h: int = 40,
+    d: int = 300,
+    sink: int = 12,
+    seed: int = 0,
+    fp: str = FP,
+    compression: dict | None = None,
+) -> VideoKV:
     """A VideoKV of realistic shape (default: 2 layers x 2 heads x 300 delta entries x 64 dims)."""
     g = torch.Generator().manual_seed(seed)
 
@@ -45,10 +57,15 @@ def synthetic(video_id: str = "syn", dtype: torch.dtype = torch.float32, n_chunk
         return LevelKV(index, rnd(layers, heads, k, dim), rnd(layers, heads, k, dim))
 
     chunks = [ChunkKV(i, 4.0 * i, 4.0 * i + 4, n_tokens, level(h), level(d), d) for i in range(n_chunks)]
-    meta = {"model_fingerprint": fp, "model_family": "qwen2-vl", "sampling": {"fps": 1.0},
-            "compression": compression or {"l_keep": 0.5, "h_keep": 0.0625}}
-    return VideoKV(video_id, rnd(layers, heads, sink, dim), rnd(layers, heads, sink, dim), chunks,
-                   sink + n_chunks * n_tokens, meta)
+    meta = {
+        "model_fingerprint": fp,
+        "model_family": "qwen2-vl",
+        "sampling": {"fps": 1.0},
+        "compression": compression or {"l_keep": 0.5, "h_keep": 0.0625},
+    }
+    return VideoKV(
+        video_id, rnd(layers, heads, sink, dim), rnd(layers, heads, sink, dim), chunks, sink + n_chunks * n_tokens, meta
+    )
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -73,7 +90,7 @@ def assert_round_trip(store: KVStore, video: VideoKV) -> None:
     assert_same(got.sink_keys, video.sink_keys)
     assert_same(got.sink_values, video.sink_values)
     assert got.n_chunks == video.n_chunks
-    for g, c in zip(got.chunks, video.chunks):
+    for g, c in zip(got.chunks, video.chunks, strict=True):
         assert (g.chunk, g.start_s, g.end_s, g.n_tokens) == (c.chunk, c.start_s, c.end_s, c.n_tokens)
         assert g.delta is None and g.delta_entries == c.delta.n_entries
         assert_level(g.h, c.h)
@@ -326,8 +343,7 @@ def test_fetches_run_concurrently_up_to_the_cap(store_uri, monkeypatch):
 
 
 def test_unknown_ids_and_chunks(store):
-    for op in (lambda: store.load_h("nope/1"), lambda: store.fetch_deltas("nope/1", [0]),
-               lambda: store.info("nope/1")):
+    for op in (lambda: store.load_h("nope/1"), lambda: store.fetch_deltas("nope/1", [0]), lambda: store.info("nope/1")):
         with pytest.raises(NotFoundError, match="'nope/1'"):
             op()
     assert store.committed("nope/1") is None and store.list_videos() == []
@@ -377,8 +393,13 @@ def test_flipped_byte_in_a_delta_blob_is_detected(store_uri):
         s.write(video)
         col = column_chunk(s, "flip", 1 + 2, "keys")  # chunk 2's delta keys
         key = kv_of(s, "flip")
-        rewrite(s, key, lambda b: b[: (o := col.data_page_offset + col.total_compressed_size // 2)]
-                + bytes([b[o] ^ 0x10]) + b[o + 1:])
+        rewrite(
+            s,
+            key,
+            lambda b: (
+                b[: (o := col.data_page_offset + col.total_compressed_size // 2)] + bytes([b[o] ^ 0x10]) + b[o + 1 :]
+            ),
+        )
     with KVStore(store_uri) as store:
         s = DeltaCache(store, 1 << 30)
         assert_level(s.load_h("flip").chunks[2].h, video.chunks[2].h)  # row group 0 is intact
@@ -393,8 +414,13 @@ def test_flipped_byte_in_an_h_blob_is_detected(store_uri):
     with KVStore(store_uri) as s:
         s.write(video)
         col = column_chunk(s, "fliph", 0, "values")
-        rewrite(s, kv_of(s, "fliph"), lambda b: b[: (o := col.data_page_offset + col.total_compressed_size
-                                                                  - 100)] + bytes([b[o] ^ 1]) + b[o + 1:])
+        rewrite(
+            s,
+            kv_of(s, "fliph"),
+            lambda b: (
+                b[: (o := col.data_page_offset + col.total_compressed_size - 100)] + bytes([b[o] ^ 1]) + b[o + 1 :]
+            ),
+        )
     with KVStore(store_uri) as s, pytest.raises(CorruptionError, match="video 'fliph'.*H row group"):
         s.load_h("fliph")
 
@@ -444,8 +470,13 @@ def _closed_port() -> int:
 def test_unreachable_store_is_a_store_error(monkeypatch):
     for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(var, raising=False)
-    cfg = StoreConfig(uri="s3://x2l/p", endpoint_url=f"http://127.0.0.1:{_closed_port()}", access_key="k",
-                      secret_key="s", region="us-east-1")
+    cfg = StoreConfig(
+        uri="s3://x2l/p",
+        endpoint_url=f"http://127.0.0.1:{_closed_port()}",
+        access_key="k",
+        secret_key="s",
+        region="us-east-1",
+    )
     with pytest.raises(StoreError, match="unreachable") as e:
         KVStore(cfg, fs_options={"config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}}})
     assert not isinstance(e.value, (NotFoundError, CorruptionError))
@@ -519,21 +550,24 @@ def test_store_opened_for_a_model_refuses_other_videos(store_uri):
 # --- answers -------------------------------------------------------------------------------------------------------
 def test_answers_through_the_store_equal_answers_from_memory(store, tiny_model, indexed):
     store.write(indexed)
-    questions = [Question("vid", "What color is the ball?"),
-                 Question("vid", "Which object appears first?", ["a cup", "a dog", "a tree"], max_new_tokens=4)]
+    questions = [
+        Question("vid", "What color is the ball?"),
+        Question("vid", "Which object appears first?", ["a cup", "a dog", "a tree"], max_new_tokens=4),
+    ]
     retrieval = RetrievalConfig(top_k=2, max_new_tokens=6)
     expected = Answerer(tiny_model, InMemorySource([indexed]), retrieval).answer(questions)
     before = store.backend.stats.snapshot()
     cached = DeltaCache(store, 256 << 20)  # the store is a KVSource, and so is a cache over it
     got = Answerer(tiny_model, cached, retrieval).answer(questions)
     cost = store.backend.stats.snapshot() - before
-    for e, g in zip(expected, got):
+    for e, g in zip(expected, got, strict=True):
         assert g.selected_chunks == e.selected_chunks and len(g.selected_chunks) == 2
         assert g.token_ids == e.token_ids and g.text == e.text
         torch.testing.assert_close(g.first_logits, e.first_logits, atol=0, rtol=0)
         assert g.kv_bytes_used == e.kv_bytes_used and g.kv_bytes_full == e.kv_bytes_full
-        assert g.cache_hits == 0 and g.store_bytes_read >= indexed.entry_bytes(sum(
-            indexed.chunks[c].delta_entries for c in g.selected_chunks))
+        assert g.cache_hits == 0 and g.store_bytes_read >= indexed.entry_bytes(
+            sum(indexed.chunks[c].delta_entries for c in g.selected_chunks)
+        )
     fetched = {c for g in got for c in g.selected_chunks}
     assert cost.bytes_read > sum(indexed.chunks[c].delta.nbytes for c in fetched)  # + meta.json and the H group
     again = Answerer(tiny_model, cached, retrieval).answer(questions[:1])[0]
@@ -542,8 +576,17 @@ def test_answers_through_the_store_equal_answers_from_memory(store, tiny_model, 
 
 def test_no_pickle_in_the_store():
     root = Path(kvstore_mod.__file__).parent
-    for name in ("keys.py", "schema.py", "writer.py", "reader.py", "kvstore.py", "__init__.py", "../kv.py",
-                 "../lru.py", "../caching.py"):
+    for name in (
+        "keys.py",
+        "schema.py",
+        "writer.py",
+        "reader.py",
+        "kvstore.py",
+        "__init__.py",
+        "../kv.py",
+        "../lru.py",
+        "../caching.py",
+    ):
         assert "pickle" not in (root / name).read_text(), name
 
 
@@ -551,13 +594,17 @@ def test_the_store_imports_nothing_of_the_answering_side():
     """Issue 14: the store reads and writes the types of x2l/kv.py; engine, caches, retrieval and serving sit above."""
     import ast
 
-    above = ("x2l.engine", "x2l.caching", "x2l.retrieval", "x2l.serve", "x2l.distributed", "x2l.models",
-             "x2l.scorers")
+    above = ("x2l.engine", "x2l.caching", "x2l.retrieval", "x2l.serve", "x2l.distributed", "x2l.models", "x2l.scorers")
     root = Path(kvstore_mod.__file__).parent
     found = []
     for path in sorted(root.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             found += [(path.name, n) for n in names if n.startswith(above)]
     assert len(list(root.glob("*.py"))) >= 8 and found == []

@@ -11,10 +11,10 @@ import time
 
 import pytest
 import torch
-
 from test_store import FP, assert_round_trip, kv_of, rewrite, synthetic
-from x2l.kv import VideoKV
+
 from x2l.errors import CorruptionError, IncompatibleError, NotFoundError
+from x2l.kv import VideoKV
 from x2l.store import KVStore, video_key
 from x2l.store.keys import kv_path, meta_path, video_dir
 from x2l.store.maintenance import gc, verify
@@ -41,8 +41,12 @@ def equals(got: VideoKV, video: VideoKV) -> bool:
         return False
     if not (same_bits(got.sink_keys, video.sink_keys) and same_bits(got.sink_values, video.sink_values)):
         return False
-    return all(same_bits(g.h.keys, c.h.keys) and same_bits(g.delta.values, c.delta.values)
-               and torch.equal(g.delta.index, c.delta.index) for g, c in zip(got.chunks, video.chunks))
+    return all(
+        same_bits(g.h.keys, c.h.keys)
+        and same_bits(g.delta.values, c.delta.values)
+        and torch.equal(g.delta.index, c.delta.index)
+        for g, c in zip(got.chunks, video.chunks, strict=True)
+    )
 
 
 # --- racing writers ---------------------------------------------------------------------------------------------------
@@ -128,8 +132,7 @@ def test_a_writer_whose_file_is_collected_before_its_commit_says_so(tmp_path):
             real(key, data)
 
         s.backend.write_bytes = gc_first
-        with pytest.raises(CorruptionError, match="video 'late'.*missing: it was removed while this write "
-                                                  "committed"):
+        with pytest.raises(CorruptionError, match="video 'late'.*missing: it was removed while this write committed"):
             s.write(video)
         s.backend.write_bytes = real
         assert s.healthy("late") is None
@@ -177,7 +180,8 @@ def test_a_damaged_video_is_an_error_of_that_video(store_uri):
             assert_round_trip(s, synthetic(vid, n_chunks=2, d=8, h=4, n_tokens=32, seed=i))
         report = verify(s)
         assert {v["video_key"]: v["status"] for v in report.videos} == {
-            video_key(v): "damaged" if v in "tm" else "ok" for v in "abcdeftm"}
+            video_key(v): "damaged" if v in "tm" else "ok" for v in "abcdeftm"
+        }
         assert report.unreferenced == []  # a damaged commit keeps its KV file (gc does not touch it)
         assert gc(s, grace_s=0).removed == []
 
@@ -204,7 +208,7 @@ def test_verify_finds_a_flipped_delta_byte(store_uri):
         s.write(synthetic("flip", n_chunks=3, seed=2))
         col = column_chunk(s, "flip", 1 + 2, "values")
         o = col.data_page_offset + col.total_compressed_size // 2
-        rewrite(s, kv_of(s, "flip"), lambda d: d[:o] + bytes([d[o] ^ 4]) + d[o + 1:])
+        rewrite(s, kv_of(s, "flip"), lambda d: d[:o] + bytes([d[o] ^ 4]) + d[o + 1 :])
         assert [v["video_id"] for v in s.list_videos()] == ["flip", "ok"]  # the cheap checks pass
         report = verify(s)
         assert [(v["video_id"], v["status"]) for v in report.videos] == [("flip", "damaged"), ("ok", "ok")]
@@ -222,8 +226,10 @@ def test_rm_uncommits_then_deletes(store_uri):
         s.load_h("gone")
         removed = []
         real = s.backend.remove_prefix
-        s.backend.remove_prefix = lambda p: (removed.append((p, s.backend.exists(meta_path(video_key("gone"))))),
-                                             real(p))
+        s.backend.remove_prefix = lambda p: (
+            removed.append((p, s.backend.exists(meta_path(video_key("gone"))))),
+            real(p),
+        )
         assert s.remove("gone")["video_id"] == "gone"
         assert removed == [(video_dir(video_key("gone")), False)]  # the commit was gone before any file went
         assert [v["video_id"] for v in s.list_videos()] == ["keep"] and s.committed("gone") is None
@@ -254,8 +260,13 @@ def test_gc_keeps_live_and_recent_files(tmp_path):
     assert all(f.exists() for f in [*stale, orphan]) and len(dry.removed) == 4
     report = gc(store)  # default grace period: the fresh file stays
     assert sorted(report.removed) == sorted(
-        [f"{video_dir(video_key('v'))}/kv-0000.parquet", f"{video_dir(video_key('v'))}/.kv-1111.parquet.tmp-abc",
-         ".store.json.tmp-x", f"{video_dir('never-committed-0123')}/kv-2222.parquet"])
+        [
+            f"{video_dir(video_key('v'))}/kv-0000.parquet",
+            f"{video_dir(video_key('v'))}/.kv-1111.parquet.tmp-abc",
+            ".store.json.tmp-x",
+            f"{video_dir('never-committed-0123')}/kv-2222.parquet",
+        ]
+    )
     assert report.removed_bytes == 40 and report.kept_recent == [f"{video_dir(video_key('v'))}/kv-3333.parquet"]
     assert fresh.exists() and not orphan.parent.exists() and (folder / live["kv_file"]).exists()
     assert_round_trip(store, synthetic("v", n_chunks=1, d=4))
@@ -284,8 +295,9 @@ def test_store_without_store_json_and_two_models_is_refused(store_uri):
         s.write(synthetic("a", n_chunks=1, d=4))
     with KVStore(store_uri + "-2") as other:
         meta = other.write(synthetic("b", n_chunks=1, d=4, fp="other-model"))
-        files = {k: other.backend.read_bytes(f"{video_dir(meta['video_key'])}/{k}") for k in ("meta.json",
-                                                                                            meta["kv_file"])}
+        files = {
+            k: other.backend.read_bytes(f"{video_dir(meta['video_key'])}/{k}") for k in ("meta.json", meta["kv_file"])
+        }
     with KVStore(store_uri) as s:
         for name, data in files.items():
             s.backend.write_bytes(f"{video_dir(meta['video_key'])}/{name}", data)
@@ -299,7 +311,9 @@ def test_store_without_store_json_and_two_models_is_refused(store_uri):
         s.require_exists()
         assert "several models" in s.mixed
         assert sorted((v["video_id"], v["model_fingerprint"]) for v in s.list_videos()) == [
-            ("a", FP), ("b", "other-model")]
+            ("a", FP),
+            ("b", "other-model"),
+        ]
         s.remove("b")
     with KVStore(store_uri, FP) as s:
         assert s.mixed is None and [v["video_id"] for v in s.list_videos()] == ["a"]
@@ -312,8 +326,12 @@ def test_store_commands(tmp_path):
     from pathlib import Path
 
     def x2l(*args):
-        return subprocess.run([str(Path(sys.executable).parent / "x2l"), "store", *map(str, args)],
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [str(Path(sys.executable).parent / "x2l"), "store", *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     uri = str(tmp_path / "store")
     with KVStore(uri) as s:
@@ -345,8 +363,9 @@ def test_store_commands(tmp_path):
     # no store.json and a video of another model: ls lists each video's model and says why in one line; rm repairs
     with KVStore(uri + "-2") as other:
         meta = other.write(synthetic("alien", n_chunks=1, d=8, h=4, n_tokens=32, fp="other-model"))
-        files = {k: other.backend.read_bytes(f"{video_dir(meta['video_key'])}/{k}") for k in ("meta.json",
-                                                                                            meta["kv_file"])}
+        files = {
+            k: other.backend.read_bytes(f"{video_dir(meta['video_key'])}/{k}") for k in ("meta.json", meta["kv_file"])
+        }
     with KVStore(uri) as s:
         for name, data in files.items():
             s.backend.write_bytes(f"{video_dir(meta['video_key'])}/{name}", data)

@@ -78,7 +78,7 @@ def test_tokenizer_vocab_and_special_tokens(tokenizer):
     ids = [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
     # The special tokens are the last ids, in Qwen2-VL order, as in the real tokenizer.
     assert ids == list(range(len(tokenizer) - len(SPECIAL_TOKENS), len(tokenizer)))
-    for token, token_id in zip(SPECIAL_TOKENS, ids):
+    for token, token_id in zip(SPECIAL_TOKENS, ids, strict=True):
         assert tokenizer.encode(token) == [token_id]  # one id each, never split
         assert token in tokenizer.all_special_tokens
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
@@ -123,14 +123,21 @@ def test_config_shape(tokenizer, family, size):
     for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
         assert getattr(config, key) == ids[key]
     assert (text.bos_token_id, text.eos_token_id, text.pad_token_id) == (
-        tokenizer.convert_tokens_to_ids("<|endoftext|>"), tokenizer.eos_token_id, tokenizer.pad_token_id)
+        tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+    )
     head_dim = text.hidden_size // text.num_attention_heads
     assert text.num_key_value_heads < text.num_attention_heads  # grouped-query attention
     rope = text.rope_parameters
     assert rope["rope_type"] == "default" and rope["rope_theta"] == 1e6
     assert sum(rope["mrope_section"]) * 2 == head_dim
     assert (vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size, vision.in_channels) == (
-        14, 2, 2, 3)
+        14,
+        2,
+        2,
+        3,
+    )
     if family == "qwen2-vl":
         assert vision.hidden_size == text.hidden_size  # the merger projects into the language model
     else:
@@ -141,8 +148,14 @@ def test_config_shape(tokenizer, family, size):
     if size == "tiny":
         assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, head_dim) == (64, 3, 4, 16)
     if size == "medium":
-        assert (text.hidden_size, text.num_attention_heads, text.num_key_value_heads, head_dim,
-                text.intermediate_size, text.num_hidden_layers) == (1536, 12, 2, 128, 8960, 4)
+        assert (
+            text.hidden_size,
+            text.num_attention_heads,
+            text.num_key_value_heads,
+            head_dim,
+            text.intermediate_size,
+            text.num_hidden_layers,
+        ) == (1536, 12, 2, 128, 8960, 4)
 
 
 def test_unknown_family_or_size_is_a_config_error(tokenizer, tmp_path):
@@ -181,8 +194,13 @@ def _video_inputs(config, grid=(2, 4, 4), seed=0):
     tok_prompt_a, tok_prompt_b = [10, 20, 30], [40, 50]
     t, h, w = grid
     n_pads = t * h * w // config.vision_config.spatial_merge_size**2
-    ids = tok_prompt_a + [config.vision_start_token_id] + [config.video_token_id] * n_pads + [
-        config.vision_end_token_id] + tok_prompt_b
+    ids = (
+        tok_prompt_a
+        + [config.vision_start_token_id]
+        + [config.video_token_id] * n_pads
+        + [config.vision_end_token_id]
+        + tok_prompt_b
+    )
     input_ids = torch.tensor([ids])
     g = torch.Generator().manual_seed(seed)
     return {
@@ -198,8 +216,15 @@ def _video_inputs(config, grid=(2, 4, 4), seed=0):
 def test_tiny_checkpoint_loads_and_runs_a_video(tmp_path, offline, family):
     out = write_tiny_checkpoint(tmp_path / family, family, "tiny", seed=0)
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "preprocessor_config.json", "video_preprocessor_config.json", "x2l_tiny.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+        "video_preprocessor_config.json",
+        "x2l_tiny.json",
+    } <= names
     marker = json.loads((out / "x2l_tiny.json").read_text())
     assert marker["family"] == family and marker["size"] == "tiny" and marker["seed"] == 0
     assert marker["x2l_version"] == __version__ and marker["random_weights"] is True
@@ -259,7 +284,10 @@ def test_weights_do_not_depend_on_the_process(tmp_path):
     before = torch.random.get_rng_state()
     write_tiny_checkpoint(tmp_path / "again", "qwen2-vl", "tiny", seed=3)
     assert torch.equal(torch.random.get_rng_state(), before)
-    code = "import sys; from x2l.testing.tiny_models import write_tiny_checkpoint; write_tiny_checkpoint(sys.argv[1], seed=3)"
+    code = (
+        "import sys; from x2l.testing.tiny_models import write_tiny_checkpoint; "
+        "write_tiny_checkpoint(sys.argv[1], seed=3)"
+    )
     env = dict(os.environ, PYTHONHASHSEED="12345", HF_HUB_OFFLINE="1")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "there")], check=True, env=env, capture_output=True)
     there = Path(tmp_path / "there")

@@ -167,7 +167,7 @@ def test_resize_frames_matches_reference(size):
 
 def test_resize_frames_is_close_to_float_bicubic_on_smooth_content():
     """Sanity against the float formulation: on a smooth gradient the two agree within one level."""
-    yy, xx = np.mgrid[0:SIZE[0], 0:SIZE[1]]
+    yy, xx = np.mgrid[0 : SIZE[0], 0 : SIZE[1]]
     frame = np.stack([xx * 3, yy * 3, (xx + yy) * 2], axis=-1).clip(0, 255).astype(np.uint8)
     out = resize_frames(frame[None], (28, 56))[0].astype(int)
     x = torch.from_numpy(frame).permute(2, 0, 1)[None].float()

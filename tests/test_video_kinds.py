@@ -113,11 +113,14 @@ def test_narrow_16x16_clip_is_upscaled_by_the_model_rule(files):
     assert indices(clip) == list(range(0, 40, 5))
 
 
-@pytest.mark.parametrize("kind, n_real, expected, duration", [
-    ("five_s", 5, [0, 1, 2, 3, 4], 5.0),
-    ("one_frame", 1, [0], 0.04),
-    ("still", 1, [7], 0.04),
-])
+@pytest.mark.parametrize(
+    "kind, n_real, expected, duration",
+    [
+        ("five_s", 5, [0, 1, 2, 3, 4], 5.0),
+        ("one_frame", 1, [0], 0.04),
+        ("still", 1, [7], 0.04),
+    ],
+)
 def test_short_clips_are_one_padded_chunk(files, kind, n_real, expected, duration):
     clip = load_video(files[kind], SamplingConfig(fps=1.0, frames_per_chunk=8))
     assert clip.n_real_frames == n_real and clip.n_chunks == 1 and len(clip.frames) == 8
@@ -200,8 +203,9 @@ def test_peak_memory_is_a_few_native_frames(tmp_path, codec):
     a clip this size: its read-ahead alone grows by the whole clip (dmlc/decord#157)."""
     path = write_video(tmp_path / "hd.mp4", 64, 30, size=(720, 1280), codec=codec, gop=16)
     warm = write_video(tmp_path / "warm.mp4", 4, 30, size=(720, 1280), codec=codec)
-    r = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(path), str(warm)], capture_output=True, text=True,
-                       check=True)
+    r = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, str(path), str(warm)], capture_output=True, text=True, check=True
+    )
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["n"] == 64 and out["decoder"] == "pyav"
     assert out["grew_kb"] < 64 * 1024, out
@@ -248,8 +252,9 @@ def test_seek_that_lands_on_an_earlier_key_frame_decodes_forward(tmp_path, monke
 
     rng = random.Random(0)
     pts_ms = np.cumsum([0] + [rng.choice([20, 33, 50, 200]) for _ in range(89)]).tolist()
-    path = write_video(tmp_path / "phone.mp4", 90, 30, size=SIZE, bframes=3, gop=30, pts=pts_ms,
-                       time_base=Fraction(1, 1000))
+    path = write_video(
+        tmp_path / "phone.mp4", 90, 30, size=SIZE, bframes=3, gop=30, pts=pts_ms, time_base=Fraction(1, 1000)
+    )
     key_s = 2.585
     assert key_s * 1000 in pts_ms and pts_ms.index(key_s * 1000) == 30  # frame 30 is the second key frame
     decoded = 0

@@ -95,22 +95,38 @@ def needle_config(spec: ModelSpec, tokenizer):
         "eos_token_id": ids["eos_token_id"],
         "pad_token_id": ids["pad_token_id"],
     }
-    vision_config = dict(depth=spec.vision_depth, embed_dim=spec.vision_dim, num_heads=spec.vision_heads,
-                         mlp_ratio=spec.vision_mlp_ratio, hidden_size=spec.hidden, patch_size=14,
-                         temporal_patch_size=2, spatial_merge_size=2, in_channels=3)
-    return Qwen2VLConfig(text_config=text_config, vision_config=vision_config,
-                         **{k: ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
-                                                "vision_end_token_id")})
+    vision_config = dict(
+        depth=spec.vision_depth,
+        embed_dim=spec.vision_dim,
+        num_heads=spec.vision_heads,
+        mlp_ratio=spec.vision_mlp_ratio,
+        hidden_size=spec.hidden,
+        patch_size=14,
+        temporal_patch_size=2,
+        spatial_merge_size=2,
+        in_channels=3,
+    )
+    return Qwen2VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        **{k: ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")},
+    )
 
 
 def write_checkpoint(model, tokenizer, spec: ModelSpec, out: Path, extra: dict | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    pre = dict(preprocessor_config(FAMILY, "tiny"), min_pixels=spec.pixels, max_pixels=spec.pixels,
-               size={"shortest_edge": spec.pixels, "longest_edge": spec.pixels})
-    for name, kind in (("preprocessor_config.json", {"image_processor_type": "Qwen2VLImageProcessor"}),
-                       ("video_preprocessor_config.json", {"video_processor_type": "Qwen2VLVideoProcessor"})):
+    pre = dict(
+        preprocessor_config(FAMILY, "tiny"),
+        min_pixels=spec.pixels,
+        max_pixels=spec.pixels,
+        size={"shortest_edge": spec.pixels, "longest_edge": spec.pixels},
+    )
+    for name, kind in (
+        ("preprocessor_config.json", {"image_processor_type": "Qwen2VLImageProcessor"}),
+        ("video_preprocessor_config.json", {"video_processor_type": "Qwen2VLVideoProcessor"}),
+    ):
         (out / name).write_text(json.dumps(dict(pre, **kind), indent=2, sort_keys=True) + "\n")
     if extra is not None:
         (out / "x2l_needle.json").write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
@@ -163,7 +179,7 @@ def check_vision(adapter, frames: np.ndarray) -> float:
     return float((seg.embeds[1:-1] - mine).abs().max())
 
 
-# --- data --------------------------------------------------------------------------------------------------------------
+# --- data -------------------------------------------------------------------------------------------------------------
 KIND_INDEX = {k: i for i, k in enumerate(nd.KINDS)}
 
 
@@ -183,7 +199,7 @@ class ChunkPool:
         per_slot = 4  # merged tokens per temporal slot at 56x56, raster order: TL, TR, BL, BR (= nd.CELLS)
         kind = np.zeros((len(self.kind), nd.SLOTS * per_slot), np.int64)
         color, cell = np.zeros_like(kind), np.zeros_like(kind)
-        for i, (k, s) in enumerate(zip(self.kind, self.slot)):
+        for i, (k, s) in enumerate(zip(self.kind, self.slot, strict=True)):
             if k < 0:
                 continue
             span = slice(s * per_slot, (s + 1) * per_slot)
@@ -216,8 +232,9 @@ def build_pool(n_videos: int, n_chunks: int, seed: int, target_size, workdir: Pa
     for i in range(n_videos):
         video = pool_video(i, seed, n_chunks)
         path = video.write(workdir / f"pool-{i}.mp4")
-        clip = load_video(path, SamplingConfig(fps=nd.FPS, frames_per_chunk=nd.FRAMES_PER_CHUNK), target_size,
-                          num_threads=1)
+        clip = load_video(
+            path, SamplingConfig(fps=nd.FPS, frames_per_chunk=nd.FRAMES_PER_CHUNK), target_size, num_threads=1
+        )
         path.unlink()
         by_chunk = {n.chunk: n for n in video.needles}
         for c in range(clip.n_chunks):
@@ -249,18 +266,24 @@ def _place(pool: ChunkPool, kinds: list[str], n_chunks: int, rng: np.random.Gene
     while True:
         where = rng.choice(n_chunks, size=len(kinds), replace=False)
         picks = [int(rng.choice(pool.of_kind(k))) for k in kinds]
-        needles = [nd.Needle(k, int(c), int(pool.slot[p]), pool.colors[p], pool.offset[p])
-                   for k, c, p in zip(kinds, where, picks)]
+        needles = [
+            nd.Needle(k, int(c), int(pool.slot[p]), pool.colors[p], pool.offset[p])
+            for k, c, p in zip(kinds, where, picks, strict=True)
+        ]
         if family is None or nd.valid(family, needles):
             break
     chunks = [int(c) for c in rng.choice(pool.haystack, size=n_chunks)]
-    for c, p in zip(where, picks):
+    for c, p in zip(where, picks, strict=True):
         chunks[int(c)] = p
     return chunks, needles
 
 
-TARGET_KINDS = {"retrieval": ("disc",), "ordering": ("disc", "triangle"), "counting": ("triangle",),
-                "detail": ("grid",)}
+TARGET_KINDS = {
+    "retrieval": ("disc",),
+    "ordering": ("disc", "triangle"),
+    "counting": ("triangle",),
+    "detail": ("grid",),
+}
 
 
 def _ask(adapter, family: str, needles: list[nd.Needle], rng, cell: int | None = None):
@@ -269,8 +292,15 @@ def _ask(adapter, family: str, needles: list[nd.Needle], rng, cell: int | None =
     return family, adapter.question_ids(question, list(options)), answer, targets
 
 
-def compose(pool: ChunkPool, family: str, n_chunks: int, rng: np.random.Generator, adapter,
-            kinds: list[str] | None = None, all_cells: bool = False) -> VideoExample:
+def compose(
+    pool: ChunkPool,
+    family: str,
+    n_chunks: int,
+    rng: np.random.Generator,
+    adapter,
+    kinds: list[str] | None = None,
+    all_cells: bool = False,
+) -> VideoExample:
     """A video of `family` drawn from the pool the way make_item draws a test video, with its question (a detail
     video with `all_cells` gets one question per grid cell)."""
     kinds = kinds if kinds is not None else nd.family_kinds(family, rng)
@@ -355,8 +385,13 @@ class Layout:
             cols += [last_q, last_q + 1]
             targets += [t[-2], t[-1]]
         positions = torch.arange(start, start + width).view(1, 1, -1).expand(3, len(tails), -1)
-        return dict(ids=ids, positions=positions, rows=torch.tensor(rows), cols=torch.tensor(cols),
-                    targets=torch.tensor(targets))
+        return dict(
+            ids=ids,
+            positions=positions,
+            rows=torch.tensor(rows),
+            cols=torch.tensor(cols),
+            targets=torch.tensor(targets),
+        )
 
 
 def pixels_for(adapter, pool: ChunkPool, chunks: list[int]) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -418,14 +453,26 @@ def _run_tails(lm, embed, layout, questions, start, cache_layers, lengths=None):
         for m, n in enumerate(lengths):
             mask[m, :n] = 1
         mask[:, s:] = 1
-    out = lm(inputs_embeds=embed(t["ids"]), position_ids=t["positions"], attention_mask=mask,
-             cache=DynamicCache(ddp_cache_data=cache_layers), use_cache=True)
+    out = lm(
+        inputs_embeds=embed(t["ids"]),
+        position_ids=t["positions"],
+        attention_mask=mask,
+        cache=DynamicCache(ddp_cache_data=cache_layers),
+        use_cache=True,
+    )
     return out.last_hidden_state[t["rows"], t["cols"]], t["targets"]
 
 
-def forward_loss(adapter, layout: Layout, pool: ChunkPool, videos: list[VideoExample], aux: AuxHeads | None = None,
-                 aux_weight: float = 0.0, plans: list[CompressionPlan] | None = None,
-                 compression: CompressionConfig = CompressionConfig()):
+def forward_loss(
+    adapter,
+    layout: Layout,
+    pool: ChunkPool,
+    videos: list[VideoExample],
+    aux: AuxHeads | None = None,
+    aux_weight: float = 0.0,
+    plans: list[CompressionPlan] | None = None,
+    compression: CompressionConfig = CompressionConfig(),
+):
     """Teacher-forced loss over each question's answer letter and <|im_end|> (+ aux_weight x the perception loss).
 
     The videos (same number of chunks) are pre-filled once, as in a one-shot pre-fill of the whole prompt; every
@@ -463,8 +510,14 @@ def forward_loss(adapter, layout: Layout, pool: ChunkPool, videos: list[VideoExa
     full = [m for m, p in enumerate(plans) if p.selected is None]
     if full:
         owner = torch.tensor([questions[m][0] for m in full])
-        h, t = _run_tails(lm, embed, layout, [questions[m][1][1:3] for m in full], start,
-                          [(keys[l][owner], values[l][owner]) for l in range(len(keys))])
+        h, t = _run_tails(
+            lm,
+            embed,
+            layout,
+            [questions[m][1][1:3] for m in full],
+            start,
+            [(keys[l][owner], values[l][owner]) for l in range(len(keys))],
+        )
         hidden.append(h)
         targets.append(t)
         order += full
@@ -474,8 +527,9 @@ def forward_loss(adapter, layout: Layout, pool: ChunkPool, videos: list[VideoExa
         levels = {}  # (video, chunk) -> (H, L)
         for i in sorted({questions[m][0] for m in comp}):
             for c, (s, e) in enumerate(spans):
-                hl, dl = split_levels(keys[:, i, :, s:e], values[:, i, :, s:e], scores[:, i, c],
-                                      compression.l_keep, compression.h_keep)
+                hl, dl = split_levels(
+                    keys[:, i, :, s:e], values[:, i, :, s:e], scores[:, i, c], compression.l_keep, compression.h_keep
+                )
                 levels[i, c] = (hl, None, dl)
         caches = []
         for m in comp:
@@ -497,8 +551,15 @@ def forward_loss(adapter, layout: Layout, pool: ChunkPool, videos: list[VideoExa
         width = max(lengths)
         pk = torch.stack([F.pad(k, (0, 0, 0, width - k.shape[2])) for k, _ in caches], dim=1)  # [layers, M, Hkv, S, D]
         pv = torch.stack([F.pad(v, (0, 0, 0, width - v.shape[2])) for _, v in caches], dim=1)
-        h, t = _run_tails(lm, embed, layout, [questions[m][1][1:3] for m in comp], start,
-                          [(pk[l], pv[l]) for l in range(len(pk))], lengths)
+        h, t = _run_tails(
+            lm,
+            embed,
+            layout,
+            [questions[m][1][1:3] for m in comp],
+            start,
+            [(pk[l], pv[l]) for l in range(len(pk))],
+            lengths,
+        )
         hidden.append(h)
         targets.append(t)
         order += comp
@@ -510,14 +571,16 @@ def forward_loss(adapter, layout: Layout, pool: ChunkPool, videos: list[VideoExa
     loss = answer_loss = F.cross_entropy(logits, targets)
     if aux is not None and aux_weight > 0:
         idx = torch.tensor(chunks)
-        loss = loss + aux_weight * (F.cross_entropy(aux.kind(vis), pool.tok_kind[idx].reshape(-1))
-                                    + F.cross_entropy(aux.color(vis), pool.tok_color[idx].reshape(-1))
-                                    + F.cross_entropy(aux.cell(vis), pool.tok_cell[idx].reshape(-1)))
+        loss = loss + aux_weight * (
+            F.cross_entropy(aux.kind(vis), pool.tok_kind[idx].reshape(-1))
+            + F.cross_entropy(aux.color(vis), pool.tok_color[idx].reshape(-1))
+            + F.cross_entropy(aux.cell(vis), pool.tok_cell[idx].reshape(-1))
+        )
     letter = logits[0::2].argmax(dim=-1) == targets[0::2]
     return loss, letter, answer_loss.detach(), [q[0] for _, q in questions]
 
 
-def plan_compression(cfg: "TrainConfig", videos: list[VideoExample], rng: np.random.Generator) -> list[CompressionPlan]:
+def plan_compression(cfg: TrainConfig, videos: list[VideoExample], rng: np.random.Generator) -> list[CompressionPlan]:
     """Per question: the full cache (probability 1 - cfg.compressed_frac), else an x2l mixed cache whose re-loaded
     chunks are k of them (k from cfg.top_k_choices), the chunks the question is about first (an oracle retrieval),
     or with probability cfg.random_select_frac k chunks at random (a retrieval miss).
@@ -611,8 +674,9 @@ def evaluate_teacher_forced(adapter, layout, pool, val: dict[str, list[VideoExam
     return acc
 
 
-def sample_batch(cfg: TrainConfig, step: int, rng: np.random.Generator, pool: ChunkPool, layout: Layout,
-                 adapter) -> list[VideoExample]:
+def sample_batch(
+    cfg: TrainConfig, step: int, rng: np.random.Generator, pool: ChunkPool, layout: Layout, adapter
+) -> list[VideoExample]:
     """The videos of one step: a length from the curriculum, then videos until the token budget is spent; each
     video is a single-family one (like the test split; a detail video asks every cell) or, with probability
     cfg.mixed_frac, a video holding every needle kind and asked every family."""
@@ -632,13 +696,21 @@ def sample_batch(cfg: TrainConfig, step: int, rng: np.random.Generator, pool: Ch
             n_q = 4 if family == "detail" else 1
         n = max(n, len(kinds))
         tokens += len(layout.sink_ids) + n * layout.chunk_len + n_q * cfg.question_tokens
-    return [compose_mixed(pool, n, rng, adapter, kinds) if family is None
-            else compose(pool, family, n, rng, adapter, kinds, all_cells=True)
-            for family, kinds in plans]
+    return [
+        compose_mixed(pool, n, rng, adapter, kinds)
+        if family is None
+        else compose(pool, family, n, rng, adapter, kinds, all_cells=True)
+        for family, kinds in plans
+    ]
 
 
-def train(out: str | Path, cfg: TrainConfig = TrainConfig(), spec: ModelSpec = ModelSpec(),
-          minutes: float | None = None, log=print) -> dict:
+def train(
+    out: str | Path,
+    cfg: TrainConfig = TrainConfig(),  # noqa: B008 - frozen dataclass
+    spec: ModelSpec = ModelSpec(),
+    minutes: float | None = None,
+    log=print,
+) -> dict:
     from x2l.models import load_model
 
     t_start = time.perf_counter()
@@ -651,8 +723,10 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), spec: ModelSpec = M
         adapter = load_model(init, dtype="float32", device="cpu")
         log(f"model: {sum(p.numel() for p in adapter.model.parameters()) / 1e6:.2f} M parameters")
         pool = build_pool(cfg.pool_videos, cfg.pool_chunks, cfg.seed, adapter.target_size, Path(tmp), log)
-    log(f"pool: {len(pool.kind)} chunks, {int((pool.kind >= 0).sum())} with a needle "
-        f"({time.perf_counter() - t_start:.0f} s)")
+    log(
+        f"pool: {len(pool.kind)} chunks, {int((pool.kind >= 0).sum())} with a needle "
+        f"({time.perf_counter() - t_start:.0f} s)"
+    )
     diff = check_vision(adapter, pool.frames[0])
     assert diff < 1e-4, f"batched vision forward differs from the stock one by {diff}"
     layout = Layout(adapter)
@@ -660,8 +734,11 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), spec: ModelSpec = M
     vrng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 104729]))
     val = {}
     for f in nd.FAMILIES:  # batches of 8 videos of one length, 16..max_chunks chunks
-        val[f] = [compose(pool, f, n, vrng, adapter)
-                  for n in vrng.integers(16, cfg.max_chunks + 1, size=cfg.val_per_family // 8) for _ in range(8)]
+        val[f] = [
+            compose(pool, f, n, vrng, adapter)
+            for n in vrng.integers(16, cfg.max_chunks + 1, size=cfg.val_per_family // 8)
+            for _ in range(8)
+        ]
 
     model = adapter.model
     model.train()
@@ -669,8 +746,11 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), spec: ModelSpec = M
     params = list(model.named_parameters()) + [("aux." + n, p) for n, p in aux.named_parameters()]
     decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
     history = []
     run_loss, run_n, run_acc = 0.0, 0, {f: [] for f in nd.FAMILIES}
     t_train = time.perf_counter()
@@ -684,7 +764,7 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), spec: ModelSpec = M
         videos = sample_batch(cfg, step, rng, pool, layout, adapter)
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
-        plans = (plan_compression(cfg, videos, rng) if step >= cfg.compress_after * cfg.steps else None)
+        plans = plan_compression(cfg, videos, rng) if step >= cfg.compress_after * cfg.steps else None
         loss, letter, answer_loss, fams = forward_loss(adapter, layout, pool, videos, aux, cfg.aux_weight, plans)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -692,19 +772,24 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), spec: ModelSpec = M
         opt.step()
         run_loss += float(answer_loss) * len(fams)
         run_n += len(fams)
-        for f, ok in zip(fams, letter.tolist()):
+        for f, ok in zip(fams, letter.tolist(), strict=True):
             run_acc[f].append(ok)
         if (step + 1) % cfg.log_every == 0:
             el = time.perf_counter() - t_train
             acc = {f: float(np.mean(v)) for f, v in run_acc.items() if v}
-            log(f"step {step + 1}/{cfg.steps} chunks {len(videos[0].chunks):2d} videos {len(videos):2d} "
+            log(
+                f"step {step + 1}/{cfg.steps} chunks {len(videos[0].chunks):2d} videos {len(videos):2d} "
                 f"questions {len(fams):3d} answer loss {run_loss / run_n:.4f} acc "
-                + " ".join(f"{f[:4]} {a:.2f}" for f, a in acc.items()) + f" lr {lr_at(cfg, step):.2e} ({el:.0f} s)")
+                + " ".join(f"{f[:4]} {a:.2f}" for f, a in acc.items())
+                + f" lr {lr_at(cfg, step):.2e} ({el:.0f} s)"
+            )
             history.append({"step": step + 1, "loss": run_loss / run_n, "acc": acc, "seconds": round(el, 1)})
             run_loss, run_n, run_acc = 0.0, 0, {f: [] for f in nd.FAMILIES}
         if cfg.val_every and cfg.val_per_family >= 8 and (step + 1) % cfg.val_every == 0:
             acc = evaluate_teacher_forced(adapter, layout, pool, val)
-            log(f"val (16-{cfg.max_chunks} chunks, teacher forced): " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+            log(
+                f"val (16-{cfg.max_chunks} chunks, teacher forced): " + " ".join(f"{k} {v:.3f}" for k, v in acc.items())
+            )
             history[-1]["val"] = acc
     model.eval()
     val_acc = evaluate_teacher_forced(adapter, layout, pool, val) if cfg.val_per_family >= 8 else {}
@@ -763,29 +848,45 @@ def record_check_subset(model_dir: str | Path, workdir: str | Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 epilog="Every other setting is TrainConfig's default; the run records them all in "
-                                        "OUT/x2l_needle.json.")
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Every other setting is TrainConfig's default; the run records them all in OUT/x2l_needle.json.",
+    )
     ap.add_argument("--out", required=True, help="checkpoint folder to write (replaced when the run completes)")
     ap.add_argument("--seed", type=int, default=0, help="weights, data and order seed (default 0)")
-    ap.add_argument("--minutes", type=float, default=None,
-                    help="wall-clock cap (the run stops early if it is reached; then it is not reproducible)")
+    ap.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="wall-clock cap (the run stops early if it is reached; then it is not reproducible)",
+    )
     ap.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {TrainConfig.steps})")
-    ap.add_argument("--threads", type=int, default=None,
-                    help=f"torch threads (default {TrainConfig.threads}; results depend on it)")
-    ap.add_argument("--pool-videos", type=int, default=None,
-                    help=f"training videos written and decoded (default {TrainConfig.pool_videos})")
-    ap.add_argument("--record-check", action="store_true",
-                    help="do not train: score the checkpoint at --out on the fixed 16-question check subset (full KV) "
-                         "and record it in its x2l_needle.json, which tests/test_needle.py asserts")
+    ap.add_argument(
+        "--threads", type=int, default=None, help=f"torch threads (default {TrainConfig.threads}; results depend on it)"
+    )
+    ap.add_argument(
+        "--pool-videos",
+        type=int,
+        default=None,
+        help=f"training videos written and decoded (default {TrainConfig.pool_videos})",
+    )
+    ap.add_argument(
+        "--record-check",
+        action="store_true",
+        help="do not train: score the checkpoint at --out on the fixed 16-question check subset (full KV) "
+        "and record it in its x2l_needle.json, which tests/test_needle.py asserts",
+    )
     args = ap.parse_args(argv)
     if args.record_check:
         with tempfile.TemporaryDirectory() as tmp:
             print(record_check_subset(args.out, tmp))
         return
     cfg = TrainConfig(seed=args.seed)
-    over = {k: v for k, v in (("steps", args.steps), ("threads", args.threads),
-                              ("pool_videos", args.pool_videos)) if v is not None}
+    over = {
+        k: v
+        for k, v in (("steps", args.steps), ("threads", args.threads), ("pool_videos", args.pool_videos))
+        if v is not None
+    }
     if over:
         cfg = TrainConfig(**{**asdict(cfg), **over})
     train(args.out, cfg, minutes=args.minutes, log=lambda s: print(s, flush=True))

@@ -85,8 +85,14 @@ class DeltaCache:
     def stats(self) -> dict:
         """hits / misses: deltas served from memory / read from the source; bytes, entries, evictions of the cache."""
         with self._lock:
-            return {"hits": self.hits, "misses": self.misses, "bytes": self._lru.cost, "entries": len(self._lru),
-                    "evictions": self._lru.evictions, "budget_bytes": self.budget}
+            return {
+                "hits": self.hits,
+                "misses": self.misses,
+                "bytes": self._lru.cost,
+                "entries": len(self._lru),
+                "evictions": self._lru.evictions,
+                "budget_bytes": self.budget,
+            }
 
 
 class HCache:
@@ -176,8 +182,15 @@ class HCache:
     def stats(self) -> dict:
         """videos and bytes held, the budget, and loads / hits / evictions / reloads so far."""
         with self._lock:
-            return {"videos": len(self._videos), "bytes": self.used_bytes, "budget_bytes": self.budget,
-                    "loads": self.loads, "hits": self.hits, "evictions": self.evictions, "reloads": self.reloads}
+            return {
+                "videos": len(self._videos),
+                "bytes": self.used_bytes,
+                "budget_bytes": self.budget,
+                "loads": self.loads,
+                "hits": self.hits,
+                "evictions": self.evictions,
+                "reloads": self.reloads,
+            }
 
 
 def cached_source(source: KVSource, h_budget_bytes: int, l_budget_bytes: int) -> HCache:

@@ -38,12 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="pre-fill a video and write its bi-level compressed KV to a store")
     p.add_argument("video", help="video file")
     p.add_argument("--out", required=True, help="store URI: a local folder or s3://bucket/prefix")
-    p.add_argument("--video-id", default=None,
-                   help="id to store it under (default: the file name, as a corpus folder holding the file names it)")
-    p.add_argument("--allow-duplicate", action="store_true",
-                   help="store the file even if the same bytes are stored under another id (default: refuse)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the video if it is stored with other settings (default: refuse)")
+    p.add_argument(
+        "--video-id",
+        default=None,
+        help="id to store it under (default: the file name, as a corpus folder holding the file names it)",
+    )
+    p.add_argument(
+        "--allow-duplicate",
+        action="store_true",
+        help="store the file even if the same bytes are stored under another id (default: refuse)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the video if it is stored with other settings (default: refuse)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     model_options(p)
     sampling_options(p)
@@ -55,11 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", action="append", required=True, help="question text; repeat to batch several")
     p.add_argument("--options", nargs="+", default=None, help="multiple-choice options (apply to every question)")
     p.add_argument("--json", action="store_true", help="print one JSON object per question")
-    p.add_argument("--max-prompt-chars", type=int, default=MAX_PROMPT_CHARS,
-                   help=f"refuse a question whose text and options exceed this many characters "
-                        f"(default {MAX_PROMPT_CHARS})")
-    p.add_argument("--max-prompt-tokens", type=int, default=MAX_PROMPT_TOKENS,
-                   help=f"refuse a question whose prompt exceeds this many tokens (default {MAX_PROMPT_TOKENS})")
+    p.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=MAX_PROMPT_CHARS,
+        help=f"refuse a question whose text and options exceed this many characters (default {MAX_PROMPT_CHARS})",
+    )
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=MAX_PROMPT_TOKENS,
+        help=f"refuse a question whose prompt exceeds this many tokens (default {MAX_PROMPT_TOKENS})",
+    )
     model_options(p)
     retrieval_options(p)
 
@@ -72,17 +88,27 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("store", help="store URI")
     q.add_argument("video_id")
     q.add_argument("--json", action="store_true", help="print the whole meta.json")
-    q = store_sub.add_parser("verify", help="check every row's checksum and each video's commit; list damaged videos "
-                                            "and files no commit names (exit 1 if any video is damaged)")
+    q = store_sub.add_parser(
+        "verify",
+        help="check every row's checksum and each video's commit; list damaged videos "
+        "and files no commit names (exit 1 if any video is damaged)",
+    )
     q.add_argument("store", help="store URI")
     q.add_argument("video_id", nargs="?", default=None, help="check only this video (default: all)")
     q.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    q = store_sub.add_parser("gc", help="remove files no commit names (racing writers' losers, replaced files, "
-                                        "killed writers' leftovers) older than the grace period")
+    q = store_sub.add_parser(
+        "gc",
+        help="remove files no commit names (racing writers' losers, replaced files, "
+        "killed writers' leftovers) older than the grace period",
+    )
     q.add_argument("store", help="store URI")
-    q.add_argument("--grace-s", type=float, default=GRACE_S,
-                   help=f"keep unreferenced files younger than this many seconds: a writer may be about to commit "
-                        f"them (default {GRACE_S:g}; 0 only when no writer runs)")
+    q.add_argument(
+        "--grace-s",
+        type=float,
+        default=GRACE_S,
+        help=f"keep unreferenced files younger than this many seconds: a writer may be about to commit "
+        f"them (default {GRACE_S:g}; 0 only when no writer runs)",
+    )
     q.add_argument("--dry-run", action="store_true", help="report what would be removed, remove nothing")
     q.add_argument("--json", action="store_true", help="print the report as one JSON object")
     q = store_sub.add_parser("rm", help="remove a video: uncommit it first, then delete its files")
@@ -102,19 +128,35 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("eval", help="accuracy of full / h / uniform:K / x2l:K answering on a benchmark, with bytes")
-    p.add_argument("--bench", required=True, choices=["needle", "videomme", "mlvu", "longvideobench", "vnbench"],
-                   help="benchmark; `needle` generates x2l's synthetic held-out split into --data")
-    p.add_argument("--data", required=True, help="the benchmark's folder in its published layout (needle: where "
-                                                 "its videos are written)")
-    p.add_argument("--methods", default="full,h,uniform:2,x2l:1,x2l:2,x2l:4",
-                   help="comma-separated: full, h, uniform:K, x2l:K (default full,h,uniform:2,x2l:1,x2l:2,x2l:4)")
+    p.add_argument(
+        "--bench",
+        required=True,
+        choices=["needle", "videomme", "mlvu", "longvideobench", "vnbench"],
+        help="benchmark; `needle` generates x2l's synthetic held-out split into --data",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="the benchmark's folder in its published layout (needle: where its videos are written)",
+    )
+    p.add_argument(
+        "--methods",
+        default="full,h,uniform:2,x2l:1,x2l:2,x2l:4",
+        help="comma-separated: full, h, uniform:K, x2l:K (default full,h,uniform:2,x2l:1,x2l:2,x2l:4)",
+    )
     p.add_argument("--out", default="eval_out", help="folder for the stores and results (default eval_out)")
     p.add_argument("--split", default=None, help="benchmark split (default: the benchmark's evaluation split)")
-    p.add_argument("--limit", type=int, default=None,
-                   help="first N questions (needle: how many to generate, default 200)")
+    p.add_argument(
+        "--limit", type=int, default=None, help="first N questions (needle: how many to generate, default 200)"
+    )
     p.add_argument("--batch-size", type=int, default=8, help="questions per engine call (default 8)")
-    p.add_argument("--eval-max-new-tokens", dest="max_new_tokens", type=int, default=8,
-                   help="decode limit per answer (default 8: a letter)")
+    p.add_argument(
+        "--eval-max-new-tokens",
+        dest="max_new_tokens",
+        type=int,
+        default=8,
+        help="decode limit per answer (default 8: a letter)",
+    )
     model_options(p)
     sampling_options(p)
     compression_options(p)
@@ -125,11 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="tiny", choices=["tiny", "small", "medium"], help="default tiny")
     p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
 
-    p = sub.add_parser("demo",
-                       help="index sample needle videos with `ray job submit`, answer over Serve's HTTP, report")
+    p = sub.add_parser(
+        "demo", help="index sample needle videos with `ray job submit`, answer over Serve's HTTP, report"
+    )
     p.add_argument("--workdir", default="demo_out", help="where the demo writes its files (default demo_out)")
-    p.add_argument("--model", default=None,
-                   help="checkpoint to run (default: the shipped needle model, models/needle-qwen2vl)")
+    p.add_argument(
+        "--model", default=None, help="checkpoint to run (default: the shipped needle model, models/needle-qwen2vl)"
+    )
 
     p = sub.add_parser("serve", help="serve a store over HTTP (the Ray Serve app) on a Ray of its own until Ctrl-C")
     from x2l.serve_cli import add_arguments as add_serve_arguments
@@ -155,12 +199,26 @@ def _output_options(p: argparse.ArgumentParser) -> None:
     """--debug, --quiet, --verbose, accepted before or after the command (`x2l --quiet store ls` or
     `x2l store ls --quiet`): SUPPRESS keeps a command's default from overwriting a flag given earlier."""
     g = p.add_argument_group("output")
-    g.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="show tracebacks instead of one-line errors (implies --verbose)")
-    g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                   help="no progress and no informational lines on success (results and errors still print)")
-    g.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                   help="also show the libraries' logs and warnings (transformers, Ray)")
+    g.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show tracebacks instead of one-line errors (implies --verbose)",
+    )
+    g.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="no progress and no informational lines on success (results and errors still print)",
+    )
+    g.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="also show the libraries' logs and warnings (transformers, Ray)",
+    )
 
 
 def _load_model(args):
@@ -184,19 +242,34 @@ def cmd_index(args) -> None:
     source_hash = source_sha256(source)
     # Already stored? Found out before decoding and pre-filling: same fingerprint -> nothing to do; other settings
     # -> refused unless --overwrite; the same bytes under another id -> refused unless --allow-duplicate.
-    stored = store.check_before_indexing(video_id, model.fingerprint, to_dict(sampling), to_dict(compression),
-                                         source, args.overwrite, source_hash)
+    stored = store.check_before_indexing(
+        video_id, model.fingerprint, to_dict(sampling), to_dict(compression), source, args.overwrite, source_hash
+    )
     twin = store.video_with_source(source_hash)
     if stored is None and twin is not None and twin != video_id and not args.allow_duplicate:
-        raise ConfigError(f"{args.video}: the same bytes are already stored as {twin!r} in {args.out}: ask about "
-                          f"{twin!r}, or pass --allow-duplicate to store them again as {video_id!r}")
+        raise ConfigError(
+            f"{args.video}: the same bytes are already stored as {twin!r} in {args.out}: ask about "
+            f"{twin!r}, or pass --allow-duplicate to store them again as {video_id!r}"
+        )
     if stored is not None:
         if args.json:
-            print(json.dumps({"video_id": video_id, "store": args.out, "chunks": stored["n_chunks"],
-                              "bytes": stored["bytes"], "bytes_written": 0, "already_stored": True}))
+            print(
+                json.dumps(
+                    {
+                        "video_id": video_id,
+                        "store": args.out,
+                        "chunks": stored["n_chunks"],
+                        "bytes": stored["bytes"],
+                        "bytes_written": 0,
+                        "already_stored": True,
+                    }
+                )
+            )
         elif not args.quiet:
-            print(f"{video_id} is already stored in {args.out} with the same fingerprint (model, settings, source "
-                  f"bytes): nothing to do (--overwrite re-indexes it)")
+            print(
+                f"{video_id} is already stored in {args.out} with the same fingerprint (model, settings, source "
+                f"bytes): nothing to do (--overwrite re-indexes it)"
+            )
         return
     t = time.perf_counter()
     with ChunkProgress(f"index {video_id}", enabled=not args.quiet) as progress:
@@ -205,9 +278,16 @@ def cmd_index(args) -> None:
     meta = store.write(kv, source=source, source_hash=source_hash, overwrite=args.overwrite)
     written = (store.backend.stats.snapshot() - before).bytes_written
     result = {
-        "video_id": kv.video_id, "store": args.out, "frames": stats.frames, "chunks": kv.n_chunks,
-        "decoder": stats.decoder, "frames_promised": stats.frames_promised, "frames_decoded": stats.frames_decoded,
-        "tokens": stats.tokens, "bytes": meta["bytes"], "bytes_written": written,
+        "video_id": kv.video_id,
+        "store": args.out,
+        "frames": stats.frames,
+        "chunks": kv.n_chunks,
+        "decoder": stats.decoder,
+        "frames_promised": stats.frames_promised,
+        "frames_decoded": stats.frames_decoded,
+        "tokens": stats.tokens,
+        "bytes": meta["bytes"],
+        "bytes_written": written,
         "seconds": {k: round(v, 4) for k, v in stats.seconds.items()} | {"total": round(time.perf_counter() - t, 4)},
     }
     if args.json:
@@ -215,16 +295,21 @@ def cmd_index(args) -> None:
     elif not args.quiet:
         b = meta["bytes"]
         note = "" if written else " (already stored with the same fingerprint: nothing written)"
-        print(f"indexed {kv.video_id}: {stats.frames} frames, {kv.n_chunks} chunks, {stats.tokens} tokens "
-              f"in {result['seconds']['total']:.2f} s -> {args.out}{note}")
-        cut = (f"; the header lists {stats.frames_promised}: truncated file?"
-               if 0 < stats.frames_decoded < stats.frames_promised else "")
+        print(
+            f"indexed {kv.video_id}: {stats.frames} frames, {kv.n_chunks} chunks, {stats.tokens} tokens "
+            f"in {result['seconds']['total']:.2f} s -> {args.out}{note}"
+        )
+        cut = (
+            f"; the header lists {stats.frames_promised}: truncated file?"
+            if 0 < stats.frames_decoded < stats.frames_promised
+            else ""
+        )
         print(f"  decoded with {stats.decoder}: {kv.meta['duration_s']:.2f} s, {stats.frames_decoded} frames{cut}")
         print(f"  KV bytes: sink {b['sink']:,}  H {b['h']:,}  L delta {b['delta']:,}  (uncompressed {b['full']:,})")
 
 
 def _n(count: int, noun: str) -> str:
-    """"1 video", "2 videos"."""
+    """The count with its noun, plural when it is not 1: "1 video", "2 videos"."""
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
@@ -242,7 +327,7 @@ class ChunkProgress:
             self.bar = Progress(total, self.desc, "chunk", enabled=self.enabled)
         self.bar.update()
 
-    def __enter__(self) -> "ChunkProgress":
+    def __enter__(self) -> ChunkProgress:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -281,15 +366,19 @@ def cmd_ask(args) -> None:
     store = KVStore(args.store, model.fingerprint, dtype=model.dtype, create=False)
     video_id = _pick_video(store, args.video_id)
     store.info(video_id)  # unknown id: a clear error before any work
-    answers = Answerer(model, store, retrieval_config(args)).answer([Question(video_id, q, args.options) for q in args.question])
+    answers = Answerer(model, store, retrieval_config(args)).answer(
+        [Question(video_id, q, args.options) for q in args.question]
+    )
     for a in answers:
         if args.json:
             print(json.dumps(a.to_dict()))
         else:
             print(f"Q: {a.question.question}\nA: {a.text}")
-            print(f"   chunks {a.selected_chunks} of {a.n_chunks} at L; {a.tokens_in_cache} tokens in cache, "
-                  f"{a.kv_bytes_used:,} of {a.kv_bytes_full:,} KV bytes; {a.store_bytes_read:,} bytes read from "
-                  f"the store, {a.cache_hits} cache hits")
+            print(
+                f"   chunks {a.selected_chunks} of {a.n_chunks} at L; {a.tokens_in_cache} tokens in cache, "
+                f"{a.kv_bytes_used:,} of {a.kv_bytes_full:,} KV bytes; {a.store_bytes_read:,} bytes read from "
+                f"the store, {a.cache_hits} cache hits"
+            )
 
 
 def cmd_store(args) -> int | None:
@@ -303,16 +392,23 @@ def cmd_store(args) -> int | None:
             print(json.dumps(videos))
             return _mixed(store)
         damaged = [v for v in videos if "damaged" in v]
-        print(f"{_n(len(videos) - len(damaged), 'video')} in {args.store}" + (f", {len(damaged)} damaged" if damaged else ""))
+        print(
+            f"{_n(len(videos) - len(damaged), 'video')} in {args.store}"
+            + (f", {len(damaged)} damaged" if damaged else "")
+        )
         for v in videos:
             if "damaged" in v:
-                print(f"  {v['video_id'] if v['video_id'] is not None else '(key ' + v['video_key'] + ')'}: DAMAGED: "
-                      f"{v['damaged']}")
+                print(
+                    f"  {v['video_id'] if v['video_id'] is not None else '(key ' + v['video_key'] + ')'}: DAMAGED: "
+                    f"{v['damaged']}"
+                )
                 continue
             b = v["bytes"]
             model = f", model {v['model_fingerprint']}" if store.mixed else ""
-            print(f"  {v['video_id']}: {v['chunks']} chunks, KV {v['dtype']}, H {b['h']:,} B, L delta "
-                  f"{b['delta']:,} B, uncompressed {b['full']:,} B{model}")
+            print(
+                f"  {v['video_id']}: {v['chunks']} chunks, KV {v['dtype']}, H {b['h']:,} B, L delta "
+                f"{b['delta']:,} B, uncompressed {b['full']:,} B{model}"
+            )
         return _mixed(store)
     if args.store_command in ("verify", "gc", "rm"):
         return _store_upkeep(store, args)
@@ -322,17 +418,23 @@ def cmd_store(args) -> int | None:
         return
     b = meta["bytes"]
     print(f"{meta['video_id']} (key {meta['video_key']}), source {meta['source']}")
-    print(f"  model {meta['model_family']} {meta['model_fingerprint']}, schema {meta['schema_version']}, "
-          f"written {meta['created']}")
+    print(
+        f"  model {meta['model_family']} {meta['model_fingerprint']}, schema {meta['schema_version']}, "
+        f"written {meta['created']}"
+    )
     print(f"  KV dtype {meta['dtype']} (cast to the model's dtype when read)")
     print(f"  sampling {meta['sampling']}")
     print(f"  compression {meta['compression']}")
-    print(f"  bytes: sink {b['sink']:,}  H {b['h']:,}  L delta {b['delta']:,}  uncompressed {b['full']:,}  "
-          f"file {meta['parquet_bytes']:,}")
+    print(
+        f"  bytes: sink {b['sink']:,}  H {b['h']:,}  L delta {b['delta']:,}  uncompressed {b['full']:,}  "
+        f"file {meta['parquet_bytes']:,}"
+    )
     print(f"  {meta['n_chunks']} chunks:")
     for c in meta["chunks"]:
-        print(f"    {c['chunk']:4d}  {c['start_s']:8.2f}-{c['end_s']:8.2f} s  {c['n_tokens']} tokens  "
-              f"H {c['h_bytes']:,} B  L delta {c['delta_bytes']:,} B")
+        print(
+            f"    {c['chunk']:4d}  {c['start_s']:8.2f}-{c['end_s']:8.2f} s  {c['n_tokens']} tokens  "
+            f"H {c['h_bytes']:,} B  L delta {c['delta_bytes']:,} B"
+        )
 
 
 def _mixed(store) -> int | None:
@@ -359,8 +461,11 @@ def _store_upkeep(store, args) -> int:
             print(json.dumps(report.to_dict()))
         else:
             verb = "would remove" if args.dry_run else "removed"
-            print(f"{verb} {_n(len(report.removed), 'unreferenced file')} ({report.removed_bytes:,} B) from {args.store}; "
-                  f"kept {len(report.kept_recent)} younger than {args.grace_s:g} s")
+            print(
+                f"{verb} {_n(len(report.removed), 'unreferenced file')} ({report.removed_bytes:,} B) "
+                f"from {args.store}; "
+                f"kept {len(report.kept_recent)} younger than {args.grace_s:g} s"
+            )
             for key in report.removed:
                 print(f"  {key}")
         return 0
@@ -369,18 +474,25 @@ def _store_upkeep(store, args) -> int:
         print(json.dumps(report.to_dict()))
     else:
         d = report.to_dict()
-        print(f"{_n(d['ok'], 'video')} ok, {d['damaged']} damaged, {_n(len(report.unreferenced), 'unreferenced file')} "
-              f"in {args.store}")
+        print(
+            f"{_n(d['ok'], 'video')} ok, {d['damaged']} damaged, {_n(len(report.unreferenced), 'unreferenced file')} "
+            f"in {args.store}"
+        )
         for v in report.damaged:
-            print(f"  DAMAGED {v['video_id'] if v['video_id'] is not None else '(key ' + v['video_key'] + ')'}: "
-                  f"{v['error']}")
+            print(
+                f"  DAMAGED {v['video_id'] if v['video_id'] is not None else '(key ' + v['video_key'] + ')'}: "
+                f"{v['error']}"
+            )
         for key in report.unreferenced:
             print(f"  unreferenced {key} (x2l store gc removes it)")
     if store.mixed is not None:
         return _mixed(store)
     if report.damaged:
-        print(f"x2l: error: {_n(len(report.damaged), 'damaged video')} in {args.store} (index them again to repair, or "
-              f"x2l store rm)", file=sys.stderr)
+        print(
+            f"x2l: error: {_n(len(report.damaged), 'damaged video')} in {args.store} (index them again to repair, or "
+            f"x2l store rm)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -403,8 +515,9 @@ def cmd_runs(args) -> None:
     print(f"{_n(len(runs), 'run')} in {args.store}")
     for r in runs:
         counts = ", ".join(f"{k} {v}" for k, v in r["counts"].items())
-        print(f"  {r['run_id']}  {r['kind']:6s} {r['status']:6s}  started {r['started']}  {r['wall_s']:.1f} s  "
-              f"{counts}")
+        print(
+            f"  {r['run_id']}  {r['kind']:6s} {r['status']:6s}  started {r['started']}  {r['wall_s']:.1f} s  {counts}"
+        )
 
 
 def cmd_eval(args) -> None:
@@ -421,8 +534,9 @@ def cmd_eval(args) -> None:
 
         items = needle.make_items(args.split or "test", args.limit or 200)
         questions, targets = needle.write_videos(items, args.data), needle.target_chunks(items)
-        sampling = SamplingConfig(needle.FPS, args.max_frames, needle.FRAMES_PER_CHUNK, args.min_pixels,
-                                  args.max_pixels)
+        sampling = SamplingConfig(
+            needle.FPS, args.max_frames, needle.FRAMES_PER_CHUNK, args.min_pixels, args.max_pixels
+        )
     else:
         from x2l.eval.benchmarks import load_benchmark
 
@@ -430,8 +544,19 @@ def cmd_eval(args) -> None:
         sampling = sampling_config(args)
     compression = compression_config(args)
     model = _load_model(args)
-    result = evaluate(questions, model, args.out, methods, sampling, compression, args.batch_size,
-                      args.max_new_tokens, targets, log=lambda m: print(m, flush=True), progress=not args.quiet)
+    result = evaluate(
+        questions,
+        model,
+        args.out,
+        methods,
+        sampling,
+        compression,
+        args.batch_size,
+        args.max_new_tokens,
+        targets,
+        log=lambda m: print(m, flush=True),
+        progress=not args.quiet,
+    )
     write_results(result, args.out, f"x2l eval: {args.bench} ({len(questions)} questions, model {args.model})")
     print(f"wrote {args.out}/results.json, results.md and accuracy_vs_bytes.png")
 
@@ -458,9 +583,17 @@ def cmd_serve(args) -> int:
     return run_serve(args, verbose=getattr(args, "verbose", False))
 
 
-COMMANDS = {"index": cmd_index, "ask": cmd_ask, "store": cmd_store, "report": cmd_report, "runs": cmd_runs,
-            "eval": cmd_eval,
-            "tiny-model": cmd_tiny_model, "demo": cmd_demo, "serve": cmd_serve}
+COMMANDS = {
+    "index": cmd_index,
+    "ask": cmd_ask,
+    "store": cmd_store,
+    "report": cmd_report,
+    "runs": cmd_runs,
+    "eval": cmd_eval,
+    "tiny-model": cmd_tiny_model,
+    "demo": cmd_demo,
+    "serve": cmd_serve,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -501,7 +634,10 @@ def _run(argv: list[str] | None) -> int:
     except Exception as e:  # noqa: BLE001 - the CLI promises one line, not a dependency's traceback
         if args.debug:
             raise
-        print(f"x2l: internal error: {type(e).__name__}: {one_line(e)} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"x2l: internal error: {type(e).__name__}: {one_line(e)} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
     return rc or 0
 

@@ -10,14 +10,20 @@ from x2l.errors import ConfigError
 
 Context = Literal["h", "full", "none"]
 # --dtype names the model loader takes besides "auto" -> the torch dtype attribute (x2l.models.base.resolve_dtype)
-DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-               "float16": "float16", "fp16": "float16"}
+DTYPE_NAMES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")  # as messages name them; the short aliases work too
 ATTENTIONS = ("sdpa", "eager")
 
 
 def one_of(choices: tuple[str, ...]) -> str:
-    """"a, b or c": the choices as a message names them."""
+    """The choices as a message names them: "a, b or c"."""
     return ", ".join(choices[:-1]) + " or " + choices[-1] if len(choices) > 1 else choices[0]
 
 
@@ -89,9 +95,7 @@ class SamplingConfig:
         if self.frames_per_chunk < 1:
             raise ConfigError(f"frames_per_chunk must be >= 1, got {self.frames_per_chunk}")
         if self.max_frames < self.frames_per_chunk:
-            raise ConfigError(
-                f"max_frames ({self.max_frames}) must be >= frames_per_chunk ({self.frames_per_chunk})"
-            )
+            raise ConfigError(f"max_frames ({self.max_frames}) must be >= frames_per_chunk ({self.frames_per_chunk})")
 
 
 @dataclass(frozen=True)

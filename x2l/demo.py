@@ -132,8 +132,14 @@ def run_demo(workdir: Path, model_dir: Path = MODEL) -> None:
         from x2l.serve import ServeArgs, deploy, shutdown
 
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
-        url = deploy(ServeArgs(store=str(store), model=str(model_dir), max_batch_size=8, torch_threads=2),
-                     "127.0.0.1", free_port(), address=head.address, logging_level="ERROR", log_to_driver=False)
+        url = deploy(
+            ServeArgs(store=str(store), model=str(model_dir), max_batch_size=8, torch_threads=2),
+            "127.0.0.1",
+            free_port(),
+            address=head.address,
+            logging_level="ERROR",
+            log_to_driver=False,
+        )
         ready = httpx.get(url + "/readyz", timeout=30)
         print(
             f"      {url} (POST /v1/answer, GET /v1/videos, /v1/stats, /healthz); GET /readyz -> HTTP "

@@ -100,8 +100,13 @@ class Indexer:
     def index_clip(self, clip: VideoClip, video_id: str, on_chunk: ChunkDone | None = None) -> Indexed:
         """Index frames already decoded (the Ray job decodes on other workers); stats.seconds has vision, prefill
         and compress."""
-        stats = IndexStats(frames=clip.n_real_frames, chunks=clip.n_chunks, decoder=clip.decoder,
-                           frames_promised=clip.frames_promised, frames_decoded=clip.frames_decoded)
+        stats = IndexStats(
+            frames=clip.n_real_frames,
+            chunks=clip.n_chunks,
+            decoder=clip.decoder,
+            frames_promised=clip.frames_promised,
+            frames_decoded=clip.frames_decoded,
+        )
         model, comp, seconds = self.model, self.compression, stats.seconds
         with timed(seconds, "prefill"):
             sink = model.sink()
@@ -136,8 +141,10 @@ class Indexer:
                 start_s, end_s = clip.chunk_times[i]
                 chunks.append(ChunkKV(i, start_s, end_s, n, h, delta, delta.n_entries))
                 if comp.context == "h":
-                    context = [(torch.cat([ck, h.keys[l][None]], dim=2), torch.cat([cv, h.values[l][None]], dim=2))
-                               for l, (ck, cv) in enumerate(context)]
+                    context = [
+                        (torch.cat([ck, h.keys[l][None]], dim=2), torch.cat([cv, h.values[l][None]], dim=2))
+                        for l, (ck, cv) in enumerate(context)
+                    ]
             if on_chunk is not None:
                 on_chunk(len(chunks), clip.n_chunks)
 
@@ -207,8 +214,10 @@ class Answer:
 def h_cache_layers(video: VideoKV) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """[sink + every chunk's H] per layer, [Hkv, S, D]."""
     return [
-        (torch.cat([video.sink_keys[l]] + [c.h.keys[l] for c in video.chunks], dim=1),
-         torch.cat([video.sink_values[l]] + [c.h.values[l] for c in video.chunks], dim=1))
+        (
+            torch.cat([video.sink_keys[l]] + [c.h.keys[l] for c in video.chunks], dim=1),
+            torch.cat([video.sink_values[l]] + [c.h.values[l] for c in video.chunks], dim=1),
+        )
         for l in range(video.sink_keys.shape[0])
     ]
 
@@ -217,8 +226,10 @@ def mixed_cache_layers(video: VideoKV, levels: dict[int, LevelKV]) -> list[tuple
     """Sink, then each chunk in temporal order at L where `levels` has it, else at H."""
     parts = [levels.get(c.chunk, c.h) for c in video.chunks]
     return [
-        (torch.cat([video.sink_keys[l]] + [p.keys[l] for p in parts], dim=1),
-         torch.cat([video.sink_values[l]] + [p.values[l] for p in parts], dim=1))
+        (
+            torch.cat([video.sink_keys[l]] + [p.keys[l] for p in parts], dim=1),
+            torch.cat([video.sink_values[l]] + [p.values[l] for p in parts], dim=1),
+        )
         for l in range(video.sink_keys.shape[0])
     ]
 
@@ -253,10 +264,10 @@ def _padded_batch(
     ids = torch.zeros(b, q, dtype=torch.long)
     valid = torch.zeros(b, q, dtype=torch.bool)
     positions = []
-    for i, (cache, prompt, start) in enumerate(zip(caches, prompts, starts)):
+    for i, (cache, prompt, start) in enumerate(zip(caches, prompts, starts, strict=True)):
         n, pad = cache[0][0].shape[1], q - len(prompt)
         mask[i, :n] = 1
-        mask[i, s + pad:] = 1
+        mask[i, s + pad :] = 1
         ids[i, pad:] = torch.tensor(prompt)
         positions.append(F.pad(model.text_positions(start, len(prompt)), (pad, 0)))
         valid[i, pad:] = True
@@ -360,8 +371,10 @@ class Answerer:
             with timed(seconds, "fetch"):
                 self._fetch(vid, w, selected)
         with timed(seconds, "assemble"):
-            caches = [mixed_cache_layers(work[q.video_id].video, {c: work[q.video_id].levels[c] for c in selected[i]})
-                      for i, q in enumerate(questions)]
+            caches = [
+                mixed_cache_layers(work[q.video_id].video, {c: work[q.video_id].levels[c] for c in selected[i]})
+                for i, q in enumerate(questions)
+            ]
         with timed(seconds, "decode"):
             limits = [q.max_new_tokens or self.retrieval.max_new_tokens for q in questions]
             starts = [work[q.video_id].video.next_position for q in questions]
@@ -377,22 +390,29 @@ class Answerer:
             work.setdefault(q.video_id, _VideoWork([])).questions.append(i)
         return work
 
-    def _select(self, w: _VideoWork, questions: list[Question], prompts: list[list[int]],
-                selected: list[list[int]], relevance: list[list[float]]) -> None:
+    def _select(
+        self,
+        w: _VideoWork,
+        questions: list[Question],
+        prompts: list[list[int]],
+        selected: list[list[int]],
+        relevance: list[list[float]],
+    ) -> None:
         """Each question's chunks to load at L: evenly spaced (selection "uniform"), else by its attention over
         the H level, top_k or as many as its byte budget allows (x2l.retrieval.select_chunks)."""
         cfg, video, idx = self.retrieval, w.video, w.questions
         ks = [questions[i].top_k if questions[i].top_k is not None else cfg.top_k for i in idx]
-        budgets = [questions[i].budget_bytes if questions[i].budget_bytes is not None else cfg.budget_bytes
-                   for i in idx]
-        wants = [i for i, k, b in zip(idx, ks, budgets) if k > 0 or b is not None]
+        budgets = [
+            questions[i].budget_bytes if questions[i].budget_bytes is not None else cfg.budget_bytes for i in idx
+        ]
+        wants = [i for i, k, b in zip(idx, ks, budgets, strict=True) if k > 0 or b is not None]
         if wants and cfg.selection == "uniform":
-            for i, k in zip(idx, ks):
+            for i, k in zip(idx, ks, strict=True):
                 selected[i] = uniform_chunks(video.n_chunks, k)
         elif wants:
             rel = self.relevance(video, [prompts[i] for i in wants])
             delta_bytes = [video.entry_bytes(c.delta_entries) for c in video.chunks]
-            for row, i in zip(rel, wants):
+            for row, i in zip(rel, wants, strict=True):
                 q = questions[i]
                 k = q.top_k if q.top_k is not None else cfg.top_k
                 budget = q.budget_bytes if q.budget_bytes is not None else cfg.budget_bytes
@@ -406,28 +426,37 @@ class Answerer:
             w.fetch = self.source.fetch_deltas(vid, need, w.video.meta.get("write_id"))
         w.levels = {c: merge_levels(w.video.chunks[c].h, d) for c, d in w.fetch.levels.items()}
 
-    def _account(self, questions: list[Question], work: dict[str, _VideoWork],
-                 caches: list[list[tuple[torch.Tensor, torch.Tensor]]], tokens: list[list[int]],
-                 first: torch.Tensor, selected: list[list[int]], relevance: list[list[float]],
-                 seconds: dict[str, float]) -> list[Answer]:
+    def _account(
+        self,
+        questions: list[Question],
+        work: dict[str, _VideoWork],
+        caches: list[list[tuple[torch.Tensor, torch.Tensor]]],
+        tokens: list[list[int]],
+        first: torch.Tensor,
+        selected: list[list[int]],
+        relevance: list[list[float]],
+        seconds: dict[str, float],
+    ) -> list[Answer]:
         """Answers with their text, cache sizes, bytes read and cache hits, and the batch's seconds by stage."""
         answers = []
         for i, q in enumerate(questions):
             video, fetch = work[q.video_id].video, work[q.video_id].fetch
             entries = caches[i][0][0].shape[1]
-            answers.append(Answer(
-                question=q,
-                text=self.model.decode_text(tokens[i]),
-                token_ids=tokens[i],
-                selected_chunks=selected[i],
-                relevance=relevance[i],
-                n_chunks=video.n_chunks,
-                tokens_in_cache=entries,
-                kv_bytes_used=video.entry_bytes(entries),
-                kv_bytes_full=video.full_bytes,
-                store_bytes_read=sum(fetch.bytes_read.get(c, 0) for c in selected[i]),
-                cache_hits=sum(c in fetch.cache_hits for c in selected[i]),
-                seconds=dict(seconds),
-                first_logits=first[i],
-            ))
+            answers.append(
+                Answer(
+                    question=q,
+                    text=self.model.decode_text(tokens[i]),
+                    token_ids=tokens[i],
+                    selected_chunks=selected[i],
+                    relevance=relevance[i],
+                    n_chunks=video.n_chunks,
+                    tokens_in_cache=entries,
+                    kv_bytes_used=video.entry_bytes(entries),
+                    kv_bytes_full=video.full_bytes,
+                    store_bytes_read=sum(fetch.bytes_read.get(c, 0) for c in selected[i]),
+                    cache_hits=sum(c in fetch.cache_hits for c in selected[i]),
+                    seconds=dict(seconds),
+                    first_logits=first[i],
+                )
+            )
         return answers

@@ -89,8 +89,7 @@ class VideoKV:
 
 def h_bytes(video: VideoKV) -> int:
     """Memory a video's loaded H level takes, in bytes: the sink and every chunk's H (keys, values, indices)."""
-    return (video.sink_keys.nbytes + video.sink_values.nbytes
-            + sum(c.h.nbytes + c.h.index.nbytes for c in video.chunks))
+    return video.sink_keys.nbytes + video.sink_values.nbytes + sum(c.h.nbytes + c.h.index.nbytes for c in video.chunks)
 
 
 def level_bytes(level: LevelKV) -> int:
@@ -144,5 +143,9 @@ class InMemorySource:
 
     def fetch_deltas(self, video_id: str, chunks: list[int], write_id: str | None = None) -> Fetch:
         video = self.load_h(video_id)
-        return Fetch({c: video.chunks[c].delta for c in chunks}, {c: 0 for c in chunks}, set(chunks),
-                     write_id=video.meta.get("write_id"))
+        return Fetch(
+            {c: video.chunks[c].delta for c in chunks},
+            {c: 0 for c in chunks},
+            set(chunks),
+            write_id=video.meta.get("write_id"),
+        )

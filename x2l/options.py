@@ -12,8 +12,14 @@ D_SAMPLING, D_COMP, D_RETR = SamplingConfig(), CompressionConfig(), RetrievalCon
 MODEL_HELP = "local checkpoint directory (HF layout: config.json, weights, tokenizer)"
 
 
-def model_options(p: argparse.ArgumentParser, *, required: bool = True, model_help: str = MODEL_HELP,
-                  device: bool = True, threads: bool = False) -> None:
+def model_options(
+    p: argparse.ArgumentParser,
+    *,
+    required: bool = True,
+    model_help: str = MODEL_HELP,
+    device: bool = True,
+    threads: bool = False,
+) -> None:
     """--model, --dtype, --attn, and --device (`device`: a job places its model by its GPU request instead) and
     --torch-threads (`threads`: a job's actors). `model_help` says where the checkpoint must be for the command."""
     g = p.add_argument_group("model")
@@ -28,45 +34,76 @@ def model_options(p: argparse.ArgumentParser, *, required: bool = True, model_he
 
 def sampling_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--fps", type=float, default=D_SAMPLING.fps,
-                   help=f"frames sampled per second (default {D_SAMPLING.fps:g})")
-    g.add_argument("--max-frames", type=int, default=D_SAMPLING.max_frames,
-                   help=f"frame cap; longer videos are sampled evenly at a lower rate (default {D_SAMPLING.max_frames})")
-    g.add_argument("--frames-per-chunk", type=int, default=D_SAMPLING.frames_per_chunk,
-                   help=f"frames per chunk (default {D_SAMPLING.frames_per_chunk})")
+    g.add_argument(
+        "--fps", type=float, default=D_SAMPLING.fps, help=f"frames sampled per second (default {D_SAMPLING.fps:g})"
+    )
+    g.add_argument(
+        "--max-frames",
+        type=int,
+        default=D_SAMPLING.max_frames,
+        help=f"frame cap; longer videos are sampled evenly at a lower rate (default {D_SAMPLING.max_frames})",
+    )
+    g.add_argument(
+        "--frames-per-chunk",
+        type=int,
+        default=D_SAMPLING.frames_per_chunk,
+        help=f"frames per chunk (default {D_SAMPLING.frames_per_chunk})",
+    )
     g.add_argument("--min-pixels", type=int, default=None, help="per-frame pixel floor (default: the checkpoint's)")
     g.add_argument("--max-pixels", type=int, default=None, help="per-frame pixel cap (default: the checkpoint's)")
 
 
 def compression_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("compression")
-    g.add_argument("--l-keep", type=float, default=D_COMP.l_keep,
-                   help=f"L level keep fraction (default {D_COMP.l_keep:g})")
+    g.add_argument(
+        "--l-keep", type=float, default=D_COMP.l_keep, help=f"L level keep fraction (default {D_COMP.l_keep:g})"
+    )
     g.add_argument("--h-keep", type=float, default=D_COMP.h_keep, help="H level keep fraction (default 1/16)")
-    g.add_argument("--scorer", default=D_COMP.scorer,
-                   help="token scorer: attention[:Q] (Q voting queries spread over the chunk, default 64; 0 = all), "
-                        "window_attention[:W] (last W queries, default 32), key_norm, value_norm, uniform (default "
-                        "attention)")
-    g.add_argument("--context", default=D_COMP.context, choices=["h", "full", "none"],
-                   help="what each chunk is pre-filled over: sink + earlier H (h, default), every earlier token "
-                        "(full), sink only (none)")
+    g.add_argument(
+        "--scorer",
+        default=D_COMP.scorer,
+        help="token scorer: attention[:Q] (Q voting queries spread over the chunk, default 64; 0 = all), "
+        "window_attention[:W] (last W queries, default 32), key_norm, value_norm, uniform (default "
+        "attention)",
+    )
+    g.add_argument(
+        "--context",
+        default=D_COMP.context,
+        choices=["h", "full", "none"],
+        help="what each chunk is pre-filled over: sink + earlier H (h, default), every earlier token "
+        "(full), sink only (none)",
+    )
 
 
 def retrieval_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("retrieval")
-    g.add_argument("--top-k", type=int, default=D_RETR.top_k,
-                   help=f"chunks re-loaded at L (default {D_RETR.top_k}; 0 = H only)")
-    g.add_argument("--budget-bytes", type=int, default=None,
-                   help="instead of top-k: as many chunks as fit in this many bytes of L delta")
-    g.add_argument("--max-new-tokens", type=int, default=D_RETR.max_new_tokens,
-                   help=f"decode limit (default {D_RETR.max_new_tokens})")
+    g.add_argument(
+        "--top-k", type=int, default=D_RETR.top_k, help=f"chunks re-loaded at L (default {D_RETR.top_k}; 0 = H only)"
+    )
+    g.add_argument(
+        "--budget-bytes",
+        type=int,
+        default=None,
+        help="instead of top-k: as many chunks as fit in this many bytes of L delta",
+    )
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=D_RETR.max_new_tokens,
+        help=f"decode limit (default {D_RETR.max_new_tokens})",
+    )
 
 
 def model_config(args: argparse.Namespace, device: str | None = None) -> ModelConfig:
     """The ModelConfig of parsed model options; `device` overrides --device (a job: "cuda" when its actors ask for
     GPUs, else "cpu"). Raises ConfigError for a dtype no loader takes."""
-    return ModelConfig(args.model, args.dtype, args.attn, device or getattr(args, "device", "auto"),
-                       getattr(args, "torch_threads", None))
+    return ModelConfig(
+        args.model,
+        args.dtype,
+        args.attn,
+        device or getattr(args, "device", "auto"),
+        getattr(args, "torch_threads", None),
+    )
 
 
 def sampling_config(args: argparse.Namespace) -> SamplingConfig:

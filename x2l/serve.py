@@ -156,13 +156,16 @@ class ServeArgs(BaseModel):
             return f"x2l.serve argument {name}={value!r}: must be {op} {low:g}"
         if err["type"] == "value_error":
             return f"x2l.serve argument {name}={value!r}: {err['ctx']['error']}"
-        return f"x2l.serve argument {name}={value!r}: expected {getattr(field.annotation, '__name__', field.annotation)}"
+        return (
+            f"x2l.serve argument {name}={value!r}: expected {getattr(field.annotation, '__name__', field.annotation)}"
+        )
 
     @property
     def model_settings(self) -> ModelConfig:
         """The model each replica loads: on CUDA when the replica asks for GPUs, else on CPU."""
-        return ModelConfig(self.model, self.dtype, self.attn, "cuda" if self.num_gpus > 0 else "cpu",
-                           self.torch_threads or None)
+        return ModelConfig(
+            self.model, self.dtype, self.attn, "cuda" if self.num_gpus > 0 else "cpu", self.torch_threads or None
+        )
 
     @property
     def retrieval(self) -> RetrievalConfig:
@@ -204,14 +207,13 @@ class QueryModel:
     """Model + H cache + L cache on one replica; answers micro-batches of questions."""
 
     def __init__(self, cfg: ServeArgs):
-        from x2l.engine import Answerer
         from x2l.caching import cached_source
+        from x2l.engine import Answerer
         from x2l.store import KVStore
 
         self.cfg = cfg
         self.model = cfg.model_settings.load()
-        self.store = KVStore(StoreConfig(uri=cfg.store), self.model.fingerprint,
-                             dtype=self.model.dtype)
+        self.store = KVStore(StoreConfig(uri=cfg.store), self.model.fingerprint, dtype=self.model.dtype)
         self.h = cached_source(self.store, cfg.h_budget_bytes, cfg.l_cache_bytes)
         self.preloaded = self.h.preload(v["video_id"] for v in self.store.list_videos())  # healthy videos only
         self.limits = cfg.prompt_limits
@@ -224,8 +226,11 @@ class QueryModel:
 
     def ready(self) -> dict:
         """Called by /readyz: this replica exists, so its constructor loaded the model and preloaded H."""
-        return {"model": self.cfg.model, "dtype": str(self.model.dtype).removeprefix("torch."),
-                "h_videos": len(self.h.loaded())}
+        return {
+            "model": self.cfg.model,
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "h_videos": len(self.h.loaded()),
+        }
 
     async def answer(self, question: dict) -> dict:
         """One question (video_id, question, id?, options?, top_k?, budget_bytes?, max_new_tokens?) -> its result
@@ -256,17 +261,32 @@ class QueryModel:
                 results[i] = echo(i) | _error(e.status, str(e))
 
         def run(idx: list[int]) -> list[dict]:
-            questions = [Question(items[i]["video_id"], items[i]["question"], items[i].get("options"),
-                                  items[i].get("top_k"), items[i].get("max_new_tokens"), items[i].get("id"),
-                                  items[i].get("budget_bytes")) for i in idx]
+            questions = [
+                Question(
+                    items[i]["video_id"],
+                    items[i]["question"],
+                    items[i].get("options"),
+                    items[i].get("top_k"),
+                    items[i].get("max_new_tokens"),
+                    items[i].get("id"),
+                    items[i].get("budget_bytes"),
+                )
+                for i in idx
+            ]
             self.decode_calls += 1
-            return [a.to_dict() | {"queue_s": round(start - items[i]["_arrived"], 6)}
-                    for i, a in zip(idx, self.answerer.answer(questions))]
+            return [
+                a.to_dict() | {"queue_s": round(start - items[i]["_arrived"], 6)}
+                for i, a in zip(idx, self.answerer.answer(questions), strict=True)
+            ]
 
         # Each video's commit is read once per batch (its H loaded or reloaded); the good questions decode together.
-        answered = isolate_failures([items[i]["video_id"] for i in asked], self.h.current,
-                                    lambda idx: run([asked[j] for j in idx]), _video_error)
-        for i, result in zip(asked, answered):
+        answered = isolate_failures(
+            [items[i]["video_id"] for i in asked],
+            self.h.current,
+            lambda idx: run([asked[j] for j in idx]),
+            _video_error,
+        )
+        for i, result in zip(asked, answered, strict=True):
             results[i] = result if "error" not in result else echo(i) | result
         return results
 
@@ -305,8 +325,13 @@ class AnswerRequest(BaseModel):
     questions: list[QuestionIn] = Field(min_length=1)
 
 
-api = FastAPI(title="x2l", description="Questions over an indexed video archive (Video-X^2L).", docs_url=None,
-              redoc_url=None, openapi_url=None)  # served below, behind the token
+api = FastAPI(
+    title="x2l",
+    description="Questions over an indexed video archive (Video-X^2L).",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
+)  # served below, behind the token
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -321,8 +346,13 @@ async def _validation_error(request: Request, e: RequestValidationError) -> JSON
 
 def _describe(errors) -> str:
     """pydantic's error list as one line: 'questions.0.question: Field required; ...'."""
-    return "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'body') or 'body'}: {err.get('msg')}"
-                     for err in errors) or "invalid request"
+    return (
+        "; ".join(
+            f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'body') or 'body'}: {err.get('msg')}"
+            for err in errors
+        )
+        or "invalid request"
+    )
 
 
 def api_token(env_name: str) -> bytes | None:
@@ -376,8 +406,9 @@ class Ingress:
         try:
             info = await asyncio.wait_for(self.query.ready.remote(), timeout=self.cfg.ready_timeout_s)
         except Exception as e:  # noqa: BLE001 - no replica yet, or it failed to start: not ready
-            return _error_response(503, f"no QueryModel replica is ready (loading the model and H?): "
-                                        f"{type(e).__name__}: {e}")
+            return _error_response(
+                503, f"no QueryModel replica is ready (loading the model and H?): {type(e).__name__}: {e}"
+            )
         return {"status": "ready"} | info
 
     @api.get("/openapi.json", include_in_schema=False)
@@ -409,8 +440,19 @@ class Ingress:
             return denied
         return await self.query.stats.remote()
 
-    @api.post("/v1/answer", openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-        "schema": AnswerRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}})
+    @api.post(
+        "/v1/answer",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": AnswerRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+                    }
+                },
+            }
+        },
+    )
     async def answer(self, request: Request):
         if denied := self._denied(request):  # before the body is read
             return denied
@@ -419,14 +461,16 @@ class Ingress:
         except ValidationError as e:
             return _error_response(422, _describe(e.errors()))
         if len(body.questions) > self.cfg.max_questions_per_request:
-            return _error_response(413, f"{len(body.questions)} questions in one request, the limit is "
-                                        f"{self.cfg.max_questions_per_request}")
+            return _error_response(
+                413,
+                f"{len(body.questions)} questions in one request, the limit is {self.cfg.max_questions_per_request}",
+            )
         t = time.perf_counter()
         refused = [self._refused(q) for q in body.questions]  # never sent: they cannot fail a batch
         questions = [q.model_dump() for q in body.questions]
-        calls = [self.query.answer.remote(q) if r is None else None for q, r in zip(questions, refused)]
+        calls = [self.query.answer.remote(q) if r is None else None for q, r in zip(questions, refused, strict=True)]
         results = []
-        for q, call, r in zip(questions, calls, refused):
+        for q, call, r in zip(questions, calls, refused, strict=True):
             if call is None:
                 results.append(r)
                 continue

@@ -37,15 +37,19 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "l_cache_bytes": (256 << 20, "bytes of the replica's LRU cache of L deltas (fine KV)"),
     "top_k": (3, "chunks re-loaded at L per question (a question's own top_k wins)"),
     "max_new_tokens": (32, "decode limit per answer (a question's own max_new_tokens wins)"),
-    "max_prompt_chars": (MAX_PROMPT_CHARS, "refuse (413) a question whose text and options exceed this many "
-                                           "characters"),
+    "max_prompt_chars": (
+        MAX_PROMPT_CHARS,
+        "refuse (413) a question whose text and options exceed this many characters",
+    ),
     "max_prompt_tokens": (MAX_PROMPT_TOKENS, "refuse (413) a question whose prompt exceeds this many tokens"),
     "max_questions_per_request": (64, "refuse (413) a request with more questions"),
     "dtype": ("auto", "model dtype: auto, float32, bfloat16 or float16"),
     "attn": ("sdpa", "attention implementation: sdpa or eager"),
     "torch_threads": (0, "torch threads per replica (0: torch's default)"),
-    "token_env": ("X2L_API_TOKEN", "environment variable holding the bearer token; when it is set, /v1/*, /docs "
-                                   "and /openapi.json require it"),
+    "token_env": (
+        "X2L_API_TOKEN",
+        "environment variable holding the bearer token; when it is set, /v1/*, /docs and /openapi.json require it",
+    ),
     "ready_timeout_s": (2.0, "seconds GET /readyz waits for a replica's answer before answering 503"),
 }
 
@@ -57,11 +61,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory the store was indexed with")
     p.add_argument("--host", default="127.0.0.1", help="address the HTTP server binds (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    p.add_argument("--startup-timeout", type=float, default=600.0,
-                   help="seconds to wait for GET /readyz to answer 200 before giving up (default 600)")
+    p.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for GET /readyz to answer 200 before giving up (default 600)",
+    )
     for name, (default, text) in OPTIONS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
-                       help=f"{text} (default {default})")
+        p.add_argument(
+            "--" + name.replace("_", "-"), type=type(default), default=default, help=f"{text} (default {default})"
+        )
 
 
 class Stop(BaseException):
@@ -121,8 +130,11 @@ def run_serve(args: argparse.Namespace, verbose: bool = False) -> int:
     check_deployable(cfg)  # the application builder's own checks, before Ray starts
     check_port(args.host, args.port)
 
-    for var, value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-                       "RAY_AUTH_MODE": "disabled"}.items():
+    for var, value in {
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+    }.items():
         os.environ.setdefault(var, value)  # loopback only; inherited by Ray's processes and the replicas
     previous = {s: signal.signal(s, _stop_on) for s in (signal.SIGINT, signal.SIGTERM)}
     temp_dir = tempfile.mkdtemp(prefix="x2lserve", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
@@ -135,13 +147,22 @@ def run_serve(args: argparse.Namespace, verbose: bool = False) -> int:
         if not verbose:
             logging.getLogger("ray").setLevel(logging.ERROR)
             logging.getLogger("ray.serve").setLevel(logging.ERROR)
-        ray.init(address="local", include_dashboard=False, _temp_dir=temp_dir, _node_ip_address="127.0.0.1",
-                 logging_level=logging.INFO if verbose else logging.ERROR, log_to_driver=verbose)
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            _temp_dir=temp_dir,
+            _node_ip_address="127.0.0.1",
+            logging_level=logging.INFO if verbose else logging.ERROR,
+            log_to_driver=verbose,
+        )
         for s in previous:  # Ray's core worker installs its own SIGTERM handler (a stack dump, then abort): ours wins
             signal.signal(s, _stop_on)
         url = f"http://{args.host}:{args.port}"
-        print(f"x2l serve: Ray started (temp dir {temp_dir}); deploying x2l.serve:app at {url}",
-              file=sys.stderr, flush=True)
+        print(
+            f"x2l serve: Ray started (temp dir {temp_dir}); deploying x2l.serve:app at {url}",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
             deploy(cfg, args.host, args.port)
         except (Stop, X2LError):
@@ -150,13 +171,17 @@ def run_serve(args: argparse.Namespace, verbose: bool = False) -> int:
             first = (str(e).strip().splitlines() or [""])[-1]
             raise X2LError(f"the Serve app did not start: {type(e).__name__}: {first}") from e
         try:
-            wait_ready(url if args.host not in ("0.0.0.0", "::") else f"http://127.0.0.1:{args.port}",
-                       args.startup_timeout)
+            wait_ready(
+                url if args.host not in ("0.0.0.0", "::") else f"http://127.0.0.1:{args.port}", args.startup_timeout
+            )
         except RuntimeError as e:
             raise X2LError(str(e)) from e
         print(url, flush=True)
-        print("x2l serve: ready (POST /v1/answer, GET /v1/videos, /v1/stats, /healthz, /readyz, /docs); "
-              "Ctrl-C to stop", file=sys.stderr, flush=True)
+        print(
+            "x2l serve: ready (POST /v1/answer, GET /v1/videos, /v1/stats, /healthz, /readyz, /docs); Ctrl-C to stop",
+            file=sys.stderr,
+            flush=True,
+        )
         while True:
             time.sleep(3600)
     except Stop as s:

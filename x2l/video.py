@@ -134,11 +134,20 @@ class VideoInfo:
 
     @property
     def decoder(self) -> str:
-        """"decord" or "pyav": which decoder `load_video` tries first for this file (rules in the module doc)."""
-        ok = (any(f in self.format for f in _MP4_FORMATS) and self.codec in DECORD_CODECS and self.constant_rate
-              and self.pix_fmt in DECORD_PIX_FMTS and not self.open_gop and not self.edit_list and self.frames_promised == self.n_frames and self.pts[0] == 0
-              and self.width not in DECORD_BAD_WIDTHS and self.rotation == 0
-              and self.n_frames * self.width * self.height * 3 <= DECORD_MAX_DECODED_BYTES)
+        """The decoder `load_video` tries first for this file, "decord" or "pyav" (rules in the module doc)."""
+        ok = (
+            any(f in self.format for f in _MP4_FORMATS)
+            and self.codec in DECORD_CODECS
+            and self.constant_rate
+            and self.pix_fmt in DECORD_PIX_FMTS
+            and not self.open_gop
+            and not self.edit_list
+            and self.frames_promised == self.n_frames
+            and self.pts[0] == 0
+            and self.width not in DECORD_BAD_WIDTHS
+            and self.rotation == 0
+            and self.n_frames * self.width * self.height * 3 <= DECORD_MAX_DECODED_BYTES
+        )
         return "decord" if ok else "pyav"
 
 
@@ -176,12 +185,22 @@ class VideoClip:
     def to_row(self) -> dict:
         """This clip as the columns of a Ray Data row: frames_data (uint8 [N, H, W, 3]), timestamps (float64 [N],
         seconds) and clip (a dict of the other fields; chunk_times as [start_s, end_s] lists). `from_row` inverts it."""
-        return {"frames_data": self.frames, "timestamps": self.timestamps,
-                "clip": {"path": self.path, "n_real_frames": self.n_real_frames,
-                         "frames_per_chunk": self.frames_per_chunk,
-                         "chunk_times": [list(c) for c in self.chunk_times], "duration_s": self.duration_s,
-                         "native_fps": self.native_fps, "codec": self.codec, "decoder": self.decoder,
-                         "frames_promised": self.frames_promised, "frames_decoded": self.frames_decoded}}
+        return {
+            "frames_data": self.frames,
+            "timestamps": self.timestamps,
+            "clip": {
+                "path": self.path,
+                "n_real_frames": self.n_real_frames,
+                "frames_per_chunk": self.frames_per_chunk,
+                "chunk_times": [list(c) for c in self.chunk_times],
+                "duration_s": self.duration_s,
+                "native_fps": self.native_fps,
+                "codec": self.codec,
+                "decoder": self.decoder,
+                "frames_promised": self.frames_promised,
+                "frames_decoded": self.frames_decoded,
+            },
+        }
 
     @staticmethod
     def empty_row() -> dict:
@@ -189,14 +208,23 @@ class VideoClip:
         return {"frames_data": np.zeros((0, 1, 1, 3), np.uint8), "timestamps": np.zeros(0), "clip": {}}
 
     @classmethod
-    def from_row(cls, row: dict) -> "VideoClip":
+    def from_row(cls, row: dict) -> VideoClip:
         """The clip of a row written by `to_row` (other keys of the row are ignored); arrays as numpy arrays."""
         info = row["clip"]
-        return cls(info["path"], np.asarray(row["frames_data"]), np.asarray(row["timestamps"]),
-                   int(info["n_real_frames"]), int(info["frames_per_chunk"]),
-                   [(float(a), float(b)) for a, b in info["chunk_times"]], float(info["duration_s"]),
-                   float(info["native_fps"]), str(info["codec"]), decoder=str(info["decoder"]),
-                   frames_promised=int(info["frames_promised"]), frames_decoded=int(info["frames_decoded"]))
+        return cls(
+            info["path"],
+            np.asarray(row["frames_data"]),
+            np.asarray(row["timestamps"]),
+            int(info["n_real_frames"]),
+            int(info["frames_per_chunk"]),
+            [(float(a), float(b)) for a, b in info["chunk_times"]],
+            float(info["duration_s"]),
+            float(info["native_fps"]),
+            str(info["codec"]),
+            decoder=str(info["decoder"]),
+            frames_promised=int(info["frames_promised"]),
+            frames_decoded=int(info["frames_decoded"]),
+        )
 
 
 def _check_file(path: str) -> None:
@@ -262,18 +290,29 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
                     durations.append(packet.duration or 0)
         except (av.error.FFmpegError, RuntimeError):
             damaged += 1  # the file ends inside a packet or its index points past the end: keep what was read
-        info = dict(path=path, format=fmt, codec=cc.codec.canonical_name, width=cc.width, height=cc.height,
-                    frames_promised=int(promised), stream_index=stream.index, time_base=stream.time_base,
-                    rotation=rotation or 0, pix_fmt=cc.format.name if cc.format else "", open_gop=open_gop,
-                    rate=stream.average_rate or stream.guessed_rate)
+        info = dict(
+            path=path,
+            format=fmt,
+            codec=cc.codec.canonical_name,
+            width=cc.width,
+            height=cc.height,
+            frames_promised=int(promised),
+            stream_index=stream.index,
+            time_base=stream.time_base,
+            rotation=rotation or 0,
+            pix_fmt=cc.format.name if cc.format else "",
+            open_gop=open_gop,
+            rate=stream.average_rate or stream.guessed_rate,
+        )
     if not pts:
         if promised:
             raise VideoError(f"{path}: truncated: the header lists {promised} frames but none of them is in the file")
         if damaged:
             raise VideoError(f"{path}: truncated: not one complete frame in the file")
         if untimed:  # a raw elementary stream (.h264, .hevc): frames but no presentation times
-            raise VideoError(f"{path}: no frame timestamps ({fmt} elementary stream without a container; "
-                             "remux it into MP4 or MKV)")
+            raise VideoError(
+                f"{path}: no frame timestamps ({fmt} elementary stream without a container; remux it into MP4 or MKV)"
+            )
         raise VideoError(f"{path}: no decodable frames")
     if info["time_base"] is None:
         raise VideoError(f"{path}: frame timestamps have no time base")
@@ -358,8 +397,9 @@ class _DecordFailed(Exception):
     """decord cannot read this file after all; PyAV takes over."""
 
 
-def _decode_decord(info: VideoInfo, wanted: np.ndarray, size: tuple[int, int], num_threads: int
-                   ) -> dict[int, np.ndarray]:
+def _decode_decord(
+    info: VideoInfo, wanted: np.ndarray, size: tuple[int, int], num_threads: int
+) -> dict[int, np.ndarray]:
     """{frame index: resized frame} for the ascending unique frame indices `wanted`."""
     try:
         vr = decord.VideoReader(info.path, ctx=decord.cpu(0), num_threads=num_threads)
@@ -370,7 +410,7 @@ def _decode_decord(info: VideoInfo, wanted: np.ndarray, size: tuple[int, int], n
         for start in range(0, len(wanted), batch):
             idx = wanted[start : start + batch].tolist()
             frames = resize_frames(vr.get_batch(idx).asnumpy(), size)
-            out.update(zip(idx, frames))
+            out.update(zip(idx, frames, strict=True))
         return out
     except DECORDError as e:
         raise _DecordFailed(_first_line(e)) from e
@@ -387,8 +427,7 @@ def _packets_frames(container, stream) -> Iterator[av.VideoFrame]:
             continue
 
 
-def _decode_pyav(info: VideoInfo, wanted: np.ndarray, size: tuple[int, int], num_threads: int
-                 ) -> dict[int, np.ndarray]:
+def _decode_pyav(info: VideoInfo, wanted: np.ndarray, size: tuple[int, int], num_threads: int) -> dict[int, np.ndarray]:
     """{frame index: resized frame} for the ascending unique frame indices `wanted` that decode (a truncated file
     may end before some of them). Seeks to the key frame before a wanted frame when that skips decoding."""
     targets = info.pts[wanted].tolist()
@@ -413,8 +452,7 @@ def _decode_pyav(info: VideoInfo, wanted: np.ndarray, size: tuple[int, int], num
             while i < len(targets):
                 t = targets[i]
                 k = bisect_right(keys, t) - 1
-                if (seekable and not restarted and k >= 0 and position is not None
-                        and keys[k] > max(position, sought)):
+                if seekable and not restarted and k >= 0 and position is not None and keys[k] > max(position, sought):
                     container.seek(keys[k], stream=stream, backward=True)
                     frames = _packets_frames(container, stream)
                     position = sought = keys[k]
@@ -509,7 +547,7 @@ def load_video(
         timestamps=np.concatenate([timestamps, np.full(n_rows - n_real, timestamps[-1])]),
         n_real_frames=n_real,
         frames_per_chunk=fpc,
-        chunk_times=[(float(s), float(e)) for s, e in zip(starts, ends)],
+        chunk_times=[(float(s), float(e)) for s, e in zip(starts, ends, strict=True)],
         duration_s=duration,
         native_fps=info.native_fps,
         codec=info.codec,

@@ -34,8 +34,8 @@ class AnswerActor:
     the batch's answers as one part file before returning them, so a killed job keeps every finished batch."""
 
     def __init__(self, cfg: AnswerJobConfig):
-        from x2l.engine import Answerer
         from x2l.caching import cached_source
+        from x2l.engine import Answerer
         from x2l.store import KVStore
         from x2l.store.backend import open_backend
 
@@ -50,24 +50,32 @@ class AnswerActor:
         from x2l.engine import Question
         from x2l.questions import answer_row, write_part
 
-        questions = [{"id": str(i), "video_id": str(v), "question": str(q),
-                      "options": json.loads(o) if o else None}
-                     for i, v, q, o in zip(batch["id"], batch["video_id"], batch["question"], batch["options"])]
+        questions = [
+            {"id": str(i), "video_id": str(v), "question": str(q), "options": json.loads(o) if o else None}
+            for i, v, q, o in zip(batch["id"], batch["video_id"], batch["question"], batch["options"], strict=True)
+        ]
         refused = self._refused(questions)
         asked = [q for q in questions if q["id"] not in refused]
 
         def run(idx: list[int]) -> list[dict]:
-            return [a.to_dict() for a in self.answerer.answer(
-                [Question(asked[i]["video_id"], asked[i]["question"], asked[i]["options"], id=asked[i]["id"])
-                 for i in idx])]
+            return [
+                a.to_dict()
+                for a in self.answerer.answer(
+                    [
+                        Question(asked[i]["video_id"], asked[i]["question"], asked[i]["options"], id=asked[i]["id"])
+                        for i in idx
+                    ]
+                )
+            ]
 
         # Every video is checked first (committed, its H loads): a failing one fails only its own questions.
-        answered = isolate_failures([q["video_id"] for q in asked], self.h.current, run,
-                                    lambda _vid, e: {"error": error_line(e)})
-        by_id = refused | {q["id"]: r for q, r in zip(asked, answered)}
+        answered = isolate_failures(
+            [q["video_id"] for q in asked], self.h.current, run, lambda _vid, e: {"error": error_line(e)}
+        )
+        by_id = refused | {q["id"]: r for q, r in zip(asked, answered, strict=True)}
         rows = [by_id[q["id"]] for q in questions]
         part = hashlib.sha256("\n".join(q["id"] for q in questions).encode()).hexdigest()[:16]
-        write_part(self.out, part, [answer_row(q, r) for q, r in zip(questions, rows)])
+        write_part(self.out, part, [answer_row(q, r) for q, r in zip(questions, rows, strict=True)])
         return {"id": [q["id"] for q in questions]}
 
     def _refused(self, questions: list[dict]) -> dict[str, dict]:
@@ -77,20 +85,36 @@ class AnswerActor:
         out = {}
         for q in questions:
             try:
-                check_prompt(q["question"], q["options"], self.cfg.limits,
-                             lambda text, options: len(self.model.question_ids(text, options)))
+                check_prompt(
+                    q["question"],
+                    q["options"],
+                    self.cfg.limits,
+                    lambda text, options: len(self.model.question_ids(text, options)),
+                )
             except PromptError as e:
                 out[q["id"]] = {"error": {"status": e.status, "message": str(e)}}
         return out
 
 
-def answer_pipeline(questions: list[dict], cfg: AnswerJobConfig, batch_size: int, concurrency: int,
-                    num_cpus_per_actor: float, num_gpus_per_actor: float):
+def answer_pipeline(
+    questions: list[dict],
+    cfg: AnswerJobConfig,
+    batch_size: int,
+    concurrency: int,
+    num_cpus_per_actor: float,
+    num_gpus_per_actor: float,
+):
     """The Ray Dataset of answered question ids (batches of `batch_size` questions through `concurrency` actors);
     iterating it runs the job. Questions are dicts with id, video_id, question, options (a list or None)."""
     import ray
 
     rows = [q | {"options": json.dumps(q["options"]) if q["options"] else ""} for q in questions]
-    return map_with_actors(ray.data.from_items(rows), AnswerActor, batch_size=batch_size,
-                           fn_constructor_kwargs={"cfg": cfg}, concurrency=concurrency, num_cpus=num_cpus_per_actor,
-                           num_gpus=num_gpus_per_actor or None)
+    return map_with_actors(
+        ray.data.from_items(rows),
+        AnswerActor,
+        batch_size=batch_size,
+        fn_constructor_kwargs={"cfg": cfg},
+        concurrency=concurrency,
+        num_cpus=num_cpus_per_actor,
+        num_gpus=num_gpus_per_actor or None,
+    )

@@ -33,12 +33,14 @@ def job_path(value: str, flag: str) -> str:
     while the job reports success), so it is refused (ConfigError) with the form that works."""
     if "://" in value and not value.startswith("file://"):
         return value
-    path = value[len("file://"):] if value.startswith("file://") else value
+    path = value[len("file://") :] if value.startswith("file://") else value
     if not os.path.isabs(os.path.expanduser(path)) and in_submitted_job():
-        raise ConfigError(f"{flag} {value}: a relative path inside `ray job submit --working-dir` resolves in Ray's "
-                          f"temporary copy of the working directory ({os.getcwd()}), which is deleted after the job; "
-                          f"give an absolute path (e.g. {flag} \"$PWD/{path}\", expanded on the submitting side) "
-                          f"or an s3:// URI")
+        raise ConfigError(
+            f"{flag} {value}: a relative path inside `ray job submit --working-dir` resolves in Ray's "
+            f"temporary copy of the working directory ({os.getcwd()}), which is deleted after the job; "
+            f'give an absolute path (e.g. {flag} "$PWD/{path}", expanded on the submitting side) '
+            f"or an s3:// URI"
+        )
     return os.path.abspath(os.path.expanduser(path))
 
 
@@ -50,12 +52,17 @@ def start_ray(address: str | None) -> None:
     # Inside one (`ray job submit --runtime-env-json ...`) the job's runtime env already reaches every worker.
     env_vars = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "X2L_"))}
     try:
-        ray.init(address=address, ignore_reinit_error=True,
-                 runtime_env=None if in_submitted_job() else {"env_vars": env_vars})
+        ray.init(
+            address=address,
+            ignore_reinit_error=True,
+            runtime_env=None if in_submitted_job() else {"env_vars": env_vars},
+        )
     except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError, ValueError...: all mean no Ray
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise X2LError(f"Ray did not start or could not be reached (--ray-address {address or 'default'}): "
-                       f"{type(e).__name__}: {first}") from e
+        raise X2LError(
+            f"Ray did not start or could not be reached (--ray-address {address or 'default'}): "
+            f"{type(e).__name__}: {first}"
+        ) from e
 
 
 def check_options(args, bounds: dict[str, float]) -> None:
@@ -76,9 +83,11 @@ def check_resources(cpus: float, gpus: float, what: str) -> None:
     have = ray.cluster_resources()
     have_cpu, have_gpu = have.get("CPU", 0.0), have.get("GPU", 0.0)
     if cpus > have_cpu + 1e-9 or gpus > have_gpu + 1e-9:
-        raise ConfigError(f"the job needs {cpus:g} CPUs and {gpus:g} GPUs at once ({what}); the Ray cluster has "
-                          f"{have_cpu:g} CPUs and {have_gpu:g} GPUs: lower --concurrency or the per-actor "
-                          f"resources, or add nodes")
+        raise ConfigError(
+            f"the job needs {cpus:g} CPUs and {gpus:g} GPUs at once ({what}); the Ray cluster has "
+            f"{have_cpu:g} CPUs and {have_gpu:g} GPUs: lower --concurrency or the per-actor "
+            f"resources, or add nodes"
+        )
 
 
 def map_with_actors(ds, fn, batch_size: int | None = None, **kwargs):
@@ -100,8 +109,12 @@ def map_with_actors(ds, fn, batch_size: int | None = None, **kwargs):
         return ds.map_batches(fn, batch_size=batch_size, **kwargs, **fault_tolerance)
 
 
-def isolate_failures(video_ids: Sequence[str], check: Callable[[str], None], run: Callable[[list[int]], list[R]],
-                     failure: Callable[[str, Exception], R]) -> list[R]:
+def isolate_failures(
+    video_ids: Sequence[str],
+    check: Callable[[str], None],
+    run: Callable[[list[int]], list[R]],
+    failure: Callable[[str, Exception], R],
+) -> list[R]:
     """One result per item (item i asks about video `video_ids[i]`), a failure confined to the items of its video
     (issues 11, 14; used by the bulk job's AnswerActor and the Serve app's QueryModel).
 
@@ -123,12 +136,12 @@ def isolate_failures(video_ids: Sequence[str], check: Callable[[str], None], run
             results |= {i: failure(vid, e) for i in idx}
     everything = sorted(i for idx in good.values() for i in idx)
     try:
-        results |= dict(zip(everything, run(everything))) if everything else {}
+        results |= dict(zip(everything, run(everything), strict=True)) if everything else {}
     except Exception:  # noqa: BLE001 - isolate: video by video, so one bad video fails alone
         for vid, idx in good.items():
             try:
                 check(vid)
-                results |= dict(zip(idx, run(idx)))
+                results |= dict(zip(idx, run(idx), strict=True))
             except Exception as e:  # noqa: BLE001
                 results |= {i: failure(vid, e) for i in idx}
     return [results[i] for i in range(len(video_ids))]

@@ -38,10 +38,34 @@ from x2l.errors import X2LError
 FAULT_ENV = "X2L_FAULT_EXIT_ONCE"
 FAULT_VIDEO_ENV = "X2L_FAULT_EXIT_ON_VIDEO"
 MAX_VIDEO_ATTEMPTS = 2  # starts of one video's indexing in a run (one retry); the next start returns its failed row
-STAT_FIELDS = ("video_id", "uri", "status", "reason", "duration_s", "frames", "chunks", "tokens", "decode_s", "vision_s",
-               "prefill_s", "compress_s", "write_s", "index_s", "bytes_sink", "bytes_h", "bytes_delta", "bytes_full",
-               "bytes_written", "actor", "actor_ready", "t_start", "t_end", "decoder", "frames_promised",
-               "frames_decoded")
+STAT_FIELDS = (
+    "video_id",
+    "uri",
+    "status",
+    "reason",
+    "duration_s",
+    "frames",
+    "chunks",
+    "tokens",
+    "decode_s",
+    "vision_s",
+    "prefill_s",
+    "compress_s",
+    "write_s",
+    "index_s",
+    "bytes_sink",
+    "bytes_h",
+    "bytes_delta",
+    "bytes_full",
+    "bytes_written",
+    "actor",
+    "actor_ready",
+    "t_start",
+    "t_end",
+    "decoder",
+    "frames_promised",
+    "frames_decoded",
+)
 
 
 @dataclass(frozen=True)
@@ -63,9 +87,17 @@ class IndexJobConfig:
 
 
 def stats_row(video_id: str, uri: str, status: str, reason: str = "", **values) -> dict:
-    row = {k: 0 for k in STAT_FIELDS} | {"video_id": video_id, "uri": uri, "status": status, "reason": reason,
-                                          "actor": "", "actor_ready": 0.0, "t_start": 0.0, "t_end": 0.0,
-                                          "decoder": ""}
+    row = {k: 0 for k in STAT_FIELDS} | {
+        "video_id": video_id,
+        "uri": uri,
+        "status": status,
+        "reason": reason,
+        "actor": "",
+        "actor_ready": 0.0,
+        "t_start": 0.0,
+        "t_end": 0.0,
+        "decoder": "",
+    }
     row.update(values)
     return row
 
@@ -122,10 +154,20 @@ def fetch_and_decode(row: dict, model_dir: str, sampling: SamplingConfig, store:
         if tmp:
             os.unlink(tmp)
     clip.path = row["uri"]  # the source, not the temporary copy of a remote one
-    return (stats_row(row["video_id"], row["uri"], "decoded", decode_s=time.perf_counter() - t,
-                      duration_s=clip.duration_s, decoder=clip.decoder, frames_promised=clip.frames_promised,
-                      frames_decoded=clip.frames_decoded)
-            | {"source_sha256": sha, "source_size": size} | clip.to_row())
+    return (
+        stats_row(
+            row["video_id"],
+            row["uri"],
+            "decoded",
+            decode_s=time.perf_counter() - t,
+            duration_s=clip.duration_s,
+            decoder=clip.decoder,
+            frames_promised=clip.frames_promised,
+            frames_decoded=clip.frames_decoded,
+        )
+        | {"source_sha256": sha, "source_size": size}
+        | clip.to_row()
+    )
 
 
 class IndexActor:
@@ -156,13 +198,23 @@ class IndexActor:
         clip = VideoClip.from_row(row)
         twin = None if self.cfg.allow_duplicates else self.store.video_with_source(row["source_sha256"])
         if twin is not None and twin != row["video_id"]:  # one file is not stored twice under two ids by default
-            return base | {"status": "skipped", "reason": f"the same bytes are already stored as {twin!r}",
-                           "t_start": t_start, "t_end": time.time()}
+            return base | {
+                "status": "skipped",
+                "reason": f"the same bytes are already stored as {twin!r}",
+                "t_start": t_start,
+                "t_end": time.time(),
+            }
         started = self._started(row["video_id"])
         if started > MAX_VIDEO_ATTEMPTS:
-            return base | {"status": "failed", "t_start": t_start, "t_end": time.time(), "reason": (
-                f"its indexing actor died {started - 1} times while indexing it (killed: out of memory, or a crash "
-                f"in native code such as the decoder or a kernel); not tried again")}
+            return base | {
+                "status": "failed",
+                "t_start": t_start,
+                "t_end": time.time(),
+                "reason": (
+                    f"its indexing actor died {started - 1} times while indexing it (killed: out of memory, or a crash "
+                    f"in native code such as the decoder or a kernel); not tried again"
+                ),
+            }
         try:
             t = time.perf_counter()
             kv, st = self.indexer.index_clip(clip, row["video_id"])
@@ -180,12 +232,22 @@ class IndexActor:
             reason = f"{type(e).__name__}: {e} | {traceback.format_exc(limit=3).splitlines()[-1]}"
             return base | {"status": "failed", "reason": reason, "t_start": t_start, "t_end": time.time()}
         return base | {
-            "status": "indexed", "frames": st.frames, "chunks": st.chunks, "tokens": st.tokens,
-            "vision_s": st.seconds["vision"], "prefill_s": st.seconds["prefill"],
-            "compress_s": st.seconds["compress"], "index_s": index_s, "write_s": write_s,
+            "status": "indexed",
+            "frames": st.frames,
+            "chunks": st.chunks,
+            "tokens": st.tokens,
+            "vision_s": st.seconds["vision"],
+            "prefill_s": st.seconds["prefill"],
+            "compress_s": st.seconds["compress"],
+            "index_s": index_s,
+            "write_s": write_s,
             "bytes_sink": kv.sink_keys.nbytes + kv.sink_values.nbytes,
-            "bytes_h": sum(c.h.nbytes for c in kv.chunks), "bytes_delta": sum(c.delta.nbytes for c in kv.chunks),
-            "bytes_full": kv.full_bytes, "bytes_written": written, "t_start": t_start, "t_end": time.time(),
+            "bytes_h": sum(c.h.nbytes for c in kv.chunks),
+            "bytes_delta": sum(c.delta.nbytes for c in kv.chunks),
+            "bytes_full": kv.full_bytes,
+            "bytes_written": written,
+            "t_start": t_start,
+            "t_end": time.time(),
         }
 
     def _started(self, video_id: str) -> int:
@@ -224,9 +286,14 @@ class AttemptCounter:
 
 def already_indexed(meta: dict | None, model_fingerprint: str, cfg: IndexJobConfig, uri: str, size: int | None) -> bool:
     """Whether a committed video can be skipped: same model, settings, source URI and source size."""
-    return (meta is not None and meta.get("model_fingerprint") == model_fingerprint
-            and meta.get("sampling") == to_dict(cfg.sampling) and meta.get("compression") == to_dict(cfg.compression)
-            and meta.get("source") == uri and (size is None or meta.get("source_size") == size))
+    return (
+        meta is not None
+        and meta.get("model_fingerprint") == model_fingerprint
+        and meta.get("sampling") == to_dict(cfg.sampling)
+        and meta.get("compression") == to_dict(cfg.compression)
+        and meta.get("source") == uri
+        and (size is None or meta.get("source_size") == size)
+    )
 
 
 SKIP_REASON = "already committed with the same model, settings and source"
@@ -237,8 +304,9 @@ CHECK_THREADS = 16  # commit records read at once by one check task (each read i
 class CheckCommitted:
     """A batch of corpus rows -> the same rows with status "skipped" (already committed with the same model,
     settings, source URI and size), "failed" (committed with other ones and no --overwrite, or the store unreachable)
-    or "todo" (including a committed video whose commit or KV file is damaged: the write repairs it). The batch's commit records are read by CHECK_THREADS threads: the check is I/O-bound, so
-    one task keeps many reads in flight; the tasks run in parallel with decoding."""
+    or "todo" (including a committed video whose commit or KV file is damaged: the write repairs it). The batch's
+    commit records are read by CHECK_THREADS threads: the check is I/O-bound, so one task keeps many reads in flight;
+    the tasks run in parallel with decoding."""
 
     def __init__(self, cfg: IndexJobConfig, model_fingerprint: str):
         from x2l.store import KVStore
@@ -260,14 +328,23 @@ class CheckCommitted:
             return "todo", ""
         # Committed, but not like this: refused before any decoding, as the write would refuse it. A commit without
         # a source size (written by `x2l index`) is left to the write, which compares the source bytes' hash.
-        differ = [k for k, v in (("model_fingerprint", self.fingerprint), ("sampling", to_dict(self.cfg.sampling)),
-                                 ("compression", to_dict(self.cfg.compression)), ("source", uri),
-                                 ("source_size", size))
-                  if v is not None and meta.get(k) != v and not (k == "source_size" and meta.get(k) is None)]
+        differ = [
+            k
+            for k, v in (
+                ("model_fingerprint", self.fingerprint),
+                ("sampling", to_dict(self.cfg.sampling)),
+                ("compression", to_dict(self.cfg.compression)),
+                ("source", uri),
+                ("source_size", size),
+            )
+            if v is not None and meta.get(k) != v and not (k == "source_size" and meta.get(k) is None)
+        ]
         if not differ:
             return "todo", ""
-        return "failed", (f"video {video_id!r} is already stored with other settings or source (differs in "
-                          f"{', '.join(differ)}): pass --overwrite to re-index it")
+        return "failed", (
+            f"video {video_id!r} is already stored with other settings or source (differs in "
+            f"{', '.join(differ)}): pass --overwrite to re-index it"
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         from concurrent.futures import ThreadPoolExecutor
@@ -289,12 +366,24 @@ def build_pipeline(rows: list[dict], cfg: IndexJobConfig, model_fingerprint: str
     import ray
 
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // CHECK_BATCH)))
-    ds = ds.map_batches(check_committed, batch_size=CHECK_BATCH, num_cpus=cfg.decode_cpus,
-                        fn_kwargs={"cfg": cfg, "model_fingerprint": model_fingerprint})
+    ds = ds.map_batches(
+        check_committed,
+        batch_size=CHECK_BATCH,
+        num_cpus=cfg.decode_cpus,
+        fn_kwargs={"cfg": cfg, "model_fingerprint": model_fingerprint},
+    )
     ds = ds.repartition(target_num_rows_per_block=1)  # streaming: one video per decode task, as before the check
-    ds = ds.map(fetch_and_decode, fn_kwargs={"model_dir": cfg.model.path, "sampling": cfg.sampling,
-                                             "store": cfg.store}, num_cpus=cfg.decode_cpus)
+    ds = ds.map(
+        fetch_and_decode,
+        fn_kwargs={"model_dir": cfg.model.path, "sampling": cfg.sampling, "store": cfg.store},
+        num_cpus=cfg.decode_cpus,
+    )
     attempts = ray.remote(num_cpus=0)(AttemptCounter).remote()  # owned by this driver: ends with the job
-    return map_with_actors(ds, IndexActor, fn_constructor_kwargs={"cfg": cfg, "attempts": attempts},
-                           concurrency=cfg.concurrency, num_cpus=cfg.num_cpus_per_actor,
-                           num_gpus=cfg.num_gpus_per_actor or None)
+    return map_with_actors(
+        ds,
+        IndexActor,
+        fn_constructor_kwargs={"cfg": cfg, "attempts": attempts},
+        concurrency=cfg.concurrency,
+        num_cpus=cfg.num_cpus_per_actor,
+        num_gpus=cfg.num_gpus_per_actor or None,
+    )

@@ -14,5 +14,13 @@ from __future__ import annotations
 from x2l.models.base import ModelAdapter, PixelRule, Segment
 from x2l.models.registry import FAMILIES, FAMILY_NAMES, SUPPORTED_MODEL_TYPES, load_model, pixel_rule
 
-__all__ = ["FAMILIES", "FAMILY_NAMES", "ModelAdapter", "PixelRule", "SUPPORTED_MODEL_TYPES", "Segment", "load_model",
-           "pixel_rule"]
+__all__ = [
+    "FAMILIES",
+    "FAMILY_NAMES",
+    "ModelAdapter",
+    "PixelRule",
+    "SUPPORTED_MODEL_TYPES",
+    "Segment",
+    "load_model",
+    "pixel_rule",
+]

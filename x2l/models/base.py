@@ -17,14 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from x2l.errors import ModelError
 from x2l.config import DTYPE_NAMES
+from x2l.errors import ModelError
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
     from transformers import DynamicCache
-
 
 
 @dataclass
@@ -112,24 +111,29 @@ class ModelAdapter(Protocol):
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N" -> a usable device; ModelError otherwise."""
+    """A device name, "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N" -> a usable device;
+    ModelError otherwise."""
     import torch
 
     try:
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                           ("cpu" if device == "auto" else device))
+        dev = torch.device(
+            "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+        )
     except RuntimeError as e:
         raise ModelError(f"device {device!r} is not a device (use auto, cpu, cuda or cuda:N): {e}") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"device {device!r}: CUDA is not available on this machine (torch {torch.__version__}, "
-                         f"no usable GPU): use --device cpu or auto")
+        raise ModelError(
+            f"device {device!r}: CUDA is not available on this machine (torch {torch.__version__}, "
+            f"no usable GPU): use --device cpu or auto"
+        )
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
         raise ModelError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """"auto" (bfloat16 on CUDA, float32 on CPU) or a DTYPE_NAMES key -> the torch dtype; ModelError otherwise."""
+    """A dtype name, "auto" (bfloat16 on CUDA, float32 on CPU) or a DTYPE_NAMES key -> the torch dtype;
+    ModelError otherwise."""
     import torch
 
     if dtype == "auto":

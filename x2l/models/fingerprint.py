@@ -18,8 +18,14 @@ from x2l.errors import ModelError
 FINGERPRINT_CACHE = ".x2l-fingerprint.json"
 PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")
 # Files hashed whole besides the weights: what changes the model's behaviour without changing a weight.
-HASHED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
-                "video_preprocessor_config.json", "model.safetensors.index.json")
+HASHED_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "model.safetensors.index.json",
+)
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -30,9 +36,11 @@ def weight_files(path: Path) -> list[Path]:
         return files
     pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLED_WEIGHTS) if path.is_dir() else []
     if pickled:
-        raise ModelError(f"checkpoint {path} has weights only as {', '.join(pickled)} (PyTorch pickle): x2l loads "
-                         f"safetensors only; convert it (load it with transformers and save_pretrained, which "
-                         f"writes model.safetensors)")
+        raise ModelError(
+            f"checkpoint {path} has weights only as {', '.join(pickled)} (PyTorch pickle): x2l loads "
+            f"safetensors only; convert it (load it with transformers and save_pretrained, which "
+            f"writes model.safetensors)"
+        )
     raise ModelError(f"checkpoint {path} has no *.safetensors weight files")
 
 
@@ -58,15 +66,21 @@ def weight_digests(path: Path, files: list[Path]) -> dict[str, str]:
         try:
             doc = json.loads(cache.read_text())
             listed = doc.get("files", {}) if isinstance(doc, dict) else {}
-            for name, entry in (listed.items() if isinstance(listed, dict) else ()):
+            for name, entry in listed.items() if isinstance(listed, dict) else ():
                 cached.setdefault(name, []).append(entry)
         except (OSError, ValueError):
             pass
     out, entries, fresh = {}, {}, False
     for f in files:
         key = _stat_key(f)
-        hit = next((e for e in cached.get(f.name, []) if isinstance(e, dict) and e.get("stat") == key
-                    and isinstance(e.get("sha256"), str)), None)
+        hit = next(
+            (
+                e
+                for e in cached.get(f.name, [])
+                if isinstance(e, dict) and e.get("stat") == key and isinstance(e.get("sha256"), str)
+            ),
+            None,
+        )
         if hit is not None:
             digest = hit["sha256"]
         else:

@@ -126,7 +126,10 @@ def attention_probs(
         bias.masked_fill_(torch.arange(kv_len, device=query.device)[None, :] > q_pos[:, None], float("-inf"))
     else:
         m = mask[:, :, rows, :kv_len]
-        bias = torch.zeros(m.shape, device=query.device).masked_fill_(~m, float("-inf")) if m.dtype == torch.bool \
+        bias = (
+            torch.zeros(m.shape, device=query.device).masked_fill_(~m, float("-inf"))
+            if m.dtype == torch.bool
             else m.float()
+        )
         bias = bias.reshape(m.shape[0], 1, 1, r, kv_len)
     return logits.add_(bias).softmax(dim=-1)

@@ -42,7 +42,9 @@ _LABELLED = re.compile(r"^\(?[A-Z][.):]")  # options that already carry their le
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """The Qwen2-VL resize rule: sides multiples of `factor`, area within bounds, aspect ratio kept."""
     if max(height, width) / min(height, width) > 200:
-        raise ModelError(f"aspect ratio {max(height, width) / min(height, width):.0f} is above 200, which Qwen2-VL refuses")
+        raise ModelError(
+            f"aspect ratio {max(height, width) / min(height, width):.0f} is above 200, which Qwen2-VL refuses"
+        )
     h = round(height / factor) * factor
     w = round(width / factor) * factor
     if h * w > max_pixels:
@@ -68,8 +70,9 @@ def question_token_ids(tokenizer, question: str, options: list[str] | None = Non
         lines = [o if _LABELLED.match(o) else f"{chr(ord('A') + i)}. {o}" for i, o in enumerate(options)]
         user += "\n" + "\n".join(lines) + "\n"
         template = MC_INSTRUCTION + ANSWER_PREFIX
-    return (tokenizer.encode(user, add_special_tokens=False, split_special_tokens=True)
-            + tokenizer.encode(template, add_special_tokens=False))
+    return tokenizer.encode(user, add_special_tokens=False, split_special_tokens=True) + tokenizer.encode(
+        template, add_special_tokens=False
+    )
 
 
 @dataclass(frozen=True)
@@ -138,14 +141,16 @@ class Qwen2VLAdapter:
         config = AutoConfig.from_pretrained(self.path)
         self.model_type = config.model_type
         self.family = family_of_model_type(self.model_type).name
-        model_cls = {"qwen2_vl": Qwen2VLForConditionalGeneration,
-                     "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}[self.model_type]
+        model_cls = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}[
+            self.model_type
+        ]
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         weight_files(self.path)  # safetensors only: a pickled checkpoint is refused before transformers sees it
         try:
-            self.model = model_cls.from_pretrained(self.path, dtype=self.dtype, attn_implementation=attn_implementation,
-                                                   use_safetensors=True)
+            self.model = model_cls.from_pretrained(
+                self.path, dtype=self.dtype, attn_implementation=attn_implementation, use_safetensors=True
+            )
             self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot load checkpoint {self.path}: {e}") from e
@@ -160,7 +165,11 @@ class Qwen2VLAdapter:
         self.fingerprint = checkpoint_fingerprint(self.path)
 
         rule = self.pixels = PixelRule.from_checkpoint(self.path, min_pixels, max_pixels)
-        self.patch_size, self.temporal_patch_size, self.merge_size = rule.patch_size, rule.temporal_patch_size, rule.merge_size
+        self.patch_size, self.temporal_patch_size, self.merge_size = (
+            rule.patch_size,
+            rule.temporal_patch_size,
+            rule.merge_size,
+        )
         # Rescale (1/255) fused into normalisation, as the stock processor does it.
         self._mean = torch.tensor(rule.mean).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(rule.std).view(1, 3, 1, 1) * 255.0
@@ -258,9 +267,13 @@ class Qwen2VLAdapter:
         tokens += ids
         positions.append(self.text_positions(start, len(ids)))
         input_ids = torch.tensor([tokens])
-        return {"input_ids": input_ids, "pixel_values_videos": torch.cat(pixels), "video_grid_thw": torch.tensor(grids),
-                "mm_token_type_ids": (input_ids == self._video_pad).int() * 2,
-                "position_ids": torch.cat(positions, dim=1)[:, None]}
+        return {
+            "input_ids": input_ids,
+            "pixel_values_videos": torch.cat(pixels),
+            "video_grid_thw": torch.tensor(grids),
+            "mm_token_type_ids": (input_ids == self._video_pad).int() * 2,
+            "position_ids": torch.cat(positions, dim=1)[:, None],
+        }
 
     def question_ids(self, question: str, options: list[str] | None = None) -> list[int]:
         return question_token_ids(self.tokenizer, question, options)

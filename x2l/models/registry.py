@@ -4,8 +4,8 @@ Each family has one user-facing name (the one spelling used by `x2l tiny-model -
 video's meta as `model_family`, and shown to users), its adapter class (x2l.models.base.ModelAdapter), its pixel-rule
 loader (the frame-size rule read without loading weights, for decode workers), its question layout over a bare
 tokenizer (to bound prompts in tokens without loading weights, in Serve's ingress) and its tiny random-checkpoint
-builder (tests, demo, timings). Components are named "module:attribute" and imported only when used, so reading the registry
-loads neither torch nor transformers.
+builder (tests, demo, timings). Components are named "module:attribute" and imported only when used, so reading the
+registry loads neither torch nor transformers.
 
 Adding a family: one adapter module under x2l/models/, one `Family` entry below, and a tiny builder; the adapter
 contract suite (tests/test_adapter_contract.py) then runs for it.
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from x2l.errors import ModelError
@@ -47,11 +47,22 @@ class Family:
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("qwen2-vl", "qwen2_vl", "x2l.models.qwen2_vl:Qwen2VLAdapter", "x2l.models.qwen2_vl:PixelRule.from_checkpoint",
-           "x2l.models.qwen2_vl:question_token_ids", "x2l.testing.tiny_models:write_tiny_checkpoint"),
-    Family("qwen2.5-vl", "qwen2_5_vl", "x2l.models.qwen2_vl:Qwen2VLAdapter",
-           "x2l.models.qwen2_vl:PixelRule.from_checkpoint", "x2l.models.qwen2_vl:question_token_ids",
-           "x2l.testing.tiny_models:write_tiny_checkpoint"),
+    Family(
+        "qwen2-vl",
+        "qwen2_vl",
+        "x2l.models.qwen2_vl:Qwen2VLAdapter",
+        "x2l.models.qwen2_vl:PixelRule.from_checkpoint",
+        "x2l.models.qwen2_vl:question_token_ids",
+        "x2l.testing.tiny_models:write_tiny_checkpoint",
+    ),
+    Family(
+        "qwen2.5-vl",
+        "qwen2_5_vl",
+        "x2l.models.qwen2_vl:Qwen2VLAdapter",
+        "x2l.models.qwen2_vl:PixelRule.from_checkpoint",
+        "x2l.models.qwen2_vl:question_token_ids",
+        "x2l.testing.tiny_models:write_tiny_checkpoint",
+    ),
 )
 FAMILY_NAMES: tuple[str, ...] = tuple(f.name for f in FAMILIES)
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(f.model_type for f in FAMILIES)
@@ -127,7 +138,8 @@ def question_token_counter(path: str | Path) -> Callable[[str, list[str] | None]
     return lambda question, options: len(layout(tokenizer, question, options))
 
 
-def write_tiny_checkpoint(out_dir: str | Path, family_name: str, size: str = "tiny", seed: int = 0,
-                          dtype: torch.dtype | None = None) -> Path:
+def write_tiny_checkpoint(
+    out_dir: str | Path, family_name: str, size: str = "tiny", seed: int = 0, dtype: torch.dtype | None = None
+) -> Path:
     """A random-weight checkpoint of the named family written by its tiny builder (`x2l tiny-model`, tests)."""
     return family(family_name).load("tiny_builder")(out_dir, family=family_name, size=size, seed=seed, dtype=dtype)

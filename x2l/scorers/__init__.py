@@ -19,7 +19,7 @@ SCORERS: dict[str, type[Scorer]] = {
 
 
 def make_scorer(spec: str) -> Scorer:
-    """"name" or "name:N", N setting the scorer's one integer option (window size, voting queries)."""
+    """A scorer from "name" or "name:N", N setting the scorer's one integer option (window size, voting queries)."""
     name, _, arg = spec.partition(":")
     if name not in SCORERS:
         raise ConfigError(f"unknown scorer {name!r}; choose one of {', '.join(SCORERS)}")

@@ -34,7 +34,7 @@ class ChunkAttentionScorer(Scorer):
             voters = torch.arange(n, device=device)
         total = torch.zeros(key.shape[0], key.shape[1], n, device=device)
         for start in range(0, len(voters), BLOCK):
-            probs = attention_probs(query, key, mask, scaling, voters[start:start + BLOCK])[..., -n:]
+            probs = attention_probs(query, key, mask, scaling, voters[start : start + BLOCK])[..., -n:]
             total += probs.sum(dim=(2, 3)) / probs.shape[2]
         seen_by = (voters[None, :] >= torch.arange(n, device=device)[:, None]).sum(dim=1).clamp(min=1)
         return total / seen_by

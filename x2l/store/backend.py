@@ -19,9 +19,11 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, ContextManager, Iterator
+from typing import BinaryIO
 
 from x2l.config import StoreConfig
 from x2l.errors import CorruptionError, NotFoundError, StoreError
@@ -283,7 +285,7 @@ class Backend(ABC):
     def remove(self, key: str) -> None:
         """Remove one object; no error if it is not there."""
 
-    def remove_empty_dir(self, prefix: str) -> None:
+    def remove_empty_dir(self, prefix: str) -> None:  # noqa: B027 - an optional hook; folders-free backends skip it
         """Remove the folder prefix if it is empty (a no-op where folders are only key prefixes, as on S3)."""
 
     def _check_read(self, key: str, start: int, length: int, data: bytes) -> bytes:
@@ -303,7 +305,7 @@ class LocalBackend(Backend):
     os.replace'd into place."""
 
     def __init__(self, root: str, create: bool = True):
-        root = root[len("file://"):] if root.startswith("file://") else root
+        root = root[len("file://") :] if root.startswith("file://") else root
         self.root = os.path.realpath(os.path.expanduser(root))
         if not create:
             if not os.path.isdir(self.root):
@@ -385,8 +387,9 @@ class LocalBackend(Backend):
     def _children(self, prefix: str, dirs: bool) -> list[str]:
         path = self._path(prefix, allow_empty=True)
         try:
-            return sorted(e.name for e in os.scandir(path)
-                          if (e.is_dir() if dirs else e.is_file()) and ".tmp-" not in e.name)  # skip writes in flight
+            return sorted(
+                e.name for e in os.scandir(path) if (e.is_dir() if dirs else e.is_file()) and ".tmp-" not in e.name
+            )  # skip writes in flight
         except (FileNotFoundError, NotADirectoryError):
             return []
 
@@ -436,7 +439,7 @@ class S3Backend(Backend):
     def __init__(self, uri: str, config: StoreConfig | None = None, fs_options: dict | None = None):
         import s3fs
 
-        root = uri[len("s3://"):].strip("/")
+        root = uri[len("s3://") :].strip("/")
         if not root or root.startswith("/"):
             raise StoreError(f"store uri {uri!r} has no bucket (expected s3://bucket/prefix)")
         super().__init__(f"s3://{root}")
@@ -469,8 +472,14 @@ class S3Backend(Backend):
                 f"store {self.uri} refused access at {self.endpoint}: {e} "
                 "(check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
             ) from e
-        except (BotoConnectionError, HTTPClientError, NoCredentialsError, FSTimeoutError, TimeoutError,
-                ConnectionError) as e:
+        except (
+            BotoConnectionError,
+            HTTPClientError,
+            NoCredentialsError,
+            FSTimeoutError,
+            TimeoutError,
+            ConnectionError,
+        ) as e:
             raise StoreError(f"store {self.uri} unreachable at {self.endpoint}: {e}") from e
         except (BotoCoreError, OSError) as e:
             raise StoreError(f"store {self.uri}: {self.where(key)}: {e}") from e
@@ -565,8 +574,13 @@ class S3Backend(Backend):
                 continue
             modified = e.get("LastModified")
             # No modification time listed: count the object as new, so gc never collects it early.
-            out.append(FileEntry(e["name"].rstrip("/").rsplit("/", 1)[-1], int(e.get("size", 0)),
-                                 modified.timestamp() if modified is not None else time.time()))
+            out.append(
+                FileEntry(
+                    e["name"].rstrip("/").rsplit("/", 1)[-1],
+                    int(e.get("size", 0)),
+                    modified.timestamp() if modified is not None else time.time(),
+                )
+            )
         return sorted(out, key=lambda f: f.name)
 
     def remove(self, key: str) -> None:
@@ -578,8 +592,9 @@ class S3Backend(Backend):
                 pass
 
 
-def open_backend(uri: str, config: StoreConfig | None = None, fs_options: dict | None = None,
-                 create: bool = True) -> Backend:
+def open_backend(
+    uri: str, config: StoreConfig | None = None, fs_options: dict | None = None, create: bool = True
+) -> Backend:
     """s3://bucket/prefix -> S3Backend (credentials/endpoint from config, else the AWS environment); a path or
     file://path -> LocalBackend (create=False: NotFoundError if the folder does not exist, nothing created).
     fs_options: extra s3fs.S3FileSystem arguments (S3 only)."""

@@ -30,7 +30,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-
 from typing import TYPE_CHECKING
 
 import pyarrow.parquet as pq
@@ -44,8 +43,15 @@ from x2l.store.backend import IOStats, open_backend
 from x2l.store.keys import STORE_DOC, VIDEOS, kv_file, kv_path, meta_path, source_path, video_dir, video_key
 from x2l.store.reader import Tally, open_parquet, read_delta, read_h
 from x2l.store.schema import META_CHECKSUM, SCHEMA_VERSION, meta_checksum
-from x2l.store.writer import (build_meta, check_complete, new_write_id, resolve_source, source_sha256,
-                              video_fingerprint, write_parquet)
+from x2l.store.writer import (
+    build_meta,
+    check_complete,
+    new_write_id,
+    resolve_source,
+    source_sha256,
+    video_fingerprint,
+    write_parquet,
+)
 
 if TYPE_CHECKING:  # torch is imported where KV is read or written: listing and inspecting a store needs none
     import torch
@@ -76,10 +82,21 @@ def cast_video(video: VideoKV, dtype: torch.dtype | None) -> VideoKV:
     """The video (sink and every chunk's H, and delta where loaded) with KV in `dtype`."""
     if dtype is None or video.sink_keys.dtype == dtype:
         return video
-    chunks = [ChunkKV(c.chunk, c.start_s, c.end_s, c.n_tokens, cast_level(c.h, dtype),
-                      None if c.delta is None else cast_level(c.delta, dtype), c.delta_entries) for c in video.chunks]
-    return VideoKV(video.video_id, video.sink_keys.to(dtype), video.sink_values.to(dtype), chunks,
-                   video.next_position, video.meta)
+    chunks = [
+        ChunkKV(
+            c.chunk,
+            c.start_s,
+            c.end_s,
+            c.n_tokens,
+            cast_level(c.h, dtype),
+            None if c.delta is None else cast_level(c.delta, dtype),
+            c.delta_entries,
+        )
+        for c in video.chunks
+    ]
+    return VideoKV(
+        video.video_id, video.sink_keys.to(dtype), video.sink_values.to(dtype), chunks, video.next_position, video.meta
+    )
 
 
 @dataclass
@@ -93,8 +110,14 @@ class _Open:
 class KVStore:
     """A store of indexed videos. Thread-safe; close() (or `with`) stops the fetch threads."""
 
-    def __init__(self, config: StoreConfig | str, model_fingerprint: str | None = None,
-                 fs_options: dict | None = None, dtype: torch.dtype | None = None, create: bool = True):
+    def __init__(
+        self,
+        config: StoreConfig | str,
+        model_fingerprint: str | None = None,
+        fs_options: dict | None = None,
+        dtype: torch.dtype | None = None,
+        create: bool = True,
+    ):
         """dtype: cast every tensor read to it (the model's dtype; None keeps the stored one). create=False: a local
         store folder that does not exist is a NotFoundError instead of being created (read-only commands)."""
         self.config = StoreConfig(uri=config) if isinstance(config, str) else config
@@ -143,17 +166,26 @@ class KVStore:
     def _check_doc(self, model_fingerprint: str | None) -> None:
         doc, uri = self._doc, self.backend.uri
         if doc.get("format") != STORE_FORMAT or doc.get("schema_version") != SCHEMA_VERSION:
-            raise IncompatibleError(f"store {uri} has format {doc.get('format')!r} schema version "
-                                    f"{doc.get('schema_version')!r}; this x2l ({__version__}) reads "
-                                    f"{STORE_FORMAT!r} schema version {SCHEMA_VERSION}: index into a new store")
+            raise IncompatibleError(
+                f"store {uri} has format {doc.get('format')!r} schema version "
+                f"{doc.get('schema_version')!r}; this x2l ({__version__}) reads "
+                f"{STORE_FORMAT!r} schema version {SCHEMA_VERSION}: index into a new store"
+            )
         if model_fingerprint is not None and doc.get("model_fingerprint") != model_fingerprint:
-            raise IncompatibleError(f"store {uri} holds KV of model fingerprint {doc.get('model_fingerprint')}, "
-                                    f"not of model fingerprint {model_fingerprint}: use another store")
+            raise IncompatibleError(
+                f"store {uri} holds KV of model fingerprint {doc.get('model_fingerprint')}, "
+                f"not of model fingerprint {model_fingerprint}: use another store"
+            )
 
     def _new_doc(self, model_fingerprint: str, model_family: str | None, **extra) -> dict:
-        return {"format": STORE_FORMAT, "schema_version": SCHEMA_VERSION, "model_fingerprint": model_fingerprint,
-                "model_family": model_family, "x2l_version": __version__,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())} | extra
+        return {
+            "format": STORE_FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "model_fingerprint": model_fingerprint,
+            "model_family": model_family,
+            "x2l_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        } | extra
 
     def _doc_from_metas(self) -> dict | None:
         """A store without store.json but with committed videos: the document rebuilt from their (checksummed)
@@ -171,9 +203,11 @@ class KVStore:
             return None
         if len(fingerprints) > 1:
             seen = ", ".join(f"{fp} (e.g. video {vid!r})" for fp, (_, vid) in fingerprints.items())
-            raise IncompatibleError(f"store {self.backend.uri} has no store.json and its videos were written by "
-                                    f"several models: {seen}; remove one model's videos (x2l store ls lists them, x2l store "
-                                    f"rm removes them) or index into a new store")
+            raise IncompatibleError(
+                f"store {self.backend.uri} has no store.json and its videos were written by "
+                f"several models: {seen}; remove one model's videos (x2l store ls lists them, x2l store "
+                f"rm removes them) or index into a new store"
+            )
         fp, (family, _) = next(iter(fingerprints.items()))
         return self._new_doc(fp, family, rebuilt_from_metas=True)
 
@@ -207,26 +241,47 @@ class KVStore:
             named = f"video {meta['video_id']!r}"
         where = f"{named}: {self.backend.where(meta_path(key))}"
         if meta.get("schema_version") != SCHEMA_VERSION:
-            raise IncompatibleError(f"{where} has schema version {meta.get('schema_version')!r}, this x2l reads "
-                                    f"{SCHEMA_VERSION}: re-index the video")
+            raise IncompatibleError(
+                f"{where} has schema version {meta.get('schema_version')!r}, this x2l reads "
+                f"{SCHEMA_VERSION}: re-index the video"
+            )
         try:
             actual = meta_checksum(meta)
         except (TypeError, ValueError) as e:
             raise CorruptionError(f"{where} cannot be checksummed: {e}") from e
         if meta.get(META_CHECKSUM) != actual:
-            raise CorruptionError(f"{where}: commit checksum mismatch (stored {meta.get(META_CHECKSUM)!r}, computed "
-                                  f"{actual}): the commit record was edited or damaged")
-        required = ("video_id", "video_key", "write_id", "kv_file", "fingerprint", "n_chunks", "chunks",
-                    "parquet_bytes", "next_position", "bytes")
-        if any(k not in meta for k in required) or meta["video_key"] != key or meta["kv_file"] != kv_file(
-                str(meta["write_id"])):
-            raise CorruptionError(f"{where} is not a valid commit (needs {list(required)}, video_key {key!r} and "
-                                  f"the kv file of its write id)")
+            raise CorruptionError(
+                f"{where}: commit checksum mismatch (stored {meta.get(META_CHECKSUM)!r}, computed "
+                f"{actual}): the commit record was edited or damaged"
+            )
+        required = (
+            "video_id",
+            "video_key",
+            "write_id",
+            "kv_file",
+            "fingerprint",
+            "n_chunks",
+            "chunks",
+            "parquet_bytes",
+            "next_position",
+            "bytes",
+        )
+        if (
+            any(k not in meta for k in required)
+            or meta["video_key"] != key
+            or meta["kv_file"] != kv_file(str(meta["write_id"]))
+        ):
+            raise CorruptionError(
+                f"{where} is not a valid commit (needs {list(required)}, video_key {key!r} and "
+                f"the kv file of its write id)"
+            )
         if video_id is not None and meta["video_id"] != video_id:
             raise CorruptionError(f"{where} is for video {meta['video_id']!r}, not {video_id!r}")
         if check_doc and self._doc is not None and meta.get("model_fingerprint") != self._doc.get("model_fingerprint"):
-            raise IncompatibleError(f"{where} was written by model fingerprint {meta.get('model_fingerprint')}, the "
-                                    f"store holds {self._doc.get('model_fingerprint')}")
+            raise IncompatibleError(
+                f"{where} was written by model fingerprint {meta.get('model_fingerprint')}, the "
+                f"store holds {self._doc.get('model_fingerprint')}"
+            )
         return meta, nbytes
 
     def committed(self, video_id: str) -> dict | None:
@@ -248,11 +303,14 @@ class KVStore:
         try:
             size = self.backend.size(key)
         except NotFoundError as e:
-            raise CorruptionError(f"video {meta['video_id']!r}: {self.backend.where(key)}, named by its commit, is "
-                                  f"missing") from e
+            raise CorruptionError(
+                f"video {meta['video_id']!r}: {self.backend.where(key)}, named by its commit, is missing"
+            ) from e
         if size != meta["parquet_bytes"]:
-            raise CorruptionError(f"video {meta['video_id']!r}: {self.backend.where(key)} is {size} bytes, the commit "
-                                  f"says {meta['parquet_bytes']} (truncated or replaced)")
+            raise CorruptionError(
+                f"video {meta['video_id']!r}: {self.backend.where(key)} is {size} bytes, the commit "
+                f"says {meta['parquet_bytes']} (truncated or replaced)"
+            )
 
     def healthy(self, video_id: str) -> dict | None:
         """The video's meta if it is committed and its commit and KV file pass the cheap checks (checksummed meta,
@@ -275,8 +333,8 @@ class KVStore:
         return vid if isinstance(vid, str) else None
 
     def list_videos(self, damaged: bool = False) -> list[dict]:
-        """Committed videos whose commit and KV file pass the cheap checks: id, key, chunks, model fingerprint, stored KV
-        dtype and bytes per level.
+        """Committed videos whose commit and KV file pass the cheap checks: id, key, chunks, model fingerprint,
+        stored KV         dtype and bytes per level.
 
         A damaged video (invalid or edited meta.json, missing or truncated KV file, another model or schema) is
         never an error of the listing: with damaged=True it is listed as {"video_id" (None if unreadable),
@@ -292,13 +350,23 @@ class KVStore:
                 if damaged:
                     out.append({"video_id": self._peek_video_id(key), "video_key": key, "damaged": str(e)})
                 continue
-            out.append({"video_id": meta["video_id"], "video_key": key, "chunks": meta["n_chunks"],
-                        "model_fingerprint": meta.get("model_fingerprint"), "dtype": meta.get("dtype"), "bytes": meta["bytes"], "parquet_bytes": meta["parquet_bytes"]})
+            out.append(
+                {
+                    "video_id": meta["video_id"],
+                    "video_key": key,
+                    "chunks": meta["n_chunks"],
+                    "model_fingerprint": meta.get("model_fingerprint"),
+                    "dtype": meta.get("dtype"),
+                    "bytes": meta["bytes"],
+                    "parquet_bytes": meta["parquet_bytes"],
+                }
+            )
         return out
 
     # --- writing ---------------------------------------------------------------------------------------------------
-    def write(self, video: VideoKV, source: str | None = None, source_hash: str | None = None,
-              overwrite: bool = False) -> dict:
+    def write(
+        self, video: VideoKV, source: str | None = None, source_hash: str | None = None, overwrite: bool = False
+    ) -> dict:
         """Store a fully indexed video and return its meta.
 
         The same video already committed with the same fingerprint (model, sampling, compression, source bytes) and
@@ -314,12 +382,15 @@ class KVStore:
         if not model_fp:
             raise StoreError(f"video {video.video_id!r}: meta has no model_fingerprint (index it with x2l's Indexer)")
         if self.model_fingerprint is not None and model_fp != self.model_fingerprint:
-            raise IncompatibleError(f"video {video.video_id!r} was indexed by model fingerprint {model_fp}, this "
-                                    f"store was opened for {self.model_fingerprint}")
+            raise IncompatibleError(
+                f"video {video.video_id!r} was indexed by model fingerprint {model_fp}, this "
+                f"store was opened for {self.model_fingerprint}"
+            )
         self._ensure_doc(model_fp, video.meta.get("model_family"))
         source, source_hash = resolve_source(video, source, source_hash)
-        old, fingerprint = self._stored_as(video.video_id, model_fp, video.meta.get("sampling"),
-                                           video.meta.get("compression"), source_hash, overwrite)
+        old, fingerprint = self._stored_as(
+            video.video_id, model_fp, video.meta.get("sampling"), video.meta.get("compression"), source_hash, overwrite
+        )
         if old is not None and not overwrite:
             try:
                 self.check_kv_file(old)
@@ -357,8 +428,10 @@ class KVStore:
                 current = None
             if current is not None and current["write_id"] != meta["write_id"]:
                 return  # a later commit won; this write is garbage either way
-            raise CorruptionError(f"{e}: it was removed while this write committed (x2l store gc --grace-s 0 or "
-                                  f"x2l store rm during indexing?); index the video again") from e
+            raise CorruptionError(
+                f"{e}: it was removed while this write committed (x2l store gc --grace-s 0 or "
+                f"x2l store rm during indexing?); index the video again"
+            ) from e
 
     def video_with_source(self, source_hash: str | None) -> str | None:
         """The id of the committed video indexed from a source file with this sha256, or None: so one file is not
@@ -389,12 +462,23 @@ class KVStore:
         self.backend.remove_prefix(video_dir(key))
         return meta
 
-    def _stored_as(self, video_id: str, model_fp: str, sampling: dict | None, compression: dict | None,
-                   source_hash: str | None, overwrite: bool) -> tuple[dict | None, str]:
+    def _stored_as(
+        self,
+        video_id: str,
+        model_fp: str,
+        sampling: dict | None,
+        compression: dict | None,
+        source_hash: str | None,
+        overwrite: bool,
+    ) -> tuple[dict | None, str]:
         """(the committed meta or None, the fingerprint these inputs give). IncompatibleError naming --overwrite if
         the video is committed with another fingerprint and overwrite is False."""
-        inputs = {"model_fingerprint": model_fp, "sampling": sampling, "compression": compression,
-                  "source_sha256": source_hash}
+        inputs = {
+            "model_fingerprint": model_fp,
+            "sampling": sampling,
+            "compression": compression,
+            "source_sha256": source_hash,
+        }
         fingerprint = video_fingerprint(model_fp, sampling, compression, source_hash)
         try:
             old = self._read_meta(video_key(video_id), video_id)
@@ -405,11 +489,20 @@ class KVStore:
             raise IncompatibleError(
                 f"video {video_id!r} is already stored with fingerprint {old['fingerprint']}; this one has "
                 f"{fingerprint} (differs in {', '.join(differ) or 'its inputs'}): pass --overwrite (overwrite=True) "
-                f"to replace it")
+                f"to replace it"
+            )
         return old, fingerprint
 
-    def check_before_indexing(self, video_id: str, model_fp: str, sampling: dict, compression: dict,
-                              source: str, overwrite: bool = False, source_hash: str | None = None) -> dict | None:
+    def check_before_indexing(
+        self,
+        video_id: str,
+        model_fp: str,
+        sampling: dict,
+        compression: dict,
+        source: str,
+        overwrite: bool = False,
+        source_hash: str | None = None,
+    ) -> dict | None:
         """Before decoding and pre-filling a local video file: its committed meta when indexing it again would give
         the same fingerprint (nothing to do), None when it should be indexed; IncompatibleError naming --overwrite
         when it is stored with other settings (issue 12). sampling/compression as `to_dict` gives them."""
@@ -454,8 +547,10 @@ class KVStore:
         if held is not None and held.meta["write_id"] != meta["write_id"]:
             self._forget(key)
         if write_id is not None and meta["write_id"] != write_id:
-            raise StaleError(f"video {video_id!r} was re-indexed (commit {meta['write_id']}) after its H was loaded "
-                             f"(commit {write_id}): ask again")
+            raise StaleError(
+                f"video {video_id!r} was re-indexed (commit {meta['write_id']}) after its H was loaded "
+                f"(commit {write_id}): ask again"
+            )
         tally = Tally(self.backend.stats)
         with open_parquet(self.backend, meta, None, tally) as pf:
             held = _Open(meta, pf.metadata)
@@ -473,8 +568,9 @@ class KVStore:
     def _executor(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(max(1, self.config.max_concurrent_fetches),
-                                                thread_name_prefix="x2l-fetch")
+                self._pool = ThreadPoolExecutor(
+                    max(1, self.config.max_concurrent_fetches), thread_name_prefix="x2l-fetch"
+                )
             return self._pool
 
     def fetch_deltas(self, video_id: str, chunks: list[int], write_id: str | None = None) -> Fetch:
@@ -489,9 +585,10 @@ class KVStore:
             level, nbytes = read_delta(self.backend, held.meta, held.footer, chunk)
             return cast_level(level, self.dtype), nbytes
 
-        got = dict(zip(chunks, self._executor().map(read, chunks)))
-        return Fetch({c: got[c][0] for c in chunks}, {c: got[c][1] for c in chunks}, set(), overhead,
-                     held.meta["write_id"])
+        got = dict(zip(chunks, self._executor().map(read, chunks), strict=True))
+        return Fetch(
+            {c: got[c][0] for c in chunks}, {c: got[c][1] for c in chunks}, set(), overhead, held.meta["write_id"]
+        )
 
     # --- accounting and lifetime -----------------------------------------------------------------------------------
     @property

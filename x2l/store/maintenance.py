@@ -39,8 +39,12 @@ class VerifyReport:
         return [v for v in self.videos if v["status"] == "damaged"]
 
     def to_dict(self) -> dict:
-        return {"videos": self.videos, "ok": len(self.videos) - len(self.damaged), "damaged": len(self.damaged),
-                "unreferenced": self.unreferenced}
+        return {
+            "videos": self.videos,
+            "ok": len(self.videos) - len(self.damaged),
+            "damaged": len(self.damaged),
+            "unreferenced": self.unreferenced,
+        }
 
 
 def _check_video(store: KVStore, key: str) -> dict | None:
@@ -58,8 +62,14 @@ def _check_video(store: KVStore, key: str) -> dict | None:
             read_delta(store.backend, meta, footer, chunk)
     except (CorruptionError, IncompatibleError) as e:
         return {"video_id": store._peek_video_id(key), "video_key": key, "status": "damaged", "error": str(e)}
-    return {"video_id": meta["video_id"], "video_key": key, "status": "ok", "chunks": meta["n_chunks"],
-            "kv_file": meta["kv_file"], "parquet_bytes": meta["parquet_bytes"]}
+    return {
+        "video_id": meta["video_id"],
+        "video_key": key,
+        "status": "ok",
+        "chunks": meta["n_chunks"],
+        "kv_file": meta["kv_file"],
+        "parquet_bytes": meta["parquet_bytes"],
+    }
 
 
 def _referenced(store: KVStore, key: str, entries: list[FileEntry]) -> set[str]:

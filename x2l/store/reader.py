@@ -51,8 +51,9 @@ class Tally(IOStats):
 
 
 @contextmanager
-def open_parquet(backend: Backend, meta: dict, file_meta: pq.FileMetaData | None = None,
-                 tally: Tally | None = None) -> Iterator[pq.ParquetFile]:
+def open_parquet(
+    backend: Backend, meta: dict, file_meta: pq.FileMetaData | None = None, tally: Tally | None = None
+) -> Iterator[pq.ParquetFile]:
     """The video's kv.parquet; with `file_meta` (a cached footer) nothing but the row groups asked for is read."""
     key = kv_path(meta["video_key"], meta["write_id"])
     try:
@@ -63,8 +64,10 @@ def open_parquet(backend: Backend, meta: dict, file_meta: pq.FileMetaData | None
         f.stats = tally
     try:
         if f.size() != meta["parquet_bytes"]:
-            raise CorruptionError(f"{name(meta)}: {backend.where(key)} is {f.size()} bytes, the commit says "
-                                  f"{meta['parquet_bytes']} (truncated or replaced)")
+            raise CorruptionError(
+                f"{name(meta)}: {backend.where(key)} is {f.size()} bytes, the commit says "
+                f"{meta['parquet_bytes']} (truncated or replaced)"
+            )
         with corruption(f"{name(meta)}: {backend.where(key)}"):
             pf = pq.ParquetFile(f, metadata=file_meta, pre_buffer=True, page_checksum_verification=True)
             if file_meta is None:
@@ -79,8 +82,10 @@ def check_layout(pf: pq.ParquetFile, meta: dict) -> None:
     what = f"{name(meta)}: {meta['kv_file']}"
     kv = pf.schema_arrow.metadata or {}
     if kv.get(b"x2l.write_id", b"").decode() != meta["write_id"]:
-        raise CorruptionError(f"{what} was not written by this commit (write id {kv.get(b'x2l.write_id')!r}, "
-                              f"meta.json says {meta['write_id']!r})")
+        raise CorruptionError(
+            f"{what} was not written by this commit (write id {kv.get(b'x2l.write_id')!r}, "
+            f"meta.json says {meta['write_id']!r})"
+        )
     if pf.schema_arrow.names != COLUMNS:
         raise CorruptionError(f"{what} has columns {pf.schema_arrow.names}, expected {COLUMNS}")
     n = meta["n_chunks"]

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -53,19 +52,22 @@ def torch_dtype(name: str) -> torch.dtype | None:
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
-SCHEMA = pa.schema([
-    ("chunk", pa.int32()),
-    ("level", pa.string()),
-    ("n_tokens", pa.int32()),
-    ("start_s", pa.float64()),
-    ("end_s", pa.float64()),
-    ("dtype", pa.string()),
-    ("shape", pa.list_(pa.int64())),
-    ("checksum", pa.string()),
-    ("index", pa.large_binary()),
-    ("keys", pa.large_binary()),
-    ("values", pa.large_binary()),
-])
+
+SCHEMA = pa.schema(
+    [
+        ("chunk", pa.int32()),
+        ("level", pa.string()),
+        ("n_tokens", pa.int32()),
+        ("start_s", pa.float64()),
+        ("end_s", pa.float64()),
+        ("dtype", pa.string()),
+        ("shape", pa.list_(pa.int64())),
+        ("checksum", pa.string()),
+        ("index", pa.large_binary()),
+        ("keys", pa.large_binary()),
+        ("values", pa.large_binary()),
+    ]
+)
 COLUMNS = SCHEMA.names
 
 WRITER_OPTIONS = dict(compression="none", use_dictionary=False, write_statistics=False, write_page_checksum=True)
@@ -99,23 +101,39 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def encode_row(chunk: int, level: str, n_tokens: int, start_s: float, end_s: float,
-               keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor | None) -> dict:
+def encode_row(
+    chunk: int,
+    level: str,
+    n_tokens: int,
+    start_s: float,
+    end_s: float,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    index: torch.Tensor | None,
+) -> dict:
     """A row of SCHEMA (index None for the sink), checksum included."""
     import torch
 
     if dtype_name(keys.dtype) not in DTYPE_NAMES:
         raise StoreError(f"chunk {chunk} {level}: dtype {keys.dtype} cannot be stored (use one of {list(DTYPE_NAMES)})")
     if keys.shape != values.shape or keys.dtype != values.dtype or keys.dim() != 4:
-        raise StoreError(f"chunk {chunk} {level}: keys {tuple(keys.shape)} {keys.dtype} and values "
-                              f"{tuple(values.shape)} {values.dtype} must be equal [layers, heads, k, dim] tensors")
+        raise StoreError(
+            f"chunk {chunk} {level}: keys {tuple(keys.shape)} {keys.dtype} and values "
+            f"{tuple(values.shape)} {values.dtype} must be equal [layers, heads, k, dim] tensors"
+        )
     if index is not None and tuple(index.shape) != tuple(keys.shape[:3]):
         raise StoreError(f"chunk {chunk} {level}: index {tuple(index.shape)} does not match keys {tuple(keys.shape)}")
     row = {
-        "chunk": chunk, "level": level, "n_tokens": int(n_tokens), "start_s": float(start_s), "end_s": float(end_s),
-        "dtype": dtype_name(keys.dtype), "shape": [int(s) for s in keys.shape],
+        "chunk": chunk,
+        "level": level,
+        "n_tokens": int(n_tokens),
+        "start_s": float(start_s),
+        "end_s": float(end_s),
+        "dtype": dtype_name(keys.dtype),
+        "shape": [int(s) for s in keys.shape],
         "index": b"" if index is None else tensor_bytes(index.to(torch.int32)),
-        "keys": tensor_bytes(keys), "values": tensor_bytes(values),
+        "keys": tensor_bytes(keys),
+        "values": tensor_bytes(values),
     }
     row["checksum"] = row_checksum(row)
     return row
@@ -149,7 +167,9 @@ def decode_row(row: dict, what: str, chunk: int, level: str) -> tuple[torch.Tens
     """(keys, values, index or None for the sink) of a read row after checking that it is the expected row, that its
     sizes agree with its dtype and shape and that its checksum holds. CorruptionError naming `what` otherwise."""
     if (row.get("chunk"), row.get("level")) != (chunk, level):
-        raise CorruptionError(f"{what}: expected chunk {chunk} {level}, found chunk {row.get('chunk')} {row.get('level')}")
+        raise CorruptionError(
+            f"{what}: expected chunk {chunk} {level}, found chunk {row.get('chunk')} {row.get('level')}"
+        )
     import torch
 
     dtype, shape = torch_dtype(row["dtype"]), row["shape"]
@@ -159,8 +179,10 @@ def decode_row(row: dict, what: str, chunk: int, level: str) -> tuple[torch.Tens
     n_index = 0 if level == "sink" else math.prod(shape[:3]) * 4
     sizes = [memoryview(row[n]).nbytes for n in ("keys", "values", "index")]
     if sizes != [payload, payload, n_index]:
-        raise CorruptionError(f"{what}: keys/values/index are {sizes} bytes, shape {shape} {row['dtype']} needs "
-                              f"{[payload, payload, n_index]}")
+        raise CorruptionError(
+            f"{what}: keys/values/index are {sizes} bytes, shape {shape} {row['dtype']} needs "
+            f"{[payload, payload, n_index]}"
+        )
     actual = row_checksum(row)
     if actual != row["checksum"]:
         raise CorruptionError(f"{what}: checksum mismatch (stored {row['checksum']}, computed {actual})")

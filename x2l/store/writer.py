@@ -22,6 +22,7 @@ from x2l import __version__
 from x2l.errors import StoreError
 from x2l.store.backend import Backend
 from x2l.store.keys import kv_file, kv_path
+
 if TYPE_CHECKING:
     from x2l.kv import VideoKV
 from x2l.store.schema import META_CHECKSUM, SCHEMA, SCHEMA_VERSION, WRITER_OPTIONS, encode_row, meta_checksum, table_of
@@ -41,8 +42,12 @@ def source_sha256(path: str) -> str:
 
 def video_fingerprint(model_fingerprint: str, sampling: Any, compression: Any, source_hash: str | None) -> str:
     """sha256 over everything indexing depends on: the same fingerprint means re-indexing would give the same KV."""
-    inputs = {"model_fingerprint": model_fingerprint, "sampling": sampling, "compression": compression,
-              "source_sha256": source_hash}
+    inputs = {
+        "model_fingerprint": model_fingerprint,
+        "sampling": sampling,
+        "compression": compression,
+        "source_sha256": source_hash,
+    }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
@@ -57,14 +62,17 @@ def check_complete(video: VideoKV) -> None:
 
 def write_parquet(backend: Backend, key: str, video: VideoKV, write_id: str) -> int:
     """Stream this write's kv-<write_id>.parquet (see schema.py for the layout); returns its size in bytes."""
-    schema = SCHEMA.with_metadata({"x2l.schema_version": str(SCHEMA_VERSION), "x2l.write_id": write_id,
-                                   "x2l.video_id": video.video_id})
+    schema = SCHEMA.with_metadata(
+        {"x2l.schema_version": str(SCHEMA_VERSION), "x2l.write_id": write_id, "x2l.video_id": video.video_id}
+    )
     sink_tokens = video.sink_keys.shape[-2]
     with backend.open_output(kv_path(key, write_id)) as f:
         with pq.ParquetWriter(f, schema, **WRITER_OPTIONS) as w:
             rows = [encode_row(-1, "sink", sink_tokens, 0.0, 0.0, video.sink_keys, video.sink_values, None)]
-            rows += [encode_row(c.chunk, "h", c.n_tokens, c.start_s, c.end_s, c.h.keys, c.h.values, c.h.index)
-                     for c in video.chunks]
+            rows += [
+                encode_row(c.chunk, "h", c.n_tokens, c.start_s, c.end_s, c.h.keys, c.h.values, c.h.index)
+                for c in video.chunks
+            ]
             w.write_table(table_of(rows))
             for c in video.chunks:  # one row group per delta, encoded one at a time
                 d = c.delta
@@ -74,16 +82,31 @@ def write_parquet(backend: Backend, key: str, video: VideoKV, write_id: str) -> 
     return size
 
 
-def build_meta(video: VideoKV, key: str, write_id: str, source: str | None, source_hash: str | None,
-               fingerprint: str, parquet_bytes: int) -> dict:
+def build_meta(
+    video: VideoKV,
+    key: str,
+    write_id: str,
+    source: str | None,
+    source_hash: str | None,
+    fingerprint: str,
+    parquet_bytes: int,
+) -> dict:
     """meta.json: the indexer's own meta plus what readers need without opening the Parquet file, the KV file it
     commits (`kv_file`) and its own checksum (`meta_checksum`, see schema.meta_checksum)."""
     layers, heads, sink_tokens, head_dim = video.sink_keys.shape
-    chunks = [{
-        "chunk": c.chunk, "start_s": c.start_s, "end_s": c.end_s, "n_tokens": c.n_tokens,
-        "h_entries": c.h.n_entries, "delta_entries": c.delta.n_entries,  # per (layer, KV head): equal in all
-        "h_bytes": c.h.nbytes, "delta_bytes": c.delta.nbytes,
-    } for c in video.chunks]
+    chunks = [
+        {
+            "chunk": c.chunk,
+            "start_s": c.start_s,
+            "end_s": c.end_s,
+            "n_tokens": c.n_tokens,
+            "h_entries": c.h.n_entries,
+            "delta_entries": c.delta.n_entries,  # per (layer, KV head): equal in all
+            "h_bytes": c.h.nbytes,
+            "delta_bytes": c.delta.nbytes,
+        }
+        for c in video.chunks
+    ]
     meta = {
         **video.meta,
         "video_id": video.video_id,
@@ -100,7 +123,10 @@ def build_meta(video: VideoKV, key: str, write_id: str, source: str | None, sour
         "n_chunks": video.n_chunks,
         "next_position": video.next_position,
         "dtype": str(video.sink_keys.dtype).removeprefix("torch."),
-        "layers": layers, "kv_heads": heads, "head_dim": head_dim, "sink_tokens": sink_tokens,
+        "layers": layers,
+        "kv_heads": heads,
+        "head_dim": head_dim,
+        "sink_tokens": sink_tokens,
         "bytes": {
             "sink": video.sink_keys.nbytes + video.sink_values.nbytes,
             "h": sum(c["h_bytes"] for c in chunks),

@@ -60,20 +60,33 @@ class LocalRayHead:
 
     def env(self) -> dict:
         """Environment for clients of this head (`ray job submit`, `ray.init`)."""
-        return loopback_env() | {"RAY_ADDRESS": self.dashboard_url, "RAY_AUTH_MODE": "token",
-                                 "RAY_AUTH_TOKEN": self.token}
+        return loopback_env() | {
+            "RAY_ADDRESS": self.dashboard_url,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": self.token,
+        }
 
     def start(self) -> LocalRayHead:
-        cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
-               "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}", f"--num-cpus={self.num_cpus}",
-               "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-               f"--dashboard-port={self.dashboard_port}", f"--dashboard-agent-listen-port={self.agent_port}",
-               f"--temp-dir={self.temp_dir}", "--disable-usage-stats"]
+        cmd = [
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={self.gcs_port}",
+            f"--num-cpus={self.num_cpus}",
+            "--num-gpus=0",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--dashboard-agent-listen-port={self.agent_port}",
+            f"--temp-dir={self.temp_dir}",
+            "--disable-usage-stats",
+        ]
         log = open(Path(self.temp_dir) / "head.log", "w")
         env = self.env()
         del env["RAY_ADDRESS"]
-        self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -66,8 +66,15 @@ def _free_port_pair(taken: set[int], fixed: int | None = None) -> int:
 class LocalS3Server:
     """Start/stop `weed mini` serving S3 on 127.0.0.1 with one bucket. A context manager; stop() is idempotent."""
 
-    def __init__(self, data_dir: str, access_key: str = "x2l", secret_key: str = "x2l-secret", bucket: str = "x2l",
-                 port: int | None = None, start_timeout: float = 60.0):
+    def __init__(
+        self,
+        data_dir: str,
+        access_key: str = "x2l",
+        secret_key: str = "x2l-secret",
+        bucket: str = "x2l",
+        port: int | None = None,
+        start_timeout: float = 60.0,
+    ):
         self.data_dir = os.path.abspath(data_dir)
         self.access_key, self.secret_key, self.bucket = access_key, secret_key, bucket
         self.port, self.start_timeout = port, start_timeout
@@ -95,12 +102,21 @@ class LocalS3Server:
 
     def command(self) -> list[str]:
         # -logtostderr: its logs go to our log file only (else it also writes weed.* files into $TMPDIR)
-        args = [weed_binary(), "-logtostderr=true", "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1"]
+        args = [
+            weed_binary(),
+            "-logtostderr=true",
+            "mini",
+            f"-dir={self.data_dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+        ]
         for name in _COMPONENTS:
             args += [f"-{name}.port={self.ports[name]}", f"-{name}.port.grpc={self.ports[name] + _GRPC_OFFSET}"]
         args += [
-            "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",  # listeners we don't use
+            "-webdav=false",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",  # listeners we don't use
             "-master.telemetry=false",  # no phoning home
             "-volume.preStopSeconds=0",  # faster stop
             f"-bucket={self.bucket}",
@@ -123,12 +139,23 @@ class LocalS3Server:
         self.ports = {"s3": _free_port_pair(taken, self.port)}
         for name in _COMPONENTS:
             self.ports.setdefault(name, _free_port_pair(taken))
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
-               "TMPDIR": self._sock_dir()}
+        env = {
+            **os.environ,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "TMPDIR": self._sock_dir(),
+        }
         t0 = time.monotonic()
         with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen(self.command(), cwd=self.data_dir, env=env, stdin=subprocess.DEVNULL,
-                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self._proc = subprocess.Popen(
+                self.command(),
+                cwd=self.data_dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         atexit.register(self.stop)
         try:
             self._wait_ready(t0 + self.start_timeout)
@@ -142,10 +169,14 @@ class LocalS3Server:
         """Poll with a signed s3fs client until the bucket lists (creating it if weed has not yet)."""
         import s3fs
 
-        fs = s3fs.S3FileSystem(key=self.access_key, secret=self.secret_key, skip_instance_cache=True,
-                               use_listings_cache=False,
-                               client_kwargs={"endpoint_url": self.endpoint_url, "region_name": "us-east-1"},
-                               config_kwargs={"connect_timeout": 1, "read_timeout": 5, "retries": {"max_attempts": 1}})
+        fs = s3fs.S3FileSystem(
+            key=self.access_key,
+            secret=self.secret_key,
+            skip_instance_cache=True,
+            use_listings_cache=False,
+            client_kwargs={"endpoint_url": self.endpoint_url, "region_name": "us-east-1"},
+            config_kwargs={"connect_timeout": 1, "read_timeout": 5, "retries": {"max_attempts": 1}},
+        )
         last: Exception | None = None
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -161,8 +192,9 @@ class LocalS3Server:
             except Exception as e:  # noqa: BLE001 - not up yet
                 last = e
             time.sleep(0.1)
-        raise StoreError(f"S3 at {self.endpoint_url} not ready after {self.start_timeout:.0f}s ({last}):\n"
-                         f"{self.log_tail()}")
+        raise StoreError(
+            f"S3 at {self.endpoint_url} not ready after {self.start_timeout:.0f}s ({last}):\n{self.log_tail()}"
+        )
 
     def log_tail(self, lines: int = 30) -> str:
         try:

@@ -53,9 +53,8 @@ BPE_VOCAB_SIZE = 1024 - len(SPECIAL_TOKENS)  # an upper bound: the embedded corp
 
 # Qwen2's pre-tokenizer split (transformers' Qwen2Tokenizer.PRETOKENIZE_REGEX): digits are single tokens, words keep
 # their leading space. Using the same split means a Qwen2Tokenizer rebuilt from our vocab/merges tokenizes alike.
-QWEN2_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+# The regex as Qwen2's tokenizer.json spells it.
+QWEN2_PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
 
 # The chat template shipped with Qwen2-VL-*-Instruct (the same for Qwen2.5-VL).
 CHAT_TEMPLATE = (
@@ -139,13 +138,31 @@ Answer with the option's letter from the given choices directly. Based on the vi
 
 # Per-size widths. `mrope` splits head_dim/2 rotary frequencies into (temporal, height, width) sections.
 _TEXT = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128, mrope=[2, 3, 3]),
-    "small": dict(hidden_size=384, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
-                  intermediate_size=1024, mrope=[8, 12, 12]),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        mrope=[2, 3, 3],
+    ),
+    "small": dict(
+        hidden_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        intermediate_size=1024,
+        mrope=[8, 12, 12],
+    ),
     # Qwen2-VL-2B's language model widths, 4 of its 28 layers.
-    "medium": dict(hidden_size=1536, num_hidden_layers=4, num_attention_heads=12, num_key_value_heads=2,
-                   intermediate_size=8960, mrope=[16, 24, 24]),
+    "medium": dict(
+        hidden_size=1536,
+        num_hidden_layers=4,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        intermediate_size=8960,
+        mrope=[16, 24, 24],
+    ),
 }
 # Vision towers. depth_25/fullatt_25: Qwen2.5-VL uses window attention except in `fullatt_block_indexes`, so its tiny
 # tower has two blocks (one windowed, one full). mlp_25: Qwen2.5-VL's SwiGLU width (3420 in the real 1280-wide tower).
@@ -182,10 +199,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     Byte-level pre-tokenizer and decoder with no normalizer, so decode(encode(s)) == s for any string.
     """
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=BPE_VOCAB_SIZE,
@@ -225,7 +244,8 @@ def special_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
 
 
 def tiny_config(family: str, size: str, vocab_size: int, special_ids: dict[str, int]) -> PreTrainedConfig:
-    """A Qwen2VLConfig / Qwen2_5_VLConfig of the given size whose token ids are `special_ids` (see special_token_ids)."""
+    """A Qwen2VLConfig / Qwen2_5_VLConfig of the given size whose token ids are `special_ids` (see
+    special_token_ids)."""
     model_type = _check(family, size)
     t, v = _TEXT[size], _VISION[size]
     head_dim = t["hidden_size"] // t["num_attention_heads"]
@@ -245,18 +265,26 @@ def tiny_config(family: str, size: str, vocab_size: int, special_ids: dict[str, 
         "eos_token_id": special_ids["eos_token_id"],
         "pad_token_id": special_ids["pad_token_id"],
     }
-    common = dict(patch_size=14, temporal_patch_size=2, spatial_merge_size=2, in_channels=3,
-                  num_heads=v["num_heads"])
-    ids = {k: special_ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
-                                       "vision_end_token_id")}
+    common = dict(patch_size=14, temporal_patch_size=2, spatial_merge_size=2, in_channels=3, num_heads=v["num_heads"])
+    ids = {
+        k: special_ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    }
     if model_type == "qwen2_vl":
-        vision_config = dict(common, depth=v["depth"], embed_dim=v["embed_dim"], mlp_ratio=v["mlp_ratio"],
-                             hidden_size=t["hidden_size"])
+        vision_config = dict(
+            common, depth=v["depth"], embed_dim=v["embed_dim"], mlp_ratio=v["mlp_ratio"], hidden_size=t["hidden_size"]
+        )
         return Qwen2VLConfig(text_config=text_config, vision_config=vision_config, **ids)
     depth = v["depth_25"]
-    vision_config = dict(common, depth=depth, hidden_size=v["embed_dim"], intermediate_size=v["mlp_25"],
-                         out_hidden_size=t["hidden_size"], tokens_per_second=2, window_size=112,
-                         fullatt_block_indexes=[depth - 1])
+    vision_config = dict(
+        common,
+        depth=depth,
+        hidden_size=v["embed_dim"],
+        intermediate_size=v["mlp_25"],
+        out_hidden_size=t["hidden_size"],
+        tokens_per_second=2,
+        window_size=112,
+        fullatt_block_indexes=[depth - 1],
+    )
     return Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config, **ids)
 
 
@@ -320,13 +348,16 @@ def write_tiny_checkpoint(
     pre = preprocessor_config(family, size)
     _write_json(out / "preprocessor_config.json", dict(pre, image_processor_type="Qwen2VLImageProcessor"))
     _write_json(out / "video_preprocessor_config.json", dict(pre, video_processor_type="Qwen2VLVideoProcessor"))
-    _write_json(out / "x2l_tiny.json", {
-        "family": family,
-        "size": size,
-        "seed": seed,
-        "dtype": str(dtype).removeprefix("torch."),
-        "x2l_version": __version__,
-        "random_weights": True,
-        "note": "random-weight test model built by x2l.testing.tiny_models; its outputs are meaningless",
-    })
+    _write_json(
+        out / "x2l_tiny.json",
+        {
+            "family": family,
+            "size": size,
+            "seed": seed,
+            "dtype": str(dtype).removeprefix("torch."),
+            "x2l_version": __version__,
+            "random_weights": True,
+            "note": "random-weight test model built by x2l.testing.tiny_models; its outputs are meaningless",
+        },
+    )
     return out

@@ -9,9 +9,9 @@ resizing down to a few pixels per cell; the texture amplitude stays far below th
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Sequence
 
 import av
 import numpy as np
@@ -64,8 +64,12 @@ def _encoder_options(codec: str, bframes: int, gop: int | None, open_gop: bool =
     if codec == "libsvtav1":
         # presets 11-13 of the SVT-AV1 in PyAV's wheels write streams dav1d refuses ("Error parsing OBU data");
         # temporal filtering and overlays blend neighbouring frames, which would smear the index pattern
-        return {"crf": "10", "preset": "8", "svtav1-params": "enable-tf=0:enable-overlays=0",
-                **({"g": str(gop)} if gop else {})}
+        return {
+            "crf": "10",
+            "preset": "8",
+            "svtav1-params": "enable-tf=0:enable-overlays=0",
+            **({"g": str(gop)} if gop else {}),
+        }
     if codec == "libvpx":
         return {"crf": "4", "b": "2M", "deadline": "realtime", "cpu-used": "8", **({"g": str(gop)} if gop else {})}
     return {}
@@ -102,7 +106,8 @@ def write_video(
     pix_fmt: str = "yuv420p",
     open_gop: bool = False,
 ) -> Path:
-    """Write a video (`pix_fmt`, default yuv420p; container from the suffix: .mp4, .webm, .mkv) of `n_frames` frames at `fps`; frame i
+    """Write a video (`pix_fmt`, default yuv420p; container from the suffix: .mp4, .webm, .mkv) of `n_frames`
+    frames at `fps`; frame i
     is `frame_fn(i)` or `index_frame(i, size)`.
 
     size is (h, w) and must be even (4:2:0 chroma). codec: libx264, libx265, libsvtav1 (AV1), libvpx (VP8).
@@ -139,7 +144,7 @@ def write_video(
             # each frame lasts until the next one; the last as long as the one before (muxers take the last sample's
             # duration from its packet, so a VFR clip ends where its timestamps say)
             last = ticks[-1] - ticks[-2] if n_frames > 1 else 1
-            durations = dict(zip(ticks, np.diff(ticks + [ticks[-1] + last]).tolist()))
+            durations = dict(zip(ticks, np.diff(ticks + [ticks[-1] + last]).tolist(), strict=True))
             for i in range(n_frames):
                 frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(make_frame(i), dtype=np.uint8), format="rgb24")
                 if pix_fmt != "yuv420p":
@@ -171,8 +176,9 @@ def write_vfr_video(path: str | Path, size: tuple[int, int] = (48, 80), pts_ms: 
     return write_video(path, len(pts_ms), 30, size=size, pts=pts_ms, time_base=Fraction(1, 1000))
 
 
-def write_edit_list_mp4(path: str | Path, n_frames: int = 100, fps: int = 10, show_from_s: float = 4.0,
-                        size: tuple[int, int] = (48, 80)) -> Path:
+def write_edit_list_mp4(
+    path: str | Path, n_frames: int = 100, fps: int = 10, show_from_s: float = 4.0, size: tuple[int, int] = (48, 80)
+) -> Path:
     """An MP4 trimmed without re-encoding: all `n_frames` H.264 frames (one key frame, at 0) are in the file, and an
     edit list shows only `show_from_s` s to the end, as `ffmpeg -ss 4 -i in.mp4 -c copy out.mp4` writes it.
 
