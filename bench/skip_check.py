@@ -3,7 +3,7 @@ committed takes, on a local S3 server (SeaweedFS), before and after the check be
 
 before: the loop the job ran on the driver until issue 12 (one `store.committed()` read after the other, before any
         work started): its wall time is the job's start-up delay.
-after:  the `check_committed` stage (x2l/distributed.py) over the same rows as a Ray Data stage on a local Ray
+after:  the `check_committed` stage (x2l/distributed/indexing.py) over the same rows as a Ray Data stage on a local Ray
         (ray.init not counted): the time until its first rows come out (when decoding of "todo" rows could start:
         the start-up delay now) and until every row is classified.
         Also one CheckCommitted task's thread pool over all rows in-process (no Ray), for reference.
