@@ -412,8 +412,10 @@ def test_reindex_while_serving_answers_from_the_new_index(serve_app, archive):
     q = {"id": "x", "video_id": "live.mp4", "question": "What is shown?", "top_k": 2}
     before = ask(url, [q]).json()["answers"][0]
     assert before["n_chunks"] == 4  # 16 frames at 2 fps, 4 per chunk
-    new = Indexer(archive["model_obj"], SamplingConfig(fps=2, frames_per_chunk=2)).index(
-        archive["live_video"], "live.mp4"
+    new = (
+        Indexer(archive["model_obj"], SamplingConfig(fps=2, frames_per_chunk=2))
+        .index(archive["live_video"], "live.mp4")
+        .video
     )
     KVStore(archive["live"], archive["model_obj"].fingerprint).write(new, overwrite=True)
     for top_k in (2, 8):  # every chunk of the new index: deltas the replica never held
