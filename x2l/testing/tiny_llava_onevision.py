@@ -41,7 +41,9 @@ CHAT_TEMPLATE = (
 )
 
 _TEXT = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128),
+    "tiny": dict(
+        hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128
+    ),
     "small": dict(
         hidden_size=384, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2, intermediate_size=1024
     ),
@@ -54,7 +56,9 @@ _VISION = {
     "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=72),
     "small": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, image_size=384),
     # SigLIP so400m-patch14-384 widths (the released checkpoints' tower), 2 of its 26 layers.
-    "medium": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=2, num_attention_heads=16, image_size=384),
+    "medium": dict(
+        hidden_size=1152, intermediate_size=4304, num_hidden_layers=2, num_attention_heads=16, image_size=384
+    ),
 }
 DEFAULT_DTYPE = {"tiny": torch.float32, "small": torch.float32, "medium": torch.bfloat16}
 SIGLIP_MEAN = [0.5, 0.5, 0.5]  # the released checkpoints' image_mean / image_std
@@ -154,7 +158,9 @@ def write_tiny_checkpoint(
     side = _VISION[size]["image_size"]
     _write_json(
         out / "preprocessor_config.json",
-        dict(pre, image_processor_type="LlavaOnevisionImageProcessor", image_grid_pinpoints=[[side, side]], do_pad=True),
+        dict(
+            pre, image_processor_type="LlavaOnevisionImageProcessor", image_grid_pinpoints=[[side, side]], do_pad=True
+        ),
     )
     _write_json(out / "video_preprocessor_config.json", dict(pre, video_processor_type="LlavaOnevisionVideoProcessor"))
     _write_json(
