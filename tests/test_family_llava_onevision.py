@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
+from transformers import AutoTokenizer, DynamicCache, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
 from x2l.config import RetrievalConfig, SamplingConfig
-from x2l.engine import Answerer, Indexer, Question
+from x2l.engine import Answerer, Indexer, Question, h_cache_layers
 from x2l.errors import ModelError
+from x2l.kv import InMemorySource
 from x2l.models import load_model, pixel_rule, registry
 from x2l.models.llava_onevision import LlavaOnevisionAdapter
 from x2l.store import KVStore
@@ -108,6 +109,46 @@ def test_user_text_that_spells_the_video_token_stays_text(model):
     ids = model.question_ids("What is <video> here?", ["<video>", "<image>"])
     assert ids.count(vid) == 1 and ids[0] == vid
     assert "<video> here?" in model.decode_text(ids[1:]) or "<video> here?" in model.tokenizer.decode(ids[1:])
+
+
+# --- the method's invariants (tests/test_engine.py states them for the Qwen families) ---------------------------------
+QUESTIONS = [
+    Question("v", "What color is the ball?"),
+    Question("v", "Which object appears first?", ["a cup", "a dog", "a tree"]),
+    Question("v", "How many times does the light blink?", max_new_tokens=3),
+]
+
+
+def test_top_k_0_equals_decoding_over_h_alone(model, video_path):
+    kv = Indexer(model, SAMPLING).index(video_path, "v").video
+    [ans] = Answerer(model, InMemorySource([kv]), RetrievalConfig(top_k=0, max_new_tokens=4)).answer(QUESTIONS[:1])
+    assert ans.selected_chunks == []
+    cache = DynamicCache(ddp_cache_data=[(k[None], v[None]) for k, v in h_cache_layers(kv)])
+    ids = model.question_ids(QUESTIONS[0].question)
+    pos = model.text_positions(kv.next_position, len(ids))[:, None]  # [1, 1, n]
+    logits = model.forward(model.embed_ids(torch.tensor([ids])), pos, cache)
+    torch.testing.assert_close(ans.first_logits, logits[0], atol=1e-5, rtol=0)
+    tokens, last = [], pos[:, :, -1:]
+    for _ in range(4):
+        nxt = int(logits[0].argmax())
+        if nxt in model.stop_token_ids:
+            break
+        tokens.append(nxt)
+        last = model.next_positions(last)
+        logits = model.forward(model.embed_ids(torch.tensor([[nxt]])), last, cache)
+    assert ans.token_ids == tokens
+    assert ans.tokens_in_cache == kv.sink_keys.shape[2] + sum(c.h.n_entries for c in kv.chunks)
+
+
+def test_batched_answers_equal_one_at_a_time(model, video_path):
+    kv = Indexer(model, SAMPLING).index(video_path, "v").video
+    answerer = Answerer(model, InMemorySource([kv]), RetrievalConfig(top_k=2, max_new_tokens=4))
+    batch = answerer.answer(QUESTIONS)
+    for q, b in zip(QUESTIONS, batch, strict=True):
+        [single] = answerer.answer([q])
+        assert b.selected_chunks == single.selected_chunks and b.token_ids == single.token_ids
+        torch.testing.assert_close(b.first_logits, single.first_logits, atol=1e-4, rtol=0)
+    assert len(batch[2].token_ids) <= 3
 
 
 # --- pixels -----------------------------------------------------------------------------------------------------------
