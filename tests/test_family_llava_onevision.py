@@ -209,7 +209,10 @@ def test_tiny_builder_sizes(tmp_path):
 
     with pytest.raises(Exception, match="unknown tiny-model size"):
         registry.write_tiny_checkpoint(tmp_path / "x", FAMILY, size="huge")
-    out = registry.write_tiny_checkpoint(tmp_path / "small", FAMILY, size="small")
+    r = x2l("tiny-model", tmp_path / "small", "--family", FAMILY, "--size", "small")
+    out = tmp_path / "small"
+    assert "llava-onevision small" in r.stdout
+    assert json.loads((out / "x2l_tiny.json").read_text())["family"] == FAMILY
     cfg = AutoConfig.from_pretrained(out)
     assert cfg.model_type == "llava_onevision" and cfg.vision_config.model_type == "siglip_vision_model"
     assert (cfg.vision_config.image_size, cfg.vision_config.patch_size) == (384, 14)  # 27x27 -> 196 tokens a frame
