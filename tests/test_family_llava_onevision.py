@@ -22,6 +22,8 @@ from x2l.errors import ModelError
 from x2l.kv import InMemorySource
 from x2l.models import load_model, pixel_rule, registry
 from x2l.models.llava_onevision import LlavaOnevisionAdapter
+from x2l.models.probing import probing
+from x2l.retrieval import RelevanceProbe
 from x2l.store import KVStore
 from x2l.testing.videos import write_video
 from x2l.video import resize_frames
@@ -149,6 +151,28 @@ def test_batched_answers_equal_one_at_a_time(model, video_path):
         assert b.selected_chunks == single.selected_chunks and b.token_ids == single.token_ids
         torch.testing.assert_close(b.first_logits, single.first_logits, atol=1e-4, rtol=0)
     assert len(batch[2].token_ids) <= 3
+
+
+def test_relevance_probe_matches_the_qwen2_language_models_attention_weights(model, video_path):
+    """The probe's per-entry attention over H equals what the eager Qwen2 language model reports."""
+    kv = Indexer(model, SAMPLING).index(video_path, "v").video
+    layers = h_cache_layers(kv)
+    n_cache = layers[0][0].shape[1]
+    ids = model.question_ids("Where is the red ball?")
+    probe = RelevanceProbe(n_cache)
+    with probing(probe), torch.no_grad():
+        out = model.model.model.language_model(
+            inputs_embeds=model.embed_ids(torch.tensor([ids])),
+            position_ids=model.text_positions(kv.next_position, len(ids)),
+            cache=DynamicCache(ddp_cache_data=[(k[None], v[None]) for k, v in layers]),
+            use_cache=True,
+            output_attentions=True,
+        )
+    g = model.model.config.text_config.num_attention_heads // model.num_kv_heads
+    assert len(out.attentions) == model.num_layers
+    for l, attn in enumerate(out.attentions):  # [1, Hq, q, n_cache + q]
+        expected = attn[0, :, :, :n_cache].sum(dim=1).view(model.num_kv_heads, g, n_cache).mean(dim=1)
+        torch.testing.assert_close(probe.per_layer[l][0], expected.float(), atol=1e-5, rtol=1e-4)
 
 
 # --- pixels -----------------------------------------------------------------------------------------------------------
