@@ -8,7 +8,7 @@
 - stop tokens: the checkpoint's end-of-sequence tokens stop decoding, never appear in an answer, and user text that
   spells them stays text;
 - the pixel rule: target sizes are multiples of the family's patch factor within its pixel bounds and equal the rule
-  decode workers read without loading weights.
+  decode workers read without loading weights (a family with one fixed frame size refuses bounds that exclude it).
 
 Tiny random checkpoints of every family come from its registered tiny builder (the `tiny_checkpoints` fixture),
 with their attention sharpened: random initialisation attends almost uniformly, so a position off by one moved the
@@ -262,6 +262,18 @@ def test_target_size_follows_the_family_pixel_rule(checkpoint, adapter):
 
 def test_pixel_bounds_given_to_load_model_are_the_rule_decode_workers_read(checkpoint):
     rule = pixel_rule(checkpoint)
+    if rule.min_pixels == rule.max_pixels:
+        # A fixed frame size (LLaVA-OneVision: the vision tower's image_size): bounds that admit it change nothing,
+        # bounds that exclude it are refused in one line by the rule and the loader alike.
+        area = rule.min_pixels
+        assert pixel_rule(checkpoint, area // 2, area * 2) == rule
+        model = load_model(checkpoint, dtype="float32", device="cpu", min_pixels=area // 2, max_pixels=area * 2)
+        assert all(model.target_size(h, w) == rule.target_size(h, w) for h, w in SIZES)
+        for load in (pixel_rule, load_model):
+            with pytest.raises(ModelError, match="pixel bounds") as e:
+                load(checkpoint, min_pixels=area * 2, max_pixels=area * 6)
+            assert "\n" not in str(e.value)
+        return
     low, high = rule.factor**2 * 2, rule.factor**2 * 6
     bounded = pixel_rule(checkpoint, low, high)
     assert (bounded.min_pixels, bounded.max_pixels) == (low, high)

@@ -3,6 +3,7 @@
 base.py         the ModelAdapter protocol the engine is written against, Segment, PixelRule
 registry.py     the families: name, model_type, adapter, pixel rule, tiny builder; load_model, pixel_rule
 qwen2_vl.py     Qwen2-VL and Qwen2.5-VL
+llava_onevision.py  LLaVA-OneVision and LLaVA-Video (SigLIP, per-frame pooling, the video newline, 1-D positions)
 probing.py      the attention hook that shows probes post-RoPE queries and keys (scoring, relevance)
 fingerprint.py  a checkpoint's identity (config, tokenizer, whole weight files), family-neutral
 

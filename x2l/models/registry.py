@@ -63,6 +63,14 @@ FAMILIES: tuple[Family, ...] = (
         "x2l.models.qwen2_vl:question_token_ids",
         "x2l.testing.tiny_models:write_tiny_checkpoint",
     ),
+    Family(
+        "llava-onevision",
+        "llava_onevision",
+        "x2l.models.llava_onevision:LlavaOnevisionAdapter",
+        "x2l.models.llava_onevision:PixelRule.from_checkpoint",
+        "x2l.models.llava_onevision:question_token_ids",
+        "x2l.testing.tiny_llava_onevision:write_tiny_checkpoint",
+    ),
 )
 FAMILY_NAMES: tuple[str, ...] = tuple(f.name for f in FAMILIES)
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(f.model_type for f in FAMILIES)

@@ -1,0 +1,272 @@
+"""LLaVA-OneVision architecture (LLaVA-OneVision and LLaVA-Video checkpoints, `LlavaOnevisionForConditionalGeneration`,
+model_type llava_onevision): own pixel preprocessing (no torchvision), 1-D positions, one forward.
+
+How transformers (5.x, modeling/processing_llava_onevision.py) lays out a video, and what x2l does with it:
+
+- Pixels (LlavaOnevisionVideoProcessor): every frame resized to the fixed `size` (height x width, 384 x 384 in the
+  released checkpoints, aspect ratio not kept), BICUBIC with antialias, rescaled by 1/255 and normalised with the
+  checkpoint's image_mean / image_std (0.5 / 0.5 for the SigLIP checkpoints). x2l resizes with
+  x2l.video.resize_frames (torchvision's uint8 bicubic-antialias kernel, as the Qwen adapter) and normalises here.
+- Vision (get_video_features): the SigLIP tower runs on each frame; the hidden state `vision_feature_layer` is taken
+  (without its first entry when `vision_feature_select_strategy` is "default"), projected by the two-layer
+  multi-modal projector, then pooled per frame by apply_pooling: the (image_size // patch_size)^2 grid is resized
+  bilinearly to ceil(side / 2)^2 (27 x 27 -> 14 x 14 = 196 tokens a frame for the released checkpoints).
+- Newline: `image_newline` is appended ONCE per video, after all its frames (not per frame, not per row).
+- Placeholders (LlavaOnevisionProcessor.replace_video_token): one `<video>` in the text becomes
+  frames * ceil(side / 2)^2 + 1 `<video>` ids; the model scatters the video's features, newline last, over them.
+- Positions: the language model is Qwen2 with plain 1-D RoPE; positions are 0, 1, 2, ... over the whole prompt
+  (stock default), so positions here are [1, n] (A = 1 axis) and every span continues where the last one ended.
+
+Chunk layout. The whole video is one stock video: sink text, then every chunk's frame tokens back to back (chunk i
+is frames F*i .. F*i+F-1 of the video, F*ceil(side/2)^2 tokens, no wrapper tokens), then the video's one newline,
+then the question turn. The newline belongs to no chunk: it is the first token of the question prompt
+(`question_ids` starts with the `<video>` id, and `embed_ids` turns that id into `image_newline`, which is exactly
+what the stock model does to the last `<video>` placeholder of a video). So chunks stay independent and
+selectable, the newline is always at full precision right after the last chunk, and the chunk-by-chunk prefill
+equals the stock one-shot forward of the whole video laid out by the stock processor (`reference_inputs`). A
+`<video>` id generated while decoding would also be embedded as the newline (the stock model would embed the
+placeholder's own row); trained checkpoints never emit it.
+
+Prompt (the original LLaVA-OneVision "qwen_1_5" conversation): `<|im_start|>system\\nYou are a helpful
+assistant.<|im_end|>\\n<|im_start|>user\\n` <video> `\\n` question `<|im_end|>\\n<|im_start|>assistant\\n`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoTokenizer, DynamicCache
+
+from x2l.errors import ModelError
+from x2l.models import probing
+from x2l.models.base import Segment, resolve_device, resolve_dtype
+from x2l.models.fingerprint import checkpoint_fingerprint, weight_files
+from x2l.models.qwen2_vl import question_token_ids as qwen_question_ids
+from x2l.models.registry import family_of_model_type
+from x2l.video import resize_frames
+
+SYSTEM_PROMPT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+VIDEO_TOKEN = "<video>"
+# LlavaOnevisionVideoProcessor's defaults, used only where a checkpoint's preprocessor files do not say.
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def question_token_ids(tokenizer, question: str, options: list[str] | None = None) -> list[int]:
+    """Token ids of the question turn: the `<video>` id that stands for the video's closing newline (see the module
+    docstring), "\\n", then the Qwen chat turn as x2l.models.qwen2_vl.question_token_ids builds it (user text with
+    special-token parsing off, lettered options, the instruction, `<|im_end|>\\n<|im_start|>assistant\\n`)."""
+    video = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
+    if video is None or video == tokenizer.unk_token_id or video < 0:
+        raise ModelError(f"the tokenizer has no {VIDEO_TOKEN} token: not a LLaVA-OneVision checkpoint's tokenizer")
+    return [video] + tokenizer.encode("\n", add_special_tokens=False) + qwen_question_ids(tokenizer, question, options)
+
+
+def _read_json(f: Path) -> dict:
+    try:
+        return json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"{f}: cannot read ({e})") from e
+
+
+@dataclass(frozen=True)
+class PixelRule:
+    """LLaVA-OneVision's frame-size rule: every frame is resized to one fixed size, the SigLIP tower's image_size
+    square (its position embeddings and the per-frame pooling assume it). Read from the checkpoint's preprocessor
+    files and config.json without loading weights. min_pixels == max_pixels == height * width."""
+
+    height: int
+    width: int
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    std: tuple[float, float, float] = OPENAI_CLIP_STD
+
+    @property
+    def min_pixels(self) -> int:
+        return self.height * self.width
+
+    @property
+    def max_pixels(self) -> int:
+        return self.height * self.width
+
+    @property
+    def factor(self) -> int:
+        """Sides are multiples of this: their greatest common divisor (the side itself for square frames)."""
+        return math.gcd(self.height, self.width)
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) of every frame, whatever the video's size (the processor does not keep aspect ratio)."""
+        return self.height, self.width
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, min_pixels: int | None = None, max_pixels: int | None = None) -> PixelRule:
+        """The rule of the checkpoint at `path`. ModelError (one line) when the preprocessor's size is not the vision
+        tower's image_size square, or when min_pixels / max_pixels are given and exclude the fixed frame area."""
+        pre: dict = {}
+        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+            if (path / name).exists():
+                pre = _read_json(path / name)
+                break
+        image_size = _read_json(path / "config.json").get("vision_config", {}).get("image_size", 384)
+        size = pre.get("size") or {}
+        h = size.get("height") or size.get("shortest_edge") or image_size
+        w = size.get("width") or size.get("shortest_edge") or image_size
+        if (h, w) != (image_size, image_size):
+            raise ModelError(
+                f"{path}: the video preprocessor's size {h}x{w} is not the vision tower's image_size "
+                f"{image_size}x{image_size}, which LlavaOnevisionForConditionalGeneration requires"
+            )
+        rule = cls(h, w, tuple(pre.get("image_mean", OPENAI_CLIP_MEAN)), tuple(pre.get("image_std", OPENAI_CLIP_STD)))
+        lo, hi = min_pixels or 0, max_pixels or rule.max_pixels
+        if not lo <= rule.max_pixels <= hi:
+            raise ModelError(
+                f"{path}: llava-onevision takes every frame at {h}x{w} ({h * w} pixels), outside the requested "
+                f"pixel bounds min_pixels={min_pixels} max_pixels={max_pixels}; leave them unset for this family"
+            )
+        return rule
+
+
+class LlavaOnevisionAdapter:
+    """LLaVA-OneVision / LLaVA-Video behind x2l's ModelAdapter protocol (see the module docstring for the layout)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        dtype: str = "auto",
+        attn_implementation: str = "sdpa",
+        device: str = "auto",
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+    ):
+        from transformers import LlavaOnevisionForConditionalGeneration
+
+        self.path = Path(path)
+        config = AutoConfig.from_pretrained(self.path)
+        self.family = family_of_model_type(config.model_type).name
+        self.pixels = PixelRule.from_checkpoint(self.path, min_pixels, max_pixels)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        weight_files(self.path)  # safetensors only: a pickled checkpoint is refused before transformers sees it
+        try:
+            self.model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+                self.path, dtype=self.dtype, attn_implementation=attn_implementation, use_safetensors=True
+            )
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot load checkpoint {self.path}: {e}") from e
+        self.model.to(self.device).eval()
+        probing.install(self.model.config.text_config, attn_implementation)
+
+        text, vision = self.model.config.text_config, self.model.config.vision_config
+        self.num_layers = text.num_hidden_layers
+        self.num_kv_heads = text.num_key_value_heads
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.fingerprint = checkpoint_fingerprint(self.path)
+        side = vision.image_size // vision.patch_size
+        self.tokens_per_frame = math.ceil(side / 2) ** 2  # apply_pooling: bilinear to ceil(side / 2) per side
+        # Rescale (1/255) fused into normalisation.
+        self._mean = torch.tensor(self.pixels.mean).view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(self.pixels.std).view(1, 3, 1, 1) * 255.0
+
+        tok = self.tokenizer
+        self._video = self.model.config.video_token_id
+        if tok.convert_tokens_to_ids(VIDEO_TOKEN) != self._video:
+            raise ModelError(f"{self.path}: the tokenizer's {VIDEO_TOKEN} id is not config.video_token_index")
+        stops = {tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")}
+        eos = text.eos_token_id
+        stops |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.stop_token_ids = tuple(sorted(i for i in stops if i is not None and i >= 0))
+
+    # --- pixels -------------------------------------------------------------------------------------------
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        return self.pixels.target_size(height, width)
+
+    def pixel_values(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 frames [F, H, W, 3] -> float32 pixel values [F, 3, h, w] at the fixed size: resized (if not already
+        at it) as the video processor does, rescaled by 1/255 and normalised with the checkpoint's mean and std."""
+        h, w = self.target_size(frames.shape[1], frames.shape[2])
+        if (h, w) != frames.shape[1:3]:
+            frames = resize_frames(frames, (h, w))
+        x = torch.tensor(frames).permute(0, 3, 1, 2).float()  # a copy: frames may be a read-only view
+        return (x - self._mean) / self._std
+
+    # --- prompt layout ----------------------------------------------------------------------------------------
+    def text_positions(self, start: int, n: int) -> torch.Tensor:
+        """1-D RoPE: [1, n] = start, start + 1, ..."""
+        return torch.arange(start, start + n).view(1, -1)
+
+    def next_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions + 1
+
+    def _sink_ids(self) -> list[int]:
+        return self.tokenizer.encode(SYSTEM_PROMPT, add_special_tokens=False)
+
+    def sink(self) -> Segment:
+        ids = self._sink_ids()
+        return Segment(self.embed_ids(torch.tensor(ids, dtype=torch.long)), self.text_positions(0, len(ids)), len(ids))
+
+    def chunk(self, frames: np.ndarray, start: int, fps: float) -> Segment:
+        """The chunk's frame tokens [F * tokens_per_frame, hidden] (the stock get_video_features without the
+        video's newline, which follows the last chunk as the question's first token), at start, start + 1, ..."""
+        pixels = self.pixel_values(frames)
+        with torch.no_grad():
+            out = self.model.model.get_video_features(pixels[None].to(self.device, self.dtype))
+        embeds = out.pooler_output[0, :-1]  # drop the newline get_video_features appends after the frames
+        n = embeds.shape[0]
+        return Segment(embeds, self.text_positions(start, n), start + n)
+
+    def chunk_token_count(self, n_frames: int, height: int, width: int) -> int:
+        return n_frames * self.tokens_per_frame
+
+    def reference_inputs(self, chunks: list[np.ndarray], fps: float, ids: list[int]) -> dict[str, torch.Tensor]:
+        """The stock processor's layout of the whole prompt: the sink, one video made of every chunk's frames in
+        order (frames * tokens_per_frame `<video>` ids, plus one for the newline, which is `ids[0]` as
+        question_ids writes it), then the rest of `ids`; pixel_values_videos [1, frames, 3, h, w]. No position_ids:
+        the stock default (0, 1, 2, ...) is this adapter's."""
+        if not ids or ids[0] != self._video:
+            raise ModelError("reference_inputs: ids must start with the <video> id that closes the video")
+        n_frames = sum(len(c) for c in chunks)
+        tokens = self._sink_ids() + [self._video] * (n_frames * self.tokens_per_frame) + list(ids)
+        pixels = torch.cat([self.pixel_values(c) for c in chunks])
+        return {"input_ids": torch.tensor([tokens]), "pixel_values_videos": pixels[None]}
+
+    def question_ids(self, question: str, options: list[str] | None = None) -> list[int]:
+        return question_token_ids(self.tokenizer, question, options)
+
+    # --- model ---------------------------------------------------------------------------------------------------
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings, with the `<video>` id embedded as the video's newline (`image_newline`)."""
+        ids = ids.to(self.device)
+        with torch.no_grad():
+            embeds = self.model.get_input_embeddings()(ids)
+            newline = ids == self._video
+            if newline.any():
+                embeds[newline] = self.model.model.image_newline.to(embeds.dtype)
+        return embeds
+
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache,
+        attention_mask: torch.Tensor | None = None,
+        logits: bool = True,
+    ) -> torch.Tensor | None:
+        with torch.no_grad():
+            out = self.model.model.language_model(
+                inputs_embeds=embeds.to(self.device, self.dtype),
+                position_ids=positions[0].to(self.device),  # [1, B, n] -> [B, n]: 1-D RoPE
+                cache=cache,
+                attention_mask=None if attention_mask is None else attention_mask.to(self.device),
+                use_cache=True,
+            )
+            if not logits:
+                return None
+            return self.model.lm_head(out.last_hidden_state[:, -1]).float()
+
+    def decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
