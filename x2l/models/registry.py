@@ -63,6 +63,14 @@ FAMILIES: tuple[Family, ...] = (
         "x2l.models.qwen2_vl:question_token_ids",
         "x2l.testing.tiny_models:write_tiny_checkpoint",
     ),
+    Family(
+        "qwen3-vl",
+        "qwen3_vl",
+        "x2l.models.qwen3_vl:Qwen3VLAdapter",
+        "x2l.models.qwen3_vl:PixelRule.from_checkpoint",
+        "x2l.models.qwen3_vl:question_token_ids",
+        "x2l.testing.tiny_qwen3_vl:write_tiny_checkpoint",
+    ),
 )
 FAMILY_NAMES: tuple[str, ...] = tuple(f.name for f in FAMILIES)
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(f.model_type for f in FAMILIES)
