@@ -29,8 +29,8 @@ from x2l.engine import Indexer
 from x2l.errors import ModelError
 from x2l.models import load_model, pixel_rule
 from x2l.models.qwen3_vl import PixelRule
-from x2l.testing.tiny_qwen3_vl import tiny_config, video_preprocessor_config, write_tiny_checkpoint
 from x2l.testing.tiny_models import build_tokenizer, special_token_ids
+from x2l.testing.tiny_qwen3_vl import tiny_config, video_preprocessor_config, write_tiny_checkpoint
 from x2l.video import load_video
 
 FAMILY = "qwen3-vl"
