@@ -13,6 +13,10 @@ torchvision's uint8 CPU path uses (not compared here: it needs torchvision).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -209,3 +213,104 @@ def test_the_builder_is_deterministic_and_refuses_other_families(tmp_path):
     assert json.loads((a / "config.json").read_text())["model_type"] == "qwen3_vl"
     with pytest.raises(Exception, match="builds 'qwen3-vl' checkpoints"):
         write_tiny_checkpoint(tmp_path / "c", family="qwen2-vl")
+
+
+# --- end to end (tiny size): x2l index + ask, the Ray indexing job, Serve, x2l eval ----------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def run(*args, env=None) -> subprocess.CompletedProcess:
+    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return r
+
+
+def engine_answer(adapter, store: str, video_id: str, question: str, top_k: int = 2, max_new_tokens: int = 8):
+    from x2l.config import RetrievalConfig
+    from x2l.engine import Answerer, Question
+    from x2l.store import KVStore
+
+    return Answerer(adapter, KVStore(store), RetrievalConfig(top_k=top_k, max_new_tokens=max_new_tokens)).answer(
+        [Question(video_id, question)]
+    )[0]
+
+
+def test_cli_index_then_ask(checkpoint, adapter, video_path, tmp_path):
+    store = tmp_path / "store"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    r = run(BIN / "x2l", "index", video_path, "--model", checkpoint, "--out", store, "--video-id", "clip",
+            "--fps", 2, "--frames-per-chunk", 4, "--json", env=env)  # fmt: skip
+    report = json.loads(r.stdout)
+    assert report["chunks"] >= 3
+    from x2l.store import KVStore
+
+    video = KVStore(str(store)).load_h("clip")
+    assert video.meta["model_family"] == FAMILY and video.n_chunks == report["chunks"]
+    r = run(BIN / "x2l", "ask", store, "--model", checkpoint, "--question", "What color is the ball?",
+            "--top-k", 2, "--max-new-tokens", 8, "--json", env=env)  # fmt: skip
+    [row] = [json.loads(line) for line in r.stdout.splitlines()]
+    expected = engine_answer(adapter, str(store), "clip", "What color is the ball?")
+    assert row["answer"] == expected.text and row["selected_chunks"] == expected.selected_chunks
+    assert len(row["selected_chunks"]) == 2 and row["kv_bytes_used"] < row["kv_bytes_full"]
+
+
+def test_ray_indexing_job(ray_head, checkpoint, tmp_path):
+    from x2l.store import KVStore
+    from x2l.testing.videos import write_video
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_video(corpus / "a.mp4", n_frames=24, fps=4, size=(64, 96))
+    store = tmp_path / "store"
+    cmd = [BIN / "ray", "job", "submit", "--address", ray_head.dashboard_url, "--working-dir", ROOT, "--",
+           "python", "jobs/index_corpus.py", "--corpus", corpus, "--store", store, "--model", checkpoint,
+           "--fps", 2, "--frames-per-chunk", 4]  # fmt: skip
+    run(*cmd, env=ray_head.env())
+    video = KVStore(str(store)).load_h("a.mp4")
+    assert video.meta["model_family"] == FAMILY and video.n_chunks == 3
+    # the job's actors pre-fill what the single-process Indexer does (timestamps and DeepStack included)
+    local = Indexer(load_model(checkpoint), SamplingConfig(fps=2, frames_per_chunk=4)).index(corpus / "a.mp4").video
+    for stored, here in zip(video.chunks, local.chunks, strict=True):
+        torch.testing.assert_close(stored.h.keys, here.h.keys, atol=1e-5, rtol=0)
+
+
+def test_serve_answers_equal_the_engine(checkpoint, video_path, tmp_path):
+    import httpx
+    import ray
+    from ray import serve
+
+    from x2l.serve import ServeArgs, app
+    from x2l.store import KVStore
+    from x2l.testing.ray_head import free_port
+
+    model = load_model(checkpoint)
+    store = str(tmp_path / "store")
+    KVStore(store, model.fingerprint).write(Indexer(model, SamplingConfig(fps=2, frames_per_chunk=4)).index(
+        video_path, "clip").video)  # fmt: skip
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        args = {"store": store, "model": str(checkpoint), "max_batch_size": 4, "num_cpus": 0.2}
+        serve.run(app(ServeArgs.model_validate(args)), name="q3", route_prefix="/")
+        question = {"video_id": "clip", "question": "What color is the ball?"}
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/answer", json={"questions": [question]}, timeout=120)
+        assert r.status_code == 200, r.text
+        [got] = r.json()["answers"]
+        expected = engine_answer(model, store, "clip", question["question"], top_k=3, max_new_tokens=32)  # defaults
+        assert got["answer"] == expected.text and got["selected_chunks"] == expected.selected_chunks
+        assert len(expected.selected_chunks) == 3
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_eval_cli(checkpoint, tmp_path):
+    out = tmp_path / "eval"
+    run(BIN / "x2l", "eval", "--bench", "longvideobench", "--data", ROOT / "tests/data/benchmarks/longvideobench",
+        "--model", checkpoint, "--methods", "full,x2l:1", "--out", out, "--frames-per-chunk", 2)  # fmt: skip
+    methods = json.loads((out / "results.json").read_text())["methods"]
+    assert list(methods) == ["full", "x2l:1"]
+    assert methods["x2l:1"]["n"] == methods["full"]["n"] >= 3
+    assert methods["x2l:1"]["kv_ratio_mean"] < methods["full"]["kv_ratio_mean"] == pytest.approx(1.0)
