@@ -1,7 +1,7 @@
 """Issue-2 numbers: index and answer wall time for a 2-minute 224p video, bytes per chunk by level, and the cost of
 scoring during pre-fill. Prints ratios measured in one run; nothing here is asserted.
 
-    .venv/bin/python bench/engine_timings.py [--size small] [--seconds 120] [--workdir bench_out]
+    .venv/bin/python bench/engine_timings.py [--family qwen2-vl] [--size small] [--seconds 120] [--workdir bench_out]
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from x2l.engine import Answerer, Indexer, Question
 from x2l.kv import InMemorySource
 from x2l.models import load_model
 from x2l.models.probing import probing
+from x2l.models.registry import FAMILY_NAMES, write_tiny_checkpoint
 from x2l.scorers import make_scorer
 from x2l.scorers.base import ScoringProbe
-from x2l.testing.tiny_models import write_tiny_checkpoint
 from x2l.testing.videos import write_video
 from x2l.video import load_video
 
@@ -38,7 +38,8 @@ def prefill_seconds(model, clip, variants: list[str | None], repeats: int = 3) -
     totals = {v: 0.0 for v in variants}
     start = sink.next_position
     for i in range(clip.n_chunks):
-        seg = model.chunk(clip.chunk_frames(i), start, 1.0)
+        seg = model.chunk(clip.chunk_frames(i), start, 1.0, clip.chunk_timestamps(i))
+        extras = {} if seg.extras is None else {"extras": seg.extras}
         start = seg.next_position
         for variant in variants:
             best = float("inf")
@@ -46,10 +47,10 @@ def prefill_seconds(model, clip, variants: list[str | None], repeats: int = 3) -
                 cache = DynamicCache(ddp_cache_data=context)
                 t = time.perf_counter()
                 if variant is None:
-                    model.forward(seg.embeds[None], seg.positions[:, None], cache, logits=False)
+                    model.forward(seg.embeds[None], seg.positions[:, None], cache, logits=False, **extras)
                 else:
                     with probing(ScoringProbe(make_scorer(variant))):
-                        model.forward(seg.embeds[None], seg.positions[:, None], cache, logits=False)
+                        model.forward(seg.embeds[None], seg.positions[:, None], cache, logits=False, **extras)
                 best = min(best, time.perf_counter() - t)
             totals[variant] += best
         keep = max(1, seg.n_tokens // 16)
@@ -65,6 +66,7 @@ def prefill_seconds(model, clip, variants: list[str | None], repeats: int = 3) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--family", default="qwen2-vl", choices=FAMILY_NAMES)
     ap.add_argument("--size", default="small")
     ap.add_argument("--seconds", type=int, default=120)
     ap.add_argument("--workdir", default="bench_out")
@@ -72,9 +74,9 @@ def main() -> None:
     work = Path(args.workdir)
     work.mkdir(exist_ok=True)
     torch.set_num_threads(torch.get_num_threads())
-    ckpt = work / f"model-{args.size}"
+    ckpt = work / (f"model-{args.size}" if args.family == "qwen2-vl" else f"model-{args.family}-{args.size}")
     if not (ckpt / "config.json").exists():
-        write_tiny_checkpoint(ckpt, size=args.size)
+        write_tiny_checkpoint(ckpt, args.family, size=args.size)
     video = work / f"video-{args.seconds}s-224p.mp4"
     if not video.exists():
         write_video(video, n_frames=args.seconds * 8, fps=8, size=(224, 400))
@@ -108,6 +110,7 @@ def main() -> None:
     scoring = totals
     result = {
         "machine": f"{torch.get_num_threads()} torch threads, CPU",
+        "family": args.family,
         "model": args.size,
         "video_s": args.seconds,
         "frames": stats.frames,
@@ -124,7 +127,8 @@ def main() -> None:
         "scoring_overhead": {k: f"{(v / plain - 1) * 100:+.1f}%" for k, v in scoring.items()},
     }
     print(json.dumps(result, indent=2))
-    (work / f"engine_timings_{args.size}.json").write_text(json.dumps(result, indent=2))
+    suffix = args.size if args.family == "qwen2-vl" else f"{args.family}_{args.size}"
+    (work / f"engine_timings_{suffix}.json").write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
