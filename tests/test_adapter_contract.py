@@ -13,7 +13,8 @@
 Tiny random checkpoints of every family come from its registered tiny builder (the `tiny_checkpoints` fixture),
 with their attention sharpened: random initialisation attends almost uniformly, so a position off by one moved the
 logits by less than the tolerance; query and key projections (the standard `q_proj` / `k_proj` names) x16 make every
-position visible in the logits.
+position visible in the logits. Where a family normalises queries and keys per head after the projection (Qwen3-VL's
+`q_norm` / `k_norm`, which would undo the scaling), the norms' weights are scaled instead.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def family(request) -> str:
     return request.param
 
 
-SHARPENED = re.compile(r"(^|\.)(q_proj|k_proj)\.(weight|bias)$")
+SHARPENED = re.compile(r"(^|\.)(q_proj|k_proj|q_norm|k_norm)\.(weight|bias)$")
 SHARPEN_BY = 16.0
 
 
