@@ -56,9 +56,10 @@ def rerun_answer(model, video_path: Path, sampling: SamplingConfig, question: st
     start = sink.next_position
     fps = clip.n_real_frames / clip.duration_s
     for i in range(clip.n_chunks):
-        seg = model.chunk(clip.chunk_frames(i), start, fps)
+        seg = model.chunk(clip.chunk_frames(i), start, fps, clip.chunk_timestamps(i))
         start = seg.next_position
-        model.forward(seg.embeds[None], seg.positions[:, None], cache, logits=False)
+        extras = {} if seg.extras is None else {"extras": seg.extras}
+        model.forward(seg.embeds[None], seg.positions[:, None], cache, logits=False, **extras)
     layers = [(l.keys[0], l.values[0]) for l in cache.layers]
     tokens, _ = greedy_decode(model, [layers], [model.question_ids(question)], [start], [max_new])
     return tokens[0], layers[0][0].shape[1]

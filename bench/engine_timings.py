@@ -37,7 +37,8 @@ def prefill_seconds(model, clip, variants: list[str | None], repeats: int = 3) -
     totals = {v: 0.0 for v in variants}
     start = sink.next_position
     for i in range(clip.n_chunks):
-        seg = model.chunk(clip.chunk_frames(i), start, 1.0)
+        seg = model.chunk(clip.chunk_frames(i), start, 1.0, clip.chunk_timestamps(i))
+        extras = {} if seg.extras is None else {"extras": seg.extras}
         start = seg.next_position
         for variant in variants:
             best = float("inf")
@@ -45,10 +46,10 @@ def prefill_seconds(model, clip, variants: list[str | None], repeats: int = 3) -
                 cache = DynamicCache(ddp_cache_data=context)
                 t = time.perf_counter()
                 if variant is None:
-                    model.forward(seg.embeds[None], seg.positions[:, None], cache, logits=False)
+                    model.forward(seg.embeds[None], seg.positions[:, None], cache, logits=False, **extras)
                 else:
                     with probing(ScoringProbe(make_scorer(variant))):
-                        model.forward(seg.embeds[None], seg.positions[:, None], cache, logits=False)
+                        model.forward(seg.embeds[None], seg.positions[:, None], cache, logits=False, **extras)
                 best = min(best, time.perf_counter() - t)
             totals[variant] += best
         keep = max(1, seg.n_tokens // 16)

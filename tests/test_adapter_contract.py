@@ -13,7 +13,8 @@
 Tiny random checkpoints of every family come from its registered tiny builder (the `tiny_checkpoints` fixture),
 with their attention sharpened: random initialisation attends almost uniformly, so a position off by one moved the
 logits by less than the tolerance; query and key projections (the standard `q_proj` / `k_proj` names) x16 make every
-position visible in the logits.
+position visible in the logits. Where a family normalises queries and keys per head after the projection (Qwen3-VL's
+`q_norm` / `k_norm`, which would undo the scaling), the norms' weights are scaled instead.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def family(request) -> str:
     return request.param
 
 
-SHARPENED = re.compile(r"(^|\.)(q_proj|k_proj)\.(weight|bias)$")
+SHARPENED = re.compile(r"(^|\.)(q_proj|k_proj|q_norm|k_norm)\.(weight|bias)$")
 SHARPEN_BY = 16.0
 
 
@@ -100,8 +101,8 @@ class Recording:
     def __getattr__(self, name):
         return getattr(self._adapter, name)
 
-    def forward(self, embeds, positions, cache, attention_mask=None, logits=True):
-        out = self._adapter.forward(embeds, positions, cache, attention_mask, logits)
+    def forward(self, embeds, positions, cache, attention_mask=None, logits=True, **extras):
+        out = self._adapter.forward(embeds, positions, cache, attention_mask, logits, **extras)
         if out is not None:
             if self._edit is not None:
                 self._edit(len(self.logits), out)
@@ -151,6 +152,7 @@ def test_full_context_all_chunks_l_keep_1_equals_one_shot_stock_forward(checkpoi
         checkpoint, dtype=torch.float32, attn_implementation="eager"
     ).eval()
     chunks = [clip.chunk_frames(i) for i in range(clip.n_chunks)]
+    times = [clip.chunk_timestamps(i) for i in range(clip.n_chunks)]
     compared = 0
     for row, (q, ans) in enumerate(zip(QUESTIONS, answers, strict=True)):
         assert ans.selected_chunks == list(range(kv.n_chunks))
@@ -161,7 +163,7 @@ def test_full_context_all_chunks_l_keep_1_equals_one_shot_stock_forward(checkpoi
         # (when there is one) is the one that chose a stop token
         for j in range(min(len(rec.logits), len(ans.token_ids) + 1)):
             with torch.no_grad():
-                ref = stock(**adapter.reference_inputs(chunks, sample_fps(clip), ids + ans.token_ids[:j]))
+                ref = stock(**adapter.reference_inputs(chunks, sample_fps(clip), ids + ans.token_ids[:j], times))
             torch.testing.assert_close(rec.logits[j][row], ref.logits[0, -1].float(), atol=1e-4, rtol=0)
             compared += 1
     assert compared >= len(QUESTIONS) + 1  # at least one decode step past the pre-fill was checked
@@ -179,10 +181,10 @@ def test_positions_continue_from_sink_through_chunks_question_and_decode(adapter
 
     start, before = sink.next_position, sink.positions.amax(dim=1)
     for i in range(clip.n_chunks):
-        frames = clip.chunk_frames(i)
-        seg = adapter.chunk(frames, start, sample_fps(clip))
+        frames, times = clip.chunk_frames(i), clip.chunk_timestamps(i)
+        seg = adapter.chunk(frames, start, sample_fps(clip), times)
         assert seg.positions.dtype == torch.long and seg.positions.shape == (axes, seg.n_tokens)
-        assert seg.n_tokens == adapter.chunk_token_count(*frames.shape[:3])
+        assert seg.n_tokens == adapter.chunk_token_count(*frames.shape[:3], times)
         assert (seg.positions >= adapter.text_positions(start, 1)).all()  # nothing before its cursor
         assert (seg.positions.amin(dim=1) > before).all()  # after everything before it, on every axis
         after = adapter.text_positions(seg.next_position, 1)[:, 0]

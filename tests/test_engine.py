@@ -1,4 +1,4 @@
-"""The method's invariants on real tiny checkpoints of both families and real video files (docs/DESIGN.md,
+"""The method's invariants on real tiny checkpoints of the Qwen families and real video files (docs/DESIGN.md,
 "The method").
 
 The exactness invariant (context=full, l_keep=1, every chunk selected equals a one-shot forward of the stock model)
@@ -26,7 +26,7 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["qwen2-vl", "qwen2.5-vl"])
+@pytest.fixture(scope="module", params=["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
 def eager_model(request, tiny_checkpoints):
     from x2l.models import load_model
 

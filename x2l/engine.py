@@ -122,7 +122,7 @@ class Indexer:
         chunks: list[ChunkKV] = []
         for i in range(clip.n_chunks):
             with timed(seconds, "vision"):
-                seg: Segment = model.chunk(clip.chunk_frames(i), start, sample_fps)
+                seg: Segment = model.chunk(clip.chunk_frames(i), start, sample_fps, clip.chunk_timestamps(i))
             start = seg.next_position
             n = seg.n_tokens
             stats.tokens += n
@@ -132,7 +132,8 @@ class Indexer:
                     cache = _cache(context)
                 probe = ScoringProbe(self.scorer)
                 with probing(probe):
-                    model.forward(seg.embeds[None], seg.positions[:, None], cache, logits=False)
+                    extras = {} if seg.extras is None else {"extras": seg.extras}
+                    model.forward(seg.embeds[None], seg.positions[:, None], cache, logits=False, **extras)
 
             with timed(seconds, "compress"):
                 keys = torch.stack([layer.keys[0, :, -n:] for layer in cache.layers])

@@ -178,6 +178,13 @@ class VideoClip:
             raise IndexError(f"chunk {i} out of range for {self.n_chunks} chunks of {self.path}")
         return self.frames[i * self.frames_per_chunk : (i + 1) * self.frames_per_chunk]
 
+    def chunk_timestamps(self, i: int) -> np.ndarray:
+        """Presentation times (float64 seconds from the first presented frame) of chunk i's frames, [frames_per_chunk]
+        (pad rows of the last chunk repeat its last real time)."""
+        if not 0 <= i < self.n_chunks:
+            raise IndexError(f"chunk {i} out of range for {self.n_chunks} chunks of {self.path}")
+        return self.timestamps[i * self.frames_per_chunk : (i + 1) * self.frames_per_chunk]
+
     # Crossing the Ray boundary (issue 14): the indexing job decodes in CPU tasks and pre-fills in actors, so a clip
     # travels as a Ray Data row. Arrays stay arrays (Arrow tensors, no copy through Python lists); the other fields
     # go as one struct column. A row without a clip (a skipped or failed video) has the same columns, empty.

@@ -34,6 +34,9 @@ class Segment:
     embeds: torch.Tensor  # [n, hidden]
     positions: torch.Tensor  # [A, n] long
     next_position: int  # cursor after this span: pass to the next chunk() or text_positions()
+    # Per-span inputs the adapter's own forward() needs beside the embeddings when this span is pre-filled (None for
+    # most families; Qwen3-VL's DeepStack visual features). Opaque to the engine, which hands them back unchanged.
+    extras: dict[str, torch.Tensor] | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -70,12 +73,14 @@ class ModelAdapter(Protocol):
     def sink(self) -> Segment:
         """The system prefix, from the start of the prompt (cursor 0)."""
 
-    def chunk(self, frames: np.ndarray, start: int, fps: float) -> Segment:
+    def chunk(self, frames: np.ndarray, start: int, fps: float, times: np.ndarray | None = None) -> Segment:
         """A chunk of uint8 frames [F, H, W, 3] sampled at `fps` frames per second, with its wrappers, placed at
-        cursor `start`."""
+        cursor `start`. `times`: float64 [F], each frame's presentation time in seconds from the start of the video
+        (VideoClip.chunk_timestamps), for families whose layout spells time out (Qwen3-VL); others ignore it."""
 
-    def chunk_token_count(self, n_frames: int, height: int, width: int) -> int:
-        """Tokens a chunk of this shape takes (wrappers included), without encoding it."""
+    def chunk_token_count(self, n_frames: int, height: int, width: int, times: np.ndarray | None = None) -> int:
+        """Tokens a chunk of this shape (and, where the layout spells them, these frame times) takes, wrappers
+        included, without encoding it."""
 
     def question_ids(self, question: str, options: list[str] | None = None) -> list[int]:
         """Token ids of the question turn up to where the answer starts."""
@@ -96,18 +101,23 @@ class ModelAdapter(Protocol):
         cache: DynamicCache,
         attention_mask: torch.Tensor | None = None,
         logits: bool = True,
+        extras: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor | None:
         """Run the language model on embeds [B, n, hidden] at positions [A, B, n] over `cache` (mutated in place),
         with an optional 2D mask [B, cached + n] (1 = attend); return the last token's logits [B, vocab] (float32)
-        when `logits`."""
+        when `logits`. `extras`: the Segment.extras of the one span being pre-filled (B = 1); the engine passes the
+        keyword only for a segment that has extras, so a family without them need not accept it."""
 
     def decode_text(self, ids: list[int]) -> str:
         """Answer text of generated ids (special tokens dropped)."""
 
-    def reference_inputs(self, chunks: list[np.ndarray], fps: float, ids: list[int]) -> dict[str, torch.Tensor]:
+    def reference_inputs(
+        self, chunks: list[np.ndarray], fps: float, ids: list[int], times: list[np.ndarray] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Keyword arguments for the checkpoint's stock transformers model class that run the whole prompt (sink,
-        each chunk of frames, then the text `ids`) in one forward, laid out and positioned exactly as the adapter
-        lays it out piece by piece. The adapter contract suite checks x2l's chunked pipeline against it."""
+        each chunk of frames (with its frame `times`, as chunk() takes them), then the text `ids`) in one forward,
+        laid out and positioned exactly as the adapter lays it out piece by piece. The adapter contract suite checks
+        x2l's chunked pipeline against it."""
 
 
 def resolve_device(device: str) -> torch.device:

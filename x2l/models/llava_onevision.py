@@ -209,9 +209,10 @@ class LlavaOnevisionAdapter:
         ids = self._sink_ids()
         return Segment(self.embed_ids(torch.tensor(ids, dtype=torch.long)), self.text_positions(0, len(ids)), len(ids))
 
-    def chunk(self, frames: np.ndarray, start: int, fps: float) -> Segment:
+    def chunk(self, frames: np.ndarray, start: int, fps: float, times: np.ndarray | None = None) -> Segment:
         """The chunk's frame tokens [F * tokens_per_frame, hidden] (the stock get_video_features without the
-        video's newline, which follows the last chunk as the question's first token), at start, start + 1, ..."""
+        video's newline, which follows the last chunk as the question's first token), at start, start + 1, ...
+        The layout writes no timestamps, so frame `times` are not used."""
         pixels = self.pixel_values(frames)
         with torch.no_grad():
             out = self.model.model.get_video_features(pixels[None].to(self.device, self.dtype))
@@ -219,10 +220,12 @@ class LlavaOnevisionAdapter:
         n = embeds.shape[0]
         return Segment(embeds, self.text_positions(start, n), start + n)
 
-    def chunk_token_count(self, n_frames: int, height: int, width: int) -> int:
+    def chunk_token_count(self, n_frames: int, height: int, width: int, times: np.ndarray | None = None) -> int:
         return n_frames * self.tokens_per_frame
 
-    def reference_inputs(self, chunks: list[np.ndarray], fps: float, ids: list[int]) -> dict[str, torch.Tensor]:
+    def reference_inputs(
+        self, chunks: list[np.ndarray], fps: float, ids: list[int], times: list[np.ndarray] | None = None
+    ) -> dict[str, torch.Tensor]:
         """The stock processor's layout of the whole prompt: the sink, one video made of every chunk's frames in
         order (frames * tokens_per_frame `<video>` ids, plus one for the newline, which is `ids[0]` as
         question_ids writes it), then the rest of `ids`; pixel_values_videos [1, frames, 3, h, w]. No position_ids:

@@ -219,7 +219,9 @@ class Qwen2VLAdapter:
             return 1.0
         return self.vision.tokens_per_second * self.temporal_patch_size / fps
 
-    def chunk(self, frames: np.ndarray, start: int, fps: float) -> Segment:
+    def chunk(self, frames: np.ndarray, start: int, fps: float, times: np.ndarray | None = None) -> Segment:
+        """See ModelAdapter.chunk; `times` is not used (the layout spells no time; Qwen2.5-VL's temporal positions
+        follow `fps`)."""
         h, w = self.target_size(frames.shape[1], frames.shape[2])
         if (h, w) != frames.shape[1:3]:
             frames = resize_frames(frames, (h, w))
@@ -239,7 +241,7 @@ class Qwen2VLAdapter:
         embeds = torch.cat([wrap[:1], vision.to(wrap.dtype), wrap[1:]])
         return Segment(embeds, positions, end + 1)
 
-    def chunk_token_count(self, n_frames: int, height: int, width: int) -> int:
+    def chunk_token_count(self, n_frames: int, height: int, width: int, times: np.ndarray | None = None) -> int:
         h, w = self.target_size(height, width)
         gt = -(-n_frames // self.temporal_patch_size)
         return gt * (h // self.patch_size) * (w // self.patch_size) // self.merge_size**2 + 2
@@ -248,7 +250,9 @@ class Qwen2VLAdapter:
         """The chunk's placeholder ids as the stock processor writes them (for one-shot reference runs)."""
         return [self._vision_start] + [self._video_pad] * (n_tokens - 2) + [self._vision_end]
 
-    def reference_inputs(self, chunks: list[np.ndarray], fps: float, ids: list[int]) -> dict[str, torch.Tensor]:
+    def reference_inputs(
+        self, chunks: list[np.ndarray], fps: float, ids: list[int], times: list[np.ndarray] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Qwen2(.5)-VL's stock forward over the whole prompt: input ids with video placeholders, pixel values,
         video_grid_thw, mm_token_type_ids (2 = video) and this adapter's whole-prompt positions [3, 1, L] (the stock
         get_rope_index follows another rule after a video, see the module docstring)."""

@@ -64,6 +64,14 @@ FAMILIES: tuple[Family, ...] = (
         "x2l.testing.tiny_models:write_tiny_checkpoint",
     ),
     Family(
+        "qwen3-vl",
+        "qwen3_vl",
+        "x2l.models.qwen3_vl:Qwen3VLAdapter",
+        "x2l.models.qwen3_vl:PixelRule.from_checkpoint",
+        "x2l.models.qwen3_vl:question_token_ids",
+        "x2l.testing.tiny_qwen3_vl:write_tiny_checkpoint",
+    ),
+    Family(
         "llava-onevision",
         "llava_onevision",
         "x2l.models.llava_onevision:LlavaOnevisionAdapter",

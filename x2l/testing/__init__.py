@@ -7,5 +7,6 @@ video writer).
 ray_head.py     a throwaway local Ray head on 127.0.0.1, dying with its parent (demo, tests, benches)
 s3_server.py    a throwaway local S3 server (SeaweedFS `weed`) on 127.0.0.1 (`make s3`, tests, benches)
 tiny_models.py  small random checkpoints in the standard HF layout, built offline (`x2l tiny-model`)
+tiny_qwen3_vl.py  the same for Qwen3-VL (`x2l tiny-model --family qwen3-vl`)
 videos.py       synthetic video files of every kind x2l must decode (VFR, edit lists, AV1, WebM, GIF, ...)
 """
