@@ -4,6 +4,7 @@
 #              without CUDA, plain `torch` where `nvidia-smi` answers. Override: make test TORCH="torch==2.6.0".
 #   PYTHON     interpreter used to create .venv (default python3).
 #   PYTEST_ARGS extra pytest arguments, e.g. make test PYTEST_ARGS="-k store -x".
+#   BENCH_ARGS extra bench/compare.py arguments, e.g. make bench BENCH_ARGS="--family qwen3-vl --device cuda".
 #
 # `make lint` checks the tree with ruff (rules and line length in pyproject.toml, [tool.ruff]) and that it is formatted
 # as `ruff format` writes it; `.ci/run` runs it before `make test`.
@@ -18,6 +19,7 @@ else
 TORCH ?= torch==2.13.0
 endif
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: setup demo test lint bench s3 clean
 
@@ -49,4 +51,4 @@ clean:
 
 # The benchmark of issue 6: rerun vs full-KV reload vs H only vs x2l top-k, on the `medium` random checkpoint.
 bench: setup
-	$(PY) bench/compare.py --workdir bench_out
+	$(PY) bench/compare.py --workdir bench_out $(BENCH_ARGS)

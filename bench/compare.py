@@ -33,9 +33,9 @@ from transformers import DynamicCache
 from x2l.caching import HCache
 from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig, StoreConfig
 from x2l.engine import Answerer, Indexer, Question, greedy_decode
-from x2l.models import load_model
+from x2l.models import load_model, registry
+from x2l.models.registry import FAMILY_NAMES
 from x2l.store import KVStore
-from x2l.testing.tiny_models import write_tiny_checkpoint
 from x2l.testing.videos import write_video
 from x2l.video import load_video
 
@@ -76,25 +76,29 @@ def main() -> None:
     ap.add_argument("--workdir", default="bench_out")
     ap.add_argument("--videos", type=int, default=1)
     ap.add_argument("--seconds", type=int, default=256, help="video length; 1 fps x 8 frames per chunk -> chunks")
-    ap.add_argument("--pixels", type=int, default=168 * 168, help="per-frame pixel cap (tokens per frame)")
+    ap.add_argument(
+        "--pixels", type=int, default=168 * 168, help="per-frame pixel cap (tokens per frame); 0: the checkpoint's own"
+    )
     ap.add_argument("--store", choices=["s3", "local"], default="s3", help="where the stores live (default s3)")
     ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--family", default="qwen2-vl", choices=FAMILY_NAMES, help="medium checkpoint of this family")
+    ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(exist_ok=True)
-    ckpt = work / "model-medium"
+    ckpt = work / ("model-medium" if args.family == "qwen2-vl" else f"model-{args.family}-medium")
     if not (ckpt / "config.json").exists():
-        write_tiny_checkpoint(ckpt, size="medium")
+        registry.write_tiny_checkpoint(ckpt, args.family, size="medium")
     videos = []
     for v in range(args.videos):
         path = work / f"bench-{v}-{args.seconds}s.mp4"
         if not path.exists():
             write_video(path, n_frames=args.seconds * 2, fps=2, size=(168, 168))
         videos.append(path)
-    sampling = SamplingConfig(
-        fps=1, max_frames=max(256, args.seconds), frames_per_chunk=8, min_pixels=28 * 28, max_pixels=args.pixels
-    )
-    model = load_model(ckpt, min_pixels=sampling.min_pixels, max_pixels=sampling.max_pixels)
+    bounds = {"min_pixels": 28 * 28, "max_pixels": args.pixels} if args.pixels else {}  # 0: the checkpoint's own
+    sampling = SamplingConfig(fps=1, max_frames=max(256, args.seconds), frames_per_chunk=8, **bounds)
+    model = load_model(ckpt, args.dtype, device=args.device, **bounds)
 
     server = None
     if args.store == "s3":
@@ -201,7 +205,8 @@ def run(args, model, sampling, videos, stores, work) -> None:
     info = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"{'CUDA' if torch.cuda.is_available() else 'CPU only'}",
-        "model": "medium random checkpoint (Qwen2-VL-2B LM widths, 4 layers), fp32 on CPU",
+        "model": f"{args.family} medium random checkpoint (the smallest public checkpoint's LM widths, 4 layers), "
+        f"{str(model.dtype).removeprefix('torch.')} on {model.device}",
         "store": "local S3 server (SeaweedFS, 127.0.0.1)" if args.store == "s3" else "local folder",
         "videos": len(videos),
         "chunks_per_video": n_chunks,

@@ -20,6 +20,7 @@ position visible in the logits. Where a family normalises queries and keys per h
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 
@@ -42,6 +43,15 @@ QUESTIONS = [
     Question("v", "Which object appears first?", ["a cup", "a dog", "a tree"]),
 ]
 EXACT = CompressionConfig(l_keep=1.0, h_keep=1 / 16, context="full")
+
+# CI runs the suite on CPU in fp32; bench/gpu_check.sh runs it on CUDA in bf16 (X2L_CONTRACT_DEVICE=cuda
+# X2L_CONTRACT_DTYPE=bfloat16). The exactness tolerance follows the dtype: fp32 1e-4 (issue 15); bf16 keeps 8
+# mantissa bits, so chunked and one-shot runs that add the same terms in another order (other kernel splits, a
+# cache re-read in bf16) differ by a few units of bf16's resolution at the logits' magnitude (|logit| < 8 here:
+# spacing 2^-5 = 0.03): atol 0.1 plus 2% relative.
+DEVICE = os.environ.get("X2L_CONTRACT_DEVICE", "cpu")
+DTYPE = os.environ.get("X2L_CONTRACT_DTYPE", "float32")
+TOLERANCE = {"float32": {"atol": 1e-4, "rtol": 0.0}, "bfloat16": {"atol": 0.1, "rtol": 0.02}}[DTYPE]
 
 
 @pytest.fixture(scope="module", params=registry.FAMILY_NAMES)
@@ -72,7 +82,7 @@ def checkpoint(family, tiny_checkpoints, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def adapter(checkpoint):
-    return load_model(checkpoint, dtype="float32", attn_implementation="eager", device="cpu")
+    return load_model(checkpoint, dtype=DTYPE, attn_implementation="eager", device=DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +158,13 @@ def test_full_context_all_chunks_l_keep_1_equals_one_shot_stock_forward(checkpoi
     answers = Answerer(rec, InMemorySource([kv]), RetrievalConfig(top_k=kv.n_chunks, max_new_tokens=limit)).answer(
         QUESTIONS
     )
-    stock = AutoModelForImageTextToText.from_pretrained(
-        checkpoint, dtype=torch.float32, attn_implementation="eager"
-    ).eval()
+    stock = (
+        AutoModelForImageTextToText.from_pretrained(
+            checkpoint, dtype=getattr(torch, DTYPE), attn_implementation="eager"
+        )
+        .to(DEVICE)
+        .eval()
+    )
     chunks = [clip.chunk_frames(i) for i in range(clip.n_chunks)]
     times = [clip.chunk_timestamps(i) for i in range(clip.n_chunks)]
     compared = 0
@@ -163,8 +177,9 @@ def test_full_context_all_chunks_l_keep_1_equals_one_shot_stock_forward(checkpoi
         # (when there is one) is the one that chose a stop token
         for j in range(min(len(rec.logits), len(ans.token_ids) + 1)):
             with torch.no_grad():
-                ref = stock(**adapter.reference_inputs(chunks, sample_fps(clip), ids + ans.token_ids[:j], times))
-            torch.testing.assert_close(rec.logits[j][row], ref.logits[0, -1].float(), atol=1e-4, rtol=0)
+                inputs = adapter.reference_inputs(chunks, sample_fps(clip), ids + ans.token_ids[:j], times)
+                ref = stock(**{k: v.to(DEVICE) for k, v in inputs.items()})
+            torch.testing.assert_close(rec.logits[j][row].float(), ref.logits[0, -1].float(), **TOLERANCE)
             compared += 1
     assert compared >= len(QUESTIONS) + 1  # at least one decode step past the pre-fill was checked
 
