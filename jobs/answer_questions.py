@@ -247,12 +247,12 @@ def run(args) -> int:
     fingerprint, model = None, None
     if not args.serve_address:
         from x2l.models.fingerprint import checkpoint_fingerprint
+        from x2l.models.registry import checkpoint_family
 
         args.model = job_path(args.model, "--model")
         # a --dtype or --attn no loader takes: refused here, before Ray starts, not by every actor of the pool
         model = model_config(args, device="cuda" if args.num_gpus_per_actor > 0 else "cpu")
-        if not (Path(args.model) / "config.json").is_file():
-            raise X2LError(f"--model {args.model}: not a checkpoint directory (no config.json there)")
+        checkpoint_family(args.model)  # a checkpoint of a registered family, or one line saying why not
         fingerprint = checkpoint_fingerprint(Path(args.model))  # a model the store refuses: refused here
     store = KVStore(store_cfg, fingerprint, create=False)  # unreachable or missing store: fails here
     store.require_exists()
