@@ -26,7 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from x2l.config import StoreConfig
+from x2l.config import ModelConfig, StoreConfig
 from x2l.errors import OneLineParser, X2LError
 from x2l.options import model_config, model_options, retrieval_config, retrieval_options
 from x2l.progress import Progress
@@ -165,16 +165,16 @@ def _part_name(rows: list[dict]) -> str:
     return hashlib.sha256("\n".join(r["id"] for r in rows).encode()).hexdigest()[:16]
 
 
-def answer_in_job(args, todo: list[dict]) -> tuple[float, str]:
-    """Answer with an in-job actor pool; returns when the first batch of answers reached the driver and one of its
-    question ids."""
+def answer_in_job(args, todo: list[dict], model: ModelConfig) -> tuple[float, str]:
+    """Answer with an in-job actor pool of `model`; returns when the first batch of answers reached the driver and one
+    of its question ids."""
     from x2l.distributed.answering import AnswerJobConfig, answer_pipeline
     from x2l.distributed.common import check_resources
     from x2l.prompt import PromptLimits
 
     cfg = AnswerJobConfig(
         StoreConfig(uri=args.store),
-        model_config(args, device="cuda" if args.num_gpus_per_actor > 0 else "cpu"),
+        model,
         args.out,
         retrieval_config(args),
         PromptLimits(args.max_prompt_chars, args.max_prompt_tokens),
@@ -244,13 +244,15 @@ def run(args) -> int:
     args.store, args.out = job_path(args.store, "--store"), job_path(args.out, "--out")
     args.questions = job_path(args.questions, "--questions")
     store_cfg = StoreConfig(uri=args.store)
-    fingerprint = None
+    fingerprint, model = None, None
     if not args.serve_address:
         from x2l.models.fingerprint import checkpoint_fingerprint
+        from x2l.models.registry import checkpoint_family
 
         args.model = job_path(args.model, "--model")
-        if not (Path(args.model) / "config.json").is_file():
-            raise X2LError(f"--model {args.model}: not a checkpoint directory (no config.json there)")
+        # a --dtype or --attn no loader takes: refused here, before Ray starts, not by every actor of the pool
+        model = model_config(args, device="cuda" if args.num_gpus_per_actor > 0 else "cpu")
+        checkpoint_family(args.model)  # a checkpoint of a registered family, or one line saying why not
         fingerprint = checkpoint_fingerprint(Path(args.model))  # a model the store refuses: refused here
     store = KVStore(store_cfg, fingerprint, create=False)  # unreachable or missing store: fails here
     store.require_exists()
@@ -277,7 +279,7 @@ def run(args) -> int:
             first_at, first_id = answer_over_http(args, send, out)
         else:
             start_ray(args.ray_address)
-            first_at, first_id = answer_in_job(args, send)
+            first_at, first_id = answer_in_job(args, send, model)
     wall = time.perf_counter() - t0
     rows = consolidate(out, questions)
     new = [r for r in rows if r["id"] in {q["id"] for q in todo}]

@@ -43,7 +43,7 @@ def store_uri(request, tmp_path, monkeypatch):
 
 
 # --- models and videos ------------------------------------------------------------------------------------------------
-# tiny_checkpoints (session): {family name: dir} for every registered family ("qwen2-vl", "qwen2.5-vl"), random tiny
+# tiny_checkpoints (session): {family name: dir} for every registered family (FAMILY_NAMES), random tiny
 #                   checkpoints written by each family's tiny builder (x2l.models.registry).
 # video_path (session): a 10 s, 2 fps-sampled, 64x96 H.264 test video written with PyAV.
 

@@ -144,6 +144,21 @@ def test_an_unregistered_model_type_is_refused_in_one_line(tmp_path):
         with pytest.raises(ModelError, match="model_type 'llava' is not supported") as e:
             load(tmp_path)
         assert "\n" not in str(e.value) and all(t in str(e.value) for t in registry.SUPPORTED_MODEL_TYPES)
+        # the registered families are listed by model_type and by the name `x2l tiny-model --family` takes
+        assert all(f"{f.model_type} ({f.name})" in str(e.value) for f in registry.FAMILIES)
+
+
+def test_a_config_without_model_type_or_a_file_for_a_directory_is_named_in_one_line(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen2VLForConditionalGeneration"]}))
+    with pytest.raises(ModelError) as e:
+        load_model(tmp_path)
+    assert str(e.value) == (
+        f"{tmp_path / 'config.json'}: no model_type (x2l reads the family from it: one of "
+        f"{', '.join(registry.SUPPORTED_MODEL_TYPES)})"
+    )
+    with pytest.raises(ModelError) as e:
+        pixel_rule(tmp_path / "config.json")
+    assert str(e.value) == f"model directory {tmp_path / 'config.json'} is a file, not a checkpoint directory"
 
 
 # --- exactness -------------------------------------------------------------------------------------------------------

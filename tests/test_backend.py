@@ -339,3 +339,75 @@ def test_list_files_lists_objects_not_directories(store_uri):
     assert b.list_files("d") == ["one.txt", "two.txt"]
     assert b.list_dirs("d") == ["sub"]
     assert b.list_files("missing") == []
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def _gone(pid: int) -> bool:
+    """Whether pid has exited (a zombie counts as exited: it waits only for its parent to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _wait_gone(pid: int, within_s: float = 60.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + within_s  # a safety net against a hung test, not a speed claim
+    while time.monotonic() < deadline:
+        if _gone(pid):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("killed", ["server", "its parent"])
+def test_make_s3_server_dies_with_its_parent_even_when_killed(tmp_path, killed):
+    """`make s3` (python -m x2l.testing.s3_server) prints the variables to export; weed runs in a session of its own,
+    so when the server is SIGKILLed, or the process that started it (make) is, the kernel ends it (issue 14 review)."""
+    import signal
+    import subprocess
+    import sys
+
+    from x2l.testing.s3_server import weed_binary
+
+    parent = subprocess.Popen(  # stands in for make: starts the server, then waits
+        [sys.executable, "-c", "import subprocess, sys; subprocess.run(sys.argv[1:])"]
+        + [sys.executable, "-m", "x2l.testing.s3_server", "--dir", str(tmp_path / "s3")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    started: list[int] = []
+    try:
+        lines = [parent.stdout.readline() for _ in range(7)]
+        assert lines[0].startswith("S3 ready at http://127.0.0.1:")
+        assert [line.split("=")[0] for line in lines[1:6]] == [
+            "export AWS_ENDPOINT_URL_S3",
+            "export AWS_ENDPOINT_URL",
+            "export AWS_ACCESS_KEY_ID",
+            "export AWS_SECRET_ACCESS_KEY",
+            "export AWS_REGION",
+        ]
+        (server,) = _children(parent.pid)
+        (weed,) = _children(server)
+        started += [server, weed]
+        with open(f"/proc/{weed}/cmdline", "rb") as f:
+            assert f.read().split(b"\0")[0] == weed_binary().encode()
+        os.kill(server if killed == "server" else parent.pid, signal.SIGKILL)
+        assert _wait_gone(weed) and _wait_gone(server)
+    finally:
+        for pid in [parent.pid, *started]:  # what a failure left running (this test's own processes only)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        parent.wait()

@@ -164,3 +164,21 @@ def test_listing_a_store_imports_neither_torch_nor_transformers(store):
     r = subprocess.run([sys.executable, "-c", code, str(out), "clip.mp4"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().endswith("loaded: []")
+
+
+def test_ask_without_video_id_says_why_no_video_can_be_answered(store, tiny_checkpoints, tmp_path):
+    """The store's only committed videos are damaged, or it has none: the line says so (it used to read "holds 0
+    videos (none): pick one with --video-id", which no --video-id could satisfy)."""
+    out, _ = store
+    shutil.copytree(out, tmp_path / "s")
+    metas = sorted((tmp_path / "s" / "videos").glob("*/meta.json"))
+    for meta in metas:
+        meta.write_text(meta.read_text().replace('"n_chunks"', '"n_chunks_edited"'))
+    model = tiny_checkpoints["qwen2-vl"]
+    r = run("ask", tmp_path / "s", "--model", model, "--question", "q")
+    want = f"x2l: error: store {tmp_path / 's'} holds no video to answer: {len(metas)} committed, all damaged"
+    assert r.returncode == 1 and r.stderr == f"{want} (x2l store verify)\n"
+    for meta in metas:
+        shutil.rmtree(meta.parent)
+    r = run("ask", tmp_path / "s", "--model", model, "--question", "q")
+    assert r.returncode == 1 and r.stderr == f"x2l: error: store {tmp_path / 's'} holds no video to answer: index one\n"

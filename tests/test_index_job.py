@@ -298,9 +298,10 @@ def test_job_refuses_an_unreachable_store_and_an_empty_corpus(tiny_checkpoints, 
         (["--concurrency", "0"], "--concurrency 0: must be >= 1"),
         (["--num-cpus-per-actor", "-1"], "--num-cpus-per-actor -1: must be >= 0"),
         (["--torch-threads", "0"], "--torch-threads 0: must be >= 1"),
+        (["--dtype", "float8"], "model dtype 'float8': use auto, float32, bfloat16 or float16"),
     ],
 )
-def test_numeric_options_out_of_range_are_one_line_before_ray(tiny_checkpoints, tmp_path, args, message):
+def test_bad_numbers_and_dtype_are_one_line_before_ray(tiny_checkpoints, tmp_path, args, message):
     from x2l.testing.ray_head import loopback_env
 
     r = subprocess.run(

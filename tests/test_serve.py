@@ -373,6 +373,21 @@ def test_app_builder_refuses_a_missing_model_or_store_before_deploying(archive, 
     assert r.stderr.strip().splitlines()[-1] == "Error: x2l.serve: x2l.serve argument max_batch_size=0: must be >= 1"
 
 
+def test_app_builder_names_an_unregistered_model_type_before_comparing_fingerprints(tmp_path):
+    """A checkpoint of no registered family is refused as such, not as "the store holds another model's KV"."""
+    from x2l.errors import ConfigError
+    from x2l.models.registry import FAMILIES
+    from x2l.serve import ServeArgs, app
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "gemma3"}))
+    with pytest.raises(ConfigError) as e:
+        app(ServeArgs(store=str(tmp_path / "none"), model=str(tmp_path / "m")))
+    want = f"x2l.serve: {tmp_path / 'm'}: model_type 'gemma3' is not supported (registered families: "
+    assert str(e.value).startswith(want)
+    assert all(f.name in str(e.value) for f in FAMILIES)
+
+
 def test_app_arguments_resolve_local_paths_where_the_builder_checks_them(tmp_path, monkeypatch):
     """Replicas do not run in `serve run`'s working directory: a relative store= or model= is made absolute by the
     builder, the side that checked it, instead of being opened relative to a worker's directory."""

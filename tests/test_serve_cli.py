@@ -65,6 +65,18 @@ def test_bad_model_store_or_port_is_one_line_before_ray_starts(indexed, tmp_path
             [indexed["store"], "--model", indexed["model"], "--max-batch-size", "0"],
             "x2l: error: x2l.serve argument max_batch_size=0: must be >= 1",
         ),
+        (
+            [indexed["store"], "--model", indexed["model"], "--port", "70000"],
+            "x2l: error: --port 70000: not a TCP port (1-65535)",
+        ),
+        (
+            [indexed["store"], "--model", indexed["model"], "--port", "0"],
+            "x2l: error: --port 0: not a TCP port (1-65535)",
+        ),
+        (
+            [indexed["store"], "--model", indexed["model"], "--startup-timeout", "0"],
+            "x2l: error: --startup-timeout 0: must be > 0 seconds",
+        ),
     ]
     for args, line in cases:
         r = subprocess.run(x2l("serve", *args), capture_output=True, text=True, env=env(), cwd=tmp_path)

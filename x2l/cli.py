@@ -338,9 +338,14 @@ class ChunkProgress:
 def _pick_video(store, video_id: str | None) -> str:
     if video_id is not None:
         return video_id
-    videos = store.list_videos()
+    listed = store.list_videos(damaged=True)
+    videos = [v for v in listed if "damaged" not in v]
     if len(videos) != 1:
         ids = ", ".join(repr(v["video_id"]) for v in videos[:10]) or "none"
+        if not videos:
+            damaged = [v for v in listed if "damaged" in v]
+            why = f"{len(damaged)} committed, all damaged (x2l store verify)" if damaged else "index one"
+            raise ConfigError(f"store {store.backend.uri} holds no video to answer: {why}")
         raise ConfigError(f"store {store.backend.uri} holds {len(videos)} videos ({ids}): pick one with --video-id")
     return videos[0]["video_id"]
 

@@ -57,7 +57,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from x2l.config import ModelConfig, RetrievalConfig, StoreConfig, attention_problem, dtype_problem
 from x2l.distributed.common import error_line, isolate_failures
-from x2l.errors import ConfigError, CorruptionError, IncompatibleError, NotFoundError, StoreError, one_line
+from x2l.errors import (
+    ConfigError,
+    CorruptionError,
+    IncompatibleError,
+    ModelError,
+    NotFoundError,
+    StoreError,
+    one_line,
+)
 from x2l.prompt import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, PromptError, PromptLimits, check_prompt
 
 SERVE_RUN = "serve run x2l.serve:app store=URI model=DIR"
@@ -491,13 +499,14 @@ def check_deployable(cfg: ServeArgs) -> None:
     """The model directory is a checkpoint and the store exists and holds KV of that model (ConfigError naming
     which and why): checked by the application builder, before anything is deployed."""
     from x2l.models.fingerprint import checkpoint_fingerprint
+    from x2l.models.registry import checkpoint_family
     from x2l.store import KVStore
 
     model = Path(cfg.model)
-    if not model.is_dir():
-        raise ConfigError(f"model directory {cfg.model} does not exist")
-    if not (model / "config.json").is_file():
-        raise ConfigError(f"model directory {cfg.model} is not a checkpoint (no config.json)")
+    try:  # a checkpoint of a registered family, before its fingerprint is compared with the store's
+        checkpoint_family(model)
+    except ModelError as e:
+        raise ConfigError(str(e)) from e
     try:
         KVStore(StoreConfig(uri=cfg.store), checkpoint_fingerprint(model), create=False).require_exists()
     except StoreError as e:

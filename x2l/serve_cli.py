@@ -86,9 +86,12 @@ def _stop_on(signum: int, _frame) -> None:
 
 
 def check_port(host: str, port: int) -> None:
-    """ConfigError when HOST:PORT cannot be bound (in use, or not an address of this machine)."""
+    """ConfigError when PORT is not a TCP port (1-65535; 0 would let the OS pick one this command cannot print) or
+    HOST:PORT cannot be bound (in use, or not an address of this machine)."""
     from x2l.errors import ConfigError
 
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port {port}: not a TCP port (1-65535)")
     with socket.socket() as s:
         try:
             s.bind((host, port))
@@ -129,6 +132,8 @@ def run_serve(args: argparse.Namespace, verbose: bool = False) -> int:
         raise ConfigError(e.detail) from None
     check_deployable(cfg)  # the application builder's own checks, before Ray starts
     check_port(args.host, args.port)
+    if not args.startup_timeout > 0:
+        raise ConfigError(f"--startup-timeout {args.startup_timeout:g}: must be > 0 seconds")
 
     for var, value in {
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",

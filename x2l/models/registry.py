@@ -89,14 +89,17 @@ def family(name: str) -> Family:
     for f in FAMILIES:
         if f.name == name:
             return f
-    raise ModelError(f"unknown model family {name!r}; expected one of {FAMILY_NAMES}")
+    raise ModelError(f"unknown model family {name!r}; expected one of {', '.join(FAMILY_NAMES)}")
 
 
 def family_of_model_type(model_type: str) -> Family:
+    """The family registered for this config.json `model_type`; ModelError listing the registered families
+    (model_type and family name) otherwise."""
     for f in FAMILIES:
         if f.model_type == model_type:
             return f
-    raise ModelError(f"model_type {model_type!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})")
+    known = ", ".join(f"{f.model_type} ({f.name})" for f in FAMILIES)
+    raise ModelError(f"model_type {model_type!r} is not supported (registered families: {known})")
 
 
 def checkpoint_family(path: str | Path) -> Family:
@@ -104,8 +107,10 @@ def checkpoint_family(path: str | Path) -> Family:
     missing directory, a missing or invalid config.json, or an unsupported model_type."""
     path = Path(path)
     config = path / "config.json"
-    if not path.is_dir():
+    if not path.exists():
         raise ModelError(f"model directory {path} does not exist")
+    if not path.is_dir():
+        raise ModelError(f"model directory {path} is a file, not a checkpoint directory")
     if not config.is_file():
         raise ModelError(f"{path} is not a checkpoint: no config.json")
     try:
@@ -113,6 +118,9 @@ def checkpoint_family(path: str | Path) -> Family:
     except (OSError, json.JSONDecodeError) as e:
         raise ModelError(f"{config}: not valid JSON ({e})") from e
     model_type = doc.get("model_type") if isinstance(doc, dict) else None
+    if model_type is None:
+        known = ", ".join(SUPPORTED_MODEL_TYPES)
+        raise ModelError(f"{config}: no model_type (x2l reads the family from it: one of {known})")
     try:
         return family_of_model_type(model_type)
     except ModelError as e:

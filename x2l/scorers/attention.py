@@ -22,7 +22,6 @@ class ChunkAttentionScorer(Scorer):
     """
 
     name = "attention"
-    needs_attention = True
     queries: int = 64
 
     def score(self, query, key, value, mask, scaling):

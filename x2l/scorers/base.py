@@ -18,7 +18,6 @@ class Scorer:
     """
 
     name: ClassVar[str] = ""
-    needs_attention: ClassVar[bool] = False
 
     def score(
         self,

@@ -17,7 +17,6 @@ class WindowAttentionScorer(Scorer):
     """
 
     name = "window_attention"
-    needs_attention = True
     window: int = 32
 
     def __post_init__(self) -> None:

@@ -9,12 +9,16 @@ Every port weed opens (master, volume, filer, s3, admin, each with a gRPC port) 
 AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY environment and then refuses anonymous or wrongly signed requests).
 
 Foreground use: python -m x2l.testing.s3_server --dir .x2l/s3   (prints the variables to export; Ctrl-C stops it)
+
+weed dies with the process that started it, even when that process is killed (SIGKILL), and the foreground server
+stops when its own parent (`make s3`) dies.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import functools
 import os
 import random
 import shutil
@@ -29,6 +33,28 @@ from x2l.errors import StoreError
 
 _COMPONENTS = ("master", "volume", "filer", "s3", "admin")
 _GRPC_OFFSET = 10000  # weed's convention; the mini admin worker dials admin.port + 10000 whatever -admin.port.grpc says
+
+
+@functools.cache
+def _prctl():
+    """libc's prctl (Linux), looked up once, before any fork: a forked child only calls it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+def die_with_parent(sig: int, parent: int) -> None:
+    """Ask Linux to send `sig` to this process when its parent dies, however it dies (SIGKILL included):
+    prctl(PR_SET_PDEATHSIG). `parent` is the pid the caller expects as its parent: if it is already gone (the parent
+    died before the request was made), `sig` is raised at once. A no-op where prctl is not available."""
+    prctl = _prctl()
+    if prctl is None:
+        return
+    prctl(1, int(sig), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os.kill(os.getpid(), sig)
 
 
 def weed_binary() -> str:
@@ -146,6 +172,8 @@ class LocalS3Server:
             "TMPDIR": self._sock_dir(),
         }
         t0 = time.monotonic()
+        me = os.getpid()
+        _prctl()  # looked up here, not in the forked child
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 self.command(),
@@ -155,6 +183,9 @@ class LocalS3Server:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                # weed is in a session of its own (a Ctrl-C meant for us must not reach it unordered), so nothing
+                # else ends it if we are killed: the kernel does (SIGKILL when this process dies, however it dies)
+                preexec_fn=lambda: die_with_parent(signal.SIGKILL, me),
             )
         atexit.register(self.stop)
         try:
@@ -246,8 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--secret-key", default="x2l-secret")
     args = ap.parse_args(argv)
     server = LocalS3Server(args.dir, args.access_key, args.secret_key, args.bucket, port=args.port)
-    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C or `kill` (SIGINT too: a background job ignores it)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # Ctrl-C, `kill`, a closed terminal
         signal.signal(sig, _interrupt)
+    die_with_parent(signal.SIGTERM, os.getppid())  # `make s3` killed: stop the server cleanly, as after Ctrl-C
     try:
         server.start()
     except StoreError as e:
