@@ -1,16 +1,25 @@
-"""Train a small Qwen2-VL checkpoint from scratch on the synthetic needle benchmark, on a CPU.
+"""Train a small Qwen2-VL (or Qwen3-VL) checkpoint from scratch on the synthetic needle benchmark, on a CPU.
 
     python training/train_needle.py --out models/needle-qwen2vl --seed 0
+    python training/train_needle.py --family qwen3-vl --out DIR --seed 0 --steps 1200
 
-The model is the real Qwen2-VL architecture (transformers' Qwen2VLForConditionalGeneration), narrow and shallow, and
-the checkpoint is a standard HF directory (config, safetensors, tokenizer, preprocessor configs) that
-`x2l.models.load_model` loads through the normal adapter.
+`--family` picks the architecture (default qwen2-vl, the shipped models/needle-qwen2vl, which the command above
+still reproduces bit for bit): qwen2-vl is transformers' Qwen2VLForConditionalGeneration at ModelSpec's widths,
+frames at 56x56 (patch 14); qwen3-vl is Qwen3VLForConditionalGeneration at Qwen3ModelSpec's widths (same language
+model, interleaved M-RoPE, a 1-block patch-16 vision tower with one DeepStack merger), frames resized to 64x64 (sides
+are multiples of 32), i.e. the same 2x2 merged tokens per frame group, plus each frame group's timestamp text. The
+model is narrow and shallow, and the checkpoint is a standard HF directory (config, safetensors, tokenizer,
+preprocessor configs) that `x2l.models.load_model` loads through the family's normal adapter.
 
-Training is teacher-forced, laid out exactly as inference lays it out: the x2l adapter's sink ids and positions, each
-chunk wrapped in vision start/end with the adapter's chunk positions, the adapter's question ids (question, lettered
-options, instruction, answer prefix), then the answer letter and <|im_end|>; the loss is on those two tokens. Vision
-features come from the model's own vision tower with gradients (a batched re-statement of its forward that
-`check_vision` proves equal to `get_video_features`).
+Training is teacher-forced, laid out exactly as inference lays it out, from the x2l adapter's own pieces (Layout):
+the sink's ids and positions, each chunk as `adapter.chunk` lays it out at its cursor with its frame times (chunk c
+of a needle video: frames at 8c .. 8c+7 s; Qwen3-VL spells them per frame group), the adapter's question ids
+(question, lettered options, instruction, answer prefix) at its text positions, then the answer letter and
+<|im_end|>; the loss is on those two tokens. Vision features come from the model's own vision tower with gradients,
+per family (visual_features): Qwen2-VL through a batched re-statement of its forward that `check_vision` proves equal
+to `get_video_features`; Qwen3-VL through the stock vision tower forward, whose DeepStack features go to the language
+model at the vision tokens as the adapter's `forward(extras=)` passes them (tests/test_needle.py checks that the
+trainer's loss equals the one x2l's chunk-by-chunk pre-fill gives).
 
 Which cache a question sees: the full pre-fill, or (for `compressed_frac` of the questions after `compress_after` of
 the steps) the mixed cache x2l assembles: sink, H of every chunk, L of k chunks (the needle chunks first, sometimes
@@ -22,12 +31,13 @@ each KV head and layer keeps its own tokens, and together they cover the four ce
 family measuring nothing about selective re-loading.
 
 Data: `pool_videos` videos from the "train" split seed stream (never the held-out "test" stream) are written as
-H.264 and decoded once through x2l.video.load_video, then cut into a pool of 8-frame chunks labelled with the needle
-each holds (or none). A training example is composed from that pool: the family's needle chunks at random chunk
-indices, haystack chunks elsewhere, the question and answer derived from the needles' labels with the benchmark's
-own `make_question`. A curriculum grows the number of chunks per video from 2 to `max_chunks`.
+H.264 and decoded once through x2l.video.load_video at the model's frame size, then cut into a pool of 8-frame chunks
+labelled with the needle each holds (or none). A training example is composed from that pool: the family's needle
+chunks at random chunk indices, haystack chunks elsewhere, the question and answer derived from the needles' labels
+with the benchmark's own `make_question`. A curriculum grows the number of chunks per video from 2 to `max_chunks`.
 
-Deterministic given the seed and the thread count: fixed step count, seeded data order, seeded init.
+Deterministic given the family, the seed and the thread count: fixed step count, seeded data order, seeded init.
+The run records its family in OUT/x2l_needle.json (`family`).
 """
 
 from __future__ import annotations
