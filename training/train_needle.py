@@ -485,7 +485,6 @@ class Layout:
         self.chunk_ids: list[list[int]] = []
         self.chunk_pos: list[torch.Tensor] = []  # [3, n_c]
         self.chunk_end: list[int] = [sink.next_position]  # cursor before chunk 0, then after each chunk
-        self.vs, self.ve = adapter._vision_start, adapter._vision_end
         self.im_end = tok.convert_tokens_to_ids("<|im_end|>")
         self.letter_ids = {l: tok.convert_tokens_to_ids(l) for l in nd.letters(4)}
         for l, i in self.letter_ids.items():
