@@ -185,3 +185,97 @@ def test_x2l_eval_on_needle_with_the_shipped_model(tmp_path):
     # task-aware selection finds the needles' chunks; evenly spaced chunks mostly miss them
     assert methods["x2l:2"]["selection_hit_rate"] > methods["uniform:2"]["selection_hit_rate"]
     assert "answer chunks re-loaded" in (out / "results.md").read_text()
+
+
+def _tiny_train_config(**over):
+    from training.train_needle import TrainConfig
+
+    base = dict(
+        seed=3,
+        steps=3,
+        pool_videos=4,
+        pool_chunks=8,
+        start_chunks=7,
+        max_chunks=8,
+        tokens_per_batch=600,
+        compress_after=0.0,
+        val_per_family=0,
+        log_every=1,
+        threads=1,
+    )
+    return TrainConfig(**{**base, **over})
+
+
+def test_qwen3_vl_training_layout_is_the_inference_layout(tmp_path):
+    """The trainer's one-shot teacher-forced pass over a Qwen3-VL prompt (timestamps per frame group, interleaved
+    M-RoPE, DeepStack at the vision tokens) gives the answer loss that x2l's chunk-by-chunk pre-fill through the
+    adapter gives."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import DynamicCache
+
+    from training.train_needle import (
+        Layout,
+        Qwen3ModelSpec,
+        VideoExample,
+        build_pool,
+        chunk_times,
+        forward_loss,
+        init_checkpoint,
+    )
+    from x2l.models import load_model
+
+    adapter = load_model(init_checkpoint(tmp_path / "init", Qwen3ModelSpec(), 0), dtype="float32", device="cpu")
+    assert adapter.family == "qwen3-vl" and adapter.target_size(*nd.FRAME_SIZE) == (64, 64)
+    pool = build_pool(1, 3, 0, adapter.target_size, tmp_path, log=lambda s: None)
+    layout = Layout(adapter)
+    options = ["A. red", "B. green", "C. blue", "D. yellow"]
+    q_ids = adapter.question_ids("What colour is the disc?", options)
+    video = VideoExample([2, 0, 1], [("retrieval", q_ids, "C", ())])
+    with torch.no_grad():
+        _, _, loss, _ = forward_loss(adapter, layout, pool, [video])
+
+    cache = DynamicCache()
+    sink = adapter.sink()
+    adapter.forward(sink.embeds[None], sink.positions[:, None], cache, logits=False)
+    cursor = sink.next_position
+    for c, p in enumerate(video.chunks):
+        seg = adapter.chunk(pool.frames[p], cursor, nd.FPS, chunk_times(c))
+        assert seg.extras is not None  # DeepStack features travel with the chunk
+        adapter.forward(seg.embeds[None], seg.positions[:, None], cache, logits=False, extras=seg.extras)
+        cursor = seg.next_position
+    assert cursor == layout.prefix(3)[3]
+    logits = []
+    for ids in (q_ids, [layout.letter_ids["C"]]):
+        pos = adapter.text_positions(cursor, len(ids))
+        logits.append(adapter.forward(adapter.embed_ids(torch.tensor(ids))[None], pos[:, None], cache))
+        cursor += len(ids)
+    ref = F.cross_entropy(torch.cat(logits), torch.tensor([layout.letter_ids["C"], layout.im_end]))
+    assert abs(float(loss) - float(ref)) < 1e-4, (float(loss), float(ref))
+
+
+def test_qwen3_vl_training_steps_write_a_loadable_checkpoint(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from training.train_needle import Qwen3ModelSpec, init_checkpoint, train
+    from x2l.models import load_model
+
+    threads = torch.get_num_threads()
+    try:
+        info = train(tmp_path / "m", _tiny_train_config(), Qwen3ModelSpec(), log=lambda s: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert info["family"] == "qwen3-vl" and info["steps_done"] == 3 and len(info["history"]) == 3
+    assert all(np.isfinite(h["loss"]) for h in info["history"])
+    saved = json.loads((tmp_path / "m" / "x2l_needle.json").read_text())
+    assert saved["family"] == "qwen3-vl" and saved["model_spec"]["deepstack"] == [0]
+    adapter = load_model(tmp_path / "m", dtype="float32", device="cpu")  # the family's own adapter loads it
+    assert adapter.family == "qwen3-vl"
+    frames = np.zeros((nd.FRAMES_PER_CHUNK, 64, 64, 3), np.uint8)
+    assert adapter.chunk(frames, 0, nd.FPS, np.arange(nd.FRAMES_PER_CHUNK, dtype=float)).n_tokens > 16
+    # the steps moved the weights away from the seeded init
+    init = load_file(init_checkpoint(tmp_path / "init", Qwen3ModelSpec(), 3) / "model.safetensors")
+    trained = load_file(tmp_path / "m" / "model.safetensors")
+    assert init.keys() == trained.keys()
+    assert any(not torch.equal(init[k], trained[k]) for k in init)

@@ -1,16 +1,25 @@
-"""Train a small Qwen2-VL checkpoint from scratch on the synthetic needle benchmark, on a CPU.
+"""Train a small Qwen2-VL (or Qwen3-VL) checkpoint from scratch on the synthetic needle benchmark, on a CPU.
 
     python training/train_needle.py --out models/needle-qwen2vl --seed 0
+    python training/train_needle.py --family qwen3-vl --out DIR --seed 0 --steps 1200
 
-The model is the real Qwen2-VL architecture (transformers' Qwen2VLForConditionalGeneration), narrow and shallow, and
-the checkpoint is a standard HF directory (config, safetensors, tokenizer, preprocessor configs) that
-`x2l.models.load_model` loads through the normal adapter.
+`--family` picks the architecture (default qwen2-vl, the shipped models/needle-qwen2vl, which the command above
+still reproduces bit for bit): qwen2-vl is transformers' Qwen2VLForConditionalGeneration at ModelSpec's widths,
+frames at 56x56 (patch 14); qwen3-vl is Qwen3VLForConditionalGeneration at Qwen3ModelSpec's widths (same language
+model, interleaved M-RoPE, a 1-block patch-16 vision tower with one DeepStack merger), frames resized to 64x64 (sides
+are multiples of 32), i.e. the same 2x2 merged tokens per frame group, plus each frame group's timestamp text. The
+model is narrow and shallow, and the checkpoint is a standard HF directory (config, safetensors, tokenizer,
+preprocessor configs) that `x2l.models.load_model` loads through the family's normal adapter.
 
-Training is teacher-forced, laid out exactly as inference lays it out: the x2l adapter's sink ids and positions, each
-chunk wrapped in vision start/end with the adapter's chunk positions, the adapter's question ids (question, lettered
-options, instruction, answer prefix), then the answer letter and <|im_end|>; the loss is on those two tokens. Vision
-features come from the model's own vision tower with gradients (a batched re-statement of its forward that
-`check_vision` proves equal to `get_video_features`).
+Training is teacher-forced, laid out exactly as inference lays it out, from the x2l adapter's own pieces (Layout):
+the sink's ids and positions, each chunk as `adapter.chunk` lays it out at its cursor with its frame times (chunk c
+of a needle video: frames at 8c .. 8c+7 s; Qwen3-VL spells them per frame group), the adapter's question ids
+(question, lettered options, instruction, answer prefix) at its text positions, then the answer letter and
+<|im_end|>; the loss is on those two tokens. Vision features come from the model's own vision tower with gradients,
+per family (visual_features): Qwen2-VL through a batched re-statement of its forward that `check_vision` proves equal
+to `get_video_features`; Qwen3-VL through the stock vision tower forward, whose DeepStack features go to the language
+model at the vision tokens as the adapter's `forward(extras=)` passes them (tests/test_needle.py checks that the
+trainer's loss equals the one x2l's chunk-by-chunk pre-fill gives).
 
 Which cache a question sees: the full pre-fill, or (for `compressed_frac` of the questions after `compress_after` of
 the steps) the mixed cache x2l assembles: sink, H of every chunk, L of k chunks (the needle chunks first, sometimes
@@ -22,12 +31,13 @@ each KV head and layer keeps its own tokens, and together they cover the four ce
 family measuring nothing about selective re-loading.
 
 Data: `pool_videos` videos from the "train" split seed stream (never the held-out "test" stream) are written as
-H.264 and decoded once through x2l.video.load_video, then cut into a pool of 8-frame chunks labelled with the needle
-each holds (or none). A training example is composed from that pool: the family's needle chunks at random chunk
-indices, haystack chunks elsewhere, the question and answer derived from the needles' labels with the benchmark's
-own `make_question`. A curriculum grows the number of chunks per video from 2 to `max_chunks`.
+H.264 and decoded once through x2l.video.load_video at the model's frame size, then cut into a pool of 8-frame chunks
+labelled with the needle each holds (or none). A training example is composed from that pool: the family's needle
+chunks at random chunk indices, haystack chunks elsewhere, the question and answer derived from the needles' labels
+with the benchmark's own `make_question`. A curriculum grows the number of chunks per video from 2 to `max_chunks`.
 
-Deterministic given the seed and the thread count: fixed step count, seeded data order, seeded init.
+Deterministic given the family, the seed and the thread count: fixed step count, seeded data order, seeded init.
+The run records its family in OUT/x2l_needle.json (`family`).
 """
 
 from __future__ import annotations
@@ -53,12 +63,14 @@ from x2l.eval import needle as nd
 from x2l.testing.tiny_models import build_tokenizer, model_class, preprocessor_config, special_token_ids
 from x2l.video import load_video
 
-FAMILY = "qwen2-vl"
+TRAIN_FAMILIES = ("qwen2-vl", "qwen3-vl")  # the model families this script trains (--family)
 
 
 # --- model -----------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelSpec:
+    """The Qwen2-VL needle model's widths (the shipped models/needle-qwen2vl)."""
+
     hidden: int = 128
     layers: int = 4
     heads: int = 4
@@ -73,8 +85,36 @@ class ModelSpec:
     pixels: int = nd.FRAME_SIZE[0] * nd.FRAME_SIZE[1]  # min = max pixels: frames are taken at 56x56
 
 
-def needle_config(spec: ModelSpec, tokenizer):
-    """A Qwen2VLConfig in the layout of x2l.testing.tiny_models.tiny_config, with the needle model's widths."""
+@dataclass(frozen=True)
+class Qwen3ModelSpec:
+    """The Qwen3-VL needle model's widths: the language model of ModelSpec (interleaved M-RoPE), a 1-block vision
+    tower with patch 16 whose block also feeds one DeepStack merger (added after language-model layer 0). Frames
+    are taken at 64x64 (Qwen3-VL's sides are multiples of 32; the 56x56 needle frames are resized up), i.e. the same
+    2x2 merged tokens per frame group as the Qwen2-VL model's 56x56 with patch 14."""
+
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 384
+    mrope: tuple[int, int, int] = (6, 5, 5)  # head_dim / 2 rotary pairs: interleaved (time, height, width)
+    rope_theta: float = 1_000_000.0
+    vision_depth: int = 1
+    vision_dim: int = 64
+    vision_heads: int = 2
+    vision_intermediate: int = 128
+    deepstack: tuple[int, ...] = (0,)  # vision blocks whose merged features are added to language-model layers 0..
+    side: int = 64  # frames are taken at side x side pixels (min = max pixels per frame group)
+
+
+SPECS = {"qwen2-vl": ModelSpec, "qwen3-vl": Qwen3ModelSpec}
+
+
+def needle_config(spec: ModelSpec | Qwen3ModelSpec, tokenizer):
+    """The model config (Qwen2VLConfig or Qwen3VLConfig by the spec's family) in the layout of the family's tiny
+    builder (x2l.testing.tiny_models / tiny_qwen3_vl), with the needle model's widths."""
+    if isinstance(spec, Qwen3ModelSpec):
+        return _qwen3_config(spec, tokenizer)
     from transformers import Qwen2VLConfig
 
     ids = special_token_ids(tokenizer)
@@ -113,33 +153,96 @@ def needle_config(spec: ModelSpec, tokenizer):
     )
 
 
-def write_checkpoint(model, tokenizer, spec: ModelSpec, out: Path, extra: dict | None = None) -> Path:
+def _qwen3_config(spec: Qwen3ModelSpec, tokenizer):
+    from transformers import Qwen3VLConfig
+
+    ids = special_token_ids(tokenizer)
+    head_dim = spec.hidden // spec.heads
+    assert sum(spec.mrope) * 2 == head_dim, (spec.mrope, head_dim)
+    assert all(0 <= i < spec.vision_depth for i in spec.deepstack), spec.deepstack
+    text_config = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": spec.hidden,
+        "intermediate_size": spec.intermediate,
+        "num_hidden_layers": spec.layers,
+        "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.kv_heads,
+        "head_dim": head_dim,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {
+            "rope_type": "default",
+            "mrope_section": list(spec.mrope),
+            "mrope_interleaved": True,
+            "rope_theta": spec.rope_theta,
+        },
+        "bos_token_id": ids["bos_token_id"],
+        "eos_token_id": ids["eos_token_id"],
+        "pad_token_id": ids["pad_token_id"],
+    }
+    grid = spec.side // 16  # patches per side
+    vision_config = dict(
+        depth=spec.vision_depth,
+        hidden_size=spec.vision_dim,
+        intermediate_size=spec.vision_intermediate,
+        num_heads=spec.vision_heads,
+        num_position_embeddings=grid * grid,  # one learned position embedding per patch of the fixed frame size
+        patch_size=16,
+        temporal_patch_size=2,
+        spatial_merge_size=2,
+        in_channels=3,
+        out_hidden_size=spec.hidden,
+        deepstack_visual_indexes=list(spec.deepstack),
+    )
+    return Qwen3VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        **{k: ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")},
+    )
+
+
+def spec_family(spec: ModelSpec | Qwen3ModelSpec) -> str:
+    return next(f for f, cls in SPECS.items() if isinstance(spec, cls))
+
+
+def write_checkpoint(model, tokenizer, spec: ModelSpec | Qwen3ModelSpec, out: Path, extra: dict | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    pre = dict(
-        preprocessor_config(FAMILY, "tiny"),
-        min_pixels=spec.pixels,
-        max_pixels=spec.pixels,
-        size={"shortest_edge": spec.pixels, "longest_edge": spec.pixels},
-    )
-    for name, kind in (
-        ("preprocessor_config.json", {"image_processor_type": "Qwen2VLImageProcessor"}),
-        ("video_preprocessor_config.json", {"video_processor_type": "Qwen2VLVideoProcessor"}),
-    ):
-        (out / name).write_text(json.dumps(dict(pre, **kind), indent=2, sort_keys=True) + "\n")
+    if isinstance(spec, Qwen3ModelSpec):
+        from x2l.testing.tiny_qwen3_vl import video_preprocessor_config
+
+        group = 2 * spec.side * spec.side  # pixels of one frame group (temporal_patch_size 2) at side x side
+        pre = dict(video_preprocessor_config("tiny"), size={"shortest_edge": group, "longest_edge": group})
+        (out / "video_preprocessor_config.json").write_text(json.dumps(pre, indent=2, sort_keys=True) + "\n")
+    else:
+        pre = dict(
+            preprocessor_config("qwen2-vl", "tiny"),
+            min_pixels=spec.pixels,
+            max_pixels=spec.pixels,
+            size={"shortest_edge": spec.pixels, "longest_edge": spec.pixels},
+        )
+        for name, kind in (
+            ("preprocessor_config.json", {"image_processor_type": "Qwen2VLImageProcessor"}),
+            ("video_preprocessor_config.json", {"video_processor_type": "Qwen2VLVideoProcessor"}),
+        ):
+            (out / name).write_text(json.dumps(dict(pre, **kind), indent=2, sort_keys=True) + "\n")
     if extra is not None:
         (out / "x2l_needle.json").write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
     return out
 
 
-def init_checkpoint(out: Path, spec: ModelSpec, seed: int) -> Path:
+def init_checkpoint(out: Path, spec: ModelSpec | Qwen3ModelSpec, seed: int) -> Path:
     """The seeded random-init checkpoint that training starts from (then loaded through the x2l adapter)."""
     tokenizer = build_tokenizer()
     config = needle_config(spec, tokenizer)
+    if isinstance(spec, Qwen3ModelSpec):
+        from transformers import Qwen3VLForConditionalGeneration as cls
+    else:
+        cls = model_class("qwen2-vl")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = model_class(FAMILY)(config)
+        model = cls(config)
     return write_checkpoint(model.float(), tokenizer, spec, out)
 
 
@@ -170,13 +273,31 @@ def vision_features(visual, pixels: torch.Tensor, n_slices: int, gh: int, gw: in
     return visual.merger(x)
 
 
+def visual_features(adapter, pixels: torch.Tensor, grid: tuple[int, int, int]):
+    """The vision tower with gradients over patches [gt*gh*gw, C*tp*p*p] of `gt` frame groups of one (gh, gw) grid:
+    (features [gt*gh*gw/m^2, hidden], DeepStack features [K, gt*gh*gw/m^2, hidden] or None).
+
+    qwen2-vl: vision_features (the batched re-statement). qwen3-vl: the stock vision tower forward itself (it runs
+    each frame group's attention on its own, with gradients; only the adapter's chunk() wraps it in no_grad)."""
+    gt, gh, gw = grid
+    visual = adapter.model.model.visual
+    if adapter.family == "qwen3-vl":
+        out = visual(pixels, grid_thw=torch.tensor([[gt, gh, gw]]))
+        return out.pooler_output, torch.stack(list(out.deepstack_features))
+    return vision_features(visual, pixels, gt, gh, gw), None
+
+
 def check_vision(adapter, frames: np.ndarray) -> float:
-    """Max abs difference between the adapter's chunk features (stock vision forward) and vision_features."""
-    seg = adapter.chunk(frames, 0, nd.FPS)
-    pixels, (gt, gh, gw) = adapter.pixel_values(frames)
+    """Max abs difference between the adapter's chunk features (stock vision forward, and for Qwen3-VL its DeepStack
+    features) and visual_features."""
+    seg = adapter.chunk(frames, 0, nd.FPS, chunk_times(0))
+    pixels, grid = adapter.pixel_values(frames)
     with torch.no_grad():
-        mine = vision_features(adapter.model.model.visual, pixels, gt, gh, gw)
-    return float((seg.embeds[1:-1] - mine).abs().max())
+        mine, deepstack = visual_features(adapter, pixels, grid)
+    if deepstack is None:
+        return float((seg.embeds[1:-1] - mine).abs().max())
+    theirs = seg.embeds[seg.extras["visual_mask"]]
+    return max(float((theirs - mine).abs().max()), float((seg.extras["deepstack"] - deepstack).abs().max()))
 
 
 # --- data -------------------------------------------------------------------------------------------------------------
@@ -329,10 +450,28 @@ def compose_mixed(pool: ChunkPool, n_chunks: int, rng: np.random.Generator, adap
     return VideoExample(chunks, qs)
 
 
-class Layout:
-    """Token ids and positions of the whole prompt, from the x2l adapter's own pieces."""
+def chunk_times(c: int) -> np.ndarray:
+    """Presentation times (float64 [FRAMES_PER_CHUNK] seconds) of chunk c's frames in a needle video, as decoding
+    gives them (VideoClip.chunk_timestamps of a video written at nd.FPS from time 0)."""
+    return (c * nd.FRAMES_PER_CHUNK + np.arange(nd.FRAMES_PER_CHUNK)) / nd.FPS
 
-    def __init__(self, adapter):
+
+def chunk_token_ids(adapter, seg, times: np.ndarray) -> list[int]:
+    """Token ids of a chunk laid out by adapter.chunk as `seg` (<|video_pad|> at its vision tokens), per family:
+    Qwen2-VL wraps the vision tokens in vision start/end; Qwen3-VL spells each frame group's time before its own
+    wrappers (the adapter's chunk_token_ids)."""
+    if adapter.family == "qwen3-vl":
+        return adapter.chunk_token_ids(times, adapter._grid(len(times), *nd.FRAME_SIZE))
+    pad = adapter.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    return [adapter._vision_start] + [pad] * (seg.n_tokens - 2) + [adapter._vision_end]
+
+
+class Layout:
+    """Token ids and positions of the whole prompt, from the x2l adapter's own pieces: the sink, each chunk as
+    adapter.chunk lays it out at its cursor with its frame times (ids per family: chunk_token_ids), the question ids
+    and text positions after the last chunk."""
+
+    def __init__(self, adapter, n_chunks: int = 1):
         from x2l.models.qwen2_vl import SYSTEM_PROMPT
 
         tok = adapter.tokenizer
@@ -341,35 +480,52 @@ class Layout:
         self.sink_ids = tok.encode(SYSTEM_PROMPT, add_special_tokens=False)
         self.sink_pos = sink.positions
         assert sink.n_tokens == len(self.sink_ids)
-        dummy = np.zeros((nd.FRAMES_PER_CHUNK, *nd.FRAME_SIZE, 3), np.uint8)
-        seg = adapter.chunk(dummy, 0, nd.FPS)
-        self.chunk_pos = seg.positions  # [3, n] at start 0; a chunk at start s is this + s
-        self.chunk_step = seg.next_position
-        self.chunk_len = seg.n_tokens
-        self.n_vision = seg.n_tokens - 2
-        for s in (3, 17):  # positions are a pure shift of the start (checked against the adapter)
-            assert torch.equal(adapter.chunk(dummy, s, nd.FPS).positions, self.chunk_pos + s)
-        self.vs, self.ve = adapter._vision_start, adapter._vision_end
         self.pad = tok.convert_tokens_to_ids("<|video_pad|>")
+        # chunk c of any video has the same ids and positions (its frame times and cursor depend only on c)
+        self.chunk_ids: list[list[int]] = []
+        self.chunk_pos: list[torch.Tensor] = []  # [3, n_c]
+        self.chunk_end: list[int] = [sink.next_position]  # cursor before chunk 0, then after each chunk
         self.im_end = tok.convert_tokens_to_ids("<|im_end|>")
         self.letter_ids = {l: tok.convert_tokens_to_ids(l) for l in nd.letters(4)}
         for l, i in self.letter_ids.items():
             assert tok.encode(l, add_special_tokens=False) == [i], f"letter {l} is not a single token"
+        self._extend(n_chunks)  # longer prompts are laid out when first asked for
+
+    def _extend(self, n_chunks: int) -> None:
+        """Lay out chunks up to n_chunks through adapter.chunk (dummy frames: only the layout is kept)."""
+        dummy = np.zeros((nd.FRAMES_PER_CHUNK, *nd.FRAME_SIZE, 3), np.uint8)
+        for c in range(len(self.chunk_ids), n_chunks):
+            seg = self.adapter.chunk(dummy, self.chunk_end[c], nd.FPS, chunk_times(c))
+            ids = chunk_token_ids(self.adapter, seg, chunk_times(c))
+            assert len(ids) == seg.n_tokens, (len(ids), seg.n_tokens)
+            if seg.extras is not None:
+                assert torch.equal(torch.tensor(ids) == self.pad, seg.extras["visual_mask"].cpu())
+            self.chunk_ids.append(ids)
+            self.chunk_pos.append(seg.positions)
+            self.chunk_end.append(seg.next_position)
+
+    def prefix_len(self, n_chunks: int) -> int:
+        """Tokens of the sink and the first n_chunks chunks."""
+        self._extend(n_chunks)
+        return len(self.sink_ids) + sum(len(ids) for ids in self.chunk_ids[:n_chunks])
+
+    def spans(self, n_chunks: int) -> list[tuple[int, int]]:
+        """[start, end) of each chunk in the prefix."""
+        self._extend(n_chunks)
+        out, s = [], len(self.sink_ids)
+        for ids in self.chunk_ids[:n_chunks]:
+            out.append((s, s + len(ids)))
+            s += len(ids)
+        return out
 
     def prefix(self, n_chunks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """ids [P] (video pad where vision goes), positions [3, P], vision mask [P], question start position."""
-        ids = list(self.sink_ids)
-        pos = [self.sink_pos]
-        start = int(self.sink_pos.max()) + 1
-        for _ in range(n_chunks):
-            ids += [self.vs] + [self.pad] * self.n_vision + [self.ve]
-            pos.append(self.chunk_pos + start)
-            start += self.chunk_step
-        vision = torch.zeros(len(ids), dtype=torch.bool)
-        for c in range(n_chunks):
-            s = len(self.sink_ids) + c * self.chunk_len + 1
-            vision[s : s + self.n_vision] = True
-        return torch.tensor(ids), torch.cat(pos, dim=1), vision, start
+        """ids [P] (video pad where vision goes), positions [3, P], vision mask [P], question start cursor."""
+        self._extend(n_chunks)
+        ids = list(self.sink_ids) + [i for c in range(n_chunks) for i in self.chunk_ids[c]]
+        pos = torch.cat([self.sink_pos, *self.chunk_pos[:n_chunks]], dim=1)
+        start = self.chunk_end[n_chunks]
+        ids = torch.tensor(ids)
+        return ids, pos, ids == self.pad, start
 
     def tails(self, questions: list[tuple[list[int], str]], start: int) -> dict:
         """Question + answer letter + <|im_end|> per question, right-padded: ids [M, L], positions [3, M, L],
@@ -384,7 +540,7 @@ class Layout:
             rows += [m, m]
             cols += [last_q, last_q + 1]
             targets += [t[-2], t[-1]]
-        positions = torch.arange(start, start + width).view(1, 1, -1).expand(3, len(tails), -1)
+        positions = self.adapter.text_positions(start, width)[:, None].expand(-1, len(tails), -1)
         return dict(
             ids=ids,
             positions=positions,
@@ -413,12 +569,12 @@ class AuxHeads(torch.nn.Module):
 class PrefixScorer:
     """Probe that runs x2l's token scorer on every chunk of the one-shot pre-fill, as indexing with
     CompressionConfig(context="full") scores them: each chunk's own queries over [everything before + the chunk].
-    Keeps [B, n_chunks, Hkv, chunk_len] per layer (no gradient)."""
+    Keeps [B, Hkv, chunk_len] per layer and chunk (no gradient)."""
 
     def __init__(self, scorer, spans: list[tuple[int, int]]):
         self.scorer = scorer
         self.spans = spans
-        self.per_layer: dict[int, torch.Tensor] = {}
+        self.per_layer: dict[int, list[torch.Tensor]] = {}
 
     def __call__(self, layer, query, key, value, mask, scaling) -> None:
         with torch.no_grad():
@@ -426,11 +582,11 @@ class PrefixScorer:
             for s, e in self.spans:
                 m = None if mask is None else mask[:, :, s:e, :e]
                 out.append(self.scorer.score(query[:, :, s:e], key[:, :, :e], value[:, :, :e], m, scaling))
-            self.per_layer[layer] = torch.stack(out, dim=1)
+            self.per_layer[layer] = out
 
-    def scores(self) -> torch.Tensor:
-        """[layers, B, n_chunks, Hkv, chunk_len]"""
-        return torch.stack([self.per_layer[k] for k in sorted(self.per_layer)])
+    def scores(self, chunk: int) -> torch.Tensor:
+        """[layers, B, Hkv, chunk_len] of one chunk"""
+        return torch.stack([self.per_layer[k][chunk] for k in sorted(self.per_layer)])
 
 
 @dataclass(frozen=True)
@@ -491,18 +647,21 @@ def forward_loss(
     ids, pos, vision, start = layout.prefix(n)
     b = len(videos)
     chunks = [c for v in videos for c in v.chunks]
-    pixels, (gt, gh, gw) = pixels_for(adapter, pool, chunks)
-    vis = vision_features(model.model.visual, pixels, gt, gh, gw)  # [B*n*16, hidden] in (video, chunk, token) order
+    pixels, grid = pixels_for(adapter, pool, chunks)
+    vis, deepstack = visual_features(adapter, pixels, grid)  # [B*n*16, hidden] in (video, chunk, token) order
     embeds = embed(ids.expand(b, -1)).masked_scatter(vision.expand(b, -1)[..., None], vis.to(model.dtype))
+    extra = {}  # Qwen3-VL: DeepStack features added after the first layers at the vision tokens
+    if deepstack is not None:
+        extra = {"visual_pos_masks": vision.expand(b, -1), "deepstack_visual_embeds": list(deepstack.to(model.dtype))}
     questions = [(i, q) for i, v in enumerate(videos) for q in v.questions]
     plans = plans or [CompressionPlan()] * len(questions)
     compressed = any(p.selected is not None for p in plans)
     sink = len(layout.sink_ids)
-    spans = [(sink + c * layout.chunk_len, sink + (c + 1) * layout.chunk_len) for c in range(n)]
+    spans = layout.spans(n)
     probe = PrefixScorer(make_scorer(compression.scorer), spans)
     cache = DynamicCache()
     with probing(probe) if compressed else contextlib.nullcontext():
-        lm(inputs_embeds=embeds, position_ids=pos[:, None].expand(3, b, -1), cache=cache, use_cache=True)
+        lm(inputs_embeds=embeds, position_ids=pos[:, None].expand(3, b, -1), cache=cache, use_cache=True, **extra)
     keys = torch.stack([layer.keys for layer in cache.layers])  # [layers, B, Hkv, P, D]
     values = torch.stack([layer.values for layer in cache.layers])
 
@@ -523,12 +682,12 @@ def forward_loss(
         order += full
     comp = [m for m, p in enumerate(plans) if p.selected is not None]
     if comp:
-        scores = probe.scores()  # [layers, B, n, Hkv, len]
+        scores = [probe.scores(c) for c in range(n)]  # per chunk [layers, B, Hkv, len]
         levels = {}  # (video, chunk) -> (H, L)
         for i in sorted({questions[m][0] for m in comp}):
             for c, (s, e) in enumerate(spans):
                 hl, dl = split_levels(
-                    keys[:, i, :, s:e], values[:, i, :, s:e], scores[:, i, c], compression.l_keep, compression.h_keep
+                    keys[:, i, :, s:e], values[:, i, :, s:e], scores[c][:, i], compression.l_keep, compression.h_keep
                 )
                 levels[i, c] = (hl, None, dl)
         caches = []
@@ -695,7 +854,7 @@ def sample_batch(
             plans.append((family, kinds))
             n_q = 4 if family == "detail" else 1
         n = max(n, len(kinds))
-        tokens += len(layout.sink_ids) + n * layout.chunk_len + n_q * cfg.question_tokens
+        tokens += layout.prefix_len(n) + n_q * cfg.question_tokens
     return [
         compose_mixed(pool, n, rng, adapter, kinds)
         if family is None
@@ -707,10 +866,12 @@ def sample_batch(
 def train(
     out: str | Path,
     cfg: TrainConfig = TrainConfig(),  # noqa: B008 - frozen dataclass
-    spec: ModelSpec = ModelSpec(),
+    spec: ModelSpec | Qwen3ModelSpec = ModelSpec(),
     minutes: float | None = None,
     log=print,
 ) -> dict:
+    """Train the needle model of `spec`'s family (ModelSpec: qwen2-vl, Qwen3ModelSpec: qwen3-vl) and write it to
+    `out` (replaced when the run completes); returns what x2l_needle.json records."""
     from x2l.models import load_model
 
     t_start = time.perf_counter()
@@ -729,7 +890,7 @@ def train(
     )
     diff = check_vision(adapter, pool.frames[0])
     assert diff < 1e-4, f"batched vision forward differs from the stock one by {diff}"
-    layout = Layout(adapter)
+    layout = Layout(adapter, cfg.max_chunks)
 
     vrng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 104729]))
     val = {}
@@ -796,6 +957,7 @@ def train(
     log("final val: " + " ".join(f"{k} {v:.3f}" for k, v in val_acc.items()))
     wall = time.perf_counter() - t_start
     info = {
+        "family": spec_family(spec),
         "train_config": asdict(cfg),
         "model_spec": asdict(spec),
         "steps_done": step + 1 if not stopped_early else step,
@@ -853,6 +1015,13 @@ def main(argv: list[str] | None = None) -> None:
         epilog="Every other setting is TrainConfig's default; the run records them all in OUT/x2l_needle.json.",
     )
     ap.add_argument("--out", required=True, help="checkpoint folder to write (replaced when the run completes)")
+    ap.add_argument(
+        "--family",
+        choices=TRAIN_FAMILIES,
+        default="qwen2-vl",
+        help="model family to train: qwen2-vl (ModelSpec, the shipped model) or qwen3-vl (Qwen3ModelSpec); "
+        "default qwen2-vl",
+    )
     ap.add_argument("--seed", type=int, default=0, help="weights, data and order seed (default 0)")
     ap.add_argument(
         "--minutes",
@@ -889,7 +1058,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     if over:
         cfg = TrainConfig(**{**asdict(cfg), **over})
-    train(args.out, cfg, minutes=args.minutes, log=lambda s: print(s, flush=True))
+    train(args.out, cfg, SPECS[args.family](), minutes=args.minutes, log=lambda s: print(s, flush=True))
 
 
 if __name__ == "__main__":
