@@ -10,6 +10,8 @@ and in every stored row; readers decode each row by the codec it names, into the
 
 from __future__ import annotations
 
+import torch
+
 from x2l.codecs.base import EncodedKV, EncodedSizes, KVCodec
 from x2l.codecs.fp8 import Fp8Codec
 from x2l.codecs.int8 import Int8Codec
@@ -27,4 +29,25 @@ def kv_codec(name: str) -> KVCodec:
     return CODECS[name]()
 
 
-__all__ = ["CODECS", "CODEC_NAMES", "EncodedKV", "EncodedSizes", "KVCodec", "kv_codec"]
+INDEX_BYTES = 4  # a kept entry's token index: int32, per (layer, KV head)
+
+
+def level_stored_bytes(codec: str | KVCodec, shape: list[int], dtype: torch.dtype) -> int:
+    """Bytes a store row of one level holds for its tensors: both payloads and the scales of `codec`, plus the kept
+    entries' int32 token indices [layers, kv_heads, k]. shape: [layers, kv_heads, k, head_dim]. The writer's
+    accounting and the planner (`x2l plan`) both use this."""
+    codec = kv_codec(codec) if isinstance(codec, str) else codec
+    layers, heads, k, _ = shape
+    return codec.nbytes(shape, dtype) + INDEX_BYTES * layers * heads * k
+
+
+__all__ = [
+    "CODECS",
+    "CODEC_NAMES",
+    "EncodedKV",
+    "EncodedSizes",
+    "KVCodec",
+    "kv_codec",
+    "level_stored_bytes",
+    "INDEX_BYTES",
+]
