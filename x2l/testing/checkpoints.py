@@ -54,16 +54,16 @@ def write_json(path: Path, obj: dict[str, Any]) -> None:
 
 def save_checkpoint(
     out_dir: str | Path,
-    *,
     family: str,
     size: str,
     seed: int,
     dtype: torch.dtype | None,
+    builder: str,
+    *,
     model_class: type[PreTrainedModel],
     config: PreTrainedConfig,
     tokenizer: PreTrainedTokenizerBase,
-    json_files: dict[str, dict[str, Any]],
-    builder: str,
+    files: dict[str, dict[str, Any]],
 ) -> Path:
     """Write a random-weight checkpoint in the standard HF layout to `out_dir` (created if missing); return its path.
 
@@ -71,8 +71,8 @@ def save_checkpoint(
     `torch.random.fork_rng`, so the caller's RNG stream is untouched), then cast to `dtype` (None:
     DEFAULT_DTYPE[size]): the same values for every dtype, and byte-identical safetensors for the same (config, seed,
     dtype). Saved with `save_pretrained` (safetensors, under the hub checkpoints' keys) beside the tokenizer, then
-    each of `json_files` (file name -> settings, by write_json) and x2l_tiny.json, which records family, size, seed,
-    dtype, the x2l version and that the weights are random, naming `builder` (the module that built it).
+    each of `files` (file name -> settings, by write_json) and x2l_tiny.json, which records family, size, seed,
+    dtype, the x2l version and that the weights are random, naming `builder` (the builder's module, `__name__`).
     """
     dtype = DEFAULT_DTYPE[size] if dtype is None else dtype
     out = Path(out_dir)
@@ -83,7 +83,7 @@ def save_checkpoint(
     model = model.to(dtype).eval()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    for name, settings in json_files.items():
+    for name, settings in files.items():
         write_json(out / name, settings)
     write_json(
         out / "x2l_tiny.json",

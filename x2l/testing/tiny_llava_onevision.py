@@ -131,29 +131,20 @@ def write_tiny_checkpoint(
     tokenizer = build_llava_tokenizer()
     pre = preprocessor_config(size)
     side = _VISION[size]["image_size"]
-    return save_checkpoint(
-        out_dir,
-        family=family,
-        size=size,
-        seed=seed,
-        dtype=dtype,
-        model_class=LlavaOnevisionForConditionalGeneration,
-        config=tiny_config(size, tokenizer),
-        tokenizer=tokenizer,
-        json_files={
-            "preprocessor_config.json": dict(
-                pre,
-                image_processor_type="LlavaOnevisionImageProcessor",
-                image_grid_pinpoints=[[side, side]],
-                do_pad=True,
-            ),
-            "video_preprocessor_config.json": dict(pre, video_processor_type="LlavaOnevisionVideoProcessor"),
-            "processor_config.json": {
-                "processor_class": "LlavaOnevisionProcessor",
-                "num_image_tokens": (side // 14) ** 2,
-                "vision_feature_select_strategy": "full",
-                "vision_aspect_ratio": "anyres_max_9",
-            },
+    files = {
+        "preprocessor_config.json": dict(
+            pre, image_processor_type="LlavaOnevisionImageProcessor", image_grid_pinpoints=[[side, side]], do_pad=True
+        ),
+        "video_preprocessor_config.json": dict(pre, video_processor_type="LlavaOnevisionVideoProcessor"),
+        "processor_config.json": {
+            "processor_class": "LlavaOnevisionProcessor",
+            "num_image_tokens": (side // 14) ** 2,
+            "vision_feature_select_strategy": "full",
+            "vision_aspect_ratio": "anyres_max_9",
         },
-        builder="x2l.testing.tiny_llava_onevision",
+    }
+    cls = LlavaOnevisionForConditionalGeneration
+    config = tiny_config(size, tokenizer)
+    return save_checkpoint(
+        out_dir, family, size, seed, dtype, __name__, model_class=cls, config=config, tokenizer=tokenizer, files=files
     )

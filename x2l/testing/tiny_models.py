@@ -310,19 +310,13 @@ def write_tiny_checkpoint(
     """
     _check(family, size)
     tokenizer = build_tokenizer()
+    config = tiny_config(family, size, len(tokenizer), special_token_ids(tokenizer))
     pre = preprocessor_config(family, size)
+    files = {
+        "preprocessor_config.json": dict(pre, image_processor_type="Qwen2VLImageProcessor"),
+        "video_preprocessor_config.json": dict(pre, video_processor_type="Qwen2VLVideoProcessor"),
+    }
+    cls = model_class(family)
     return save_checkpoint(
-        out_dir,
-        family=family,
-        size=size,
-        seed=seed,
-        dtype=dtype,
-        model_class=model_class(family),
-        config=tiny_config(family, size, len(tokenizer), special_token_ids(tokenizer)),
-        tokenizer=tokenizer,
-        json_files={
-            "preprocessor_config.json": dict(pre, image_processor_type="Qwen2VLImageProcessor"),
-            "video_preprocessor_config.json": dict(pre, video_processor_type="Qwen2VLVideoProcessor"),
-        },
-        builder="x2l.testing.tiny_models",
+        out_dir, family, size, seed, dtype, __name__, model_class=cls, config=config, tokenizer=tokenizer, files=files
     )

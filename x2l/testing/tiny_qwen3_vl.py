@@ -118,15 +118,9 @@ def write_tiny_checkpoint(
         raise ConfigError(f"x2l.testing.tiny_qwen3_vl builds {FAMILY!r} checkpoints, not {family!r}")
     check_size(size)
     tokenizer = build_tokenizer()
+    config = tiny_config(size, len(tokenizer), special_token_ids(tokenizer))
+    files = {"video_preprocessor_config.json": video_preprocessor_config(size)}
+    cls = Qwen3VLForConditionalGeneration
     return save_checkpoint(
-        out_dir,
-        family=family,
-        size=size,
-        seed=seed,
-        dtype=dtype,
-        model_class=Qwen3VLForConditionalGeneration,
-        config=tiny_config(size, len(tokenizer), special_token_ids(tokenizer)),
-        tokenizer=tokenizer,
-        json_files={"video_preprocessor_config.json": video_preprocessor_config(size)},
-        builder="x2l.testing.tiny_qwen3_vl",
+        out_dir, family, size, seed, dtype, __name__, model_class=cls, config=config, tokenizer=tokenizer, files=files
     )
