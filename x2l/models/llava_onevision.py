@@ -33,22 +33,17 @@ assistant.<|im_end|>\\n<|im_start|>user\\n` <video> `\\n` question `<|im_end|>\\
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoTokenizer, DynamicCache
+from transformers import DynamicCache
 
 from x2l.errors import ModelError
-from x2l.models import probing
-from x2l.models.base import Segment, resolve_device, resolve_dtype
-from x2l.models.fingerprint import checkpoint_fingerprint, weight_files
+from x2l.models.base import CheckpointAdapter, Segment, read_preprocessor
 from x2l.models.qwen2_vl import question_token_ids as qwen_question_ids
-from x2l.models.registry import family_of_model_type
-from x2l.video import resize_frames
 
 SYSTEM_PROMPT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 VIDEO_TOKEN = "<video>"
@@ -65,13 +60,6 @@ def question_token_ids(tokenizer, question: str, options: list[str] | None = Non
     if video is None or video == tokenizer.unk_token_id or video < 0:
         raise ModelError(f"the tokenizer has no {VIDEO_TOKEN} token: not a LLaVA-OneVision checkpoint's tokenizer")
     return [video] + tokenizer.encode("\n", add_special_tokens=False) + qwen_question_ids(tokenizer, question, options)
-
-
-def _read_json(f: Path) -> dict:
-    try:
-        return json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelError(f"{f}: cannot read ({e})") from e
 
 
 @dataclass(frozen=True)
@@ -106,12 +94,8 @@ class PixelRule:
     def from_checkpoint(cls, path: Path, min_pixels: int | None = None, max_pixels: int | None = None) -> PixelRule:
         """The rule of the checkpoint at `path`. ModelError (one line) when the preprocessor's size is not the vision
         tower's image_size square, or when min_pixels / max_pixels are given and exclude the fixed frame area."""
-        pre: dict = {}
-        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
-            if (path / name).exists():
-                pre = _read_json(path / name)
-                break
-        image_size = _read_json(path / "config.json").get("vision_config", {}).get("image_size", 384)
+        pre, vision = read_preprocessor(path)
+        image_size = vision.get("image_size", 384)
         size = pre.get("size") or {}
         h = size.get("height") or size.get("shortest_edge") or image_size
         w = size.get("width") or size.get("shortest_edge") or image_size
@@ -130,8 +114,10 @@ class PixelRule:
         return rule
 
 
-class LlavaOnevisionAdapter:
+class LlavaOnevisionAdapter(CheckpointAdapter):
     """LLaVA-OneVision / LLaVA-Video behind x2l's ModelAdapter protocol (see the module docstring for the layout)."""
+
+    _system_prompt = SYSTEM_PROMPT
 
     def __init__(
         self,
@@ -144,70 +130,32 @@ class LlavaOnevisionAdapter:
     ):
         from transformers import LlavaOnevisionForConditionalGeneration
 
-        self.path = Path(path)
-        config = AutoConfig.from_pretrained(self.path)
-        self.family = family_of_model_type(config.model_type).name
+        self._open_checkpoint(path)
         self.pixels = PixelRule.from_checkpoint(self.path, min_pixels, max_pixels)
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        weight_files(self.path)  # safetensors only: a pickled checkpoint is refused before transformers sees it
-        try:
-            self.model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-                self.path, dtype=self.dtype, attn_implementation=attn_implementation, use_safetensors=True
-            )
-            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        except (OSError, ValueError) as e:
-            raise ModelError(f"cannot load checkpoint {self.path}: {e}") from e
-        self.model.to(self.device).eval()
-        probing.install(self.model.config.text_config, attn_implementation)
-
-        text, vision = self.model.config.text_config, self.model.config.vision_config
-        self.num_layers = text.num_hidden_layers
-        self.num_kv_heads = text.num_key_value_heads
-        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        self.fingerprint = checkpoint_fingerprint(self.path)
+        self._load_model(LlavaOnevisionForConditionalGeneration, dtype, attn_implementation, device)
+        vision = self.model.config.vision_config
         side = vision.image_size // vision.patch_size
         self.tokens_per_frame = math.ceil(side / 2) ** 2  # apply_pooling: bilinear to ceil(side / 2) per side
-        # Rescale (1/255) fused into normalisation.
-        self._mean = torch.tensor(self.pixels.mean).view(1, 3, 1, 1) * 255.0
-        self._std = torch.tensor(self.pixels.std).view(1, 3, 1, 1) * 255.0
+        self._set_normalisation(self.pixels.mean, self.pixels.std)
 
-        tok = self.tokenizer
         self._video = self.model.config.video_token_id
-        if tok.convert_tokens_to_ids(VIDEO_TOKEN) != self._video:
+        if self.tokenizer.convert_tokens_to_ids(VIDEO_TOKEN) != self._video:
             raise ModelError(f"{self.path}: the tokenizer's {VIDEO_TOKEN} id is not config.video_token_index")
-        stops = {tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")}
-        eos = text.eos_token_id
-        stops |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self.stop_token_ids = tuple(sorted(i for i in stops if i is not None and i >= 0))
+        eos = self.model.config.text_config.eos_token_id
+        self.stop_token_ids = self._stop_ids(
+            ("<|im_end|>", "<|endoftext|>"), eos if isinstance(eos, list) else [eos] if eos is not None else []
+        )
 
     # --- pixels -------------------------------------------------------------------------------------------
-    def target_size(self, height: int, width: int) -> tuple[int, int]:
-        return self.pixels.target_size(height, width)
-
     def pixel_values(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 frames [F, H, W, 3] -> float32 pixel values [F, 3, h, w] at the fixed size: resized (if not already
         at it) as the video processor does, rescaled by 1/255 and normalised with the checkpoint's mean and std."""
-        h, w = self.target_size(frames.shape[1], frames.shape[2])
-        if (h, w) != frames.shape[1:3]:
-            frames = resize_frames(frames, (h, w))
-        x = torch.tensor(frames).permute(0, 3, 1, 2).float()  # a copy: frames may be a read-only view
-        return (x - self._mean) / self._std
+        return self._normalised(self._resized(frames))
 
     # --- prompt layout ----------------------------------------------------------------------------------------
     def text_positions(self, start: int, n: int) -> torch.Tensor:
         """1-D RoPE: [1, n] = start, start + 1, ..."""
         return torch.arange(start, start + n).view(1, -1)
-
-    def next_positions(self, positions: torch.Tensor) -> torch.Tensor:
-        return positions + 1
-
-    def _sink_ids(self) -> list[int]:
-        return self.tokenizer.encode(SYSTEM_PROMPT, add_special_tokens=False)
-
-    def sink(self) -> Segment:
-        ids = self._sink_ids()
-        return Segment(self.embed_ids(torch.tensor(ids, dtype=torch.long)), self.text_positions(0, len(ids)), len(ids))
 
     def chunk(self, frames: np.ndarray, start: int, fps: float, times: np.ndarray | None = None) -> Segment:
         """The chunk's frame tokens [F * tokens_per_frame, hidden] (the stock get_video_features without the
@@ -259,17 +207,5 @@ class LlavaOnevisionAdapter:
         attention_mask: torch.Tensor | None = None,
         logits: bool = True,
     ) -> torch.Tensor | None:
-        with torch.no_grad():
-            out = self.model.model.language_model(
-                inputs_embeds=embeds.to(self.device, self.dtype),
-                position_ids=positions[0].to(self.device),  # [1, B, n] -> [B, n]: 1-D RoPE
-                cache=cache,
-                attention_mask=None if attention_mask is None else attention_mask.to(self.device),
-                use_cache=True,
-            )
-            if not logits:
-                return None
-            return self.model.lm_head(out.last_hidden_state[:, -1]).float()
-
-    def decode_text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        # positions [1, B, n] -> [B, n]: 1-D RoPE
+        return self._language_model(embeds, positions[0], cache, attention_mask, logits)

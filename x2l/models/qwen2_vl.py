@@ -14,7 +14,6 @@ original Qwen2-VL rule, transformers 5.23's `get_rope_index` advances by max(h, 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -22,14 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoTokenizer, DynamicCache
+from transformers import DynamicCache
 
 from x2l.errors import ModelError
-from x2l.models import probing
-from x2l.models.base import Segment, resolve_device, resolve_dtype
-from x2l.models.fingerprint import checkpoint_fingerprint, weight_files
-from x2l.models.registry import family_of_model_type
-from x2l.video import resize_frames
+from x2l.models.base import CheckpointAdapter, Segment, read_preprocessor
 
 SYSTEM_PROMPT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 ANSWER_PREFIX = "<|im_end|>\n<|im_start|>assistant\n"
@@ -90,12 +85,7 @@ class PixelRule:
 
     @classmethod
     def from_checkpoint(cls, path: Path, min_pixels: int | None = None, max_pixels: int | None = None) -> PixelRule:
-        pre: dict = {}
-        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
-            if (path / name).exists():
-                pre = _read_json(path / name)
-                break
-        vision = _read_json(path / "config.json").get("vision_config", {})
+        pre, vision = read_preprocessor(path)
         size = pre.get("size") or {}
         return cls(
             patch_size=pre.get("patch_size", vision.get("patch_size", 14)),
@@ -116,14 +106,63 @@ class PixelRule:
         return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
 
 
-def _read_json(f: Path) -> dict:
-    try:
-        return json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelError(f"{f}: cannot read ({e})") from e
+def patchify(
+    x: torch.Tensor, temporal_patch_size: int, patch_size: int, merge_size: int
+) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """Normalised frames [F, 3, H, W] (sides multiples of patch_size * merge_size) -> the vision tower's flattened
+    patches [t * h * w, 3 * temporal_patch_size * patch_size**2] and the grid (t, h, w) in patches: frames padded to
+    a multiple of temporal_patch_size by repeating the last, then cut in the order of the Qwen2-VL / Qwen3-VL video
+    processors (merge_size x merge_size windows of patches kept together)."""
+    tp, p, m = temporal_patch_size, patch_size, merge_size
+    if pad := -x.shape[0] % tp:
+        x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
+    f, c, h, w = x.shape
+    gt, gh, gw = f // tp, h // p, w // p
+    x = x.view(gt, tp, c, gh // m, m, p, gw // m, m, p)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(gt * gh * gw, c * tp * p * p), (gt, gh, gw)
 
 
-class Qwen2VLAdapter:
+class QwenVLAdapter(CheckpointAdapter):
+    """What the Qwen-VL adapters (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) share beyond CheckpointAdapter: the chat prompt,
+    patch sizes, normalisation, wrapper and stop tokens from the pixel rule and the tokenizer (`_set_qwen_pixels`),
+    patchified pixel values, and text that advances all three M-RoPE axes together."""
+
+    _system_prompt = SYSTEM_PROMPT
+    patch_size: int
+    temporal_patch_size: int
+    merge_size: int
+
+    def _set_qwen_pixels(self, rule: PixelRule) -> None:
+        """After _load_model: the pixel rule and its patch sizes, the normalisation, the ids of <|vision_start|>,
+        <|vision_end|> and <|video_pad|>, the stop ids (<|im_end|>, <|endoftext|>)."""
+        self.pixels = rule
+        self.patch_size, self.temporal_patch_size, self.merge_size = (
+            rule.patch_size,
+            rule.temporal_patch_size,
+            rule.merge_size,
+        )
+        self._set_normalisation(rule.mean, rule.std)
+        tok = self.tokenizer
+        self._vision_start = tok.convert_tokens_to_ids("<|vision_start|>")
+        self._vision_end = tok.convert_tokens_to_ids("<|vision_end|>")
+        self._video_pad = tok.convert_tokens_to_ids("<|video_pad|>")
+        self.stop_token_ids = self._stop_ids(("<|im_end|>", "<|endoftext|>"))
+
+    def pixel_values(self, frames: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """uint8 frames [F, H, W, 3] at target size -> float32 patches [t*h*w, 3 * temporal_patch * patch**2] and
+        the grid (t, h, w) in patches (the video processor: rescale+normalise, pad, patchify)."""
+        return patchify(self._normalised(frames), self.temporal_patch_size, self.patch_size, self.merge_size)
+
+    def text_positions(self, start: int, n: int) -> torch.Tensor:
+        """Text advances all three axes together: [3, n] = start, start + 1, ... on every axis."""
+        return torch.arange(start, start + n).view(1, -1).expand(3, -1).clone()
+
+    def question_ids(self, question: str, options: list[str] | None = None) -> list[int]:
+        return question_token_ids(self.tokenizer, question, options)
+
+
+class Qwen2VLAdapter(QwenVLAdapter):
     """Qwen2-VL / Qwen2.5-VL behind x2l's ModelAdapter protocol."""
 
     def __init__(
@@ -137,83 +176,16 @@ class Qwen2VLAdapter:
     ):
         from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
-        self.path = Path(path)
-        config = AutoConfig.from_pretrained(self.path)
+        config = self._open_checkpoint(path)
         self.model_type = config.model_type
-        self.family = family_of_model_type(self.model_type).name
         model_cls = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}[
             self.model_type
         ]
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        weight_files(self.path)  # safetensors only: a pickled checkpoint is refused before transformers sees it
-        try:
-            self.model = model_cls.from_pretrained(
-                self.path, dtype=self.dtype, attn_implementation=attn_implementation, use_safetensors=True
-            )
-            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        except (OSError, ValueError) as e:
-            raise ModelError(f"cannot load checkpoint {self.path}: {e}") from e
-        self.model.to(self.device).eval()
-        probing.install(self.model.config.text_config, attn_implementation)
-
-        text = self.model.config.text_config
+        self._load_model(model_cls, dtype, attn_implementation, device)
         self.vision = self.model.config.vision_config
-        self.num_layers = text.num_hidden_layers
-        self.num_kv_heads = text.num_key_value_heads
-        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        self.fingerprint = checkpoint_fingerprint(self.path)
-
-        rule = self.pixels = PixelRule.from_checkpoint(self.path, min_pixels, max_pixels)
-        self.patch_size, self.temporal_patch_size, self.merge_size = (
-            rule.patch_size,
-            rule.temporal_patch_size,
-            rule.merge_size,
-        )
-        # Rescale (1/255) fused into normalisation, as the stock processor does it.
-        self._mean = torch.tensor(rule.mean).view(1, 3, 1, 1) * 255.0
-        self._std = torch.tensor(rule.std).view(1, 3, 1, 1) * 255.0
-
-        tok = self.tokenizer
-        self._vision_start = tok.convert_tokens_to_ids("<|vision_start|>")
-        self._vision_end = tok.convert_tokens_to_ids("<|vision_end|>")
-        self._video_pad = tok.convert_tokens_to_ids("<|video_pad|>")
-        stops = {tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")}
-        self.stop_token_ids = tuple(sorted(i for i in stops if i is not None and i >= 0))
-
-    # --- pixels -------------------------------------------------------------------------------------------
-    def target_size(self, height: int, width: int) -> tuple[int, int]:
-        return self.pixels.target_size(height, width)
-
-    def pixel_values(self, frames: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """uint8 frames [F, H, W, 3] at target size -> flattened patches and (grid_t, grid_h, grid_w)."""
-        x = torch.tensor(frames).permute(0, 3, 1, 2).float()  # a copy: frames may be a read-only view
-        x = (x - self._mean) / self._std
-        tp, p, m = self.temporal_patch_size, self.patch_size, self.merge_size
-        if pad := -x.shape[0] % tp:
-            x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
-        f, c, h, w = x.shape
-        gt, gh, gw = f // tp, h // p, w // p
-        x = x.view(gt, tp, c, gh // m, m, p, gw // m, m, p)
-        x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
-        return x.reshape(gt * gh * gw, c * tp * p * p), (gt, gh, gw)
+        self._set_qwen_pixels(PixelRule.from_checkpoint(self.path, min_pixels, max_pixels))
 
     # --- prompt layout ----------------------------------------------------------------------------------------
-    def text_positions(self, start: int, n: int) -> torch.Tensor:
-        """Text advances all three axes together: [3, n] = start, start + 1, ... on every axis."""
-        return torch.arange(start, start + n).view(1, -1).expand(3, -1).clone()
-
-    def next_positions(self, positions: torch.Tensor) -> torch.Tensor:
-        """The next text token: one more on every axis."""
-        return positions + 1
-
-    def _sink_ids(self) -> list[int]:
-        return self.tokenizer.encode(SYSTEM_PROMPT, add_special_tokens=False)
-
-    def sink(self) -> Segment:
-        ids = self._sink_ids()
-        return Segment(self.embed_ids(torch.tensor(ids, dtype=torch.long)), self.text_positions(0, len(ids)), len(ids))
-
     def _time_interval(self, fps: float) -> float:
         if self.model_type == "qwen2_vl":
             return 1.0
@@ -222,10 +194,7 @@ class Qwen2VLAdapter:
     def chunk(self, frames: np.ndarray, start: int, fps: float, times: np.ndarray | None = None) -> Segment:
         """See ModelAdapter.chunk; `times` is not used (the layout spells no time; Qwen2.5-VL's temporal positions
         follow `fps`)."""
-        h, w = self.target_size(frames.shape[1], frames.shape[2])
-        if (h, w) != frames.shape[1:3]:
-            frames = resize_frames(frames, (h, w))
-        pixels, (gt, gh, gw) = self.pixel_values(frames)
+        pixels, (gt, gh, gw) = self.pixel_values(self._resized(frames))
         with torch.no_grad():
             out = self.model.model.get_video_features(
                 pixels.to(self.device, self.dtype), torch.tensor([[gt, gh, gw]], device=self.device)
@@ -264,8 +233,7 @@ class Qwen2VLAdapter:
             start = seg.next_position
             tokens += self.chunk_token_ids(seg.n_tokens)
             positions.append(seg.positions)
-            h, w = self.target_size(frames.shape[1], frames.shape[2])
-            p, grid = self.pixel_values(resize_frames(frames, (h, w)) if (h, w) != frames.shape[1:3] else frames)
+            p, grid = self.pixel_values(self._resized(frames))
             pixels.append(p)
             grids.append(grid)
         tokens += ids
@@ -279,14 +247,7 @@ class Qwen2VLAdapter:
             "position_ids": torch.cat(positions, dim=1)[:, None],
         }
 
-    def question_ids(self, question: str, options: list[str] | None = None) -> list[int]:
-        return question_token_ids(self.tokenizer, question, options)
-
     # --- model ---------------------------------------------------------------------------------------------------
-    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.model.get_input_embeddings()(ids.to(self.device))
-
     def forward(
         self,
         embeds: torch.Tensor,
@@ -295,17 +256,4 @@ class Qwen2VLAdapter:
         attention_mask: torch.Tensor | None = None,
         logits: bool = True,
     ) -> torch.Tensor | None:
-        with torch.no_grad():
-            out = self.model.model.language_model(
-                inputs_embeds=embeds.to(self.device, self.dtype),
-                position_ids=positions.to(self.device),
-                cache=cache,  # transformers >= 5.24 name; `past_key_values` logs a deprecation
-                attention_mask=None if attention_mask is None else attention_mask.to(self.device),
-                use_cache=True,
-            )
-            if not logits:
-                return None
-            return self.model.lm_head(out.last_hidden_state[:, -1]).float()
-
-    def decode_text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self._language_model(embeds, positions, cache, attention_mask, logits)

@@ -35,15 +35,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoTokenizer, DynamicCache
+from transformers import DynamicCache
 
 from x2l.errors import ModelError
-from x2l.models import probing
-from x2l.models.base import Segment, resolve_device, resolve_dtype
-from x2l.models.fingerprint import checkpoint_fingerprint, weight_files
-from x2l.models.qwen2_vl import SYSTEM_PROMPT, _read_json, question_token_ids
-from x2l.models.registry import family_of_model_type
-from x2l.video import resize_frames
+from x2l.models.base import Segment, read_preprocessor
+from x2l.models.qwen2_vl import QwenVLAdapter, question_token_ids
 
 __all__ = ["PixelRule", "Qwen3VLAdapter", "question_token_ids", "smart_resize"]
 
@@ -101,12 +97,7 @@ class PixelRule:
 
     @classmethod
     def from_checkpoint(cls, path: Path, min_pixels: int | None = None, max_pixels: int | None = None) -> PixelRule:
-        pre: dict = {}
-        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
-            if (path / name).exists():
-                pre = _read_json(path / name)
-                break
-        vision = _read_json(path / "config.json").get("vision_config", {})
+        pre, vision = read_preprocessor(path)
         patch = pre.get("patch_size", vision.get("patch_size", 16))
         tp = pre.get("temporal_patch_size", vision.get("temporal_patch_size", 2))
         merge = pre.get("merge_size", vision.get("spatial_merge_size", 2))
@@ -142,7 +133,7 @@ def group_times(times: np.ndarray, temporal_patch_size: int) -> list[float]:
     return [(t[i] + t[i + temporal_patch_size - 1]) / 2 for i in range(0, len(t), temporal_patch_size)]
 
 
-class Qwen3VLAdapter:
+class Qwen3VLAdapter(QwenVLAdapter):
     """Qwen3-VL (dense) behind x2l's ModelAdapter protocol."""
 
     def __init__(
@@ -156,84 +147,11 @@ class Qwen3VLAdapter:
     ):
         from transformers import Qwen3VLForConditionalGeneration
 
-        self.path = Path(path)
-        config = AutoConfig.from_pretrained(self.path)
-        self.model_type = config.model_type
-        self.family = family_of_model_type(self.model_type).name
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        weight_files(self.path)  # safetensors only: a pickled checkpoint is refused before transformers sees it
-        try:
-            self.model = Qwen3VLForConditionalGeneration.from_pretrained(
-                self.path, dtype=self.dtype, attn_implementation=attn_implementation, use_safetensors=True
-            )
-            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        except (OSError, ValueError) as e:
-            raise ModelError(f"cannot load checkpoint {self.path}: {e}") from e
-        self.model.to(self.device).eval()
-        probing.install(self.model.config.text_config, attn_implementation)
-
-        text = self.model.config.text_config
-        self.num_layers = text.num_hidden_layers
-        self.num_kv_heads = text.num_key_value_heads
-        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        self.fingerprint = checkpoint_fingerprint(self.path)
-
-        rule = self.pixels = PixelRule.from_checkpoint(self.path, min_pixels, max_pixels)
-        self.patch_size, self.temporal_patch_size, self.merge_size = (
-            rule.patch_size,
-            rule.temporal_patch_size,
-            rule.merge_size,
-        )
-        # Rescale (1/255) fused into normalisation, as the stock processor does it.
-        self._mean = torch.tensor(rule.mean).view(1, 3, 1, 1) * 255.0
-        self._std = torch.tensor(rule.std).view(1, 3, 1, 1) * 255.0
-
-        tok = self.tokenizer
-        self._vision_start = tok.convert_tokens_to_ids("<|vision_start|>")
-        self._vision_end = tok.convert_tokens_to_ids("<|vision_end|>")
-        self._video_pad = tok.convert_tokens_to_ids("<|video_pad|>")
-        stops = {tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")}
-        self.stop_token_ids = tuple(sorted(i for i in stops if i is not None and i >= 0))
-
-    # --- pixels -------------------------------------------------------------------------------------------
-    def target_size(self, height: int, width: int) -> tuple[int, int]:
-        return self.pixels.target_size(height, width)
-
-    def pixel_values(self, frames: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """uint8 frames [F, H, W, 3] at target size -> float32 patches [t*h*w, 3 * temporal_patch * patch**2] and
-        the grid (t, h, w) in patches (Qwen3VLVideoProcessor: rescale+normalise, pad, patchify)."""
-        x = torch.tensor(frames).permute(0, 3, 1, 2).float()  # a copy: frames may be a read-only view
-        x = (x - self._mean) / self._std
-        tp, p, m = self.temporal_patch_size, self.patch_size, self.merge_size
-        if pad := -x.shape[0] % tp:
-            x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
-        f, c, h, w = x.shape
-        gt, gh, gw = f // tp, h // p, w // p
-        x = x.view(gt, tp, c, gh // m, m, p, gw // m, m, p)
-        x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
-        return x.reshape(gt * gh * gw, c * tp * p * p), (gt, gh, gw)
-
-    def _resized(self, frames: np.ndarray) -> np.ndarray:
-        h, w = self.target_size(frames.shape[1], frames.shape[2])
-        return frames if (h, w) == frames.shape[1:3] else resize_frames(frames, (h, w))
+        self.model_type = self._open_checkpoint(path).model_type
+        self._load_model(Qwen3VLForConditionalGeneration, dtype, attn_implementation, device)
+        self._set_qwen_pixels(PixelRule.from_checkpoint(self.path, min_pixels, max_pixels))
 
     # --- prompt layout ----------------------------------------------------------------------------------------
-    def text_positions(self, start: int, n: int) -> torch.Tensor:
-        """Text advances all three axes together: [3, n] = start, start + 1, ... on every axis."""
-        return torch.arange(start, start + n).view(1, -1).expand(3, -1).clone()
-
-    def next_positions(self, positions: torch.Tensor) -> torch.Tensor:
-        """The next text token: one more on every axis."""
-        return positions + 1
-
-    def _sink_ids(self) -> list[int]:
-        return self.tokenizer.encode(SYSTEM_PROMPT, add_special_tokens=False)
-
-    def sink(self) -> Segment:
-        ids = self._sink_ids()
-        return Segment(self.embed_ids(torch.tensor(ids, dtype=torch.long)), self.text_positions(0, len(ids)), len(ids))
-
     def _times(self, n_frames: int, times: np.ndarray | None) -> np.ndarray:
         if times is None:
             raise ModelError("Qwen3-VL spells each frame group's time in the prompt: chunk() needs the frame times")
@@ -323,14 +241,7 @@ class Qwen3VLAdapter:
             "mm_token_type_ids": (input_ids == self._video_pad).int() * 2,
         }
 
-    def question_ids(self, question: str, options: list[str] | None = None) -> list[int]:
-        return question_token_ids(self.tokenizer, question, options)
-
     # --- model ---------------------------------------------------------------------------------------------------
-    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.model.get_input_embeddings()(ids.to(self.device))
-
     def forward(
         self,
         embeds: torch.Tensor,
@@ -350,18 +261,4 @@ class Qwen3VLAdapter:
                 "visual_pos_masks": extras["visual_mask"].to(self.device)[None],
                 "deepstack_visual_embeds": list(extras["deepstack"].to(self.device, self.dtype)),
             }
-        with torch.no_grad():
-            out = self.model.model.language_model(
-                inputs_embeds=embeds.to(self.device, self.dtype),
-                position_ids=positions.to(self.device),
-                cache=cache,
-                attention_mask=None if attention_mask is None else attention_mask.to(self.device),
-                use_cache=True,
-                **deepstack,
-            )
-            if not logits:
-                return None
-            return self.model.lm_head(out.last_hidden_state[:, -1]).float()
-
-    def decode_text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self._language_model(embeds, positions, cache, attention_mask, logits, **deepstack)

@@ -14,19 +14,19 @@ layers; the SigLIP so400m tower's width, 2 of its 26 layers).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, PreTrainedTokenizerFast
 
-from x2l import __version__
 from x2l.errors import ConfigError
+from x2l.testing.checkpoints import DEFAULT_DTYPE as DEFAULT_DTYPE  # re-exported: every builder's sizes and dtypes
+from x2l.testing.checkpoints import PROCESSOR_STEPS, TEXT_WIDTHS, check_size, save_checkpoint
+from x2l.testing.checkpoints import SIZES as SIZES
 from x2l.testing.tiny_models import build_tokenizer
 
 FAMILY = "llava-onevision"
-SIZES = ("tiny", "small", "medium")
 EXTRA_TOKENS = ("<image>", "<video>")  # ids 151646 and 151647 in the real tokenizer, right after Qwen2's
 
 # The llava-hf LLaVA-OneVision chat template, reduced to what x2l uses (images, then videos, then text per turn).
@@ -41,12 +41,8 @@ CHAT_TEMPLATE = (
 )
 
 _TEXT = {
-    "tiny": dict(
-        hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128
-    ),
-    "small": dict(
-        hidden_size=384, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2, intermediate_size=1024
-    ),
+    "tiny": TEXT_WIDTHS["tiny"],
+    "small": TEXT_WIDTHS["small"],
     # llava-onevision-qwen2-0.5b-ov's language model (Qwen2-0.5B) widths, 4 of its 24 layers.
     "medium": dict(
         hidden_size=896, num_hidden_layers=4, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864
@@ -60,7 +56,6 @@ _VISION = {
         hidden_size=1152, intermediate_size=4304, num_hidden_layers=2, num_attention_heads=16, image_size=384
     ),
 }
-DEFAULT_DTYPE = {"tiny": torch.float32, "small": torch.float32, "medium": torch.bfloat16}
 SIGLIP_MEAN = [0.5, 0.5, 0.5]  # the released checkpoints' image_mean / image_std
 SIGLIP_STD = [0.5, 0.5, 0.5]
 
@@ -76,8 +71,7 @@ def build_llava_tokenizer() -> PreTrainedTokenizerFast:
 
 def tiny_config(size: str, tokenizer: PreTrainedTokenizerFast) -> LlavaOnevisionConfig:
     """A LlavaOnevisionConfig of the given size whose token ids are the tokenizer's."""
-    if size not in SIZES:
-        raise ConfigError(f"unknown tiny-model size {size!r}; expected one of {SIZES}")
+    check_size(size)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>", *EXTRA_TOKENS)}
     text_config: dict[str, Any] = dict(
         _TEXT[size],
@@ -119,17 +113,9 @@ def preprocessor_config(size: str) -> dict[str, Any]:
         "image_mean": SIGLIP_MEAN,
         "image_std": SIGLIP_STD,
         "resample": 3,  # BICUBIC
-        "do_resize": True,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "do_convert_rgb": True,
+        **PROCESSOR_STEPS,
         "processor_class": "LlavaOnevisionProcessor",
     }
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def write_tiny_checkpoint(
@@ -141,47 +127,24 @@ def write_tiny_checkpoint(
     family or an unknown size."""
     if family != FAMILY:
         raise ConfigError(f"x2l.testing.tiny_llava_onevision builds {FAMILY!r}, not {family!r}")
-    if size not in SIZES:
-        raise ConfigError(f"unknown tiny-model size {size!r}; expected one of {SIZES}")
-    dtype = DEFAULT_DTYPE[size] if dtype is None else dtype
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_size(size)
     tokenizer = build_llava_tokenizer()
-    config = tiny_config(size, tokenizer)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaOnevisionForConditionalGeneration(config)
-    model = model.to(dtype).eval()
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
     pre = preprocessor_config(size)
     side = _VISION[size]["image_size"]
-    _write_json(
-        out / "preprocessor_config.json",
-        dict(
+    files = {
+        "preprocessor_config.json": dict(
             pre, image_processor_type="LlavaOnevisionImageProcessor", image_grid_pinpoints=[[side, side]], do_pad=True
         ),
-    )
-    _write_json(out / "video_preprocessor_config.json", dict(pre, video_processor_type="LlavaOnevisionVideoProcessor"))
-    _write_json(
-        out / "processor_config.json",
-        {
+        "video_preprocessor_config.json": dict(pre, video_processor_type="LlavaOnevisionVideoProcessor"),
+        "processor_config.json": {
             "processor_class": "LlavaOnevisionProcessor",
             "num_image_tokens": (side // 14) ** 2,
             "vision_feature_select_strategy": "full",
             "vision_aspect_ratio": "anyres_max_9",
         },
+    }
+    cls = LlavaOnevisionForConditionalGeneration
+    config = tiny_config(size, tokenizer)
+    return save_checkpoint(
+        out_dir, family, size, seed, dtype, __name__, model_class=cls, config=config, tokenizer=tokenizer, files=files
     )
-    _write_json(
-        out / "x2l_tiny.json",
-        {
-            "family": family,
-            "size": size,
-            "seed": seed,
-            "dtype": str(dtype).removeprefix("torch."),
-            "x2l_version": __version__,
-            "random_weights": True,
-            "note": "random-weight test model built by x2l.testing.tiny_llava_onevision; its outputs are meaningless",
-        },
-    )
-    return out

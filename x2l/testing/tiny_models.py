@@ -12,7 +12,6 @@ Qwen2-VL-2B language-model layer widths, only 4 layers, and a shallow vision tow
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +27,15 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-from x2l import __version__
 from x2l.errors import ConfigError
 from x2l.models.registry import FAMILIES as REGISTERED
+from x2l.testing.checkpoints import DEFAULT_DTYPE as DEFAULT_DTYPE  # re-exported: every builder's sizes and dtypes
+from x2l.testing.checkpoints import PROCESSOR_STEPS, TEXT_WIDTHS, check_size, save_checkpoint
+from x2l.testing.checkpoints import SIZES as SIZES
 
 # The registered families this module builds (registry.Family.tiny_builder), by their config.json model_type.
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 FAMILIES = tuple(f.name for f in REGISTERED if f.model_type in MODEL_TYPES)
-SIZES = ("tiny", "small", "medium")
 
 # The Qwen2-VL special tokens, in the order the real tokenizer numbers them (there they start at 151643; here they
 # follow the BPE vocabulary, so they are also the last ids, as in the real tokenizer).
@@ -138,22 +138,8 @@ Answer with the option's letter from the given choices directly. Based on the vi
 
 # Per-size widths. `mrope` splits head_dim/2 rotary frequencies into (temporal, height, width) sections.
 _TEXT = {
-    "tiny": dict(
-        hidden_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        mrope=[2, 3, 3],
-    ),
-    "small": dict(
-        hidden_size=384,
-        num_hidden_layers=4,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        intermediate_size=1024,
-        mrope=[8, 12, 12],
-    ),
+    "tiny": dict(TEXT_WIDTHS["tiny"], mrope=[2, 3, 3]),
+    "small": dict(TEXT_WIDTHS["small"], mrope=[8, 12, 12]),
     # Qwen2-VL-2B's language model widths, 4 of its 28 layers.
     "medium": dict(
         hidden_size=1536,
@@ -177,8 +163,6 @@ _PIXELS = {
     "small": (128 * 28 * 28, 28 * 28 * 768),
     "medium": (128 * 28 * 28, 28 * 28 * 768),
 }
-# medium is ~0.26 B parameters: bfloat16 halves its disk size (and is what real checkpoints ship in).
-DEFAULT_DTYPE = {"tiny": torch.float32, "small": torch.float32, "medium": torch.bfloat16}
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -188,8 +172,7 @@ def _check(family: str, size: str) -> str:
     """The family's model_type; ConfigError for a family this module does not build or an unknown size."""
     if family not in FAMILIES:
         raise ConfigError(f"unknown model family {family!r}; expected one of {FAMILIES}")
-    if size not in SIZES:
-        raise ConfigError(f"unknown tiny-model size {size!r}; expected one of {SIZES}")
+    check_size(size)
     return next(f.model_type for f in REGISTERED if f.name == family)
 
 
@@ -307,17 +290,9 @@ def preprocessor_config(family: str, size: str) -> dict[str, Any]:
         "merge_size": 2,
         "image_mean": OPENAI_CLIP_MEAN,
         "image_std": OPENAI_CLIP_STD,
-        "do_resize": True,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "do_convert_rgb": True,
+        **PROCESSOR_STEPS,
         "processor_class": "Qwen2VLProcessor" if model_type == "qwen2_vl" else "Qwen2_5_VLProcessor",
     }
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def write_tiny_checkpoint(
@@ -334,30 +309,14 @@ def write_tiny_checkpoint(
     under the real hub checkpoints' keys (model.layers.*, visual.*, lm_head.weight), not the module paths.
     """
     _check(family, size)
-    dtype = DEFAULT_DTYPE[size] if dtype is None else dtype
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     config = tiny_config(family, size, len(tokenizer), special_token_ids(tokenizer))
-    with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG stream
-        torch.manual_seed(seed)
-        model = model_class(family)(config)  # initialised in float32, then cast: same values for every dtype
-    model = model.to(dtype).eval()
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
     pre = preprocessor_config(family, size)
-    _write_json(out / "preprocessor_config.json", dict(pre, image_processor_type="Qwen2VLImageProcessor"))
-    _write_json(out / "video_preprocessor_config.json", dict(pre, video_processor_type="Qwen2VLVideoProcessor"))
-    _write_json(
-        out / "x2l_tiny.json",
-        {
-            "family": family,
-            "size": size,
-            "seed": seed,
-            "dtype": str(dtype).removeprefix("torch."),
-            "x2l_version": __version__,
-            "random_weights": True,
-            "note": "random-weight test model built by x2l.testing.tiny_models; its outputs are meaningless",
-        },
+    files = {
+        "preprocessor_config.json": dict(pre, image_processor_type="Qwen2VLImageProcessor"),
+        "video_preprocessor_config.json": dict(pre, video_processor_type="Qwen2VLVideoProcessor"),
+    }
+    cls = model_class(family)
+    return save_checkpoint(
+        out_dir, family, size, seed, dtype, __name__, model_class=cls, config=config, tokenizer=tokenizer, files=files
     )
-    return out

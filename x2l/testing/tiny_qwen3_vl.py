@@ -11,40 +11,25 @@ mrope_section [24, 20, 20]) with 4 of its 28 layers, and a 2-block vision tower 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-from x2l import __version__
 from x2l.errors import ConfigError
-from x2l.testing.tiny_models import SIZES, build_tokenizer, special_token_ids
+from x2l.testing.checkpoints import DEFAULT_DTYPE as DEFAULT_DTYPE  # re-exported: every builder's sizes and dtypes
+from x2l.testing.checkpoints import PROCESSOR_STEPS, TEXT_WIDTHS, check_size, save_checkpoint
+from x2l.testing.checkpoints import SIZES as SIZES
+from x2l.testing.tiny_models import build_tokenizer, special_token_ids
 
 FAMILY = "qwen3-vl"
 
 # Language-model widths. `mrope` = mrope_section: of head_dim/2 rotary frequencies, indices 1, 4, 7, ... (mrope[1] of
 # them) rotate by height and 2, 5, 8, ... (mrope[2]) by width, the rest by time (interleaved M-RoPE).
 _TEXT = {
-    "tiny": dict(
-        hidden_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        intermediate_size=128,
-        mrope=[4, 2, 2],
-    ),  # fmt: skip
-    "small": dict(
-        hidden_size=384,
-        num_hidden_layers=4,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        head_dim=64,
-        intermediate_size=1024,
-        mrope=[12, 10, 10],
-    ),  # fmt: skip
+    "tiny": dict(TEXT_WIDTHS["tiny"], head_dim=16, mrope=[4, 2, 2]),
+    "small": dict(TEXT_WIDTHS["small"], head_dim=64, mrope=[12, 10, 10]),
     "medium": dict(
         hidden_size=2048,
         num_hidden_layers=4,
@@ -64,13 +49,11 @@ _VISION = {
 # Video processor pixel budgets (size.shortest_edge, size.longest_edge: per video in the stock processor's terms).
 # tiny keeps unit-test videos to a few patches (per frame 64x64 .. 128x128); small/medium are Qwen3-VL-2B's.
 _PIXELS = {"tiny": (2 * 64 * 64, 2 * 128 * 128), "small": (4096, 25165824), "medium": (4096, 25165824)}
-DEFAULT_DTYPE = {"tiny": torch.float32, "small": torch.float32, "medium": torch.bfloat16}
 
 
 def tiny_config(size: str, vocab_size: int, special_ids: dict[str, int]) -> Qwen3VLConfig:
     """A Qwen3VLConfig of the given size whose token ids are `special_ids` (tiny_models.special_token_ids)."""
-    if size not in SIZES:
-        raise ConfigError(f"unknown tiny-model size {size!r}; expected one of {SIZES}")
+    check_size(size)
     t, v = dict(_TEXT[size]), _VISION[size]
     mrope = t.pop("mrope")
     assert sum(mrope) * 2 == t["head_dim"] and t["num_attention_heads"] * t["head_dim"] >= 16, (size, mrope)
@@ -117,11 +100,7 @@ def video_preprocessor_config(size: str) -> dict[str, Any]:
         "max_video_tokens": 768,
         "image_mean": [0.5, 0.5, 0.5],
         "image_std": [0.5, 0.5, 0.5],
-        "do_resize": True,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "do_convert_rgb": True,
+        **PROCESSOR_STEPS,
         "fps": 2,
         "min_frames": 4,
         "max_frames": 768,
@@ -137,36 +116,11 @@ def write_tiny_checkpoint(
     dtype). dtype None: float32, bfloat16 for medium. ConfigError for another family or an unknown size."""
     if family != FAMILY:
         raise ConfigError(f"x2l.testing.tiny_qwen3_vl builds {FAMILY!r} checkpoints, not {family!r}")
-    if size not in SIZES:
-        raise ConfigError(f"unknown tiny-model size {size!r}; expected one of {SIZES}")
-    dtype = DEFAULT_DTYPE[size] if dtype is None else dtype
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_size(size)
     tokenizer = build_tokenizer()
     config = tiny_config(size, len(tokenizer), special_token_ids(tokenizer))
-    with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG stream
-        torch.manual_seed(seed)
-        model = Qwen3VLForConditionalGeneration(config)
-    model = model.to(dtype).eval()
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    (out / "video_preprocessor_config.json").write_text(
-        json.dumps(video_preprocessor_config(size), indent=2, sort_keys=True) + "\n"
+    files = {"video_preprocessor_config.json": video_preprocessor_config(size)}
+    cls = Qwen3VLForConditionalGeneration
+    return save_checkpoint(
+        out_dir, family, size, seed, dtype, __name__, model_class=cls, config=config, tokenizer=tokenizer, files=files
     )
-    (out / "x2l_tiny.json").write_text(
-        json.dumps(
-            {
-                "family": family,
-                "size": size,
-                "seed": seed,
-                "dtype": str(dtype).removeprefix("torch."),
-                "x2l_version": __version__,
-                "random_weights": True,
-                "note": "random-weight test model built by x2l.testing.tiny_qwen3_vl; its outputs are meaningless",
-            },
-            indent=2,
-            sort_keys=True,
-        )
-        + "\n"
-    )
-    return out
