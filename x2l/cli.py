@@ -213,8 +213,10 @@ def add_plan_options(p: argparse.ArgumentParser) -> None:
     compression_options(p)
     retrieval_options(p)
     g = p.add_argument_group("storage and serving")
-    # Declared here until the store takes --kv-codec (issue 16): checked against x2l.codecs when the plan runs.
-    g.add_argument("--kv-codec", default="none", help="codec of the stored levels: none, int8 or fp8 (default none)")
+    if not any("--kv-codec" in a.option_strings for a in p._actions):
+        # Declared here while the shared compression options lack it (issue 16 adds it there for indexing); checked
+        # against x2l.codecs when the plan runs (naming the codecs here would import torch for every command).
+        g.add_argument("--kv-codec", default="none", help="stored levels' codec: none, int8 or fp8 (default none)")
     g.add_argument("--dtype", default="bfloat16", help="KV dtype: bfloat16 (default), float16 or float32")
     g.add_argument(
         "--replica-memory",

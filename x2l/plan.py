@@ -50,9 +50,10 @@ DAYS_PER_MONTH = 365.25 / 12
 PUTS_PER_VIDEO = 2  # kv-<write_id>.parquet and meta.json, as `x2l report` counts them
 SINK_CODEC = "none"  # the sink is always stored uncompressed (x2l/store/schema.py, issue 16)
 INDEX_IN_MEMORY = 8  # bytes of a loaded kept-entry index: int64 (the store reads int32 and widens it)
-# The Qwen2 / Qwen3 tokenizer's ids of the Qwen system prompt ("<|im_start|>system\nYou are a helpful assistant.
-# <|im_end|>\n<|im_start|>user\n": <|im_start|> system \n You _are _a _helpful _assistant . <|im_end|> \n
-# <|im_start|> user \n), used only when the checkpoint directory has no tokenizer.
+# Tokens of the Qwen system prompt with the Qwen2 / Qwen3 tokenizer, used only when the checkpoint directory has no
+# tokenizer: ids 151644 8948 198 2610 525 264 10950 17847 13 151645 198 151644 872 198 (<|im_start|> system \n You
+# _are _a _helpful _assistant . <|im_end|> \n <|im_start|> user \n), the prefix transformers' Qwen2-VL processor
+# test expects of this template.
 QWEN_SINK_TOKENS = 14
 QWEN_SYSTEM_PROMPT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
