@@ -102,6 +102,14 @@ class PixelRule:
         """Resized sides are multiples of this: patch_size * merge_size pixels (28 for the released models)."""
         return self.patch_size * self.merge_size
 
+    def chunk_token_count(self, n_frames: int, height: int, width: int, times=None, tokenizer=None) -> int:
+        """Tokens a chunk of `n_frames` frames of a height x width video takes, both vision wrappers included,
+        without weights (Qwen2VLAdapter.chunk_token_count's rule; `x2l plan` sizes stores with it). The layout spells
+        no time and needs no tokenizer: `times` and `tokenizer` are accepted for the planner's one signature."""
+        h, w = self.target_size(height, width)
+        gt = -(-n_frames // self.temporal_patch_size)
+        return gt * (h // self.patch_size) * (w // self.patch_size) // self.merge_size**2 + 2
+
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
 
@@ -211,9 +219,8 @@ class Qwen2VLAdapter(QwenVLAdapter):
         return Segment(embeds, positions, end + 1)
 
     def chunk_token_count(self, n_frames: int, height: int, width: int, times: np.ndarray | None = None) -> int:
-        h, w = self.target_size(height, width)
-        gt = -(-n_frames // self.temporal_patch_size)
-        return gt * (h // self.patch_size) * (w // self.patch_size) // self.merge_size**2 + 2
+        """The pixel rule's weight-free count (the one `x2l plan` sizes stores with)."""
+        return self.pixels.chunk_token_count(n_frames, height, width)
 
     def chunk_token_ids(self, n_tokens: int) -> list[int]:
         """The chunk's placeholder ids as the stock processor writes them (for one-shot reference runs)."""

@@ -120,6 +120,27 @@ class PixelRule:
         """Resized sides are multiples of this: patch_size * merge_size pixels (32 for the released models)."""
         return self.patch_size * self.merge_size
 
+    # Tokens of one frame group's timestamp text "<{t:.1f} seconds>" when no tokenizer is at hand (`x2l plan` on a
+    # config-only directory): the Qwen2/Qwen3 tokenizer's pre-tokenizer splits "<", every digit, ".", " seconds"
+    # and ">" apart (one token each), so it is len(f"{t:.1f}") + 3. An estimate: `x2l plan` says so when it uses it.
+    spells_time = True
+
+    def chunk_token_count(self, n_frames: int, height: int, width: int, times=None, tokenizer=None) -> int:
+        """Tokens a chunk of `n_frames` frames of a height x width video takes without weights (Qwen3VLAdapter's
+        layout: per frame group its timestamp text, <|vision_start|>, its video tokens, <|vision_end|>). `times`:
+        float64 [n_frames] presentation times in seconds (required); `tokenizer`: the checkpoint's, which counts the
+        timestamp text exactly; None: the estimate above. `x2l plan` sizes stores with it."""
+        if times is None or len(times) != n_frames:
+            raise ModelError(f"Qwen3-VL chunk token count: {n_frames} frame times needed")
+        h, w = self.target_size(height, width)
+        per_group = (h // self.patch_size) * (w // self.patch_size) // self.merge_size**2
+        total = 0
+        for t in group_times(times, self.temporal_patch_size):
+            text = f"<{t:.1f} seconds>"
+            n_text = len(f"{t:.1f}") + 3 if tokenizer is None else len(tokenizer.encode(text, add_special_tokens=False))
+            total += n_text + 2 + per_group
+        return total
+
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         tp = self.temporal_patch_size
         return smart_resize(tp, height, width, tp, self.factor, self.min_pixels * tp, self.max_pixels * tp)
