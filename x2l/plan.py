@@ -25,7 +25,6 @@ tests/test_plan.py checks the per-video figures against a store that was actuall
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,7 +54,6 @@ INDEX_IN_MEMORY = 8  # bytes of a loaded kept-entry index: int64 (the store read
 # _are _a _helpful _assistant . <|im_end|> \n <|im_start|> user \n), the prefix transformers' Qwen2-VL processor
 # test expects of this template.
 QWEN_SINK_TOKENS = 14
-QWEN_SYSTEM_PROMPT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 KV_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -114,11 +112,11 @@ def load_tokenizer(path: Path):
         raise ModelError(f"{path}: has tokenizer files that do not load ({e})") from e
 
 
-def family_module(family_name: str):
-    """The adapter module of a registered family (its SYSTEM_PROMPT, its PixelRule)."""
+def system_prompt(family_name: str) -> str:
+    """The system prefix the family's adapter pre-fills as the sink (its `_system_prompt`)."""
     from x2l.models.registry import family
 
-    return importlib.import_module(family(family_name).adapter.partition(":")[0])
+    return family(family_name).load("adapter")._system_prompt
 
 
 @dataclass
@@ -185,10 +183,10 @@ def plan_video(
     tokenizer = load_tokenizer(path)
     estimated = []
 
-    prompt = family_module(shape.family).SYSTEM_PROMPT
+    prompt = system_prompt(shape.family)
     if tokenizer is not None:
         sink_tokens = len(tokenizer.encode(prompt, add_special_tokens=False))
-    elif prompt == QWEN_SYSTEM_PROMPT:
+    elif prompt == system_prompt("qwen2-vl"):  # the Qwen families'
         sink_tokens = QWEN_SINK_TOKENS
         estimated.append(f"sink tokens ({QWEN_SINK_TOKENS}, the Qwen tokenizer's)")
     else:
