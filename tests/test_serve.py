@@ -426,6 +426,23 @@ def test_app_arguments_resolve_local_paths_where_the_builder_checks_them(tmp_pat
         ({"num_replicas": "0"}, "num_replicas=0: must be >= 1"),
         ({"num_gpus": "-1"}, "num_gpus=-1.0: must be >= 0"),
         ({"h_budget_bytes": "-5"}, "h_budget_bytes=-5: must be >= 0"),
+        ({"max_videos_per_replica": "-1"}, "max_videos_per_replica=-1: must be >= 0"),
+        ({"route_by_video": "maybe"}, "route_by_video='maybe': expected bool"),
+        (
+            {"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}},
+            "autoscaling_config={'min_replicas': 3, 'max_replicas': 2}: max_replicas (2) must be greater than or "
+            "equal to min_replicas (3)!",
+        ),
+        (
+            {"autoscaling_config": {"max_replica": 2}},
+            "autoscaling_config={'max_replica': 2}: unknown key(s) ['max_replica']; Serve's autoscaling_config "
+            "takes e.g. min_replicas, max_replicas, initial_replicas, target_ongoing_requests, upscale_delay_s, "
+            "downscale_delay_s",
+        ),
+        (
+            {"autoscaling_config": 4},
+            "autoscaling_config=4: expected a mapping such as {min_replicas: 1, max_replicas: 4}",
+        ),
     ],
 )
 def test_app_builder_refuses_arguments_a_replica_would_refuse(archive, arg, message):
@@ -437,6 +454,20 @@ def test_app_builder_refuses_arguments_a_replica_would_refuse(archive, arg, mess
     with pytest.raises(ConfigError) as e:
         ServeArgs.model_validate({"store": archive["store"], "model": archive["model"]} | arg)
     assert str(e.value) == f"x2l.serve: x2l.serve argument {message}"
+
+
+def test_replicas_or_serve_autoscaling_pass_to_the_query_deployment(archive):
+    from x2l.errors import ConfigError
+    from x2l.serve import ServeArgs, query_deployment
+
+    base = {"store": archive["store"], "model": archive["model"]}
+    assert query_deployment(ServeArgs.model_validate(base | {"num_replicas": 3})).num_replicas == 3
+    scaling = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}
+    d = query_deployment(ServeArgs.model_validate(base | {"autoscaling_config": scaling}))
+    got = d._deployment_config.autoscaling_config  # Serve's parsed AutoscalingConfig
+    assert (got.min_replicas, got.max_replicas, got.target_ongoing_requests) == (1, 4, 8)
+    with pytest.raises(ConfigError, match="give num_replicas or autoscaling_config, not both"):
+        ServeArgs.model_validate(base | {"autoscaling_config": scaling, "num_replicas": 2})
 
 
 def test_reindex_while_serving_answers_from_the_new_index(serve_app, archive):

@@ -704,6 +704,16 @@ def shutdown() -> None:
             ray.shutdown()
 
 
+def query_deployment(args: ServeArgs):
+    """The QueryModel deployment with the options `args` give it: `num_replicas` or Serve's `autoscaling_config`,
+    `max_ongoing_requests`, CPUs and GPUs per replica."""
+    return QueryModel.options(
+        **args.replicas,
+        max_ongoing_requests=args.max_ongoing_requests,
+        ray_actor_options={"num_gpus": args.num_gpus, "num_cpus": args.num_cpus},
+    )
+
+
 def app(args: ServeArgs):
     """Application builder for `serve run x2l.serve:app store=... model=...` and serve config files: a typed builder,
     so Serve validates the arguments into ServeArgs (one-line AppConfigError) before calling it. The model directory,
@@ -713,11 +723,7 @@ def app(args: ServeArgs):
         api_token(args.token_env)  # the replicas normally share this environment: a blank token stops here
     except ConfigError as e:
         raise AppConfigError(str(e)) from None
-    query = QueryModel.options(
-        **args.replicas,
-        max_ongoing_requests=args.max_ongoing_requests,
-        ray_actor_options={"num_gpus": args.num_gpus, "num_cpus": args.num_cpus},
-    ).bind(args)
+    query = query_deployment(args).bind(args)
     return Ingress.options(
         max_ongoing_requests=args.max_questions_per_request * 4,
         ray_actor_options={"num_cpus": 0.1},
