@@ -69,11 +69,12 @@ def ask_all(url: str, questions: list[dict], in_flight: int) -> tuple[list[float
 def replica_stats(url: str, replicas: int) -> dict[str, dict]:
     """GET /v1/stats (answered by any replica) until `replicas` distinct replicas answered: id -> stats."""
     seen: dict[str, dict] = {}
-    for _ in range(200):
+    for _ in range(600):  # Serve prefers the replica it last saw with the shorter queue (cached for seconds): wait
         s = httpx.get(url + "/v1/stats", timeout=60).json()
         seen[s["replica"]] = s
         if len(seen) == replicas:
             break
+        time.sleep(0.1)
     return seen
 
 

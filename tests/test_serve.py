@@ -511,11 +511,12 @@ def test_h_memory_budget_evicts_and_reloads_with_right_answers(serve_app, archiv
 def replica_stats(url: str, replicas: int) -> dict[str, dict]:
     """GET /v1/stats (any replica) until `replicas` distinct replicas have answered: replica id -> its stats."""
     seen: dict[str, dict] = {}
-    for _ in range(200):  # Serve picks a replica at random for each call: all are seen long before this ends
+    for _ in range(600):  # Serve routes to the shorter of two queues, as last reported (cached a few seconds)
         s = httpx.get(url + "/v1/stats", timeout=60).json()
         seen[s["replica"]] = s
         if len(seen) == replicas:
             return seen
+        time.sleep(0.1)
     raise AssertionError(f"only replicas {sorted(seen)} answered GET {url}/v1/stats")
 
 

@@ -52,6 +52,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -327,8 +328,10 @@ class QueryModel:
         self._batched.set_max_batch_size(cfg.max_batch_size)
         self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         # @serve.batch runs the per-video sub-batches of one batch concurrently; the model (its probes) is not
-        # thread-safe, so they answer one after the other.
+        # thread-safe: one answers at a time, and those waiting meanwhile are answered together (_answer_batch).
         self._model_lock = threading.Lock()
+        self._pending: list[tuple[list[dict], Future[list[dict]]]] = []
+        self._pending_lock = threading.Lock()
         self.batch_sizes: list[int] = []
         self.decode_calls = 0
         self.questions = 0
@@ -390,8 +393,27 @@ class QueryModel:
         return await asyncio.to_thread(self._answer_batch, items)
 
     def _answer_batch(self, items: list[dict]) -> list[dict]:
+        """Answer one @serve.batch call. With routing by video Serve calls this once per video of a batch, all at
+        once: the calls waiting while the model is busy are answered together by the next one to get it, in one
+        Answerer call (one relevance pass per video, one decode), as the batch would have been without the split."""
+        mine: Future[list[dict]] = Future()
+        with self._pending_lock:
+            self._pending.append((items, mine))
         with self._model_lock:
-            return self._answer_locked(items)
+            with self._pending_lock:
+                taken, self._pending = self._pending, []
+            if taken:  # else another call answered these items already
+                try:
+                    results = self._answer_locked([item for batch, _ in taken for item in batch])
+                except BaseException as e:
+                    for _, f in taken:
+                        f.set_exception(e)
+                    raise
+                done = 0
+                for batch, f in taken:
+                    f.set_result(results[done : done + len(batch)])
+                    done += len(batch)
+        return mine.result()
 
     def _answer_locked(self, items: list[dict]) -> list[dict]:
         from x2l.engine import Question
