@@ -11,7 +11,7 @@ routes there, which is then loaded again on the same replica at its next questio
 any question to any replica (each replica then loads every video it is asked about). `num_replicas` or
 `autoscaling_config` (Serve's, validated by it) size the deployment. Single questions arrive through `answer()`,
 are grouped by `@serve.batch` (`max_batch_size`, `batch_wait_timeout_s`; with routing by video Serve splits each
-batch by video) and answered together by one Answerer call: questions on the same video share its H and one
+batch by video, and the parts waiting for the model are joined again) and answered together by one Answerer call: questions on the same video share its H and one
 relevance pass, and a batch decodes together. Every batch reads each of its videos' commit record (meta.json, a few
 KiB): a video re-indexed while served (`--overwrite`) is answered from its new index from the next question on. KV
 is cast to the model's dtype as it is read. `Ingress` is the FastAPI HTTP front:
@@ -308,8 +308,9 @@ class QueryModel:
     No H is loaded at start. With `route_by_video` each question is routed by Ray Serve's model multiplexing with
     its video id as the multiplexed model id (the ingress sets it): Serve sends a video's questions to the replica
     that holds it (or, for a video no replica holds, to one holding the fewest), and the replica's multiplexed loader
-    loads the video's H into its HCache on first use. `@serve.batch` then splits each batch by multiplexed id, so a
-    batch holds one video's questions: they share the video's H, one relevance pass and one decode. Without it every
+    loads the video's H into its HCache on first use. `@serve.batch` then splits each batch by multiplexed id and
+    runs the parts at once; `_answer_batch` answers the parts waiting for the model together (questions on one video
+    share its H and one relevance pass; the parts decode together). Without it every
     replica may get any question and batches mix videos, as before issue 16.
     """
 
@@ -395,7 +396,8 @@ class QueryModel:
     def _answer_batch(self, items: list[dict]) -> list[dict]:
         """Answer one @serve.batch call. With routing by video Serve calls this once per video of a batch, all at
         once: the calls waiting while the model is busy are answered together by the next one to get it, in one
-        Answerer call (one relevance pass per video, one decode), as the batch would have been without the split."""
+        Answerer call (one relevance pass per video, one decode), so a batch split by video still decodes in few
+        calls."""
         mine: Future[list[dict]] = Future()
         with self._pending_lock:
             self._pending.append((items, mine))
