@@ -11,10 +11,11 @@ routes there, which is then loaded again on the same replica at its next questio
 any question to any replica (each replica then loads every video it is asked about). `num_replicas` or
 `autoscaling_config` (Serve's, validated by it) size the deployment. Single questions arrive through `answer()`,
 are grouped by `@serve.batch` (`max_batch_size`, `batch_wait_timeout_s`; with routing by video Serve splits each
-batch by video, and the parts waiting for the model are joined again) and answered together by one Answerer call: questions on the same video share its H and one
-relevance pass, and a batch decodes together. Every batch reads each of its videos' commit record (meta.json, a few
-KiB): a video re-indexed while served (`--overwrite`) is answered from its new index from the next question on. KV
-is cast to the model's dtype as it is read. `Ingress` is the FastAPI HTTP front:
+batch by video, and the parts waiting for the model are joined again) and answered together by one Answerer
+call: questions on the same video share its H and one relevance pass, and a batch decodes together. Every batch
+reads each of its videos' commit record (meta.json, a few KiB): a video re-indexed while served (`--overwrite`) is
+answered from its new index from the next question on. KV is cast to the model's dtype as it is read. `Ingress`
+is the FastAPI HTTP front:
 
     POST /v1/answer  {"questions": [{"video_id", "question", "id"?, "options"?, "top_k"?, "budget_bytes"?,
                                      "max_new_tokens"?}]}
