@@ -167,6 +167,9 @@ def test_batching_is_real(serve_app):
     calls = after["decode_calls"] - before["decode_calls"]
     assert sum(sizes) == 16 and max(sizes) > 1
     assert calls < 16
+    # "main" routes by video: Serve splits each batch by video, the replica joins the parts again, so one Answerer
+    # call holds questions on more than one video (each video has 4 of the 16 here)
+    assert max(sizes) > 4
 
 
 def test_error_statuses_and_the_service_keeps_answering(serve_app):

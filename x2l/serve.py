@@ -11,7 +11,7 @@ routes there, which is then loaded again on the same replica at its next questio
 any question to any replica (each replica then loads every video it is asked about). `num_replicas` or
 `autoscaling_config` (Serve's, validated by it) size the deployment. Single questions arrive through `answer()`,
 are grouped by `@serve.batch` (`max_batch_size`, `batch_wait_timeout_s`; with routing by video Serve splits each
-batch by video, and the parts waiting for the model are joined again) and answered together by one Answerer
+batch by video, and its parts are joined again) and answered together by one Answerer
 call: questions on the same video share its H and one relevance pass, and a batch decodes together. Every batch
 reads each of its videos' commit record (meta.json, a few KiB): a video re-indexed while served (`--overwrite`) is
 answered from its new index from the next question on. KV is cast to the model's dtype as it is read. `Ingress`
@@ -53,7 +53,6 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -310,8 +309,8 @@ class QueryModel:
     its video id as the multiplexed model id (the ingress sets it): Serve sends a video's questions to the replica
     that holds it (or, for a video no replica holds, to one holding the fewest), and the replica's multiplexed loader
     loads the video's H into its HCache on first use. `@serve.batch` then splits each batch by multiplexed id and
-    runs the parts at once; `_answer_batch` answers the parts waiting for the model together (questions on one video
-    share its H and one relevance pass; the parts decode together). Without it every
+    runs the parts at once; `_batched` joins them again into one Answerer call (questions on one video share its H
+    and one relevance pass; the batch decodes together). Without it every
     replica may get any question and batches mix videos, as before issue 16.
     """
 
@@ -329,11 +328,10 @@ class QueryModel:
         self.answerer = Answerer(self.model, self.h, cfg.retrieval)
         self._batched.set_max_batch_size(cfg.max_batch_size)
         self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-        # @serve.batch runs the per-video sub-batches of one batch concurrently; the model (its probes) is not
-        # thread-safe: one answers at a time, and those waiting meanwhile are answered together (_answer_batch).
+        # @serve.batch runs the per-video parts of one batch as concurrent tasks: they are joined again (_batched),
+        # and the model (its probes) answers one call at a time.
         self._model_lock = threading.Lock()
-        self._pending: list[tuple[list[dict], Future[list[dict]]]] = []
-        self._pending_lock = threading.Lock()
+        self._pending: list[tuple[list[dict], asyncio.Future[list[dict]]]] = []  # touched on the event loop only
         self.batch_sizes: list[int] = []
         self.decode_calls = 0
         self.questions = 0
@@ -392,31 +390,31 @@ class QueryModel:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
     async def _batched(self, items: list[dict]) -> list[dict]:
-        return await asyncio.to_thread(self._answer_batch, items)
+        """One @serve.batch call. With routing by video Serve splits each batch by video and calls this once per
+        part, all parts as sibling tasks started together: each part queues its items and yields once, so the first
+        part to run again answers every part queued by then in one Answerer call (one relevance pass per video, one
+        decode for the whole batch), and the others take their results from it."""
+        mine: asyncio.Future[list[dict]] = asyncio.get_running_loop().create_future()
+        self._pending.append((items, mine))
+        await asyncio.sleep(0)  # the other parts of this batch queue theirs
+        if self._pending:
+            taken, self._pending = self._pending, []
+            try:
+                results = await asyncio.to_thread(self._answer_batch, [item for part, _ in taken for item in part])
+            except Exception as e:  # noqa: BLE001 - every part of the call fails with it, as one batch would
+                for _, f in taken:
+                    f.set_exception(e)
+            else:
+                done = 0
+                for part, f in taken:
+                    f.set_result(results[done : done + len(part)])
+                    done += len(part)
+        return await mine
 
     def _answer_batch(self, items: list[dict]) -> list[dict]:
-        """Answer one @serve.batch call. With routing by video Serve calls this once per video of a batch, all at
-        once: the calls waiting while the model is busy are answered together by the next one to get it, in one
-        Answerer call (one relevance pass per video, one decode), so a batch split by video still decodes in few
-        calls."""
-        mine: Future[list[dict]] = Future()
-        with self._pending_lock:
-            self._pending.append((items, mine))
+        """Answer items in one Answerer call; one call at a time (the model and its probes are not thread-safe)."""
         with self._model_lock:
-            with self._pending_lock:
-                taken, self._pending = self._pending, []
-            if taken:  # else another call answered these items already
-                try:
-                    results = self._answer_locked([item for batch, _ in taken for item in batch])
-                except BaseException as e:
-                    for _, f in taken:
-                        f.set_exception(e)
-                    raise
-                done = 0
-                for batch, f in taken:
-                    f.set_result(results[done : done + len(batch)])
-                    done += len(batch)
-        return mine.result()
+            return self._answer_locked(items)
 
     def _answer_locked(self, items: list[dict]) -> list[dict]:
         from x2l.engine import Question
