@@ -310,8 +310,8 @@ class QueryModel:
     that holds it (or, for a video no replica holds, to one holding the fewest), and the replica's multiplexed loader
     loads the video's H into its HCache on first use. `@serve.batch` then splits each batch by multiplexed id and
     runs the parts at once; `_batched` joins them again into one Answerer call (questions on one video share its H
-    and one relevance pass; the batch decodes together). Without it every
-    replica may get any question and batches mix videos, as before issue 16.
+    and one relevance pass; the batch decodes together). Without it every replica may get any question, as before
+    issue 16.
     """
 
     def __init__(self, cfg: ServeArgs):
@@ -401,14 +401,17 @@ class QueryModel:
             taken, self._pending = self._pending, []
             try:
                 results = await asyncio.to_thread(self._answer_batch, [item for part, _ in taken for item in part])
-            except Exception as e:  # noqa: BLE001 - every part of the call fails with it, as one batch would
+            except BaseException as e:  # every part of the call fails with it, as one batch would; none waits forever
+                error = e if isinstance(e, Exception) else RuntimeError(f"batch interrupted ({type(e).__name__})")
                 for _, f in taken:
-                    f.set_exception(e)
-            else:
-                done = 0
-                for part, f in taken:
+                    if f is not mine and not f.done():
+                        f.set_exception(error)
+                raise
+            done = 0
+            for part, f in taken:
+                if not f.done():
                     f.set_result(results[done : done + len(part)])
-                    done += len(part)
+                done += len(part)
         return await mine
 
     def _answer_batch(self, items: list[dict]) -> list[dict]:
