@@ -633,6 +633,25 @@ def test_routing_by_video_off_answers_from_any_replica(serve_app, archive):
     assert s["h_cache"]["held"] == ["cats.mp4", "dogs.mp4"] and s["h_cache"]["loads"] == 2
 
 
+def test_held_video_releases_its_h_once():
+    """Serve calls the multiplexed model's __del__ when it unloads it, and Python calls it again at garbage
+    collection: the video's H is released once, so a HeldVideo of a later load keeps it."""
+    import gc
+
+    from x2l.serve import HeldVideo
+
+    released: list[str] = []
+    held = HeldVideo("cats.mp4", released.append)
+    held.__del__()  # what ray.serve.multiplex does on unload
+    later = HeldVideo("cats.mp4", released.append)  # the video loaded again
+    del held
+    gc.collect()
+    assert released == ["cats.mp4"]
+    del later
+    gc.collect()
+    assert released == ["cats.mp4", "cats.mp4"]
+
+
 def test_store_unreachable_gives_503(tmp_path, archive, monkeypatch):
     """The query deployment over an S3 store whose server went away answers 503 and says why."""
     from x2l.serve import QueryModel, ServeArgs
