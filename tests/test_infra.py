@@ -46,6 +46,9 @@ SERVE_ARGS = {
     "h_budget_bytes",
     "l_cache_bytes",
     "top_k",
+    "autoscaling_config",
+    "route_by_video",
+    "max_videos_per_replica",
 }
 RAY_VERSION = importlib.metadata.version("ray")
 
@@ -345,7 +348,7 @@ def test_rayservice_deploys_serve_app_with_documented_args():
     check_import_path(app["import_path"], "rayservice")
     from x2l.serve import ServeArgs
 
-    ServeArgs.model_validate(app["args"])  # unknown or mistyped args fail here
+    cfg = ServeArgs.model_validate(app["args"])  # unknown or mistyped args fail here
     args = app["args"]
     assert {"store", "model"} <= set(args) <= SERVE_ARGS, sorted(args)
     serve_src = (ROOT / "x2l" / "serve.py").read_text()
@@ -360,6 +363,16 @@ def test_rayservice_deploys_serve_app_with_documented_args():
     for c in (head, *workers):
         check_secret_env(c, "rayservice")
     check_model_visible(cluster, args["model"], "rayservice")
+    # Issue 16: a multi-replica query tier sharded by video, sized by Serve's autoscaler, on GPU pods that follow it.
+    assert cfg.route_by_video and cfg.max_videos_per_replica >= 1
+    scaling = cfg.replicas["autoscaling_config"]
+    assert 2 <= scaling["min_replicas"] < scaling["max_replicas"] and scaling["target_ongoing_requests"] > 0
+    assert cfg.max_ongoing_requests >= scaling["target_ongoing_requests"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    gpu_pods = [g for g in cluster["workerGroupSpecs"] if gpus(g["template"]["spec"]["containers"][0]) > 0]
+    per_pod = [gpus(g["template"]["spec"]["containers"][0]) // max(1, int(cfg.num_gpus)) for g in gpu_pods]
+    assert sum(g["minReplicas"] * n for g, n in zip(gpu_pods, per_pod, strict=True)) >= scaling["min_replicas"]
+    assert sum(g["maxReplicas"] * n for g, n in zip(gpu_pods, per_pod, strict=True)) >= scaling["max_replicas"]
 
 
 # --- across files -------------------------------------------------------------------------------------------------
@@ -401,6 +414,7 @@ def test_serve_config_for_serve_deploy_builds_the_app_config():
     check_import_path(app["import_path"], "serve_config")
     cfg = ServeArgs.model_validate(app["args"])
     assert cfg.max_ongoing_requests >= cfg.max_batch_size
+    assert cfg.replicas == {"num_replicas": cfg.num_replicas} and cfg.num_replicas >= 2 and cfg.route_by_video
     readme = README.read_text()
     for key in app["args"]:
         assert f"`{key}`" in readme, f"infra/README.md does not document Serve arg {key}"

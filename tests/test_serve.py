@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import collections
+import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -78,7 +82,8 @@ def serve_app(archive, damaged_store):
     from x2l.testing.ray_head import free_port
 
     os.environ[TOKEN_ENV] = "s3cret"  # replicas inherit the driver's environment at ray.init
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    temp_dir = tempfile.mkdtemp(prefix="x2lt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp_dir)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = {
@@ -89,22 +94,33 @@ def serve_app(archive, damaged_store):
         "max_prompt_chars": 200,
         "max_prompt_tokens": 150,
         "max_questions_per_request": 20,
-        "num_cpus": 0.2,
+        "num_cpus": 0.1,  # 9 QueryModel replicas and 8 ingresses on 2 CPUs
     }
 
     def built(**args):  # Serve validates the arguments into the builder's typed argument, then calls the builder
         return app(ServeArgs.model_validate(base | args))
 
     serve.run(built(), name="main", route_prefix="/")
-    one_video = KVStore(archive["store"]).list_videos()[0]["bytes"]
-    serve.run(built(h_budget_bytes=one_video["sink"] + one_video["h"] * 2), name="tight", route_prefix="/tight")
+    serve.run(built(h_budget_bytes=max(h_memory(archive).values())), name="tight", route_prefix="/tight")
     serve.run(built(token_env=TOKEN_ENV), name="auth", route_prefix="/auth")
     serve.run(built(store=damaged_store), name="damaged", route_prefix="/damaged")
     serve.run(built(store=archive["live"]), name="live", route_prefix="/live")
+    serve.run(built(num_replicas=2), name="shard", route_prefix="/shard")  # routed by video (the default)
+    serve.run(built(max_videos_per_replica=1), name="count1", route_prefix="/count1")
+    serve.run(built(route_by_video=False), name="spread", route_prefix="/spread")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
     os.environ.pop(TOKEN_ENV, None)
+
+
+def h_memory(archive) -> dict[str, int]:
+    """Bytes each video's H takes in a replica's memory (at the model's dtype, as the HCache counts it)."""
+    from x2l.kv import h_bytes
+
+    store = KVStore(archive["store"], dtype=archive["model_obj"].dtype)
+    return {v: h_bytes(store.load_h(v)) for v in VIDEOS}
 
 
 def ask(url: str, questions: list[dict], **kw) -> httpx.Response:
@@ -151,6 +167,9 @@ def test_batching_is_real(serve_app):
     calls = after["decode_calls"] - before["decode_calls"]
     assert sum(sizes) == 16 and max(sizes) > 1
     assert calls < 16
+    # "main" routes by video: Serve splits each batch by video, the replica joins the parts again, so one Answerer
+    # call holds questions on more than one video (each video has 4 of the 16 here)
+    assert max(sizes) > 4
 
 
 def test_error_statuses_and_the_service_keeps_answering(serve_app):
@@ -213,7 +232,7 @@ def test_damaged_videos_fail_alone_and_removed_videos_stop_being_answered(serve_
     videos = {v["video_id"] or "?": v for v in r.json()["videos"]}
     assert sorted(videos) == ["?", "birds.mp4", "cats.mp4", "dogs.mp4"]  # fish's meta is unreadable: key only
     assert "truncated" in videos["birds.mp4"]["damaged"] and "not valid JSON" in videos["?"]["damaged"]
-    assert videos["cats.mp4"]["h_loaded"] and "damaged" not in videos["cats.mp4"]
+    assert not videos["cats.mp4"]["h_loaded"] and "damaged" not in videos["cats.mp4"]  # nothing loaded at start
     qs = [{"video_id": v, "question": f"What moves in {v}?"} for v in VIDEOS]
     expected = engine_answers(archive, qs)
     r = ask(url, qs)
@@ -224,6 +243,8 @@ def test_damaged_videos_fail_alone_and_removed_videos_stop_being_answered(serve_
             assert g["error"]["status"] == 500 and f"video {v!r}" in g["error"]["message"], g
         else:
             assert g["answer"] == e.text
+    held = {v["video_id"] for v in httpx.get(url + "/v1/videos").json()["videos"] if v.get("h_loaded")}
+    assert held == {"cats.mp4", "dogs.mp4"}  # loaded on first use; the damaged ones never
     KVStore(damaged_store).remove("dogs.mp4")  # its H is loaded in the replica
     r = ask(url, [qs[1], qs[0]])
     gone, cats = r.json()["answers"]
@@ -321,11 +342,12 @@ def test_results_echo_id_and_video_id_and_take_a_byte_budget(serve_app, archive)
     assert b["answer"] == expected.text
 
 
-def test_readyz_once_the_query_replica_has_model_and_h(serve_app):
+def test_readyz_once_the_query_replica_has_its_model(serve_app, archive):
     r = httpx.get(serve_app + "/readyz")
     assert r.status_code == 200
     body = r.json()
-    assert body["status"] == "ready" and body["h_videos"] == len(VIDEOS) and body["dtype"] == "float32"
+    assert body["status"] == "ready" and body["dtype"] == "float32" and body["model"] == archive["model"]
+    assert body["replica"] and body["h_videos"] >= 0
 
 
 def test_app_builder_refuses_a_missing_model_or_store_before_deploying(archive, tmp_path):
@@ -407,6 +429,23 @@ def test_app_arguments_resolve_local_paths_where_the_builder_checks_them(tmp_pat
         ({"num_replicas": "0"}, "num_replicas=0: must be >= 1"),
         ({"num_gpus": "-1"}, "num_gpus=-1.0: must be >= 0"),
         ({"h_budget_bytes": "-5"}, "h_budget_bytes=-5: must be >= 0"),
+        ({"max_videos_per_replica": "-1"}, "max_videos_per_replica=-1: must be >= 0"),
+        ({"route_by_video": "maybe"}, "route_by_video='maybe': expected bool"),
+        (
+            {"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}},
+            "autoscaling_config={'min_replicas': 3, 'max_replicas': 2}: max_replicas (2) must be greater than or "
+            "equal to min_replicas (3)!",
+        ),
+        (
+            {"autoscaling_config": {"max_replica": 2}},
+            "autoscaling_config={'max_replica': 2}: unknown key(s) ['max_replica']; Serve's autoscaling_config "
+            "takes e.g. min_replicas, max_replicas, initial_replicas, target_ongoing_requests, upscale_delay_s, "
+            "downscale_delay_s",
+        ),
+        (
+            {"autoscaling_config": 4},
+            "autoscaling_config=4: expected a mapping such as {min_replicas: 1, max_replicas: 4}",
+        ),
     ],
 )
 def test_app_builder_refuses_arguments_a_replica_would_refuse(archive, arg, message):
@@ -418,6 +457,20 @@ def test_app_builder_refuses_arguments_a_replica_would_refuse(archive, arg, mess
     with pytest.raises(ConfigError) as e:
         ServeArgs.model_validate({"store": archive["store"], "model": archive["model"]} | arg)
     assert str(e.value) == f"x2l.serve: x2l.serve argument {message}"
+
+
+def test_replicas_or_serve_autoscaling_pass_to_the_query_deployment(archive):
+    from x2l.errors import ConfigError
+    from x2l.serve import ServeArgs, query_deployment
+
+    base = {"store": archive["store"], "model": archive["model"]}
+    assert query_deployment(ServeArgs.model_validate(base | {"num_replicas": 3})).num_replicas == 3
+    scaling = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}
+    d = query_deployment(ServeArgs.model_validate(base | {"autoscaling_config": scaling}))
+    got = d._deployment_config.autoscaling_config  # Serve's parsed AutoscalingConfig
+    assert (got.min_replicas, got.max_replicas, got.target_ongoing_requests) == (1, 4, 8)
+    with pytest.raises(ConfigError, match="give num_replicas or autoscaling_config, not both"):
+        ServeArgs.model_validate(base | {"autoscaling_config": scaling, "num_replicas": 2})
 
 
 def test_reindex_while_serving_answers_from_the_new_index(serve_app, archive):
@@ -456,6 +509,147 @@ def test_h_memory_budget_evicts_and_reloads_with_right_answers(serve_app, archiv
     h = httpx.get(url + "/v1/stats").json()["h_cache"]
     assert h["evictions"] >= 4 and h["loads"] > len(VIDEOS) and h["videos"] <= 2
     assert h["bytes"] <= h["budget_bytes"]
+
+
+def replica_stats(url: str, replicas: int) -> dict[str, dict]:
+    """GET /v1/stats (any replica) until `replicas` distinct replicas have answered: replica id -> its stats."""
+    seen: dict[str, dict] = {}
+    for _ in range(600):  # Serve routes to the shorter of two queues, as last reported (cached a few seconds)
+        s = httpx.get(url + "/v1/stats", timeout=60).json()
+        seen[s["replica"]] = s
+        if len(seen) == replicas:
+            return seen
+        time.sleep(0.1)
+    raise AssertionError(f"only replicas {sorted(seen)} answered GET {url}/v1/stats")
+
+
+@functools.cache
+def query_handle(app_name: str):
+    """One QueryModel handle per app for this process: its router follows the replicas Serve reports."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("QueryModel", app_name=app_name)
+    handle._init()
+    return handle
+
+
+def serve_routes(app_name: str) -> dict[str, set[str]]:
+    """Replica id -> the multiplexed model ids (video ids) a QueryModel handle's request router knows it holds. Ray
+    has no public view of this; its own multiplexing tests read the router the same way."""
+    router = query_handle(app_name)._router._asyncio_router.request_router
+    if router is None:  # not told the deployment's router class yet
+        return {}
+    return {r.replica_id.unique_id: set(r.multiplexed_model_ids) for r in router.curr_replicas.values()}
+
+
+def wait_for_routes(app_name: str, home: dict[str, str]) -> None:
+    """Until Serve's routers know that each video of `home` (video id -> replica id) is held by that replica:
+    replicas report what they hold to the controller, which tells the routers, a moment after a video is loaded."""
+    deadline = time.monotonic() + 120  # a hang guard, not a measurement
+    while time.monotonic() < deadline:
+        routes = serve_routes(app_name)
+        if all(v in routes.get(r, set()) for v, r in home.items()):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"Serve's router never learned {home}: {routes}")
+
+
+def test_questions_on_a_video_go_to_the_replica_holding_its_h(serve_app, archive):
+    """Two replicas routed by video (Serve's model multiplexing, the video id as the multiplexed model id): no
+    replica loads H at start; each video is loaded by one replica, once, and every later question on it is answered
+    there; the videos spread over both replicas (a new video goes to the replica holding the fewest)."""
+    url = serve_app + "/shard"
+    start = replica_stats(url, 2)
+    assert all(s["h_cache"]["loads"] == 0 and s["h_cache"]["videos"] == 0 for s in start.values())
+    assert all(s["routed_videos"] == [] and s["route_by_video"] for s in start.values())
+    home = {}
+    for v in VIDEOS:  # each video's first question alone, once Serve knows where the ones before it went
+        r = ask(url, [{"video_id": v, "question": f"What is in {v}?"}])
+        assert r.status_code == 200, r.text
+        home[v] = r.json()["answers"][0]["replica"]
+        wait_for_routes("shard", home)
+    assert sorted(collections.Counter(home.values()).values()) == [2, 2]
+    qs = [{"video_id": v, "question": f"What happens at second {i} of {v}?"} for i in range(3) for v in VIDEOS]
+    expected = engine_answers(archive, qs)
+    with ThreadPoolExecutor(len(qs)) as pool:
+        results = list(pool.map(lambda q: ask(url, [q]).json()["answers"][0], qs))
+    for q, r, e in zip(qs, results, expected, strict=True):
+        assert r["answer"] == e.text and r["replica"] == home[q["video_id"]], (q, r)
+    for v in VIDEOS:  # ?video_id= routes to the replica holding it, like a question
+        s = httpx.get(url + "/v1/stats", params={"video_id": v}).json()
+        assert s["replica"] == home[v] and v in s["h_cache"]["held"] and v in s["routed_videos"]
+    end = replica_stats(url, 2)
+    assert sum(s["h_cache"]["loads"] for s in end.values()) == len(VIDEOS)  # each video's H loaded once in all
+    for rid, s in end.items():
+        mine = sorted(v for v, r in home.items() if r == rid)
+        assert s["h_cache"]["held"] == mine and s["routed_videos"] == mine
+        assert s["h_cache"]["bytes"] == sum(h_memory(archive)[v] for v in mine)
+
+
+def test_serve_unloading_a_video_drops_its_h(serve_app, archive):
+    """max_videos_per_replica=1: Serve's multiplexing unloads the least recently used video before loading another
+    (calling its HeldVideo's __del__), and the replica's HCache lets go of that video's H with it."""
+    url = serve_app + "/count1"
+    order = ["cats.mp4", "dogs.mp4", "cats.mp4"]
+    qs = [{"video_id": v, "question": f"What moves in {v}?"} for v in order]
+    for q, e in zip(qs, engine_answers(archive, qs), strict=True):
+        r = ask(url, [q])
+        assert r.status_code == 200 and r.json()["answers"][0]["answer"] == e.text
+    s = httpx.get(url + "/v1/stats").json()
+    assert s["max_videos_per_replica"] == 1 and s["unloads"] == 2 and s["routed_videos"] == ["cats.mp4"]
+    h = s["h_cache"]
+    assert (h["loads"], h["drops"], h["evictions"], h["held"]) == (3, 2, 0, ["cats.mp4"])
+    assert h["bytes"] == h_memory(archive)["cats.mp4"]
+
+
+def test_h_byte_budget_of_one_video_evicts_when_two_alternate(serve_app, archive):
+    """An H budget that holds one video (the largest): two videos asked in turn are each loaded again every time,
+    least recently used out. Serve's count bound is off here, so Serve still routes both videos to this replica
+    while its HCache holds one: the next question on the other one loads it again, on this replica."""
+    url = serve_app + "/tight"
+    before = httpx.get(url + "/v1/stats").json()["h_cache"]
+    qs = [{"video_id": v, "question": f"What moves in {v}?"} for v in ["cats.mp4", "dogs.mp4"] * 2]
+    for q, e in zip(qs, engine_answers(archive, qs), strict=True):
+        r = ask(url, [q])
+        assert r.status_code == 200 and r.json()["answers"][0]["answer"] == e.text
+    s = httpx.get(url + "/v1/stats").json()
+    h = s["h_cache"]
+    assert h["loads"] - before["loads"] == 4 and h["evictions"] - before["evictions"] >= 3
+    assert h["held"] == ["dogs.mp4"] and h["bytes"] == h_memory(archive)["dogs.mp4"] <= h["budget_bytes"]
+    assert {"cats.mp4", "dogs.mp4"} <= set(s["routed_videos"])
+
+
+def test_routing_by_video_off_answers_from_any_replica(serve_app, archive):
+    """route_by_video=False: no multiplexing (Serve holds no video ids), a request's questions on two videos are
+    answered right, each video's H loaded on first use."""
+    url = serve_app + "/spread"
+    qs = [{"video_id": v, "question": f"Where is the {v[:-5]}?"} for v in ("cats.mp4", "dogs.mp4")]
+    r = ask(url, qs)
+    assert r.status_code == 200
+    for got, e in zip(r.json()["answers"], engine_answers(archive, qs), strict=True):
+        assert got["answer"] == e.text and got["selected_chunks"] == e.selected_chunks
+    s = httpx.get(url + "/v1/stats").json()
+    assert not s["route_by_video"] and s["routed_videos"] == [] and s["unloads"] == 0
+    assert s["h_cache"]["held"] == ["cats.mp4", "dogs.mp4"] and s["h_cache"]["loads"] == 2
+
+
+def test_held_video_releases_its_h_once():
+    """Serve calls the multiplexed model's __del__ when it unloads it, and Python calls it again at garbage
+    collection: the video's H is released once, so a HeldVideo of a later load keeps it."""
+    import gc
+
+    from x2l.serve import HeldVideo
+
+    released: list[str] = []
+    held = HeldVideo("cats.mp4", released.append)
+    held.__del__()  # what ray.serve.multiplex does on unload
+    later = HeldVideo("cats.mp4", released.append)  # the video loaded again
+    del held
+    gc.collect()
+    assert released == ["cats.mp4"]
+    del later
+    gc.collect()
+    assert released == ["cats.mp4", "cats.mp4"]
 
 
 def test_store_unreachable_gives_503(tmp_path, archive, monkeypatch):

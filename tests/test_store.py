@@ -302,6 +302,28 @@ def test_cached_source_follows_a_new_commit(store):
     assert_level(fresh.levels[0], new.chunks[0].delta)
 
 
+def test_h_cache_drop_lets_go_of_one_video_and_the_next_use_loads_it_again():
+    from x2l.caching import HCache
+    from x2l.kv import h_bytes
+
+    a, b = synthetic("a", n_chunks=2, seed=1), synthetic("b", n_chunks=2, seed=2)
+    h = HCache(InMemorySource([a, b]), 1 << 30)
+    h.load_h("a"), h.load_h("b")
+    assert h.drop("a") and not h.drop("a") and not h.drop("never")
+    assert h.loaded() == ["b"] and h.used_bytes == h_bytes(b)
+    h.load_h("a")
+    assert h.stats() | {"bytes": 0, "budget_bytes": 0} == {
+        "videos": 2,
+        "bytes": 0,
+        "budget_bytes": 0,
+        "loads": 3,
+        "hits": 0,
+        "evictions": 0,
+        "reloads": 0,
+        "drops": 1,
+    }
+
+
 def test_delta_cache_wraps_any_source():
     video = synthetic("m", n_chunks=3)
     s = DeltaCache(InMemorySource([video]), 1 << 30)

@@ -1,7 +1,7 @@
 """The answering side's caches over any KVSource (x2l/kv.py), each within a byte budget, on the one LRU (x2l/lru.py).
 
-    HCache      whole videos' H levels (sink + every chunk's H), preloaded at start, reloaded when a video is
-                committed anew (issue 12)
+    HCache      whole videos' H levels (sink + every chunk's H), loaded on first use (or preloaded), reloaded when a
+                video is committed anew (issue 12), dropped on request (a Serve replica no longer routed the video)
     DeltaCache  L deltas of chosen chunks, keyed by (video id, commit write id, chunk)
 
 `cached_source(source, h_budget_bytes, l_budget_bytes)` composes them as the Answerer uses them (Serve replicas, the
@@ -98,8 +98,10 @@ class DeltaCache:
 class HCache:
     """Keeps videos' H levels in memory within a byte budget, least recently used out; L deltas pass through.
 
-    Wraps any KVSource (in answering, a DeltaCache over the store: `cached_source`). `preload()` fills the budget at
-    start; other videos load on first use. A video whose H alone exceeds the budget is served but not kept.
+    Wraps any KVSource (in answering, a DeltaCache over the store: `cached_source`). Videos load on first use;
+    `preload()` fills the budget ahead (bench/compare.py; the Serve tier preloads nothing, issue 16). `drop()` lets
+    go of one video (Serve unloaded it from a replica). A video whose H alone exceeds the budget is served but not
+    kept.
     `current()` reads the video's commit record (one small read) and drops an H held of an older commit, so a video
     re-indexed while served is answered from its new index from the next question on (issue 12).
     """
@@ -112,6 +114,7 @@ class HCache:
         self.loads = 0
         self.hits = 0
         self.reloads = 0  # H dropped because the video was committed anew
+        self.drops = 0  # H dropped on request (drop())
 
     @property
     def used_bytes(self) -> int:
@@ -123,6 +126,14 @@ class HCache:
 
     def loaded(self) -> list[str]:
         return self._videos.keys()
+
+    def drop(self, video_id: str) -> bool:
+        """Let go of the video's H (the next use loads it again); whether it was held."""
+        held = self._videos.pop(video_id) is not None
+        if held:
+            with self._lock:
+                self.drops += 1
+        return held
 
     def preload(self, video_ids: Iterable[str]) -> list[str]:
         """Load videos in order while they fit; returns the ids loaded. A video that fails to load (damaged) is
@@ -180,7 +191,8 @@ class HCache:
         return self.source.fetch_deltas(video_id, chunks, write_id)
 
     def stats(self) -> dict:
-        """videos and bytes held, the budget, and loads / hits / evictions / reloads so far."""
+        """videos and bytes held, the budget, and loads / hits / evictions (budget) / reloads (new commit) / drops
+        (drop()) so far."""
         with self._lock:
             return {
                 "videos": len(self._videos),
@@ -190,6 +202,7 @@ class HCache:
                 "hits": self.hits,
                 "evictions": self.evictions,
                 "reloads": self.reloads,
+                "drops": self.drops,
             }
 
 

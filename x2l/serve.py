@@ -1,19 +1,28 @@
 """The query tier on Ray Serve: `serve run x2l.serve:app store=URI model=DIR [key=value ...]`.
 
-Two deployments. `QueryModel` holds the model, the H levels of the store's videos (preloaded at start within
-`h_budget_bytes`, the rest on first use, least recently used out) and an LRU cache of L deltas
-(`l_cache_bytes`). Single questions arrive through `answer()`, are grouped by `@serve.batch` (`max_batch_size`,
-`batch_wait_timeout_s`) and answered together by one Answerer call: questions on the same video share its H and
-one relevance pass, and the whole batch decodes together. Every batch reads each of its videos' commit record
-(meta.json, a few KiB): a video re-indexed while served (`--overwrite`) is answered from its new index from the next
-question on. KV is cast to the model's dtype as it is read. `Ingress` is the FastAPI HTTP front:
+Two deployments. `QueryModel` holds the model, the H levels of the videos it was asked about (none at start; loaded
+on first use within `h_budget_bytes`, least recently used out) and an LRU cache of L deltas (`l_cache_bytes`).
+With `route_by_video` (default) the query tier is sharded by video with Ray Serve's model multiplexing (issue 16):
+the ingress sends each question with its video id as the multiplexed model id, Serve routes it to the replica that
+holds that video (a video no replica holds goes to one holding the fewest), and that replica's multiplexed loader
+loads the video's H on first use. Serve keeps at most `max_videos_per_replica` videos per replica (0: no count
+bound) and unloads the least recently used one, dropping its H; the byte budget can also evict a video Serve still
+routes there, which is then loaded again on the same replica at its next question. `route_by_video=false` routes
+any question to any replica (each replica then loads every video it is asked about). `num_replicas` or
+`autoscaling_config` (Serve's, validated by it) size the deployment. Single questions arrive through `answer()`,
+are grouped by `@serve.batch` (`max_batch_size`, `batch_wait_timeout_s`; with routing by video Serve splits each
+batch by video, and its parts are joined again) and answered together by one Answerer
+call: questions on the same video share its H and one relevance pass, and a batch decodes together. Every batch
+reads each of its videos' commit record (meta.json, a few KiB): a video re-indexed while served (`--overwrite`) is
+answered from its new index from the next question on. KV is cast to the model's dtype as it is read. `Ingress`
+is the FastAPI HTTP front:
 
     POST /v1/answer  {"questions": [{"video_id", "question", "id"?, "options"?, "top_k"?, "budget_bytes"?,
                                      "max_new_tokens"?}]}
-    GET  /v1/videos
-    GET  /v1/stats
+    GET  /v1/videos  committed videos and whether the answering replica holds their H; its id ("replica")
+    GET  /v1/stats   one replica's counters, its id and its H held; ?video_id=V: the replica V is routed to
     GET  /healthz    liveness: the HTTP front answers
-    GET  /readyz     readiness: 200 once a QueryModel replica has its model and H loaded, else 503
+    GET  /readyz     readiness: 200 once a QueryModel replica has its model loaded, else 503
     GET  /docs, /openapi.json
 
 Each question succeeds or fails alone: the response lists one result per question, each echoing the question's `id`
@@ -26,7 +35,7 @@ missing field, 413 too many questions, 401 missing or wrong bearer token when th
 `token_env` (default X2L_API_TOKEN) is set on the replicas. The token is checked (constant-time, scheme
 case-insensitive) before the body is read; /healthz and /readyz stay open, /docs and /openapi.json are behind it.
 
-A damaged video (issue 11) is an error of that video only: the app starts and preloads every healthy video,
+A damaged video (issue 11) is an error of that video only: its questions fail (Serve keeps nothing for it),
 `GET /v1/videos` lists damaged ones with `"damaged": reason`, and a video removed from the store stops being answered
 (each batch reads the commit of each of its videos: one small read per video per batch).
 
@@ -41,7 +50,9 @@ app on a Ray of this process (`x2l serve`, the demo).
 import asyncio
 import hmac
 import os
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -110,6 +121,9 @@ class ServeArgs(BaseModel):
     torch_threads: Annotated[int, Field(ge=0)] = 0
     token_env: str = "X2L_API_TOKEN"
     ready_timeout_s: Annotated[float, Field(gt=0)] = 2.0
+    route_by_video: bool = True
+    max_videos_per_replica: Annotated[int, Field(ge=0)] = 0
+    autoscaling_config: dict[str, Any] | None = None
 
     @field_validator("store", "model")
     @classmethod
@@ -134,6 +148,38 @@ class ServeArgs(BaseModel):
             raise ValueError(problem)
         return value
 
+    @field_validator("autoscaling_config")
+    @classmethod
+    def _autoscaling(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Serve's own AutoscalingConfig checks it (min <= initial <= max replicas, ...); keys it does not know are
+        refused here (Serve would ignore them)."""
+        if value is None:
+            return None
+        from ray.serve.config import AutoscalingConfig
+
+        unknown = sorted(set(value) - set(AutoscalingConfig.model_fields))
+        if unknown:
+            raise ValueError(
+                f"unknown key(s) {unknown}; Serve's autoscaling_config takes e.g. min_replicas, "
+                "max_replicas, initial_replicas, target_ongoing_requests, upscale_delay_s, "
+                "downscale_delay_s"
+            )
+        try:
+            AutoscalingConfig(**value)
+        except ValidationError as e:
+            err = e.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise ValueError(f"{where + ': ' if where else ''}{err['msg'].removeprefix('Value error, ')}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _replicas(self) -> "ServeArgs":
+        if self.autoscaling_config is not None and "num_replicas" in self.model_fields_set:
+            raise ValueError(
+                "give num_replicas or autoscaling_config, not both (autoscaling_config sets min/max_replicas)"
+            )
+        return self
+
     @model_validator(mode="wrap")
     @classmethod
     def _one_line(cls, data: Any, handler):
@@ -155,7 +201,7 @@ class ServeArgs(BaseModel):
         if err["type"] == "missing":
             return f"x2l.serve needs {name}=..."
         if name not in cls.model_fields:
-            return f"x2l.serve arguments: {err['msg']}"
+            return f"x2l.serve arguments: {err['msg'].removeprefix('Value error, ')}"
         field = cls.model_fields[name]
         value = err["input"]
         if err["type"] in ("greater_than_equal", "greater_than"):
@@ -164,6 +210,10 @@ class ServeArgs(BaseModel):
             return f"x2l.serve argument {name}={value!r}: must be {op} {low:g}"
         if err["type"] == "value_error":
             return f"x2l.serve argument {name}={value!r}: {err['ctx']['error']}"
+        if name == "autoscaling_config":
+            return (
+                f"x2l.serve argument {name}={value!r}: expected a mapping such as {{min_replicas: 1, max_replicas: 4}}"
+            )
         return (
             f"x2l.serve argument {name}={value!r}: expected {getattr(field.annotation, '__name__', field.annotation)}"
         )
@@ -189,6 +239,13 @@ class ServeArgs(BaseModel):
         """Replica concurrency: at least two batches' worth, so a batch can fill while the previous one runs."""
         return 2 * self.max_batch_size
 
+    @property
+    def replicas(self) -> dict[str, Any]:
+        """The QueryModel deployment's replica options: `autoscaling_config` when given, else `num_replicas`."""
+        if self.autoscaling_config is not None:
+            return {"autoscaling_config": self.autoscaling_config}
+        return {"num_replicas": self.num_replicas}
+
 
 def _error(status: int, message: str) -> dict:
     return {"error": {"status": status, "message": message}}
@@ -210,9 +267,52 @@ def _video_error(video_id: str, e: Exception) -> dict:
     return _error(500, error_line(e))
 
 
+def _replica_id() -> str:
+    """This Serve replica's id (`ray.serve.get_replica_context().replica_id.unique_id`); outside Serve (the class run
+    in a test process) "local-PID"."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - RayServeException outside a replica
+        return f"local-{os.getpid()}"
+
+
+class HeldVideo:
+    """What Ray Serve's model multiplexing holds for one video on a replica: the multiplexed "model" whose id is the
+    video id, a claim on that video's H in the replica's HCache (a few bytes; the H itself stays in the HCache).
+
+    Serve keeps at most `max_num_models_per_replica` of them per replica (ServeArgs.max_videos_per_replica) and
+    unloads the least recently used one before loading another, calling the model object's `__del__`
+    (ray.serve.multiplex._ModelMultiplexWrapper.unload_model_lru, Ray 2.x: a plain `__del__` runs in a thread, an
+    `async def __del__` is awaited). `__del__` here calls `release(video_id)`, which drops the video's H from the
+    HCache, so what Serve routes to this replica and what it holds stay the same set. It runs once: Python calls
+    `__del__` again when the object is garbage-collected, and a video loaded again since then has a new HeldVideo
+    whose H must stay.
+    """
+
+    def __init__(self, video_id: str, release: Callable[[str], None]):
+        self.video_id = video_id
+        self._release: Callable[[str], None] | None = release
+        self._lock = threading.Lock()
+
+    def __del__(self) -> None:
+        with self._lock:
+            release, self._release = self._release, None
+        if release is not None:
+            release(self.video_id)
+
+
 @serve.deployment
 class QueryModel:
-    """Model + H cache + L cache on one replica; answers micro-batches of questions."""
+    """Model + H cache + L cache on one replica; answers micro-batches of questions.
+
+    No H is loaded at start. With `route_by_video` each question is routed by Ray Serve's model multiplexing with
+    its video id as the multiplexed model id (the ingress sets it): Serve sends a video's questions to the replica
+    that holds it (or, for a video no replica holds, to one holding the fewest), and the replica's multiplexed loader
+    loads the video's H into its HCache on first use. `@serve.batch` then splits each batch by multiplexed id and
+    runs the parts at once; `_batched` joins them again into one Answerer call (questions on one video share its H
+    and one relevance pass; the batch decodes together). Without it every replica may get any question, as before
+    issue 16.
+    """
 
     def __init__(self, cfg: ServeArgs):
         from x2l.caching import cached_source
@@ -220,36 +320,106 @@ class QueryModel:
         from x2l.store import KVStore
 
         self.cfg = cfg
+        self.replica = _replica_id()
         self.model = cfg.model_settings.load()
         self.store = KVStore(StoreConfig(uri=cfg.store), self.model.fingerprint, dtype=self.model.dtype)
         self.h = cached_source(self.store, cfg.h_budget_bytes, cfg.l_cache_bytes)
-        self.preloaded = self.h.preload(v["video_id"] for v in self.store.list_videos())  # healthy videos only
         self.limits = cfg.prompt_limits
         self.answerer = Answerer(self.model, self.h, cfg.retrieval)
         self._batched.set_max_batch_size(cfg.max_batch_size)
         self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        # @serve.batch runs the per-video parts of one batch as concurrent tasks: they are joined again (_batched),
+        # and the model (its probes) answers one call at a time.
+        self._model_lock = threading.Lock()
+        self._pending: list[tuple[list[dict], asyncio.Future[list[dict]]]] = []  # touched on the event loop only
         self.batch_sizes: list[int] = []
         self.decode_calls = 0
         self.questions = 0
+        self.routed: set[str] = set()  # videos Serve's multiplexing holds on this replica (HeldVideo alive)
+        self.unloads = 0  # videos Serve unloaded (max_videos_per_replica), their H dropped with them
+        self._routed_lock = threading.Lock()
+
+        async def hold(video_id: str) -> HeldVideo:
+            return await self._hold(video_id)
+
+        # Serve's max_num_models_per_replica; -1: no count bound (h_budget_bytes alone bounds the H held).
+        self._video = serve.multiplexed(max_num_models_per_replica=cfg.max_videos_per_replica or -1)(hold)
+
+    async def _hold(self, video_id: str) -> HeldVideo:
+        """Serve's multiplexed loader: load the video's H into the HCache (its commit read and checked) -> the
+        HeldVideo Serve keeps for it. Raises the store's error for an unknown or damaged video (Serve then keeps
+        nothing for it)."""
+        await asyncio.to_thread(self.h.current, video_id)
+        with self._routed_lock:
+            self.routed.add(video_id)
+        return HeldVideo(video_id, self._unloaded)
+
+    def _unloaded(self, video_id: str) -> None:
+        """Serve unloaded the video (HeldVideo.__del__): it routes the video here no longer, so its H goes too."""
+        with self._routed_lock:
+            self.routed.discard(video_id)
+            self.unloads += 1
+        self.h.drop(video_id)
 
     def ready(self) -> dict:
-        """Called by /readyz: this replica exists, so its constructor loaded the model and preloaded H."""
+        """Called by /readyz: this replica exists, so its constructor loaded the model (no H is loaded at start)."""
         return {
             "model": self.cfg.model,
             "dtype": str(self.model.dtype).removeprefix("torch."),
+            "replica": self.replica,
             "h_videos": len(self.h.loaded()),
         }
 
     async def answer(self, question: dict) -> dict:
         """One question (video_id, question, id?, options?, top_k?, budget_bytes?, max_new_tokens?) -> its result
-        dict, which echoes id and video_id."""
+        dict, which echoes id and video_id and names the replica that answered. With route_by_video the call's
+        multiplexed model id (`serve.get_multiplexed_model_id()`) is the video id; a call without one (a handle used
+        without `.options(multiplexed_model_id=...)`) is held under the question's video id."""
+        video_id = question["video_id"]
+        if self.cfg.route_by_video:
+            routed = serve.get_multiplexed_model_id() or video_id
+            if routed != video_id:
+                return {"id": question.get("id"), "video_id": video_id} | _error(
+                    422, f"multiplexed model id {routed!r} is not the question's video id {video_id!r}"
+                )
+            try:
+                await self._video(video_id)
+            except Exception as e:  # noqa: BLE001 - an unknown or damaged video fails its own question
+                return {"id": question.get("id"), "video_id": video_id} | _video_error(video_id, e)
         return await self._batched(question | {"_arrived": time.time()})
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
     async def _batched(self, items: list[dict]) -> list[dict]:
-        return await asyncio.to_thread(self._answer_batch, items)
+        """One @serve.batch call. With routing by video Serve splits each batch by video and calls this once per
+        part, all parts as sibling tasks started together: each part queues its items and yields once, so the first
+        part to run again answers every part queued by then in one Answerer call (one relevance pass per video, one
+        decode for the whole batch), and the others take their results from it."""
+        mine: asyncio.Future[list[dict]] = asyncio.get_running_loop().create_future()
+        self._pending.append((items, mine))
+        await asyncio.sleep(0)  # the other parts of this batch queue theirs
+        if self._pending:
+            taken, self._pending = self._pending, []
+            try:
+                results = await asyncio.to_thread(self._answer_batch, [item for part, _ in taken for item in part])
+            except BaseException as e:  # every part of the call fails with it, as one batch would; none waits forever
+                error = e if isinstance(e, Exception) else RuntimeError(f"batch interrupted ({type(e).__name__})")
+                for _, f in taken:
+                    if f is not mine and not f.done():
+                        f.set_exception(error)
+                raise
+            done = 0
+            for part, f in taken:
+                if not f.done():
+                    f.set_result(results[done : done + len(part)])
+                done += len(part)
+        return await mine
 
     def _answer_batch(self, items: list[dict]) -> list[dict]:
+        """Answer items in one Answerer call; one call at a time (the model and its probes are not thread-safe)."""
+        with self._model_lock:
+            return self._answer_locked(items)
+
+    def _answer_locked(self, items: list[dict]) -> list[dict]:
         from x2l.engine import Question
 
         start = time.time()
@@ -283,7 +453,7 @@ class QueryModel:
             ]
             self.decode_calls += 1
             return [
-                a.to_dict() | {"queue_s": round(start - items[i]["_arrived"], 6)}
+                a.to_dict() | {"queue_s": round(start - items[i]["_arrived"], 6), "replica": self.replica}
                 for i, a in zip(idx, self.answerer.answer(questions), strict=True)
             ]
 
@@ -301,21 +471,31 @@ class QueryModel:
     def model_tokens(self, question: str, options: list[str] | None) -> int:
         return len(self.model.question_ids(question, options))
 
-    def videos(self) -> list[dict]:
-        """Every committed video, damaged ones with {"damaged": reason} (issue 11)."""
+    def videos(self) -> dict:
+        """Every committed video, damaged ones with {"damaged": reason} (issue 11), whether this replica holds its
+        H (`h_loaded`), and this replica's id."""
         loaded = set(self.h.loaded())
-        return [v | {"h_loaded": v["video_id"] in loaded} for v in self.store.list_videos(damaged=True)]
+        listed = self.store.list_videos(damaged=True)
+        return {"replica": self.replica, "videos": [v | {"h_loaded": v["video_id"] in loaded} for v in listed]}
 
     def stats(self) -> dict:
+        """This replica's counters: its id, questions, batches, H cache (videos and bytes held, loads, evictions,
+        drops, ...), the videos Serve routes to it, L cache, store bytes read."""
         s, deltas = self.store.stats, self.h.source.stats()
+        with self._routed_lock:
+            routed, unloads = sorted(self.routed), self.unloads
         return {
+            "replica": self.replica,
+            "route_by_video": self.cfg.route_by_video,
             "questions": self.questions,
             "decode_calls": self.decode_calls,
             "batch_sizes": self.batch_sizes[-1000:],
-            "h_cache": self.h.stats(),
+            "h_cache": self.h.stats() | {"held": sorted(self.h.loaded())},
+            "routed_videos": routed,
+            "unloads": unloads,
+            "max_videos_per_replica": self.cfg.max_videos_per_replica,
             "l_cache": {k: deltas[k] for k in ("hits", "misses", "bytes", "evictions")},
             "store_bytes_read": s.io.bytes_read,
-            "preloaded": self.preloaded,
         }
 
 
@@ -438,15 +618,24 @@ class Ingress:
         if denied := self._denied(request):
             return denied
         try:
-            return {"videos": await self.query.videos.remote()}
+            return await self.query.videos.remote()
         except StoreError as e:
             return _error_response(503, f"store unreachable: {e}")
 
     @api.get("/v1/stats")
-    async def stats(self, request: Request):
+    async def stats(self, request: Request, video_id: str | None = None):
+        """The counters of one QueryModel replica (any; with `?video_id=V` and route_by_video, the replica Serve
+        routes V's questions to)."""
         if denied := self._denied(request):
             return denied
-        return await self.query.stats.remote()
+        return await self._query(video_id).stats.remote()
+
+    def _query(self, video_id: str | None) -> DeploymentHandle:
+        """The QueryModel handle for a question on `video_id`: with route_by_video, multiplexed by the video id (Ray
+        Serve routes it to the replica holding that video's H); else any replica."""
+        if self.cfg.route_by_video and video_id:
+            return self.query.options(multiplexed_model_id=video_id)
+        return self.query
 
     @api.post(
         "/v1/answer",
@@ -476,7 +665,10 @@ class Ingress:
         t = time.perf_counter()
         refused = [self._refused(q) for q in body.questions]  # never sent: they cannot fail a batch
         questions = [q.model_dump() for q in body.questions]
-        calls = [self.query.answer.remote(q) if r is None else None for q, r in zip(questions, refused, strict=True)]
+        calls = [
+            self._query(q["video_id"]).answer.remote(q) if r is None else None
+            for q, r in zip(questions, refused, strict=True)
+        ]
         results = []
         for q, call, r in zip(questions, calls, refused, strict=True):
             if call is None:
@@ -538,6 +730,16 @@ def shutdown() -> None:
             ray.shutdown()
 
 
+def query_deployment(args: ServeArgs):
+    """The QueryModel deployment with the options `args` give it: `num_replicas` or Serve's `autoscaling_config`,
+    `max_ongoing_requests`, CPUs and GPUs per replica."""
+    return QueryModel.options(
+        **args.replicas,
+        max_ongoing_requests=args.max_ongoing_requests,
+        ray_actor_options={"num_gpus": args.num_gpus, "num_cpus": args.num_cpus},
+    )
+
+
 def app(args: ServeArgs):
     """Application builder for `serve run x2l.serve:app store=... model=...` and serve config files: a typed builder,
     so Serve validates the arguments into ServeArgs (one-line AppConfigError) before calling it. The model directory,
@@ -547,11 +749,7 @@ def app(args: ServeArgs):
         api_token(args.token_env)  # the replicas normally share this environment: a blank token stops here
     except ConfigError as e:
         raise AppConfigError(str(e)) from None
-    query = QueryModel.options(
-        num_replicas=args.num_replicas,
-        max_ongoing_requests=args.max_ongoing_requests,
-        ray_actor_options={"num_gpus": args.num_gpus, "num_cpus": args.num_cpus},
-    ).bind(args)
+    query = query_deployment(args).bind(args)
     return Ingress.options(
         max_ongoing_requests=args.max_questions_per_request * 4,
         ray_actor_options={"num_cpus": 0.1},

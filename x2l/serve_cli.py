@@ -4,7 +4,7 @@ One process does everything `serve run x2l.serve:app store=... model=...` does a
 one: it checks the model and store (the application builder's checks: a bad one is one line and exit 1), starts a
 local Ray head as its child (`ray.init(address="local")`, loopback only, its own temp dir under /tmp; Ray's
 processes are started fate-shared, so they die with this process even when it is killed), deploys the app at
-`http://HOST:PORT/`, waits until `GET /readyz` answers 200 (a QueryModel replica has its model and H loaded), and
+`http://HOST:PORT/`, waits until `GET /readyz` answers 200 (a QueryModel replica has its model loaded), and
 prints the URL on stdout. SIGINT (Ctrl-C) or SIGTERM: `serve.shutdown()`, `ray.shutdown()`, the temp dir removed;
 exit 130 after SIGINT, 0 after SIGTERM.
 """
@@ -12,6 +12,7 @@ exit 130 after SIGINT, 0 after SIGTERM.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -51,7 +52,30 @@ OPTIONS: dict[str, tuple[Any, str]] = {
         "environment variable holding the bearer token; when it is set, /v1/*, /docs and /openapi.json require it",
     ),
     "ready_timeout_s": (2.0, "seconds GET /readyz waits for a replica's answer before answering 503"),
+    "route_by_video": (
+        True,
+        "route each question to the replica holding its video's H (Ray Serve model multiplexing by video id); "
+        "--no-route-by-video: any replica",
+    ),
+    "max_videos_per_replica": (
+        0,
+        "videos Serve keeps routed to one replica, least recently used unloaded with their H (0: no count bound; "
+        "h_budget_bytes alone)",
+    ),
+    "autoscaling_config": (
+        None,
+        'Serve autoscaling of the QueryModel replicas as JSON, e.g. \'{"min_replicas": 1, "max_replicas": 4, '
+        '"target_ongoing_requests": 8}\' (instead of --num-replicas)',
+    ),
 }
+
+
+def _json_mapping(text: str) -> Any:
+    """--autoscaling-config's value: JSON (ServeArgs checks it is a mapping Serve takes)."""
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,9 +92,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds to wait for GET /readyz to answer 200 before giving up (default 600)",
     )
     for name, (default, text) in OPTIONS.items():
-        p.add_argument(
-            "--" + name.replace("_", "-"), type=type(default), default=default, help=f"{text} (default {default})"
-        )
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+        elif default is None:
+            p.add_argument(flag, type=_json_mapping, default=None, metavar="JSON", help=f"{text} (default: none)")
+        else:
+            p.add_argument(flag, type=type(default), default=default, help=f"{text} (default {default})")
 
 
 class Stop(BaseException):
@@ -126,6 +154,8 @@ def run_serve(args: argparse.Namespace, verbose: bool = False) -> int:
 
     config: dict[str, Any] = {"store": args.store, "model": args.model}
     config |= {name: getattr(args, name) for name in OPTIONS}
+    if args.autoscaling_config is not None and args.num_replicas == OPTIONS["num_replicas"][0]:
+        config.pop("num_replicas")  # Serve's autoscaler sets it; --num-replicas N with it is refused by ServeArgs
     try:
         cfg = ServeArgs.model_validate(config)  # what Serve does with `serve run` arguments
     except AppConfigError as e:
