@@ -9,6 +9,6 @@ s3_server.py    a throwaway local S3 server (SeaweedFS `weed`) on 127.0.0.1 (`ma
 tiny_models.py  small random checkpoints in the standard HF layout, built offline (`x2l tiny-model`)
 tiny_qwen3_vl.py  the same for Qwen3-VL (`x2l tiny-model --family qwen3-vl`)
 tiny_llava_onevision.py  the same for LLaVA-OneVision (`x2l tiny-model --family llava-onevision`)
-checkpoints.py  what every tiny builder shares: sizes, default dtypes, the seeded save of model, tokenizer and JSON files
+checkpoints.py  what every tiny builder shares: sizes, dtypes, the seeded save of model, tokenizer and JSON files
 videos.py       synthetic video files of every kind x2l must decode (VFR, edit lists, AV1, WebM, GIF, ...)
 """
