@@ -105,19 +105,25 @@ class CompressionConfig:
     l_keep / h_keep: fraction of a chunk's tokens kept per layer and KV head in the L and H levels (H is a subset
     of L, so h_keep <= l_keep). scorer: name from x2l.scorers (default "attention": whole-chunk attention).
     context: what chunk i is pre-filled over: "h" (sink + H of earlier chunks), "full" (every earlier token,
-    exact) or "none" (sink only).
+    exact) or "none" (sink only). kv_codec: how H and L are stored (x2l/codecs: "none", the model's dtype; "int8",
+    KIVI grouping; "fp8", e4m3 per head; issue 16), part of the video fingerprint.
     """
 
     l_keep: float = 0.5
     h_keep: float = 1 / 16
     scorer: str = "attention"
     context: Context = "h"
+    kv_codec: str = "none"
 
     def __post_init__(self) -> None:
         if not 0 < self.h_keep <= self.l_keep <= 1:
             raise ConfigError(f"need 0 < h_keep <= l_keep <= 1, got h_keep={self.h_keep}, l_keep={self.l_keep}")
         if self.context not in ("h", "full", "none"):
             raise ConfigError(f"context must be 'h', 'full' or 'none', got {self.context!r}")
+        from x2l.codecs import codec_problem
+
+        if problem := codec_problem(self.kv_codec):
+            raise ConfigError(f"kv_codec: {problem}")
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ import numpy as np
 from x2l.config import CompressionConfig, ModelConfig, SamplingConfig, StoreConfig, to_dict
 from x2l.distributed.common import map_with_actors
 from x2l.errors import X2LError
+from x2l.store.writer import same_compression
 
 # Test hooks (tests/test_index_job.py): FAULT_ENV names a marker file: the first actor to index a video exits
 # mid-video. FAULT_VIDEO_ENV holds {"video_id": ..., "log": path}: every actor that indexes that video appends a line
@@ -290,7 +291,7 @@ def already_indexed(meta: dict | None, model_fingerprint: str, cfg: IndexJobConf
         meta is not None
         and meta.get("model_fingerprint") == model_fingerprint
         and meta.get("sampling") == to_dict(cfg.sampling)
-        and meta.get("compression") == to_dict(cfg.compression)
+        and same_compression(meta.get("compression"), to_dict(cfg.compression))
         and meta.get("source") == uri
         and (size is None or meta.get("source_size") == size)
     )
@@ -337,7 +338,10 @@ class CheckCommitted:
                 ("source", uri),
                 ("source_size", size),
             )
-            if v is not None and meta.get(k) != v and not (k == "source_size" and meta.get(k) is None)
+            if v is not None
+            and meta.get(k) != v
+            and not (k == "source_size" and meta.get(k) is None)
+            and not (k == "compression" and same_compression(meta.get(k), v))
         ]
         if not differ:
             return "todo", ""
