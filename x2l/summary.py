@@ -75,7 +75,12 @@ def summarize_index_run(
         "chunks": sum(r["chunks"] for r in indexed),
         "tokens": tokens,
         "video_seconds": round(video_s, 3),
-        "bytes": {k: sum(r[f"bytes_{k}"] for r in indexed) for k in ("sink", "h", "delta", "full", "written")},
+        # stored bytes per level (codec payload + scales + indices), the uncompressed cache in the encoded-from dtype
+        # and in bfloat16 (rows of runs before issue 16 have no bytes_full_bf16: 0), and what was written
+        "bytes": {
+            k: sum(r.get(f"bytes_{k}") or 0 for r in indexed)
+            for k in ("sink", "h", "delta", "full", "full_bf16", "written")
+        },
         "seconds": {
             k: round(sum(r[f"{k}_s"] for r in indexed), 3) for k in ("decode", "vision", "prefill", "compress", "write")
         },

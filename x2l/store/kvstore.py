@@ -43,7 +43,7 @@ from x2l.lru import LRU
 from x2l.store.backend import IOStats, open_backend
 from x2l.store.keys import STORE_DOC, VIDEOS, kv_file, kv_path, meta_path, source_path, video_dir, video_key
 from x2l.store.reader import Tally, open_parquet, read_delta, read_h
-from x2l.store.schema import META_CHECKSUM, READ_VERSIONS, SCHEMA_VERSION, meta_checksum
+from x2l.store.schema import META_CHECKSUM, READ_VERSIONS, SCHEMA_VERSION, meta_bytes, meta_checksum
 from x2l.store.writer import (
     build_meta,
     check_complete,
@@ -307,7 +307,7 @@ class KVStore:
 
     def list_videos(self, damaged: bool = False) -> list[dict]:
         """Committed videos whose commit and KV file pass the cheap checks: id, key, chunks, model fingerprint,
-        stored KV         dtype and bytes per level.
+        stored KV dtype, kv codec and stored bytes per level (schema.meta_bytes).
 
         A damaged video (invalid or edited meta.json, missing or truncated KV file, another model or schema) is
         never an error of the listing: with damaged=True it is listed as {"video_id" (None if unreadable),
@@ -330,7 +330,8 @@ class KVStore:
                     "chunks": meta["n_chunks"],
                     "model_fingerprint": meta.get("model_fingerprint"),
                     "dtype": meta.get("dtype"),
-                    "bytes": meta["bytes"],
+                    "kv_codec": meta.get("kv_codec", "none"),
+                    "bytes": meta_bytes(meta),
                     "parquet_bytes": meta["parquet_bytes"],
                 }
             )

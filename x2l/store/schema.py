@@ -107,6 +107,25 @@ def row_checksum(row: dict) -> str:
     return h.hexdigest()
 
 
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def meta_bytes(meta: dict) -> dict:
+    """A commit's bytes per level as stored (issue 16): sink, h, delta, stored (their sum), full (the uncompressed
+    cache in the dtype the KV was encoded from) and full_bf16 (the same in bfloat16), in bytes. A schema-3 commit
+    records them (x2l/store/writer.py build_meta); a schema-2 commit (codec none) recorded keys + values only, so its
+    int32 token indices (4 bytes per kept entry, layer and KV head) are added and full_bf16 is derived from full.
+    Needs no torch (`store ls`)."""
+    b = dict(meta["bytes"])
+    if "stored" not in b:  # schema 2
+        index = 4 * meta["layers"] * meta["kv_heads"]
+        b["h"] += index * sum(c["h_entries"] for c in meta["chunks"])
+        b["delta"] += index * sum(c["delta_entries"] for c in meta["chunks"])
+        b["stored"] = b["sink"] + b["h"] + b["delta"]
+        b["full_bf16"] = b["full"] // DTYPE_BYTES[meta["dtype"]] * 2
+    return b
+
+
 def meta_checksum(meta: dict) -> str:
     """sha256 (hex) of meta.json's canonical JSON (sorted keys, no whitespace, ASCII) without the checksum field:
     any edit of the commit record (next_position, chunk times, the KV file it names, ...) fails it."""

@@ -107,9 +107,7 @@ def write_parquet(backend: Backend, key: str, video: VideoKV, write_id: str) -> 
     sink_tokens = video.sink_keys.shape[-2]
     with backend.open_output(kv_path(key, write_id)) as f:
         with pq.ParquetWriter(f, schema, **WRITER_OPTIONS) as w:
-            rows = [
-                encode_row(-1, "sink", sink_tokens, 0.0, 0.0, video.sink_keys, video.sink_values, None, sink_codec)
-            ]
+            rows = [encode_row(-1, "sink", sink_tokens, 0.0, 0.0, video.sink_keys, video.sink_values, None, sink_codec)]
             rows += [
                 encode_row(c.chunk, "h", c.n_tokens, c.start_s, c.end_s, c.h.keys, c.h.values, c.h.index, codec)
                 for c in video.chunks
