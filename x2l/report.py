@@ -97,8 +97,9 @@ def build_report(
             "stored_vs_full": round(stored / level["full"], 4) if level["full"] else None,
             "h_vs_full": round(level["h"] / level["full"], 4) if level["full"] else None,
             "vs_full_bf16": {
-                k: (round(level[k] / level["full_bf16"], 4) if level["full_bf16"] else None)
-                for k in ("sink", "h", "delta", "stored")
+                k: (round(v / level["full_bf16"], 4) if level["full_bf16"] else None)
+                for k, v in (level | {"stored": stored}).items()
+                if k in ("sink", "h", "delta", "stored")
             },
         },
         "answering": {
