@@ -131,7 +131,8 @@ class RetrievalConfig:
     """How chunks are chosen for a question and how the answer is decoded.
 
     top_k: chunks whose L level is re-loaded (0 = H only). budget_bytes: if set, as many chunks as fit in this
-    many bytes of L delta, in relevance order (overrides top_k). layers: layers whose attention votes (None = all).
+    many bytes of L delta as stored (what fetching reads: codec payload, scales, indices), in relevance order
+    (overrides top_k). layers: layers whose attention votes (None = all).
     max_new_tokens: decode limit. selection: "attention" (task-aware, the method) or "uniform" (top_k evenly spaced
     chunks chosen without the question: the control).
     """

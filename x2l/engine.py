@@ -176,7 +176,7 @@ class Question:
     top_k: int | None = None  # overrides RetrievalConfig.top_k
     max_new_tokens: int | None = None  # overrides RetrievalConfig.max_new_tokens
     id: str | None = None
-    budget_bytes: int | None = None  # overrides RetrievalConfig.budget_bytes (bytes of L delta; issue 12)
+    budget_bytes: int | None = None  # overrides RetrievalConfig.budget_bytes (stored bytes of L delta; issues 12, 16)
 
 
 @dataclass

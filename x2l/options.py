@@ -92,7 +92,7 @@ def retrieval_options(p: argparse.ArgumentParser) -> None:
         "--budget-bytes",
         type=int,
         default=None,
-        help="instead of top-k: as many chunks as fit in this many bytes of L delta",
+        help="instead of top-k: as many chunks as fit in this many bytes of L delta as stored",
     )
     g.add_argument(
         "--max-new-tokens",
