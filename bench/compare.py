@@ -9,6 +9,11 @@
             from the store for every question; and top-2 with the relevance vote taken from the first half of the
             layers only (the relevance pass then stops there).
 
+KV codecs (issue 16, `--kv-codecs`, default none,int8,fp8): the x2l store is written once per codec from the same
+indexed KV (a codec only changes how H and L are stored, not what is kept), and x2l top-2 answers over each: per codec
+the stored bytes per level and per video-hour, their ratio to the uncompressed bf16 cache, and bytes read per
+question.
+
 Stores live on object storage: a local S3 server (SeaweedFS on 127.0.0.1), as in production (`--store local` for a
 folder).
 
@@ -31,11 +36,14 @@ import torch
 from transformers import DynamicCache
 
 from x2l.caching import HCache
+from x2l.codecs import CODEC_NAMES
 from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig, StoreConfig
 from x2l.engine import Answerer, Indexer, Question, greedy_decode
+from x2l.kv import ChunkKV, VideoKV
 from x2l.models import load_model, registry
 from x2l.models.registry import FAMILY_NAMES
 from x2l.store import KVStore
+from x2l.store.schema import meta_bytes
 from x2l.testing.videos import write_video
 from x2l.video import load_video
 
@@ -84,7 +92,16 @@ def main() -> None:
     ap.add_argument("--family", default="qwen2-vl", choices=FAMILY_NAMES, help="medium checkpoint of this family")
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
+    ap.add_argument(
+        "--kv-codecs",
+        default=",".join(CODEC_NAMES),
+        help=f"comma-separated kv codecs the x2l store is also written with (default {','.join(CODEC_NAMES)})",
+    )
     args = ap.parse_args()
+    args.kv_codecs = [c.strip() for c in args.kv_codecs.split(",") if c.strip()]
+    bad = [c for c in args.kv_codecs if c not in CODEC_NAMES]
+    if bad:
+        ap.error(f"--kv-codecs: unknown {bad}; choose from {', '.join(CODEC_NAMES)}")
     work = Path(args.workdir)
     work.mkdir(exist_ok=True)
     ckpt = work / ("model-medium" if args.family == "qwen2-vl" else f"model-{args.family}-medium")
@@ -107,8 +124,10 @@ def main() -> None:
         server = LocalS3Server(str(work / "s3")).start()
         os.environ.update(server.env())
         stores = {"x2l": server.uri("store-x2l"), "full": server.uri("store-full")}
+        stores |= {f"x2l-{c}": server.uri(f"store-x2l-{c}") for c in args.kv_codecs if c != "none"}
     else:
         stores = {"x2l": str(work / "store-x2l"), "full": str(work / "store-full")}
+        stores |= {f"x2l-{c}": str(work / f"store-x2l-{c}") for c in args.kv_codecs if c != "none"}
     try:
         run(args, model, sampling, videos, stores, work)
     finally:
@@ -121,6 +140,8 @@ def run(args, model, sampling, videos, stores, work) -> None:
     configs = {"x2l": CompressionConfig(), "full": CompressionConfig(l_keep=1.0, context="full", scorer="uniform")}
     index_s = {}
     for name, uri in stores.items():
+        if name not in configs:
+            continue
         store = KVStore(uri, model.fingerprint)
         t = time.perf_counter()
         for path in videos:
@@ -128,6 +149,11 @@ def run(args, model, sampling, videos, stores, work) -> None:
                 store.write(Indexer(model, sampling, configs[name]).index(path, path.name).video)
         index_s[name] = time.perf_counter() - t
     n_chunks = KVStore(stores["x2l"]).info(videos[0].name)["n_chunks"]
+    codec_stores = {"none": stores["x2l"]}
+    for name, uri in stores.items():
+        if name.startswith("x2l-"):
+            codec_stores[name.removeprefix("x2l-")] = uri
+            recode(KVStore(stores["x2l"], model.fingerprint), KVStore(uri, model.fingerprint), videos, name[4:])
 
     questions = [Question(p.name, q) for p in videos for q in QUESTIONS]
     results: dict[str, dict] = {}
@@ -178,6 +204,40 @@ def run(args, model, sampling, videos, stores, work) -> None:
             [a] = answerer.answer([q])
             record(name, time.perf_counter() - t, store.stats.io.bytes_read - before, a.tokens_in_cache, a.token_ids)
 
+    # x2l top-2 over each codec's store: H in memory, the two chunks' L deltas fetched cold
+    storage = []
+    for codec in args.kv_codecs:
+        cstore = KVStore(StoreConfig(uri=codec_stores[codec]))
+        metas = [cstore.info(p.name) for p in videos]
+        hours = sum(m["duration_s"] for m in metas) / 3600
+        b = {k: sum(meta_bytes(m)[k] for m in metas) for k in ("sink", "h", "delta", "stored", "full_bf16")}
+        storage.append(
+            {
+                "kv_codec": codec,
+                "bytes": b,
+                "stored_bytes_per_video_hour": round(b["stored"] / hours),
+                "h_bytes_per_video_hour": round(b["h"] / hours),
+                "stored_vs_full_bf16": round(b["stored"] / b["full_bf16"], 4),
+            }
+        )
+        if codec == "none":
+            continue  # (d) x2l top-2 above is codec none
+        ch = HCache(cstore, 1 << 34)
+        ch.preload(p.name for p in videos)
+        answerer = Answerer(model, ch, RetrievalConfig(top_k=2, max_new_tokens=args.max_new_tokens))
+        answerer.answer(questions[:1])
+        for q in questions:
+            before = cstore.stats.io.bytes_read
+            t = time.perf_counter()
+            [a] = answerer.answer([q])
+            record(
+                f"(d) x2l top-2, {codec}",
+                time.perf_counter() - t,
+                cstore.stats.io.bytes_read - before,
+                a.tokens_in_cache,
+                a.token_ids,
+            )
+
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     ref_tokens = results["(a) rerun"]["tokens"]
     a_s, b_s = mean(results["(a) rerun"]["seconds"]), mean(results["(b) full-kv"]["seconds"])
@@ -216,8 +276,8 @@ def run(args, model, sampling, videos, stores, work) -> None:
         "h_preload": {"seconds": round(h_load["seconds"], 3), "bytes": h_load["bytes"]},
         "max_new_tokens": args.max_new_tokens,
     }
-    (work / "bench.json").write_text(json.dumps({"setup": info, "table": table}, indent=1))
-    md = render(info, table)
+    (work / "bench.json").write_text(json.dumps({"setup": info, "table": table, "storage": storage}, indent=1))
+    md = render(info, table) + "\n" + render_storage(storage)
     (work / "bench.md").write_text(md)
     print(md)
 
@@ -241,6 +301,42 @@ def render(info: dict, table: list[dict]) -> str:
         f"questions, {info['max_new_tokens']} new tokens. H of every video preloaded once "
         f"({info['h_preload']['bytes']:,} bytes in {info['h_preload']['seconds']:.2f} s), not counted per "
         f"question.\n\n" + "\n".join(lines) + "\n"
+    )
+
+
+def recode(src: KVStore, dst: KVStore, videos: list[Path], codec: str) -> None:
+    """Write each video of `src` (codec none) into `dst` with `codec`: the same kept entries (a codec changes how
+    they are stored, not which), without pre-filling again."""
+    for path in videos:
+        if dst.committed(path.name) is not None:
+            continue
+        video = src.load_h(path.name)
+        deltas = src.fetch_deltas(path.name, list(range(video.n_chunks))).levels
+        chunks = [ChunkKV(c.chunk, c.start_s, c.end_s, c.n_tokens, c.h, deltas[c.chunk]) for c in video.chunks]
+        keep = ("model_fingerprint", "model_family", "sampling", "source", "duration_s", "frames", "frame_size")
+        meta = {k: video.meta[k] for k in keep if k in video.meta}
+        meta["compression"] = video.meta["compression"] | {"kv_codec": codec}
+        dst.write(VideoKV(video.video_id, video.sink_keys, video.sink_values, chunks, video.next_position, meta))
+
+
+def render_storage(storage: list[dict]) -> str:
+    lines = [
+        "| kv codec | sink | H | L delta | stored | per video-hour (H) | per video-hour (stored) | of bf16 cache |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in storage:
+        b = s["bytes"]
+        lines.append(
+            f"| {s['kv_codec']} | {b['sink']:,} | {b['h']:,} | {b['delta']:,} | {b['stored']:,} | "
+            f"{s['h_bytes_per_video_hour'] / 1e6:,.1f} MB | {s['stored_bytes_per_video_hour'] / 1e6:,.1f} MB | "
+            f"{s['stored_vs_full_bf16']:.1%} |"
+        )
+    return (
+        "Stored bytes per kv codec (uncompressed bf16 cache: "
+        + f"{storage[0]['bytes']['full_bf16']:,} B):\n\n"
+        + ("\n".join(lines) + "\n")
+        if storage
+        else ""
     )
 
 

@@ -106,8 +106,14 @@ def test_store_ls_and_info(indexed):
     info = json.loads(x2l("store", "info", out, "clip-1", "--json").stdout)
     assert info["n_chunks"] == 5 and len(info["chunks"]) == 5
     assert info["sampling"]["fps"] == 2 and info["compression"]["l_keep"] == 0.5
+    assert info["kv_codec"] == "none" and info["bytes"]["stored"] == sum(
+        info["bytes"][k] for k in ("sink", "h", "delta")
+    )
     text = x2l("store", "info", out, "clip-1").stdout
-    assert "L delta" in text and "chunks:" in text
+    assert "L delta" in text and "chunks:" in text and "codec none" in text
+    ratio = info["bytes"]["stored"] / info["bytes"]["full_bf16"]
+    assert f"stored = {ratio:.1%} of bf16" in text
+    assert f"total {info['bytes']['stored']:,} B = {ratio:.1%} of the uncompressed bf16 cache" in ls.stdout
     r = x2l("store", "info", out, "nope", check=False)
     assert r.returncode == 1 and "nope" in r.stderr
 
@@ -220,11 +226,14 @@ def test_clip_shorter_than_a_chunk_is_one_padded_chunk(tmp_path, tiny_checkpoint
         (["--l-keep", "0.01"], "h_keep <= l_keep"),
         (["--scorer", "nope"], "unknown scorer"),
         (["--context", "some"], "invalid choice"),
+        (["--kv-codec", "int4"], "kv_codec: unknown kv codec 'int4'; choose one of none, int8, fp8"),
     ],
 )
 def test_bad_options_are_named(args, message, tmp_path, tiny_checkpoints, video_path):
     r = x2l("index", video_path, "--model", tiny_checkpoints["qwen2-vl"], "--out", tmp_path / "o", *args, check=False)
     assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
+    if args[0] == "--kv-codec":  # one line, and nothing was created
+        assert r.stderr.count("\n") == 1 and not (tmp_path / "o").exists()
 
 
 def test_x2l_and_both_jobs_share_the_option_declarations_and_the_configs_defaults():
@@ -258,12 +267,16 @@ def test_x2l_and_both_jobs_share_the_option_declarations_and_the_configs_default
         "0.25",
         "--scorer",
         "key_norm",
+        "--kv-codec",
+        "int8",
     ]
     index = build_parser().parse_args(["index", "v.mp4", "--out", "s", *shared])
     bulk = job("index_corpus").parse_args(["--corpus", "c", "--store", "s", *shared, "--torch-threads", "2"])
     for args in (index, bulk):
         assert sampling_config(args) == SamplingConfig(fps=2, frames_per_chunk=4)
-        assert compression_config(args) == CompressionConfig(l_keep=0.25, scorer="key_norm")
+        assert compression_config(args) == CompressionConfig(l_keep=0.25, scorer="key_norm", kv_codec="int8")
+    evaluation = build_parser().parse_args(["eval", "--bench", "needle", "--data", "d", *shared])
+    assert compression_config(evaluation) == CompressionConfig(l_keep=0.25, scorer="key_norm", kv_codec="int8")
     assert model_config(index) == ModelConfig("m", "bfloat16", "eager", "auto", None)
     assert model_config(bulk, device="cpu") == ModelConfig("m", "bfloat16", "eager", "cpu", 2)
     ask = build_parser().parse_args(["ask", "s", "--question", "q", "--model", "m"])

@@ -137,6 +137,17 @@ def test_report_numbers_follow_from_the_recorded_stats(reported):
     assert report["indexing"]["video_hours"] == pytest.approx(video_hours, abs=1e-6)
     assert report["indexing"]["tokens"] == sum(v["tokens"] for v in videos)
     assert report["storage"]["bytes"]["stored"] == stored and report["storage"]["bytes"]["full"] == full
+    # rows carry the stored bytes each commit records (codec payload + scales + indices), and the bf16 reference
+    from x2l.store import KVStore
+
+    for v in videos:
+        b = KVStore(str(store)).info(v["video_id"])["bytes"]
+        assert [v[f"bytes_{k}"] for k in ("sink", "h", "delta", "full_bf16")] == [
+            b[k] for k in ("sink", "h", "delta", "full_bf16")
+        ]
+    full_bf16 = sum(v["bytes_full_bf16"] for v in videos)
+    assert report["storage"]["bytes"]["full_bf16"] == full_bf16
+    assert report["storage"]["vs_full_bf16"]["stored"] == round(stored / full_bf16, 4)
     assert report["storage"]["bytes_per_video_hour"]["h"] == pytest.approx(
         sum(v["bytes_h"] for v in videos) / video_hours
     )
@@ -166,6 +177,9 @@ def test_report_files_and_plots(reported):
     md = (out / "report.md").read_text()
     for heading in ("## Indexing", "## Storage", "## Answering", "## Dollars", "per 1,000 questions"):
         assert heading in md
+    report = json.loads((out / "report.json").read_text())
+    stored = report["storage"]["bytes"]["stored"]
+    assert f"| stored | {stored:,} |" in md and f"{report['storage']['vs_full_bf16']['stored']:.1%} |" in md
     for name in ("indexing_throughput.png", "storage_per_video_hour.png", "questions.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

@@ -184,12 +184,20 @@ def test_round_trip_of_indexer_output(store, indexed, video_path):
     assert meta["n_chunks"] == indexed.n_chunks and meta["next_position"] == indexed.next_position
     assert [c["n_tokens"] for c in meta["chunks"]] == [c.n_tokens for c in indexed.chunks]
     assert [(c["start_s"], c["end_s"]) for c in meta["chunks"]] == [(c.start_s, c.end_s) for c in indexed.chunks]
+    # codec none: stored bytes are the raw keys + values and the int32 token indices (4 bytes per kept entry)
+    h = sum(c.h.nbytes + 4 * c.h.index.numel() for c in indexed.chunks)
+    delta = sum(c.delta.nbytes + 4 * c.delta.index.numel() for c in indexed.chunks)
+    layers, heads, _, dim = indexed.sink_keys.shape
+    tokens = indexed.sink_keys.shape[2] + sum(c.n_tokens for c in indexed.chunks)
     assert meta["bytes"] == {
         "sink": indexed.sink_keys.nbytes * 2,
-        "h": sum(c.h.nbytes for c in indexed.chunks),
-        "delta": sum(c.delta.nbytes for c in indexed.chunks),
+        "h": h,
+        "delta": delta,
+        "stored": indexed.sink_keys.nbytes * 2 + h + delta,
         "full": indexed.full_bytes,
+        "full_bf16": tokens * 2 * layers * heads * dim * 2,
     }
+    assert meta["kv_codec"] == "none" and meta["sink_codec"] == "none"
     assert meta["parquet_bytes"] == store.backend.size(kv_path(meta["video_key"], meta["write_id"]))
     assert meta["schema_version"] == SCHEMA_VERSION and meta["created"]
     assert store.committed("vid") == meta == store.info("vid")
@@ -551,7 +559,7 @@ def test_store_model_fingerprint_and_schema_are_checked(store_uri):
     with KVStore(store_uri, model_fingerprint=FP) as s:
         assert_round_trip(s, synthetic("a", n_chunks=1, d=4))
         s.backend.write_bytes("store.json", json.dumps({**doc, "schema_version": 999}).encode())
-    with pytest.raises(IncompatibleError, match=f"schema version 999.*reads .*schema version {SCHEMA_VERSION}"):
+    with pytest.raises(IncompatibleError, match=f"schema version 999.*reads .*schema versions 2, {SCHEMA_VERSION}"):
         KVStore(store_uri)
     with KVStore(store_uri + "-2") as s:  # a video written under another schema version
         s.write(synthetic("a", n_chunks=1, d=4))

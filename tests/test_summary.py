@@ -101,6 +101,7 @@ def _video(vid: str, actor: str, t_start: float, t_end: float, status: str = "in
         "bytes_h": 2,
         "bytes_delta": 3,
         "bytes_full": 10,
+        "bytes_full_bf16": 5,
         "bytes_written": 7,
     }
 
@@ -117,7 +118,8 @@ def test_index_run_summary_and_decode_wait():
     s = summarize_index_run(rows, skipped=[{"video_id": "e"}], wall_s=20.0, run_id="r", started="t", config={})
     assert (s["videos"], s["indexed"], s["skipped"], s["failed"]) == (5, 3, 1, 1)
     assert s["failures"] == {"d": "not a video"} and s["status"] == "ok"
-    assert s["bytes"] == {"sink": 3, "h": 6, "delta": 9, "full": 30, "written": 21}
+    assert s["bytes"] == {"sink": 3, "h": 6, "delta": 9, "full": 30, "full_bf16": 15, "written": 21}
+    assert s["stored_vs_full_bf16"] == round((3 + 6 + 9) / 15, 4)
     assert s["seconds"]["prefill"] == 6.0 and s["video_seconds"] == 90.0
     assert s["videos_per_minute"] == 9.0 and s["tokens_per_second"] == 15.0 and s["prefill_tokens_per_second"] == 50.0
     assert s["decode_wait_share"] == 0.35

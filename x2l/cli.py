@@ -28,6 +28,7 @@ from x2l.options import (
 )
 from x2l.prompt import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS
 from x2l.store.keys import GRACE_S
+from x2l.store.schema import meta_bytes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -355,7 +356,7 @@ def cmd_index(args) -> None:
     if args.json:
         print(json.dumps(result))
     elif not args.quiet:
-        b = meta["bytes"]
+        b = meta_bytes(meta)
         note = "" if written else " (already stored with the same fingerprint: nothing written)"
         print(
             f"indexed {kv.video_id}: {stats.frames} frames, {kv.n_chunks} chunks, {stats.tokens} tokens "
@@ -367,7 +368,11 @@ def cmd_index(args) -> None:
             else ""
         )
         print(f"  decoded with {stats.decoder}: {kv.meta['duration_s']:.2f} s, {stats.frames_decoded} frames{cut}")
-        print(f"  KV bytes: sink {b['sink']:,}  H {b['h']:,}  L delta {b['delta']:,}  (uncompressed {b['full']:,})")
+        print(
+            f"  stored KV bytes ({meta.get('kv_codec', 'none')}): sink {b['sink']:,}  H {b['h']:,}  L delta "
+            f"{b['delta']:,}  = {_ratio(b)} of the uncompressed bf16 cache ({b['full_bf16']:,}; "
+            f"{meta['dtype']} {b['full']:,})"
+        )
 
 
 def _n(count: int, noun: str) -> str:
@@ -473,8 +478,9 @@ def cmd_store(args) -> int | None:
             b = v["bytes"]
             model = f", model {v['model_fingerprint']}" if store.mixed else ""
             print(
-                f"  {v['video_id']}: {v['chunks']} chunks, KV {v['dtype']}, H {b['h']:,} B, L delta "
-                f"{b['delta']:,} B, uncompressed {b['full']:,} B{model}"
+                f"  {v['video_id']}: {v['chunks']} chunks, KV {v['dtype']} codec {v['kv_codec']}, stored H "
+                f"{b['h']:,} B, L delta {b['delta']:,} B, total {b['stored']:,} B = {_ratio(b)} of the uncompressed "
+                f"bf16 cache{model}"
             )
         return _mixed(store)
     if args.store_command in ("verify", "gc", "rm"):
@@ -483,25 +489,39 @@ def cmd_store(args) -> int | None:
     if args.json:
         print(json.dumps(meta, indent=1))
         return
-    b = meta["bytes"]
+    b = meta_bytes(meta)
     print(f"{meta['video_id']} (key {meta['video_key']}), source {meta['source']}")
     print(
         f"  model {meta['model_family']} {meta['model_fingerprint']}, schema {meta['schema_version']}, "
         f"written {meta['created']}"
     )
-    print(f"  KV dtype {meta['dtype']} (cast to the model's dtype when read)")
+    print(
+        f"  KV dtype {meta['dtype']}, codec {meta.get('kv_codec', 'none')} (sink: none; decoded into the model's "
+        f"dtype when read)"
+    )
     print(f"  sampling {meta['sampling']}")
     print(f"  compression {meta['compression']}")
     print(
-        f"  bytes: sink {b['sink']:,}  H {b['h']:,}  L delta {b['delta']:,}  uncompressed {b['full']:,}  "
+        f"  stored bytes: sink {b['sink']:,}  H {b['h']:,}  L delta {b['delta']:,}  total {b['stored']:,}  "
         f"file {meta['parquet_bytes']:,}"
     )
+    print(
+        f"  uncompressed cache: {b['full']:,} ({meta['dtype']}), {b['full_bf16']:,} in bf16; stored = {_ratio(b)} "
+        f"of bf16 (H {_ratio(b, 'h')}, L delta {_ratio(b, 'delta')})"
+    )
     print(f"  {meta['n_chunks']} chunks:")
+    index = 4 * meta["layers"] * meta["kv_heads"] if meta["schema_version"] == 2 else 0  # v2: payload recorded
     for c in meta["chunks"]:
         print(
             f"    {c['chunk']:4d}  {c['start_s']:8.2f}-{c['end_s']:8.2f} s  {c['n_tokens']} tokens  "
-            f"H {c['h_bytes']:,} B  L delta {c['delta_bytes']:,} B"
+            f"stored H {c['h_bytes'] + index * c['h_entries']:,} B  "
+            f"L delta {c['delta_bytes'] + index * c['delta_entries']:,} B"
         )
+
+
+def _ratio(b: dict, level: str = "stored") -> str:
+    """Stored bytes of `level` as a share of the uncompressed bf16 cache (schema.meta_bytes figures)."""
+    return f"{b[level] / b['full_bf16']:.1%}" if b.get("full_bf16") else "-"
 
 
 def _mixed(store) -> int | None:

@@ -105,19 +105,25 @@ class CompressionConfig:
     l_keep / h_keep: fraction of a chunk's tokens kept per layer and KV head in the L and H levels (H is a subset
     of L, so h_keep <= l_keep). scorer: name from x2l.scorers (default "attention": whole-chunk attention).
     context: what chunk i is pre-filled over: "h" (sink + H of earlier chunks), "full" (every earlier token,
-    exact) or "none" (sink only).
+    exact) or "none" (sink only). kv_codec: how H and L are stored (x2l/codecs: "none", the model's dtype; "int8",
+    KIVI grouping; "fp8", e4m3 per head; issue 16), part of the video fingerprint.
     """
 
     l_keep: float = 0.5
     h_keep: float = 1 / 16
     scorer: str = "attention"
     context: Context = "h"
+    kv_codec: str = "none"
 
     def __post_init__(self) -> None:
         if not 0 < self.h_keep <= self.l_keep <= 1:
             raise ConfigError(f"need 0 < h_keep <= l_keep <= 1, got h_keep={self.h_keep}, l_keep={self.l_keep}")
         if self.context not in ("h", "full", "none"):
             raise ConfigError(f"context must be 'h', 'full' or 'none', got {self.context!r}")
+        from x2l.codecs import codec_problem
+
+        if problem := codec_problem(self.kv_codec):
+            raise ConfigError(f"kv_codec: {problem}")
 
 
 @dataclass(frozen=True)
@@ -125,7 +131,8 @@ class RetrievalConfig:
     """How chunks are chosen for a question and how the answer is decoded.
 
     top_k: chunks whose L level is re-loaded (0 = H only). budget_bytes: if set, as many chunks as fit in this
-    many bytes of L delta, in relevance order (overrides top_k). layers: layers whose attention votes (None = all).
+    many bytes of L delta as stored (what fetching reads: codec payload, scales, indices), in relevance order
+    (overrides top_k). layers: layers whose attention votes (None = all).
     max_new_tokens: decode limit. selection: "attention" (task-aware, the method) or "uniform" (top_k evenly spaced
     chunks chosen without the question: the control).
     """

@@ -120,7 +120,7 @@ def run_demo(workdir: Path, model_dir: Path = MODEL) -> None:
             print(
                 f"      indexed {summary['indexed']}, skipped {summary['skipped']} (already in the store), failed "
                 f"{summary['failed']}; {summary['tokens']:,} tokens; {summary['videos_per_minute']} videos/min; "
-                f"bytes H {summary['bytes']['h']:,}, L delta {summary['bytes']['delta']:,}, "
+                f"stored bytes H {summary['bytes']['h']:,}, L delta {summary['bytes']['delta']:,}, "
                 f"uncompressed {summary['bytes']['full']:,}",
                 flush=True,
             )

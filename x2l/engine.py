@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from x2l.codecs import level_stored_bytes
 from x2l.compress import merge_levels, split_levels
 from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig, to_dict
 from x2l.kv import ChunkKV, Fetch, KVSource, LevelKV, VideoKV
@@ -175,7 +176,7 @@ class Question:
     top_k: int | None = None  # overrides RetrievalConfig.top_k
     max_new_tokens: int | None = None  # overrides RetrievalConfig.max_new_tokens
     id: str | None = None
-    budget_bytes: int | None = None  # overrides RetrievalConfig.budget_bytes (bytes of L delta; issue 12)
+    budget_bytes: int | None = None  # overrides RetrievalConfig.budget_bytes (stored bytes of L delta; issues 12, 16)
 
 
 @dataclass
@@ -329,6 +330,19 @@ class _VideoWork:
     levels: dict[int, LevelKV] = field(default_factory=dict)  # chunk -> its L level (H merged with the delta)
 
 
+def delta_fetch_bytes(video: VideoKV) -> list[int]:
+    """Per chunk, the bytes its L delta is stored as, so what fetching it reads: codec payload + scales + int32 token
+    indices (x2l.codecs.level_stored_bytes with the video's kv codec and the dtype it was encoded from, both from
+    its meta; a video from before codecs is codec none). A byte budget (RetrievalConfig.budget_bytes) is a fetch
+    budget, so it counts these: with int8 or fp8 about twice (bf16) or four times (float32) as many chunks fit."""
+    meta = video.meta or {}
+    codec = meta.get("kv_codec") or (meta.get("compression") or {}).get("kv_codec", "none")
+    dtype = getattr(torch, str(meta.get("dtype")), None) if meta.get("dtype") else None
+    dtype = dtype if isinstance(dtype, torch.dtype) else video.sink_keys.dtype
+    layers, heads, _, dim = video.sink_keys.shape
+    return [level_stored_bytes(codec, [layers, heads, c.delta_entries, dim], dtype) for c in video.chunks]
+
+
 class Answerer:
     """Answers batches of questions over indexed videos with task-aware selective re-loading of L.
 
@@ -400,7 +414,8 @@ class Answerer:
         relevance: list[list[float]],
     ) -> None:
         """Each question's chunks to load at L: evenly spaced (selection "uniform"), else by its attention over
-        the H level, top_k or as many as its byte budget allows (x2l.retrieval.select_chunks)."""
+        the H level, top_k or as many as its byte budget allows (x2l.retrieval.select_chunks; the budget counts
+        the bytes each delta is stored as, `delta_fetch_bytes`)."""
         cfg, video, idx = self.retrieval, w.video, w.questions
         ks = [questions[i].top_k if questions[i].top_k is not None else cfg.top_k for i in idx]
         budgets = [
@@ -412,7 +427,7 @@ class Answerer:
                 selected[i] = uniform_chunks(video.n_chunks, k)
         elif wants:
             rel = self.relevance(video, [prompts[i] for i in wants])
-            delta_bytes = [video.entry_bytes(c.delta_entries) for c in video.chunks]
+            delta_bytes = delta_fetch_bytes(video)
             for row, i in zip(rel, wants, strict=True):
                 q = questions[i]
                 k = q.top_k if q.top_k is not None else cfg.top_k

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from x2l.codecs import CODEC_NAMES
 from x2l.config import ATTENTIONS, CompressionConfig, ModelConfig, RetrievalConfig, SamplingConfig
 
 D_SAMPLING, D_COMP, D_RETR = SamplingConfig(), CompressionConfig(), RetrievalConfig()
@@ -73,6 +74,13 @@ def compression_options(p: argparse.ArgumentParser) -> None:
         help="what each chunk is pre-filled over: sink + earlier H (h, default), every earlier token "
         "(full), sink only (none)",
     )
+    g.add_argument(
+        "--kv-codec",
+        default=D_COMP.kv_codec,
+        metavar="{" + ",".join(CODEC_NAMES) + "}",
+        help="how H and L are stored: none (the model's dtype, default), int8 (keys per channel, values per token, "
+        "bf16 scales), fp8 (e4m3, a scale per layer and KV head); part of the video fingerprint",
+    )
 
 
 def retrieval_options(p: argparse.ArgumentParser) -> None:
@@ -84,7 +92,7 @@ def retrieval_options(p: argparse.ArgumentParser) -> None:
         "--budget-bytes",
         type=int,
         default=None,
-        help="instead of top-k: as many chunks as fit in this many bytes of L delta",
+        help="instead of top-k: as many chunks as fit in this many bytes of L delta as stored",
     )
     g.add_argument(
         "--max-new-tokens",
@@ -111,7 +119,7 @@ def sampling_config(args: argparse.Namespace) -> SamplingConfig:
 
 
 def compression_config(args: argparse.Namespace) -> CompressionConfig:
-    return CompressionConfig(args.l_keep, args.h_keep, args.scorer, args.context)
+    return CompressionConfig(args.l_keep, args.h_keep, args.scorer, args.context, args.kv_codec)
 
 
 def retrieval_config(args: argparse.Namespace) -> RetrievalConfig:

@@ -59,7 +59,9 @@ def build_report(
     index_device_hours = sum(s["wall_s"] * index_devices(s["config"]) for s, _ in index_runs) / 3600
     tokens = sum(r["tokens"] for r in indexed)
     prefill_s = sum(r["prefill_s"] for r in indexed)
-    level = {k: sum(r[f"bytes_{k}"] for r in indexed) for k in ("sink", "h", "delta", "full")}
+    # stored bytes per level (codec payload + scales + indices; issue 16), the uncompressed cache in the dtype the
+    # KV was encoded from and in bf16 (runs recorded before issue 16 lack bytes_full_bf16: counted as 0)
+    level = {k: sum(r.get(f"bytes_{k}") or 0 for r in indexed) for k in ("sink", "h", "delta", "full", "full_bf16")}
     stored = level["sink"] + level["h"] + level["delta"]
     puts = 2 * len(indexed)  # kv.parquet + meta.json per committed video
     index_dollars = index_device_hours * prices.gpu_per_hour + puts / 1000 * prices.put_per_1k
@@ -94,6 +96,11 @@ def build_report(
             "bytes_per_video_hour": {k: per_vh(v) for k, v in (level | {"stored": stored}).items()},
             "stored_vs_full": round(stored / level["full"], 4) if level["full"] else None,
             "h_vs_full": round(level["h"] / level["full"], 4) if level["full"] else None,
+            "vs_full_bf16": {
+                k: (round(v / level["full_bf16"], 4) if level["full_bf16"] else None)
+                for k, v in (level | {"stored": stored}).items()
+                if k in ("sink", "h", "delta", "stored")
+            },
         },
         "answering": {
             "runs": len(answer_runs),
@@ -182,6 +189,9 @@ REPORT_FORMULAS = """\
   of storage of every level stored x $/GB-month) / video-hours.
 - cost per 1,000 questions: (answering device-hours x GPU $/h + one GET per L delta fetched from storage x
   $/1k GET / 1000) / answered questions x 1000.
+- stored bytes per level: what each video's commit records, codec payload + scales + int32 token indices
+  (x2l.codecs.level_stored_bytes; the sink uncoded); ratios are to the uncompressed cache in bf16 (tokens x 2 x
+  layers x KV heads x head_dim x 2 bytes).
 - latency percentiles: nearest rank over answered questions' `total_s` (at the ingress for Serve runs, the batch's
   engine time for in-job runs). L-cache hit rate: cache hits / chunks selected.
 """
@@ -341,16 +351,18 @@ def render_markdown(report: dict, store_uri: str) -> str:
 | share of actor time waiting on decode | {i["decode_wait_share"]:.1%} |
 
 ## Storage
-| level | bytes | per video-hour |
-| --- | --- | --- |
+| level | bytes stored | per video-hour | of the uncompressed bf16 cache |
+| --- | --- | --- | --- |
 """
         + "".join(
-            f"| {k} | {s['bytes'][k]:,} | {_mb(s['bytes_per_video_hour'][k])} |\n"
-            for k in ("sink", "h", "delta", "stored", "full")
+            f"| {k} | {s['bytes'][k]:,} | {_mb(s['bytes_per_video_hour'][k])} | "
+            f"{_num(s.get('vs_full_bf16', {}).get(k), '{:.1%}')} |\n"
+            for k in ("sink", "h", "delta", "stored", "full", "full_bf16")
         )
         + f"""
-Stored (sink + H + L delta) is {_num(s["stored_vs_full"], "{:.1%}")} of the uncompressed KV; H alone is
-{_num(s["h_vs_full"], "{:.1%}")}.
+Bytes as stored: each level's codec payload, scales and token indices (x2l.codecs.level_stored_bytes); `full` is
+the uncompressed cache in the model's dtype, `full_bf16` the same in bfloat16. Stored (sink + H + L delta) is
+{_num(s["stored_vs_full"], "{:.1%}")} of the uncompressed KV; H alone is {_num(s["h_vs_full"], "{:.1%}")}.
 
 ## Answering
 | | |

@@ -61,6 +61,8 @@ def summarize_index_run(
     tokens = sum(r["tokens"] for r in indexed)
     prefill_s = sum(r["prefill_s"] for r in indexed)
     video_s = sum(r.get("duration_s", 0.0) for r in indexed)
+    stored = sum((r.get("bytes_sink") or 0) + (r.get("bytes_h") or 0) + (r.get("bytes_delta") or 0) for r in indexed)
+    full_bf16 = sum(r.get("bytes_full_bf16") or 0 for r in indexed)
     return {
         "run_id": run_id,
         "started": started,
@@ -75,7 +77,14 @@ def summarize_index_run(
         "chunks": sum(r["chunks"] for r in indexed),
         "tokens": tokens,
         "video_seconds": round(video_s, 3),
-        "bytes": {k: sum(r[f"bytes_{k}"] for r in indexed) for k in ("sink", "h", "delta", "full", "written")},
+        # stored bytes per level (codec payload + scales + indices), the uncompressed cache in the encoded-from dtype
+        # and in bfloat16 (rows of runs before issue 16 have no bytes_full_bf16: 0), and what was written
+        "bytes": {
+            k: sum(r.get(f"bytes_{k}") or 0 for r in indexed)
+            for k in ("sink", "h", "delta", "full", "full_bf16", "written")
+        },
+        # stored bytes (sink + H + L delta) over the uncompressed bf16 cache (None for rows without it)
+        "stored_vs_full_bf16": round(stored / full_bf16, 4) if full_bf16 else None,
         "seconds": {
             k: round(sum(r[f"{k}_s"] for r in indexed), 3) for k in ("decode", "vision", "prefill", "compress", "write")
         },

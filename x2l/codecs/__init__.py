@@ -10,23 +10,40 @@ and in every stored row; readers decode each row by the codec it names, into the
 
 from __future__ import annotations
 
-import torch
+import importlib
+from typing import TYPE_CHECKING
 
-from x2l.codecs.base import EncodedKV, EncodedSizes, KVCodec
-from x2l.codecs.fp8 import Fp8Codec
-from x2l.codecs.int8 import Int8Codec
-from x2l.codecs.none import NoCodec
 from x2l.errors import ConfigError
 
-CODECS: dict[str, type[KVCodec]] = {cls.name: cls for cls in (NoCodec, Int8Codec, Fp8Codec)}
+if TYPE_CHECKING:  # importing this package imports no torch: configs validate codec names in torch-free commands
+    import torch
+
+    from x2l.codecs.base import KVCodec
+
+# name -> "module:class"; a new codec is one file here and one line in this table (CONTRIBUTING.md)
+CODECS: dict[str, str] = {
+    "none": "x2l.codecs.none:NoCodec",
+    "int8": "x2l.codecs.int8:Int8Codec",
+    "fp8": "x2l.codecs.fp8:Fp8Codec",
+}
 CODEC_NAMES: tuple[str, ...] = tuple(CODECS)
 
 
+def codec_problem(name: object) -> str | None:
+    """Why `name` is not a kv codec (None when it is one): for one-line ConfigErrors."""
+    return None if name in CODECS else f"unknown kv codec {name!r}; choose one of {', '.join(CODEC_NAMES)}"
+
+
 def kv_codec(name: str) -> KVCodec:
-    """The codec of this name; ConfigError naming the known ones otherwise."""
-    if name not in CODECS:
-        raise ConfigError(f"unknown kv codec {name!r}; choose one of {', '.join(CODEC_NAMES)}")
-    return CODECS[name]()
+    """The codec of this name; ConfigError naming the known ones otherwise (and for fp8 on a torch without
+    float8_e4m3fn)."""
+    problem = codec_problem(name)
+    if problem:
+        raise ConfigError(problem)
+    module, cls = CODECS[name].split(":")
+    codec = getattr(importlib.import_module(module), cls)()
+    assert codec.name == name, f"codec table entry {name!r} names a codec called {codec.name!r}"
+    return codec
 
 
 INDEX_BYTES = 4  # a kept entry's token index: int32, per (layer, KV head)
@@ -41,13 +58,18 @@ def level_stored_bytes(codec: str | KVCodec, shape: list[int], dtype: torch.dtyp
     return codec.nbytes(shape, dtype) + INDEX_BYTES * layers * heads * k
 
 
+def sink_stored_bytes(shape: list[int], dtype: torch.dtype) -> int:
+    """Bytes a store row of the sink holds: its keys and values with codec none (the store never encodes the sink,
+    x2l/store/schema.py SINK_CODEC) and no token indices. shape: [layers, kv_heads, sink_tokens, head_dim]."""
+    return kv_codec("none").nbytes(shape, dtype)
+
+
 __all__ = [
     "CODECS",
     "CODEC_NAMES",
-    "EncodedKV",
-    "EncodedSizes",
-    "KVCodec",
+    "codec_problem",
     "kv_codec",
     "level_stored_bytes",
+    "sink_stored_bytes",
     "INDEX_BYTES",
 ]

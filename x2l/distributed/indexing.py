@@ -31,6 +31,8 @@ import numpy as np
 from x2l.config import CompressionConfig, ModelConfig, SamplingConfig, StoreConfig, to_dict
 from x2l.distributed.common import map_with_actors
 from x2l.errors import X2LError
+from x2l.store.schema import meta_bytes
+from x2l.store.writer import same_compression
 
 # Test hooks (tests/test_index_job.py): FAULT_ENV names a marker file: the first actor to index a video exits
 # mid-video. FAULT_VIDEO_ENV holds {"video_id": ..., "log": path}: every actor that indexes that video appends a line
@@ -57,6 +59,7 @@ STAT_FIELDS = (
     "bytes_h",
     "bytes_delta",
     "bytes_full",
+    "bytes_full_bf16",
     "bytes_written",
     "actor",
     "actor_ready",
@@ -223,7 +226,9 @@ class IndexActor:
             kv.meta |= {"source_size": row["source_size"], "run_id": self.cfg.run_id}
             before = self.store.backend.stats.snapshot()
             t = time.perf_counter()
-            self.store.write(kv, source=row["uri"], source_hash=row["source_sha256"], overwrite=self.cfg.overwrite)
+            meta = self.store.write(
+                kv, source=row["uri"], source_hash=row["source_sha256"], overwrite=self.cfg.overwrite
+            )
             write_s = time.perf_counter() - t
             written = (self.store.backend.stats.snapshot() - before).bytes_written
         except X2LError as e:
@@ -241,10 +246,8 @@ class IndexActor:
             "compress_s": st.seconds["compress"],
             "index_s": index_s,
             "write_s": write_s,
-            "bytes_sink": kv.sink_keys.nbytes + kv.sink_values.nbytes,
-            "bytes_h": sum(c.h.nbytes for c in kv.chunks),
-            "bytes_delta": sum(c.delta.nbytes for c in kv.chunks),
-            "bytes_full": kv.full_bytes,
+            # stored bytes per level as the commit records them (x2l.codecs.level_stored_bytes; issue 16)
+            **{f"bytes_{k}": v for k, v in meta_bytes(meta).items() if k != "stored"},
             "bytes_written": written,
             "t_start": t_start,
             "t_end": time.time(),
@@ -290,7 +293,7 @@ def already_indexed(meta: dict | None, model_fingerprint: str, cfg: IndexJobConf
         meta is not None
         and meta.get("model_fingerprint") == model_fingerprint
         and meta.get("sampling") == to_dict(cfg.sampling)
-        and meta.get("compression") == to_dict(cfg.compression)
+        and same_compression(meta.get("compression"), to_dict(cfg.compression))
         and meta.get("source") == uri
         and (size is None or meta.get("source_size") == size)
     )
@@ -337,7 +340,10 @@ class CheckCommitted:
                 ("source", uri),
                 ("source_size", size),
             )
-            if v is not None and meta.get(k) != v and not (k == "source_size" and meta.get(k) is None)
+            if v is not None
+            and meta.get(k) != v
+            and not (k == "source_size" and meta.get(k) is None)
+            and not (k == "compression" and same_compression(meta.get(k), v))
         ]
         if not differ:
             return "todo", ""

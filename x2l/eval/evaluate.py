@@ -47,12 +47,16 @@ def index_into(
     store, model, paths: list[str], sampling: SamplingConfig, compression: CompressionConfig, progress: bool = True
 ) -> None:
     """Index every video not yet committed with these settings (ids are the paths); a line per video on stderr."""
+    from x2l.store.writer import same_compression
+
     indexer = Indexer(model, sampling, compression)
     with Progress(len(paths), f"index into {store.backend.uri}", "video", enabled=progress) as bar:
         for path in paths:
             meta = store.committed(path)
             fresh = (
-                meta is None or meta.get("compression") != _dict(compression) or meta.get("sampling") != _dict(sampling)
+                meta is None
+                or not same_compression(meta.get("compression"), _dict(compression))
+                or meta.get("sampling") != _dict(sampling)
             )
             if fresh:
                 store.write(indexer.index(path, path).video, overwrite=True)
@@ -100,7 +104,7 @@ def evaluate(
             model,
             paths,
             sampling,
-            CompressionConfig(1.0, compression.h_keep, compression.scorer, "full"),
+            CompressionConfig(1.0, compression.h_keep, compression.scorer, "full", compression.kv_codec),
             progress,
         )
     if any(kind != "full" for _, kind, _ in parsed):

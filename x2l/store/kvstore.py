@@ -16,8 +16,9 @@ no commit names are garbage: `verify` reports them, `gc` removes them (maintenan
 (uncommit first).
 `fetch_deltas(..., write_id=W)` reads the deltas of write W, the one the caller's H came from (StaleError if that
 write is neither the one this reader holds nor the current commit: ask again). With `dtype` set, every tensor read
-is cast to it (a float32 store served by a bfloat16 model and back; issue 12), so the caches over it hold KV in the
-model's dtype.
+is decoded straight into it (a float32 store served by a bfloat16 model and back, issue 12; an int8 or fp8 store
+dequantized, issue 16), so the caches over it hold KV in the model's dtype. Schema-2 stores and videos (before
+codecs) stay readable: their rows are codec none.
 
 KVStore is a KVSource (x2l/kv.py); nothing under x2l/store imports the answering side (engine, caching, serving).
 """
@@ -37,12 +38,12 @@ import pyarrow.parquet as pq
 from x2l import __version__
 from x2l.config import StoreConfig
 from x2l.errors import CorruptionError, IncompatibleError, NotFoundError, StoreError
-from x2l.kv import ChunkKV, Fetch, LevelKV, VideoKV
+from x2l.kv import Fetch, LevelKV, VideoKV
 from x2l.lru import LRU
 from x2l.store.backend import IOStats, open_backend
 from x2l.store.keys import STORE_DOC, VIDEOS, kv_file, kv_path, meta_path, source_path, video_dir, video_key
 from x2l.store.reader import Tally, open_parquet, read_delta, read_h
-from x2l.store.schema import META_CHECKSUM, SCHEMA_VERSION, meta_checksum
+from x2l.store.schema import META_CHECKSUM, READ_VERSIONS, SCHEMA_VERSION, meta_bytes, meta_checksum
 from x2l.store.writer import (
     build_meta,
     check_complete,
@@ -69,34 +70,6 @@ class StoreStats:
 
 class StaleError(CorruptionError):
     """A video was re-indexed (a new commit) between loading its H and fetching its deltas: ask again."""
-
-
-def cast_level(level: LevelKV, dtype: torch.dtype | None) -> LevelKV:
-    """The level with keys and values in `dtype` (unchanged when None or already so)."""
-    if dtype is None or level.keys.dtype == dtype:
-        return level
-    return LevelKV(level.index, level.keys.to(dtype), level.values.to(dtype))
-
-
-def cast_video(video: VideoKV, dtype: torch.dtype | None) -> VideoKV:
-    """The video (sink and every chunk's H, and delta where loaded) with KV in `dtype`."""
-    if dtype is None or video.sink_keys.dtype == dtype:
-        return video
-    chunks = [
-        ChunkKV(
-            c.chunk,
-            c.start_s,
-            c.end_s,
-            c.n_tokens,
-            cast_level(c.h, dtype),
-            None if c.delta is None else cast_level(c.delta, dtype),
-            c.delta_entries,
-        )
-        for c in video.chunks
-    ]
-    return VideoKV(
-        video.video_id, video.sink_keys.to(dtype), video.sink_values.to(dtype), chunks, video.next_position, video.meta
-    )
 
 
 @dataclass
@@ -165,11 +138,11 @@ class KVStore:
 
     def _check_doc(self, model_fingerprint: str | None) -> None:
         doc, uri = self._doc, self.backend.uri
-        if doc.get("format") != STORE_FORMAT or doc.get("schema_version") != SCHEMA_VERSION:
+        if doc.get("format") != STORE_FORMAT or doc.get("schema_version") not in READ_VERSIONS:
             raise IncompatibleError(
                 f"store {uri} has format {doc.get('format')!r} schema version "
                 f"{doc.get('schema_version')!r}; this x2l ({__version__}) reads "
-                f"{STORE_FORMAT!r} schema version {SCHEMA_VERSION}: index into a new store"
+                f"{STORE_FORMAT!r} schema versions {', '.join(map(str, READ_VERSIONS))}: index into a new store"
             )
         if model_fingerprint is not None and doc.get("model_fingerprint") != model_fingerprint:
             raise IncompatibleError(
@@ -240,10 +213,10 @@ class KVStore:
         if video_id is None and isinstance(meta.get("video_id"), str):
             named = f"video {meta['video_id']!r}"
         where = f"{named}: {self.backend.where(meta_path(key))}"
-        if meta.get("schema_version") != SCHEMA_VERSION:
+        if meta.get("schema_version") not in READ_VERSIONS:
             raise IncompatibleError(
                 f"{where} has schema version {meta.get('schema_version')!r}, this x2l reads "
-                f"{SCHEMA_VERSION}: re-index the video"
+                f"{', '.join(map(str, READ_VERSIONS))}: re-index the video"
             )
         try:
             actual = meta_checksum(meta)
@@ -334,7 +307,7 @@ class KVStore:
 
     def list_videos(self, damaged: bool = False) -> list[dict]:
         """Committed videos whose commit and KV file pass the cheap checks: id, key, chunks, model fingerprint,
-        stored KV         dtype and bytes per level.
+        stored KV dtype, kv codec and stored bytes per level (schema.meta_bytes).
 
         A damaged video (invalid or edited meta.json, missing or truncated KV file, another model or schema) is
         never an error of the listing: with damaged=True it is listed as {"video_id" (None if unreadable),
@@ -357,7 +330,8 @@ class KVStore:
                     "chunks": meta["n_chunks"],
                     "model_fingerprint": meta.get("model_fingerprint"),
                     "dtype": meta.get("dtype"),
-                    "bytes": meta["bytes"],
+                    "kv_codec": meta.get("kv_codec", "none"),
+                    "bytes": meta_bytes(meta),
                     "parquet_bytes": meta["parquet_bytes"],
                 }
             )
@@ -530,9 +504,9 @@ class KVStore:
         if held is not None and held.meta["write_id"] != meta["write_id"]:
             self._forget(key)
             held = None
-        video, footer = read_h(self.backend, meta, held.footer if held else None)
+        video, footer = read_h(self.backend, meta, held.footer if held else None, self.dtype)
         self._open.put(key, _Open(meta, footer))
-        return cast_video(video, self.dtype)
+        return video
 
     def _opened(self, video_id: str, write_id: str | None = None) -> tuple[_Open, int]:
         """The open video (meta + footer), reading both if needed; also the bytes that took. With write_id: the
@@ -575,15 +549,14 @@ class KVStore:
 
     def fetch_deltas(self, video_id: str, chunks: list[int], write_id: str | None = None) -> Fetch:
         """The L deltas of `chunks` (sorted, each once), each read as exactly its row group, concurrently (at most
-        max_concurrent_fetches at once), checksums verified, cast to `dtype`. write_id: the commit whose H the
+        max_concurrent_fetches at once), checksums verified, decoded into `dtype`. write_id: the commit whose H the
         caller holds (StaleError if the video was committed anew since). The Fetch names the write read from; its
         cache_hits is empty (this reader caches no KV)."""
         held, overhead = self._opened(video_id, write_id)
         chunks = self._check_chunks(held.meta, chunks)
 
         def read(chunk: int) -> tuple[LevelKV, int]:
-            level, nbytes = read_delta(self.backend, held.meta, held.footer, chunk)
-            return cast_level(level, self.dtype), nbytes
+            return read_delta(self.backend, held.meta, held.footer, chunk, self.dtype)
 
         got = dict(zip(chunks, self._executor().map(read, chunks), strict=True))
         return Fetch(

@@ -17,9 +17,11 @@ import pyarrow.parquet as pq
 from x2l.errors import CorruptionError, NotFoundError, StoreError, one_line
 from x2l.store.backend import Backend, IOStats
 from x2l.store.keys import kv_path
-from x2l.store.schema import COLUMNS, decode_level, decode_row, table_rows
+from x2l.store.schema import COLUMNS_BY_VERSION, decode_level, decode_row, table_rows
 
 if TYPE_CHECKING:
+    import torch
+
     from x2l.kv import LevelKV, VideoKV
 
 
@@ -86,8 +88,11 @@ def check_layout(pf: pq.ParquetFile, meta: dict) -> None:
             f"{what} was not written by this commit (write id {kv.get(b'x2l.write_id')!r}, "
             f"meta.json says {meta['write_id']!r})"
         )
-    if pf.schema_arrow.names != COLUMNS:
-        raise CorruptionError(f"{what} has columns {pf.schema_arrow.names}, expected {COLUMNS}")
+    columns = COLUMNS_BY_VERSION.get(meta.get("schema_version"))
+    if pf.schema_arrow.names != columns:
+        raise CorruptionError(
+            f"{what} has columns {pf.schema_arrow.names}, expected {columns} (schema {meta.get('schema_version')})"
+        )
     n = meta["n_chunks"]
     md = pf.metadata
     rows = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
@@ -95,8 +100,11 @@ def check_layout(pf: pq.ParquetFile, meta: dict) -> None:
         raise CorruptionError(f"{what} has row groups of {rows} rows, expected [{n + 1}] + [1] * {n}")
 
 
-def read_h(backend: Backend, meta: dict, file_meta: pq.FileMetaData | None) -> tuple[VideoKV, pq.FileMetaData]:
-    """Sink and every chunk's H from row group 0 (one read, plus the footer when `file_meta` is None)."""
+def read_h(
+    backend: Backend, meta: dict, file_meta: pq.FileMetaData | None, out_dtype: torch.dtype | None = None
+) -> tuple[VideoKV, pq.FileMetaData]:
+    """Sink and every chunk's H from row group 0 (one read, plus the footer when `file_meta` is None), decoded by
+    each row's codec into `out_dtype` (None: the dtype they were encoded from)."""
     from x2l.kv import ChunkKV, VideoKV
 
     what = f"{name(meta)}: H row group"
@@ -106,22 +114,25 @@ def read_h(backend: Backend, meta: dict, file_meta: pq.FileMetaData | None) -> t
     if len(rows) != meta["n_chunks"] + 1:
         raise CorruptionError(f"{what} has {len(rows)} rows, expected {meta['n_chunks'] + 1}")
     with corruption(what):
-        sink_k, sink_v, _ = decode_row(rows[0], f"{name(meta)} sink", -1, "sink")
+        sink_k, sink_v, _ = decode_row(rows[0], f"{name(meta)} sink", -1, "sink", out_dtype)
         chunks = []
         for i, row in enumerate(rows[1:]):
-            h = decode_level(row, f"{name(meta)} chunk {i} H", i, "h")
+            h = decode_level(row, f"{name(meta)} chunk {i} H", i, "h", out_dtype)
             delta_entries = meta["chunks"][i]["delta_entries"]
             chunks.append(ChunkKV(i, row["start_s"], row["end_s"], row["n_tokens"], h, None, delta_entries))
     return VideoKV(meta["video_id"], sink_k, sink_v, chunks, meta["next_position"], dict(meta)), file_meta
 
 
-def read_delta(backend: Backend, meta: dict, file_meta: pq.FileMetaData, chunk: int) -> tuple[LevelKV, int]:
-    """Chunk `chunk`'s L delta (row group 1 + chunk, nothing else) and the bytes read from storage for it. All
-    columns are read: the row checksum covers them all, and besides the payload they are a few dozen bytes."""
+def read_delta(
+    backend: Backend, meta: dict, file_meta: pq.FileMetaData, chunk: int, out_dtype: torch.dtype | None = None
+) -> tuple[LevelKV, int]:
+    """Chunk `chunk`'s L delta (row group 1 + chunk, nothing else), decoded into `out_dtype`, and the bytes read
+    from storage for it. All columns are read: the row checksum covers them all, and besides the payload and scales
+    they are a few dozen bytes."""
     tally = Tally(backend.stats)
     what = f"{name(meta)} chunk {chunk} delta"
     with open_parquet(backend, meta, file_meta, tally) as pf, corruption(what):
         rows = table_rows(pf.read_row_group(1 + chunk))
         if len(rows) != 1:
             raise CorruptionError(f"{what}: row group has {len(rows)} rows, expected 1")
-        return decode_level(rows[0], what, chunk, "delta"), tally.bytes_read
+        return decode_level(rows[0], what, chunk, "delta", out_dtype), tally.bytes_read

@@ -22,10 +22,45 @@ from x2l import __version__
 from x2l.errors import StoreError
 from x2l.store.backend import Backend
 from x2l.store.keys import kv_file, kv_path
+from x2l.store.schema import (
+    META_CHECKSUM,
+    SCHEMA,
+    SCHEMA_VERSION,
+    SINK_CODEC,
+    WRITER_OPTIONS,
+    encode_row,
+    meta_checksum,
+    table_of,
+)
 
 if TYPE_CHECKING:
-    from x2l.kv import VideoKV
-from x2l.store.schema import META_CHECKSUM, SCHEMA, SCHEMA_VERSION, WRITER_OPTIONS, encode_row, meta_checksum, table_of
+    from x2l.codecs.base import KVCodec
+    from x2l.kv import LevelKV, VideoKV
+
+BF16_BYTES = 2
+
+
+def video_codec(video: VideoKV) -> KVCodec:
+    """The KV codec a video is stored with: its compression settings' `kv_codec` (issue 16; none when absent, as in
+    a VideoKV indexed before codecs). ConfigError naming the known codecs for an unknown name."""
+    from x2l.codecs import kv_codec
+
+    return kv_codec((video.meta.get("compression") or {}).get("kv_codec", "none"))
+
+
+def fingerprint_compression(compression: Any) -> Any:
+    """The compression settings as the fingerprint hashes them: `kv_codec` "none" is left out, so a video indexed
+    before codecs existed (no such key) and one indexed with codec none have one fingerprint (a rerun of an old
+    index job skips what it stored); any other codec makes another fingerprint."""
+    if isinstance(compression, dict) and compression.get("kv_codec", "none") == "none":
+        return {k: v for k, v in compression.items() if k != "kv_codec"}
+    return compression
+
+
+def same_compression(stored: dict | None, wanted: dict) -> bool:
+    """Whether committed compression settings are these, compared as the fingerprint compares them: a commit from
+    before kv codecs (no `kv_codec`) is the same as codec none (`fingerprint_compression`)."""
+    return fingerprint_compression(stored) == fingerprint_compression(wanted)
 
 
 def source_sha256(path: str) -> str:
@@ -45,7 +80,7 @@ def video_fingerprint(model_fingerprint: str, sampling: Any, compression: Any, s
     inputs = {
         "model_fingerprint": model_fingerprint,
         "sampling": sampling,
-        "compression": compression,
+        "compression": fingerprint_compression(compression),
         "source_sha256": source_hash,
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
@@ -61,22 +96,26 @@ def check_complete(video: VideoKV) -> None:
 
 
 def write_parquet(backend: Backend, key: str, video: VideoKV, write_id: str) -> int:
-    """Stream this write's kv-<write_id>.parquet (see schema.py for the layout); returns its size in bytes."""
+    """Stream this write's kv-<write_id>.parquet (see schema.py for the layout): H and deltas encoded by the video's
+    codec (`video_codec`), the sink by SINK_CODEC; returns its size in bytes."""
+    from x2l.codecs import kv_codec
+
+    codec, sink_codec = video_codec(video), kv_codec(SINK_CODEC)
     schema = SCHEMA.with_metadata(
         {"x2l.schema_version": str(SCHEMA_VERSION), "x2l.write_id": write_id, "x2l.video_id": video.video_id}
     )
     sink_tokens = video.sink_keys.shape[-2]
     with backend.open_output(kv_path(key, write_id)) as f:
         with pq.ParquetWriter(f, schema, **WRITER_OPTIONS) as w:
-            rows = [encode_row(-1, "sink", sink_tokens, 0.0, 0.0, video.sink_keys, video.sink_values, None)]
+            rows = [encode_row(-1, "sink", sink_tokens, 0.0, 0.0, video.sink_keys, video.sink_values, None, sink_codec)]
             rows += [
-                encode_row(c.chunk, "h", c.n_tokens, c.start_s, c.end_s, c.h.keys, c.h.values, c.h.index)
+                encode_row(c.chunk, "h", c.n_tokens, c.start_s, c.end_s, c.h.keys, c.h.values, c.h.index, codec)
                 for c in video.chunks
             ]
             w.write_table(table_of(rows))
             for c in video.chunks:  # one row group per delta, encoded one at a time
                 d = c.delta
-                row = encode_row(c.chunk, "delta", c.n_tokens, c.start_s, c.end_s, d.keys, d.values, d.index)
+                row = encode_row(c.chunk, "delta", c.n_tokens, c.start_s, c.end_s, d.keys, d.values, d.index, codec)
                 w.write_table(table_of([row]))
         size = f.tell()
     return size
@@ -92,8 +131,24 @@ def build_meta(
     parquet_bytes: int,
 ) -> dict:
     """meta.json: the indexer's own meta plus what readers need without opening the Parquet file, the KV file it
-    commits (`kv_file`) and its own checksum (`meta_checksum`, see schema.meta_checksum)."""
+    commits (`kv_file`) and its own checksum (`meta_checksum`, see schema.meta_checksum).
+
+    Byte accounting (issue 16): per chunk `h_bytes` / `delta_bytes` and in `bytes` the totals `sink`, `h`, `delta`
+    are stored bytes (codec payload + scales + int32 token indices: x2l.codecs.level_stored_bytes, the sizing
+    `x2l plan` uses; the sink's with SINK_CODEC and no indices), `stored` their sum; `full` is the uncompressed
+    cache of sink + every chunk in the dtype the KV was encoded from and `full_bf16` the same in bfloat16 (tokens x
+    2 x layers x kv_heads x head_dim x 2 bytes), the reference the ratios in `store info`, the report and the bench
+    are taken against. `h_payload_bytes` / `delta_payload_bytes` per chunk keep the decoded size (keys + values in
+    the encoded-from dtype)."""
+    from x2l.codecs import level_stored_bytes, sink_stored_bytes
+
+    codec = video_codec(video)
     layers, heads, sink_tokens, head_dim = video.sink_keys.shape
+    dtype = video.sink_keys.dtype
+
+    def stored(level: LevelKV) -> int:
+        return level_stored_bytes(codec, [layers, heads, level.n_entries, head_dim], dtype)
+
     chunks = [
         {
             "chunk": c.chunk,
@@ -102,11 +157,16 @@ def build_meta(
             "n_tokens": c.n_tokens,
             "h_entries": c.h.n_entries,
             "delta_entries": c.delta.n_entries,  # per (layer, KV head): equal in all
-            "h_bytes": c.h.nbytes,
-            "delta_bytes": c.delta.nbytes,
+            "h_bytes": stored(c.h),
+            "delta_bytes": stored(c.delta),
+            "h_payload_bytes": c.h.nbytes,
+            "delta_payload_bytes": c.delta.nbytes,
         }
         for c in video.chunks
     ]
+    sink = sink_stored_bytes(list(video.sink_keys.shape), dtype)
+    h_total, delta_total = sum(c["h_bytes"] for c in chunks), sum(c["delta_bytes"] for c in chunks)
+    tokens = sink_tokens + sum(c.n_tokens for c in video.chunks)
     meta = {
         **video.meta,
         "video_id": video.video_id,
@@ -127,11 +187,15 @@ def build_meta(
         "kv_heads": heads,
         "head_dim": head_dim,
         "sink_tokens": sink_tokens,
+        "kv_codec": codec.name,
+        "sink_codec": SINK_CODEC,
         "bytes": {
-            "sink": video.sink_keys.nbytes + video.sink_values.nbytes,
-            "h": sum(c["h_bytes"] for c in chunks),
-            "delta": sum(c["delta_bytes"] for c in chunks),
+            "sink": sink,
+            "h": h_total,
+            "delta": delta_total,
+            "stored": sink + h_total + delta_total,
             "full": video.full_bytes,
+            "full_bf16": tokens * 2 * layers * heads * head_dim * BF16_BYTES,
         },
         "chunks": chunks,
         "parquet_bytes": parquet_bytes,
