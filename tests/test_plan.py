@@ -59,24 +59,29 @@ def test_video(tmp_path_factory):
     )
 
 
-@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
-def test_plan_matches_a_store_that_was_indexed(family, tiny_checkpoints, test_video, tmp_path):
-    """Index a real video with the tiny checkpoint, store it, then plan the same settings and length from the
-    checkpoint's config files alone: tokens exactly, entries per chunk exactly, stored bytes per level within 1% of
-    what the store's file holds and of meta.json, H memory as the loaded H takes it."""
+@pytest.mark.parametrize(
+    "family, codec",
+    [("qwen2-vl", "none"), ("qwen2.5-vl", "none"), ("qwen3-vl", "none"), ("qwen2-vl", "int8"), ("qwen3-vl", "fp8")],
+)
+def test_plan_matches_a_store_that_was_indexed(family, codec, tiny_checkpoints, test_video, tmp_path):
+    """Index a real video with the tiny checkpoint, store it with the codec, then plan the same settings and length
+    from the checkpoint's config files alone: tokens exactly, entries per chunk exactly, stored bytes per level within
+    1% of what the store's file holds and of meta.json, H memory as the loaded H takes it."""
     from x2l.engine import Indexer
 
     ckpt = tiny_checkpoints[family]
     model = ModelConfig(str(ckpt), device="cpu").load()
-    kv, stats = Indexer(model, SAMPLING, COMPRESSION).index(test_video, "clip")
+    compression = CompressionConfig(l_keep=COMPRESSION.l_keep, h_keep=COMPRESSION.h_keep, kv_codec=codec)
+    kv, stats = Indexer(model, SAMPLING, compression).index(test_video, "clip")
     root = tmp_path / "store"
     with KVStore(str(root)) as store:
         meta = store.write(kv)
         loaded_h = h_bytes(store.load_h("clip"))
 
     plan = plan_video(
-        ckpt, VIDEO_FRAMES / VIDEO_FPS, VIDEO_SIZE[0], VIDEO_SIZE[1], SAMPLING, COMPRESSION, "none", meta["dtype"]
+        ckpt, VIDEO_FRAMES / VIDEO_FPS, VIDEO_SIZE[0], VIDEO_SIZE[1], SAMPLING, compression, codec, meta["dtype"]
     )
+    assert meta["kv_codec"] == codec
     assert plan.estimated == []  # the tiny checkpoint has its tokenizer: nothing is estimated
     assert (plan.frames, plan.chunks) == (meta["frames"], meta["n_chunks"]) == (18, 5)
     assert list(plan.frame_size) == meta["frame_size"]
@@ -88,16 +93,10 @@ def test_plan_matches_a_store_that_was_indexed(family, tiny_checkpoints, test_vi
     assert plan.full_bytes == meta["bytes"]["full"]
 
     in_file = stored_row_bytes(root, meta)
-    # meta.json's "bytes" counts keys + values (schema 2); the stored rows add the int32 indices of H and L delta.
-    index_bytes = {
-        level: 4 * meta["layers"] * meta["kv_heads"] * sum(c[f"{level}_entries"] for c in meta["chunks"])
-        for level in ("h", "delta")
-    } | {"sink": 0}
-    for level in ("sink", "h", "delta"):
+    for level in ("sink", "h", "delta"):  # meta.json's bytes are stored bytes: payloads, scales, int32 indices
         assert in_file[level] > 0
         assert abs(plan.stored[level] - in_file[level]) <= 0.01 * in_file[level], (level, plan.stored, in_file)
-        from_meta = meta["bytes"][level] + index_bytes[level]
-        assert abs(plan.stored[level] - from_meta) <= 0.01 * from_meta, (level, plan.stored, meta["bytes"])
+        assert abs(plan.stored[level] - meta["bytes"][level]) <= 0.01 * meta["bytes"][level], (level, meta["bytes"])
     assert plan.h_memory_bytes == loaded_h
 
 

@@ -47,7 +47,6 @@ DEFAULT_PREFILL_TOKENS_PER_S = 1000.0
 DEFAULT_REPLICA_MEMORY = 4 * 2**30
 DAYS_PER_MONTH = 365.25 / 12
 PUTS_PER_VIDEO = 2  # kv-<write_id>.parquet and meta.json, as `x2l report` counts them
-SINK_CODEC = "none"  # the sink is always stored uncompressed (x2l/store/schema.py, issue 16)
 INDEX_IN_MEMORY = 8  # bytes of a loaded kept-entry index: int64 (the store reads int32 and widens it)
 # Tokens of the Qwen system prompt with the Qwen2 / Qwen3 tokenizer, used only when the checkpoint directory has no
 # tokenizer: ids 151644 8948 198 2610 525 264 10950 17847 13 151645 198 151644 872 198 (<|im_start|> system \n You
@@ -164,7 +163,7 @@ def plan_video(
     ModelError for a checkpoint directory x2l cannot size, ConfigError for a bad number or name."""
     import numpy as np
 
-    from x2l.codecs import kv_codec, level_stored_bytes
+    from x2l.codecs import kv_codec, level_stored_bytes, sink_stored_bytes
     from x2l.compress import keep_count
     from x2l.models.registry import pixel_rule
     from x2l.video import sample_times
@@ -208,7 +207,7 @@ def plan_video(
 
     layers, heads, dim = shape.layers, shape.kv_heads, shape.head_dim
     stored = {
-        "sink": kv_codec(SINK_CODEC).nbytes([layers, heads, sink_tokens, dim], torch_dtype),
+        "sink": sink_stored_bytes([layers, heads, sink_tokens, dim], torch_dtype),
         "h": sum(level_stored_bytes(codec, [layers, heads, k, dim], torch_dtype) for k in h_entries),
         "delta": sum(level_stored_bytes(codec, [layers, heads, k, dim], torch_dtype) for k in delta_entries),
     }
