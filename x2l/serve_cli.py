@@ -161,9 +161,9 @@ def run_serve(args: argparse.Namespace, verbose: bool = False) -> int:
     except AppConfigError as e:
         raise ConfigError(e.detail) from None
     check_deployable(cfg)  # the application builder's own checks, before Ray starts
-    check_port(args.host, args.port)
-    if not args.startup_timeout > 0:
+    if not args.startup_timeout > 0:  # argument checks first: which error wins must not depend on the port's state
         raise ConfigError(f"--startup-timeout {args.startup_timeout:g}: must be > 0 seconds")
+    check_port(args.host, args.port)
 
     for var, value in {
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
