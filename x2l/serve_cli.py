@@ -115,12 +115,15 @@ def _stop_on(signum: int, _frame) -> None:
 
 def check_port(host: str, port: int) -> None:
     """ConfigError when PORT is not a TCP port (1-65535; 0 would let the OS pick one this command cannot print) or
-    HOST:PORT cannot be bound (in use, or not an address of this machine)."""
+    HOST:PORT cannot be bound (in use, or not an address of this machine). Bound as Serve's HTTP proxy binds it
+    (uvicorn / asyncio: SO_REUSEADDR), so connections of a server stopped moments ago, left in TIME_WAIT, do not
+    count as in use; on Linux a port someone listens on still is."""
     from x2l.errors import ConfigError
 
     if not 1 <= port <= 65535:
         raise ConfigError(f"--port {port}: not a TCP port (1-65535)")
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
