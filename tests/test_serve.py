@@ -602,6 +602,24 @@ def test_serve_unloading_a_video_drops_its_h(serve_app, archive):
     assert h["bytes"] == h_memory(archive)["cats.mp4"]
 
 
+def test_unknown_video_ids_unload_no_held_video(serve_app, archive):
+    """max_videos_per_replica=1: a question on a video id the store lacks fails alone (404) and leaves the video
+    the replica holds routed there with its H (Serve's loader would unload it before trying the unknown id)."""
+    url = serve_app + "/count1"
+    q = {"video_id": "cats.mp4", "question": "What moves in cats.mp4?"}
+    assert ask(url, [q]).status_code == 200
+    before = httpx.get(url + "/v1/stats").json()
+    assert before["routed_videos"] == ["cats.mp4"]
+    for unknown in ("nope.mp4", "nothing.mp4"):
+        r = ask(url, [{"video_id": unknown, "question": "Anything?"}])
+        assert r.status_code == 404 and r.json()["answers"][0]["error"]["status"] == 404
+    s = httpx.get(url + "/v1/stats").json()
+    assert s["routed_videos"] == ["cats.mp4"] and s["unloads"] == before["unloads"]
+    assert s["h_cache"]["held"] == ["cats.mp4"] and s["h_cache"]["drops"] == before["h_cache"]["drops"]
+    r = ask(url, [q])
+    assert r.status_code == 200 and r.json()["answers"][0]["answer"] == engine_answers(archive, [q])[0].text
+
+
 def test_h_byte_budget_of_one_video_evicts_when_two_alternate(serve_app, archive):
     """An H budget that holds one video (the largest): two videos asked in turn are each loaded again every time,
     least recently used out. Serve's count bound is off here, so Serve still routes both videos to this replica
