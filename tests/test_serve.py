@@ -651,6 +651,17 @@ def test_routing_by_video_off_answers_from_any_replica(serve_app, archive):
     assert s["h_cache"]["held"] == ["cats.mp4", "dogs.mp4"] and s["h_cache"]["loads"] == 2
 
 
+def test_a_damaged_video_error_names_the_video_once():
+    """The store's errors often name the video already ("video 'a.mp4': ..."): the message says it once."""
+    from x2l.errors import CorruptionError, IncompatibleError
+    from x2l.serve import _video_error
+
+    for error in (CorruptionError("video 'a.mp4': H row group: checksum mismatch"), IncompatibleError("schema 9")):
+        got = _video_error("a.mp4", error)["error"]
+        assert got["status"] == 500 and got["message"].count("'a.mp4'") == 1, got
+        assert got["message"].startswith("video 'a.mp4': ")
+
+
 def test_held_video_releases_its_h_once():
     """Serve calls the multiplexed model's __del__ when it unloads it, and Python calls it again at garbage
     collection: the video's H is released once, so a HeldVideo of a later load keeps it."""

@@ -261,7 +261,8 @@ def _video_error(video_id: str, e: Exception) -> dict:
     if isinstance(e, NotFoundError):
         return _error(404, f"unknown video id {video_id!r}")
     if isinstance(e, (CorruptionError, IncompatibleError)):
-        return _error(500, one_line(f"video {video_id!r}: {e}"))
+        named = f"video {video_id!r}: "
+        return _error(500, one_line(f"{'' if str(e).startswith(named) else named}{e}"))
     if isinstance(e, StoreError):
         return _error(503, one_line(f"store unreachable: {e}"))
     return _error(500, error_line(e))
