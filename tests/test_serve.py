@@ -443,6 +443,11 @@ def test_app_arguments_resolve_local_paths_where_the_builder_checks_them(tmp_pat
             "downscale_delay_s",
         ),
         (
+            {"autoscaling_config": "{min_replicas: 1}"},
+            "autoscaling_config='{min_replicas: 1}': not JSON (Expecting property name enclosed in double quotes: "
+            "line 1 column 2 (char 1))",
+        ),
+        (
             {"autoscaling_config": 4},
             "autoscaling_config=4: expected a mapping such as {min_replicas: 1, max_replicas: 4}",
         ),
@@ -469,6 +474,9 @@ def test_replicas_or_serve_autoscaling_pass_to_the_query_deployment(archive):
     d = query_deployment(ServeArgs.model_validate(base | {"autoscaling_config": scaling}))
     got = d._deployment_config.autoscaling_config  # Serve's parsed AutoscalingConfig
     assert (got.min_replicas, got.max_replicas, got.target_ongoing_requests) == (1, 4, 8)
+    # `serve run x2l.serve:app ... autoscaling_config='{"min_replicas": 1, ...}'` passes every value as a string
+    as_text = ServeArgs.model_validate(base | {"autoscaling_config": json.dumps(scaling)})
+    assert as_text.autoscaling_config == scaling
     with pytest.raises(ConfigError, match="give num_replicas or autoscaling_config, not both"):
         ServeArgs.model_validate(base | {"autoscaling_config": scaling, "num_replicas": 2})
 

@@ -49,6 +49,7 @@ app on a Ray of this process (`x2l serve`, the demo).
 
 import asyncio
 import hmac
+import json
 import os
 import threading
 import time
@@ -147,6 +148,17 @@ class ServeArgs(BaseModel):
         if problem := attention_problem(value):
             raise ValueError(problem)
         return value
+
+    @field_validator("autoscaling_config", mode="before")
+    @classmethod
+    def _autoscaling_json(cls, value: Any) -> Any:
+        """JSON text as the mapping it spells: `serve run x2l.serve:app key=value` passes every value as a string."""
+        if not isinstance(value, str):
+            return value
+        try:
+            return json.loads(value)
+        except ValueError as e:
+            raise ValueError(f"not JSON ({e})") from None
 
     @field_validator("autoscaling_config")
     @classmethod
