@@ -167,6 +167,7 @@ def plan_video(
     from x2l.codecs import kv_codec, level_stored_bytes
     from x2l.compress import keep_count
     from x2l.models.registry import pixel_rule
+    from x2l.scorers import make_scorer
     from x2l.video import sample_times
 
     if not (math.isfinite(duration_s) and duration_s > 0):
@@ -175,6 +176,7 @@ def plan_video(
         raise ConfigError(f"source video size must be positive, got {width}x{height}")
     torch_dtype = kv_dtype(dtype)
     kv_codec(codec)  # ConfigError naming the known codecs
+    make_scorer(compression.scorer)  # changes no size, but a name `x2l index` refuses is refused here too
     path = Path(model)
     shape = checkpoint_shape(path)
     rule = pixel_rule(path, sampling.min_pixels, sampling.max_pixels)
