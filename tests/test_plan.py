@@ -193,6 +193,10 @@ def test_errors_are_one_line(tmp_path, tiny_checkpoints):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ModelError, match="model_type 'llama' is not supported"):
         plan_video(tmp_path, 60)
+    # a config without the language model's shape: transformers would fill in Qwen2-VL-7B's defaults, unsaid
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_vl", "text_config": {"hidden_size": 64}}))
+    with pytest.raises(ModelError, match="config.json: no num_hidden_layers, num_attention_heads"):
+        plan_video(tmp_path, 60)
     with pytest.raises(ModelError, match="cannot size llava-onevision"):
         plan_video(tiny_checkpoints["llava-onevision"], 60)
     with pytest.raises(ConfigError, match="video length must be > 0"):
