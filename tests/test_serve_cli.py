@@ -77,6 +77,12 @@ def test_bad_model_store_or_port_is_one_line_before_ray_starts(indexed, tmp_path
             [indexed["store"], "--model", indexed["model"], "--startup-timeout", "0"],
             "x2l: error: --startup-timeout 0: must be > 0 seconds",
         ),
+        (  # given both, even when --num-replicas is the default's value
+            [indexed["store"], "--model", indexed["model"], "--num-replicas", "1"]
+            + ["--autoscaling-config", '{"min_replicas": 1, "max_replicas": 2}'],
+            "x2l: error: x2l.serve arguments: give num_replicas or autoscaling_config, not both (autoscaling_config "
+            "sets min/max_replicas)",
+        ),
     ]
     for args, line in cases:
         r = subprocess.run(x2l("serve", *args), capture_output=True, text=True, env=env(), cwd=tmp_path)
