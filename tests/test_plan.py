@@ -192,6 +192,10 @@ def test_errors_are_one_line(tmp_path, tiny_checkpoints):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ModelError, match="model_type 'llama' is not supported"):
         plan_video(tmp_path, 60)
+    # a config without the language model's shape: transformers would fill in Qwen2-VL-7B's defaults, unsaid
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_vl", "text_config": {"hidden_size": 64}}))
+    with pytest.raises(ModelError, match="config.json: no num_hidden_layers, num_attention_heads"):
+        plan_video(tmp_path, 60)
     with pytest.raises(ModelError, match="cannot size llava-onevision"):
         plan_video(tiny_checkpoints["llava-onevision"], 60)
     with pytest.raises(ConfigError, match="video length must be > 0"):
@@ -217,6 +221,10 @@ def test_errors_are_one_line(tmp_path, tiny_checkpoints):
         (["--video-minutes", "nan"], "--video-minutes must be > 0"),
         (["--questions-per-day", "-5"], "--questions-per-day must be >= 0"),
         (["--fps", "0"], "fps must be > 0"),
+        (["--max-pixels", "0"], "max_pixels must be >= 1, got 0"),
+        (["--min-pixels", "-5"], "min_pixels must be >= 1, got -5"),
+        (["--min-pixels", "2000000", "--max-pixels", "1000"], "min_pixels (2000000) must be <= max_pixels (1000)"),
+        (["--scorer", "bogus"], "unknown scorer 'bogus'"),
         (["--replica-memory", "lots"], "--replica-memory 'lots': not a byte count"),
         (["--kv-codec", "zip"], "unknown kv codec 'zip'"),
         (["--budget-bytes", "1000"], "--budget-bytes is not planned"),

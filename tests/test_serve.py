@@ -443,6 +443,11 @@ def test_app_arguments_resolve_local_paths_where_the_builder_checks_them(tmp_pat
             "downscale_delay_s",
         ),
         (
+            {"autoscaling_config": "{min_replicas: 1}"},
+            "autoscaling_config='{min_replicas: 1}': not JSON (Expecting property name enclosed in double quotes: "
+            "line 1 column 2 (char 1))",
+        ),
+        (
             {"autoscaling_config": 4},
             "autoscaling_config=4: expected a mapping such as {min_replicas: 1, max_replicas: 4}",
         ),
@@ -469,6 +474,9 @@ def test_replicas_or_serve_autoscaling_pass_to_the_query_deployment(archive):
     d = query_deployment(ServeArgs.model_validate(base | {"autoscaling_config": scaling}))
     got = d._deployment_config.autoscaling_config  # Serve's parsed AutoscalingConfig
     assert (got.min_replicas, got.max_replicas, got.target_ongoing_requests) == (1, 4, 8)
+    # `serve run x2l.serve:app ... autoscaling_config='{"min_replicas": 1, ...}'` passes every value as a string
+    as_text = ServeArgs.model_validate(base | {"autoscaling_config": json.dumps(scaling)})
+    assert as_text.autoscaling_config == scaling
     with pytest.raises(ConfigError, match="give num_replicas or autoscaling_config, not both"):
         ServeArgs.model_validate(base | {"autoscaling_config": scaling, "num_replicas": 2})
 
@@ -602,6 +610,24 @@ def test_serve_unloading_a_video_drops_its_h(serve_app, archive):
     assert h["bytes"] == h_memory(archive)["cats.mp4"]
 
 
+def test_unknown_video_ids_unload_no_held_video(serve_app, archive):
+    """max_videos_per_replica=1: a question on a video id the store lacks fails alone (404) and leaves the video
+    the replica holds routed there with its H (Serve's loader would unload it before trying the unknown id)."""
+    url = serve_app + "/count1"
+    q = {"video_id": "cats.mp4", "question": "What moves in cats.mp4?"}
+    assert ask(url, [q]).status_code == 200
+    before = httpx.get(url + "/v1/stats").json()
+    assert before["routed_videos"] == ["cats.mp4"]
+    for unknown in ("nope.mp4", "nothing.mp4"):
+        r = ask(url, [{"video_id": unknown, "question": "Anything?"}])
+        assert r.status_code == 404 and r.json()["answers"][0]["error"]["status"] == 404
+    s = httpx.get(url + "/v1/stats").json()
+    assert s["routed_videos"] == ["cats.mp4"] and s["unloads"] == before["unloads"]
+    assert s["h_cache"]["held"] == ["cats.mp4"] and s["h_cache"]["drops"] == before["h_cache"]["drops"]
+    r = ask(url, [q])
+    assert r.status_code == 200 and r.json()["answers"][0]["answer"] == engine_answers(archive, [q])[0].text
+
+
 def test_h_byte_budget_of_one_video_evicts_when_two_alternate(serve_app, archive):
     """An H budget that holds one video (the largest): two videos asked in turn are each loaded again every time,
     least recently used out. Serve's count bound is off here, so Serve still routes both videos to this replica
@@ -631,6 +657,17 @@ def test_routing_by_video_off_answers_from_any_replica(serve_app, archive):
     s = httpx.get(url + "/v1/stats").json()
     assert not s["route_by_video"] and s["routed_videos"] == [] and s["unloads"] == 0
     assert s["h_cache"]["held"] == ["cats.mp4", "dogs.mp4"] and s["h_cache"]["loads"] == 2
+
+
+def test_a_damaged_video_error_names_the_video_once():
+    """The store's errors often name the video already ("video 'a.mp4': ..."): the message says it once."""
+    from x2l.errors import CorruptionError, IncompatibleError
+    from x2l.serve import _video_error
+
+    for error in (CorruptionError("video 'a.mp4': H row group: checksum mismatch"), IncompatibleError("schema 9")):
+        got = _video_error("a.mp4", error)["error"]
+        assert got["status"] == 500 and got["message"].count("'a.mp4'") == 1, got
+        assert got["message"].startswith("video 'a.mp4': ")
 
 
 def test_held_video_releases_its_h_once():

@@ -77,6 +77,12 @@ def test_bad_model_store_or_port_is_one_line_before_ray_starts(indexed, tmp_path
             [indexed["store"], "--model", indexed["model"], "--startup-timeout", "0"],
             "x2l: error: --startup-timeout 0: must be > 0 seconds",
         ),
+        (  # given both, even when --num-replicas is the default's value
+            [indexed["store"], "--model", indexed["model"], "--num-replicas", "1"]
+            + ["--autoscaling-config", '{"min_replicas": 1, "max_replicas": 2}'],
+            "x2l: error: x2l.serve arguments: give num_replicas or autoscaling_config, not both (autoscaling_config "
+            "sets min/max_replicas)",
+        ),
     ]
     for args, line in cases:
         r = subprocess.run(x2l("serve", *args), capture_output=True, text=True, env=env(), cwd=tmp_path)
@@ -99,6 +105,33 @@ def test_bad_model_store_or_port_is_one_line_before_ray_starts(indexed, tmp_path
     assert r.returncode == 1
     [line] = r.stderr.strip().splitlines()
     assert line.startswith(f"x2l: error: --host 127.0.0.1 --port {port}: cannot listen there")
+
+
+def test_port_left_in_time_wait_by_a_stopped_server_is_free():
+    """A port whose last server stopped moments ago has connections in TIME_WAIT: Serve's HTTP proxy (uvicorn,
+    SO_REUSEADDR) can listen there, so the pre-check must not refuse it; a port someone listens on still is."""
+    import socket
+
+    from x2l.errors import ConfigError
+    from x2l.serve_cli import check_port
+
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = server.accept()
+    conn.close()  # the server side closes first: its end of the connection stays in TIME_WAIT on `port`
+    server.close()
+    client.close()
+    check_port("127.0.0.1", port)
+    with socket.socket() as busy:
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(ConfigError, match="cannot listen there"):
+            check_port("127.0.0.1", busy.getsockname()[1])
 
 
 def _descendants(pid: int) -> dict[int, bytes]:

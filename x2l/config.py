@@ -78,7 +78,8 @@ class SamplingConfig:
 
     fps: frames sampled per second of video. max_frames: cap; longer videos are sampled evenly at a lower rate.
     frames_per_chunk: frames per chunk (a multiple of the model's temporal patch size). min_pixels / max_pixels:
-    per-frame pixel bounds of the resize rule; None takes the checkpoint's preprocessor settings.
+    per-frame pixel bounds of the resize rule; None takes the checkpoint's preprocessor settings. ConfigError for a
+    value out of range (a pixel bound < 1, or min_pixels > max_pixels).
     """
 
     fps: float = 1.0
@@ -96,6 +97,11 @@ class SamplingConfig:
             raise ConfigError(f"frames_per_chunk must be >= 1, got {self.frames_per_chunk}")
         if self.max_frames < self.frames_per_chunk:
             raise ConfigError(f"max_frames ({self.max_frames}) must be >= frames_per_chunk ({self.frames_per_chunk})")
+        for name in ("min_pixels", "max_pixels"):  # 0 would read as "the checkpoint's", a negative bound as none
+            if (value := getattr(self, name)) is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ConfigError(f"min_pixels ({self.min_pixels}) must be <= max_pixels ({self.max_pixels})")
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ tests/test_plan.py checks the per-video figures against a store that was actuall
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -71,7 +72,8 @@ class CheckpointShape:
 
 def checkpoint_shape(path: str | Path) -> CheckpointShape:
     """The shape of the checkpoint at `path`; ModelError (one line) for a missing directory or config.json, an
-    unsupported model_type, or a config transformers cannot read."""
+    unsupported model_type, a config transformers cannot read, or one that does not give the language model's layers,
+    attention heads and hidden size (at its top or in text_config)."""
     from x2l.models.registry import checkpoint_family
 
     fam = checkpoint_family(path)
@@ -81,6 +83,13 @@ def checkpoint_shape(path: str | Path) -> CheckpointShape:
         config = AutoConfig.from_pretrained(Path(path))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelError(f"{path}/config.json: transformers cannot read it ({e})") from e
+    raw = json.loads((Path(path) / "config.json").read_text())  # checkpoint_family read it already
+    given = set(raw) | set(raw.get("text_config") or {})
+    # num_key_value_heads may be absent (then it is num_attention_heads, as transformers reads it); without these,
+    # transformers' defaults (a 7B model's) would be sized, unsaid
+    missing = [k for k in ("num_hidden_layers", "num_attention_heads", "hidden_size") if k not in given]
+    if missing:
+        raise ModelError(f"{path}/config.json: no {', '.join(missing)} (the language model's shape x2l plan sizes)")
     text = getattr(config, "text_config", None) or config
     try:
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -166,6 +175,7 @@ def plan_video(
     from x2l.codecs import kv_codec, level_stored_bytes, sink_stored_bytes
     from x2l.compress import keep_count
     from x2l.models.registry import pixel_rule
+    from x2l.scorers import make_scorer
     from x2l.video import sample_times
 
     if not (math.isfinite(duration_s) and duration_s > 0):
@@ -174,6 +184,7 @@ def plan_video(
         raise ConfigError(f"source video size must be positive, got {width}x{height}")
     torch_dtype = kv_dtype(dtype)
     kv_codec(codec)  # ConfigError naming the known codecs
+    make_scorer(compression.scorer)  # changes no size, but a name `x2l index` refuses is refused here too
     path = Path(model)
     shape = checkpoint_shape(path)
     rule = pixel_rule(path, sampling.min_pixels, sampling.max_pixels)

@@ -49,6 +49,7 @@ app on a Ray of this process (`x2l serve`, the demo).
 
 import asyncio
 import hmac
+import json
 import os
 import threading
 import time
@@ -147,6 +148,17 @@ class ServeArgs(BaseModel):
         if problem := attention_problem(value):
             raise ValueError(problem)
         return value
+
+    @field_validator("autoscaling_config", mode="before")
+    @classmethod
+    def _autoscaling_json(cls, value: Any) -> Any:
+        """JSON text as the mapping it spells: `serve run x2l.serve:app key=value` passes every value as a string."""
+        if not isinstance(value, str):
+            return value
+        try:
+            return json.loads(value)
+        except ValueError as e:
+            raise ValueError(f"not JSON ({e})") from None
 
     @field_validator("autoscaling_config")
     @classmethod
@@ -261,7 +273,8 @@ def _video_error(video_id: str, e: Exception) -> dict:
     if isinstance(e, NotFoundError):
         return _error(404, f"unknown video id {video_id!r}")
     if isinstance(e, (CorruptionError, IncompatibleError)):
-        return _error(500, one_line(f"video {video_id!r}: {e}"))
+        named = f"video {video_id!r}: "
+        return _error(500, one_line(f"{'' if str(e).startswith(named) else named}{e}"))
     if isinstance(e, StoreError):
         return _error(503, one_line(f"store unreachable: {e}"))
     return _error(500, error_line(e))
@@ -374,7 +387,10 @@ class QueryModel:
         """One question (video_id, question, id?, options?, top_k?, budget_bytes?, max_new_tokens?) -> its result
         dict, which echoes id and video_id and names the replica that answered. With route_by_video the call's
         multiplexed model id (`serve.get_multiplexed_model_id()`) is the video id; a call without one (a handle used
-        without `.options(multiplexed_model_id=...)`) is held under the question's video id."""
+        without `.options(multiplexed_model_id=...)`) is held under the question's video id. A video Serve does not
+        hold here yet is loaded into the HCache before Serve's multiplexed loader runs: that loader unloads the least
+        recently used video (max_videos_per_replica) before it calls ours, so an unknown or damaged video id would
+        otherwise cost a held video its place and its H."""
         video_id = question["video_id"]
         if self.cfg.route_by_video:
             routed = serve.get_multiplexed_model_id() or video_id
@@ -383,6 +399,10 @@ class QueryModel:
                     422, f"multiplexed model id {routed!r} is not the question's video id {video_id!r}"
                 )
             try:
+                with self._routed_lock:
+                    held = video_id in self.routed
+                if not held:  # checked first: Serve's loader unloads a held video before it calls ours
+                    await asyncio.to_thread(self.h.current, video_id)
                 await self._video(video_id)
             except Exception as e:  # noqa: BLE001 - an unknown or damaged video fails its own question
                 return {"id": question.get("id"), "video_id": video_id} | _video_error(video_id, e)

@@ -95,6 +95,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+        elif name == "num_replicas":  # None when not given: giving it with --autoscaling-config is refused
+            p.add_argument(flag, type=int, default=None, help=f"{text} (default {default})")
         elif default is None:
             p.add_argument(flag, type=_json_mapping, default=None, metavar="JSON", help=f"{text} (default: none)")
         else:
@@ -115,12 +117,15 @@ def _stop_on(signum: int, _frame) -> None:
 
 def check_port(host: str, port: int) -> None:
     """ConfigError when PORT is not a TCP port (1-65535; 0 would let the OS pick one this command cannot print) or
-    HOST:PORT cannot be bound (in use, or not an address of this machine)."""
+    HOST:PORT cannot be bound (in use, or not an address of this machine). Bound as Serve's HTTP proxy binds it
+    (uvicorn / asyncio: SO_REUSEADDR), so connections of a server stopped moments ago, left in TIME_WAIT, do not
+    count as in use; on Linux a port someone listens on still is."""
     from x2l.errors import ConfigError
 
     if not 1 <= port <= 65535:
         raise ConfigError(f"--port {port}: not a TCP port (1-65535)")
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
@@ -154,8 +159,8 @@ def run_serve(args: argparse.Namespace, verbose: bool = False) -> int:
 
     config: dict[str, Any] = {"store": args.store, "model": args.model}
     config |= {name: getattr(args, name) for name in OPTIONS}
-    if args.autoscaling_config is not None and args.num_replicas == OPTIONS["num_replicas"][0]:
-        config.pop("num_replicas")  # Serve's autoscaler sets it; --num-replicas N with it is refused by ServeArgs
+    if config["num_replicas"] is None:
+        config.pop("num_replicas")  # ServeArgs's default; --num-replicas N with --autoscaling-config is refused there
     try:
         cfg = ServeArgs.model_validate(config)  # what Serve does with `serve run` arguments
     except AppConfigError as e:
