@@ -29,11 +29,15 @@ from transformers import DynamicCache
 from x2l.compress import merge_levels, split_levels
 from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig, to_dict
 from x2l.kv import ChunkKV, Fetch, KVSource, LevelKV, VideoKV
+from x2l.lru import LRU
 from x2l.models.base import ModelAdapter, Segment
 from x2l.models.probing import probing
-from x2l.retrieval import EnoughLayers, RelevanceProbe, chunk_relevance, select_chunks
+from x2l.retrieval import EnoughLayers
 from x2l.scorers import make_scorer
 from x2l.scorers.base import ScoringProbe
+from x2l.selectors import SelectionInputs, make_selector
+from x2l.selectors.attention import AttentionSelector
+from x2l.selectors.base import h_cache_layers as h_cache_layers  # [sink + every H] per layer
 from x2l.video import VideoClip, load_video
 
 ChunkDone = Callable[[int, int], None]  # (chunks done, chunks in the video)
@@ -71,6 +75,33 @@ class Indexed(NamedTuple):
 
     video: VideoKV
     stats: IndexStats
+
+
+# The question-blind prompt whose attention over a video's H is its position prior (x2l/selectors/calibrated.py).
+BLIND_PROMPT = "Describe the video."
+PRIOR_KEY = "question_blind_prior"  # meta.json: {"prompt": BLIND_PROMPT, "attention": [one float per chunk]}
+
+
+def question_blind_prior(model: ModelAdapter, video: VideoKV) -> list[float]:
+    """[n_chunks] floats summing to 1: the `attention` selector's row (every layer voting) for BLIND_PROMPT over the
+    video's [sink + every H], normalised over chunks. What the `calibrated` selector subtracts (issue 17); computed
+    once per video at indexing and stored in its meta (PRIOR_KEY)."""
+    prompt = model.question_ids(BLIND_PROMPT)
+    inputs = SelectionInputs(video, _prefill(model, video, [prompt]), 1, [0], lambda: None)
+    row = AttentionSelector().relevance(inputs)[0].double()
+    return (row / row.sum().clamp(min=1e-30)).tolist()
+
+
+def stored_prior(video: VideoKV) -> list[float] | None:
+    """The prior the video's meta holds, or None when it holds none of this prompt and chunk count (a video indexed
+    before issue 17)."""
+    prior = video.meta.get(PRIOR_KEY)
+    if not isinstance(prior, dict) or prior.get("prompt") != BLIND_PROMPT:
+        return None
+    values = prior.get("attention")
+    if not isinstance(values, list) or len(values) != video.n_chunks:
+        return None
+    return [float(v) for v in values]
 
 
 class Indexer:
@@ -163,7 +194,10 @@ class Indexer:
             "frames_promised": clip.frames_promised,
             "frames_decoded": clip.frames_decoded,
         }
-        return Indexed(VideoKV(video_id, sink_k, sink_v, chunks, start, meta), stats)
+        video = VideoKV(video_id, sink_k, sink_v, chunks, start, meta)
+        with timed(seconds, "prefill"):  # one question-length pass over [sink + every H]
+            meta[PRIOR_KEY] = {"prompt": BLIND_PROMPT, "attention": question_blind_prior(model, video)}
+        return Indexed(video, stats)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -176,6 +210,7 @@ class Question:
     max_new_tokens: int | None = None  # overrides RetrievalConfig.max_new_tokens
     id: str | None = None
     budget_bytes: int | None = None  # overrides RetrievalConfig.budget_bytes (bytes of L delta; issue 12)
+    mass: float | None = None  # overrides RetrievalConfig.mass (relevance-mass rule; issue 17)
 
 
 @dataclass
@@ -210,17 +245,6 @@ class Answer:
             "cache_hits": self.cache_hits,
             "seconds": {k: round(v, 6) for k, v in self.seconds.items()},
         }
-
-
-def h_cache_layers(video: VideoKV) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """[sink + every chunk's H] per layer, [Hkv, S, D]."""
-    return [
-        (
-            torch.cat([video.sink_keys[l]] + [c.h.keys[l] for c in video.chunks], dim=1),
-            torch.cat([video.sink_values[l]] + [c.h.values[l] for c in video.chunks], dim=1),
-        )
-        for l in range(video.sink_keys.shape[0])
-    ]
 
 
 def mixed_cache_layers(video: VideoKV, levels: dict[int, LevelKV]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -275,6 +299,26 @@ def _padded_batch(
     return _cache(layers), model.embed_ids(ids), torch.stack(positions, dim=1), mask, valid
 
 
+def _prefill(model: ModelAdapter, video: VideoKV, prompts: list[list[int]]):
+    """The select stage's pass (x2l.selectors.base.Prefill): the prompts, left-padded into one batch at the
+    question's positions after `video`, pre-filled over a given cache with a probe built from their valid rows;
+    a probe's EnoughLayers ends the pass."""
+
+    def run(layers, make_probe):
+        cache, embeds, positions, mask, valid = _padded_batch(
+            model, [layers] * len(prompts), prompts, [video.next_position] * len(prompts)
+        )
+        probe = make_probe(valid)
+        try:
+            with probing(probe):
+                model.forward(embeds, positions, cache, mask, logits=False)
+        except EnoughLayers:
+            pass  # the layers after the last voting one are not needed
+        return probe
+
+    return run
+
+
 def greedy_decode(
     model: ModelAdapter,
     caches: list[list[tuple[torch.Tensor, torch.Tensor]]],
@@ -310,14 +354,6 @@ def greedy_decode(
     return out, first
 
 
-def uniform_chunks(n_chunks: int, k: int) -> list[int]:
-    """k chunks evenly spaced over the video, chosen without looking at the question (the control for retrieval)."""
-    k = min(k, n_chunks)
-    if k <= 0:
-        return []
-    return sorted({round(i * (n_chunks - 1) / (k - 1)) if k > 1 else (n_chunks - 1) // 2 for i in range(k)})
-
-
 @dataclass
 class _VideoWork:
     """One video's share of a batch as the stages fill it in: its questions (indices into the batch), its H level,
@@ -337,25 +373,36 @@ class Answerer:
     """
 
     def __init__(self, model: ModelAdapter, source: KVSource, retrieval: RetrievalConfig = RetrievalConfig()):
+        """ConfigError for a selector spec (RetrievalConfig.selection) x2l.selectors does not know."""
         self.model = model
         self.source = source
         self.retrieval = retrieval
+        self.selector = make_selector(retrieval.selection)
+        if retrieval.layers is not None and getattr(self.selector, "layers", ()) is None:
+            self.selector.layers = retrieval.layers
+        self._priors = LRU(1024)  # (video id, write id) -> prior computed for a video indexed without one
 
     def relevance(self, video: VideoKV, prompts: list[list[int]]) -> torch.Tensor:
-        """[len(prompts), n_chunks]: attention each question pays to each chunk's H entries."""
-        h_layers = h_cache_layers(video)
-        n_cache = h_layers[0][0].shape[1]
-        cache, embeds, positions, mask, valid = _padded_batch(
-            self.model, [h_layers] * len(prompts), prompts, [video.next_position] * len(prompts)
+        """[len(prompts), n_chunks]: the selector's relevance of each chunk for each question (the default
+        `attention`: the attention each question pays to each chunk's H entries)."""
+        return self.selector.relevance(self._inputs(video, prompts, [self.retrieval.top_k] * len(prompts)))
+
+    def _inputs(self, video: VideoKV, prompts: list[list[int]], top_k: list[int]) -> SelectionInputs:
+        return SelectionInputs(
+            video, _prefill(self.model, video, prompts), len(prompts), top_k, lambda: self.prior(video)
         )
-        probe = RelevanceProbe(n_cache, valid, self.retrieval.layers)
-        try:
-            with probing(probe):
-                self.model.forward(embeds, positions, cache, mask, logits=False)
-        except EnoughLayers:
-            pass  # the layers after the last voting one are not needed
-        sink_len = video.sink_keys.shape[2]
-        return chunk_relevance(probe.entry_attention(), sink_len, [c.h.n_entries for c in video.chunks])
+
+    def prior(self, video: VideoKV) -> torch.Tensor:
+        """[n_chunks] float64: the video's question-blind prior from its meta; for a video indexed before priors
+        were stored, computed once (the same function indexing runs) and kept for this video's commit."""
+        values = stored_prior(video)
+        if values is None:
+            key = (video.video_id, video.meta.get("write_id"))
+            values = self._priors.get(key)
+            if values is None:
+                values = question_blind_prior(self.model, video)
+                self._priors.put(key, values)
+        return torch.tensor(values, dtype=torch.float64)
 
     def answer(self, questions: list[Question]) -> list[Answer]:
         """Answer a batch of questions (any mix of videos) in one decode; answers in the questions' order."""
@@ -399,26 +446,26 @@ class Answerer:
         selected: list[list[int]],
         relevance: list[list[float]],
     ) -> None:
-        """Each question's chunks to load at L: evenly spaced (selection "uniform"), else by its attention over
-        the H level, top_k or as many as its byte budget allows (x2l.retrieval.select_chunks)."""
+        """Each question's chunks to load at L: the selector (RetrievalConfig.selection, x2l/selectors/) scores the
+        chunks of the video for its questions in one pass, and each question's rule picks from its row: top_k, as
+        many as its byte budget allows, or as many as hold its share of the relevance mass
+        (x2l.retrieval.select_chunks; a question's own top_k / budget_bytes / mass win over the config's)."""
         cfg, video, idx = self.retrieval, w.video, w.questions
-        ks = [questions[i].top_k if questions[i].top_k is not None else cfg.top_k for i in idx]
-        budgets = [
-            questions[i].budget_bytes if questions[i].budget_bytes is not None else cfg.budget_bytes for i in idx
-        ]
-        wants = [i for i, k, b in zip(idx, ks, budgets, strict=True) if k > 0 or b is not None]
-        if wants and cfg.selection == "uniform":
-            for i, k in zip(idx, ks, strict=True):
-                selected[i] = uniform_chunks(video.n_chunks, k)
-        elif wants:
-            rel = self.relevance(video, [prompts[i] for i in wants])
-            delta_bytes = [video.entry_bytes(c.delta_entries) for c in video.chunks]
-            for row, i in zip(rel, wants, strict=True):
-                q = questions[i]
-                k = q.top_k if q.top_k is not None else cfg.top_k
-                budget = q.budget_bytes if q.budget_bytes is not None else cfg.budget_bytes
-                selected[i] = select_chunks(row, k, budget, delta_bytes)
-                relevance[i] = row.tolist()
+
+        def rule(q: Question) -> tuple[int, int | None, float | None]:
+            k = q.top_k if q.top_k is not None else cfg.top_k
+            budget = q.budget_bytes if q.budget_bytes is not None else cfg.budget_bytes
+            return k, budget, q.mass if q.mass is not None else cfg.mass
+
+        rules = {i: rule(questions[i]) for i in idx}
+        wants = [i for i in idx if rules[i][0] > 0 or (rules[i][1] is not None and rules[i][2] is None)]
+        if not wants:
+            return
+        inputs = self._inputs(video, [prompts[i] for i in wants], [rules[i][0] for i in wants])
+        delta_bytes = [video.entry_bytes(c.delta_entries) for c in video.chunks]
+        chunks, rows = self.selector.choose(inputs, [rules[i] for i in wants], delta_bytes)
+        for i, c, row in zip(wants, chunks, rows, strict=True):
+            selected[i], relevance[i] = c, row
 
     def _fetch(self, vid: str, w: _VideoWork, selected: list[list[int]]) -> None:
         """The L deltas of every chunk any of the video's questions selected, merged with their H into L."""
