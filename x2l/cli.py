@@ -365,15 +365,14 @@ def cmd_ask(args) -> None:
                 raise ConfigError(f"--question {n} ({q[:40]!r}{'...' if len(q) > 40 else ''}): {e}") from e
 
     check()  # characters and empty questions: before the model is loaded
+    retrieval = retrieval_config(args)  # an unknown --selector or a --mass out of range: before it too
     KVStore(args.store, create=False).require_exists()  # a missing store: said before loading the model
     model = _load_model(args)
     check(lambda q, o: len(model.question_ids(q, o)))
     store = KVStore(args.store, model.fingerprint, dtype=model.dtype, create=False)
     video_id = _pick_video(store, args.video_id)
     store.info(video_id)  # unknown id: a clear error before any work
-    answers = Answerer(model, store, retrieval_config(args)).answer(
-        [Question(video_id, q, args.options) for q in args.question]
-    )
+    answers = Answerer(model, store, retrieval).answer([Question(video_id, q, args.options) for q in args.question])
     for a in answers:
         if args.json:
             print(json.dumps(a.to_dict()))
