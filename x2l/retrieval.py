@@ -78,7 +78,7 @@ def select_chunks(
         if not 0 < mass <= 1:
             raise ValueError(f"relevance mass must be in (0, 1], got {mass}")
         scores = relevance.double().clamp(min=0).tolist()
-        goal = mass * sum(scores) * (1 - 1e-9)  # a share reached up to float rounding counts as reached
+        goal = mass * sum(scores) * (1 - 1e-6)  # a share reached up to float32 rounding counts as reached
         chosen, used, held = [], 0, 0.0
         for c in order:
             if held >= goal or len(chosen) >= top_k or scores[c] <= 0:

@@ -11,6 +11,7 @@ from x2l.selectors.attention import h_attention
 from x2l.selectors.base import SelectionInputs, Selector
 
 MODES = ("sub", "div")
+NOISE = 1e-6  # a share of attention below this is rounding, not relevance (float32 rows)
 
 
 @dataclass
@@ -23,8 +24,9 @@ class CalibratedSelector(Selector):
     selector's row for a fixed question-blind prompt (x2l.engine.BLIND_PROMPT), computed once per video at indexing
     and stored in its meta.json (`question_blind_prior`). Both rows are normalised over chunks (q, p0: [n_chunks],
     summing to 1) and the chunk's relevance is
-    - `sub` (default): max(q - p0, 0), the attention the question pays beyond the prior, as contextual calibration
-      subtracts a content-free input's output (Zhao et al. 2021, "Calibrate Before Use", arXiv 2102.09690);
+    - `sub` (default): q - p0 where it exceeds 1e-6 (rounding), else 0: the attention the question pays beyond the
+      prior, as contextual calibration subtracts a content-free input's output (Zhao et al. 2021, "Calibrate Before
+      Use", arXiv 2102.09690);
     - `div`: q / p0 (pointwise mutual information of chunk and question, exponentiated), then normalised.
     The relevance mass of a `sub` row is the total-variation distance between the question's and the blind prompt's
     attention: a question attending like the blind prompt has little mass, and none where it never exceeds it (the
@@ -45,6 +47,7 @@ class CalibratedSelector(Selector):
         q = rows / rows.sum(dim=1, keepdim=True).clamp(min=1e-30)
         p0 = prior / prior.sum().clamp(min=1e-30)
         if self.mode == "sub":
-            return (q - p0).clamp(min=0)
+            excess = q - p0
+            return torch.where(excess > NOISE, excess, torch.zeros_like(excess))
         ratio = q / p0.clamp(min=1e-12)
         return ratio / ratio.sum(dim=1, keepdim=True).clamp(min=1e-30)
