@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from x2l.config import RetrievalConfig, SamplingConfig
-from x2l.engine import PRIOR_KEY, Answerer, Indexer, Question, question_blind_prior, stored_prior
+from x2l.engine import BLIND_PROMPT, PRIOR_KEY, Answerer, Indexer, Question, question_blind_prior, stored_prior
 from x2l.errors import ConfigError
 from x2l.kv import ChunkKV, InMemorySource, LevelKV, VideoKV
 from x2l.retrieval import EnoughLayers, select_chunks
 from x2l.selectors import SELECTORS, SelectionInputs, make_selector, uniform_chunks
 from x2l.selectors.attention import AttentionSelector
+from x2l.selectors.calibrated import running_median
 
 ALL = sorted(SELECTORS)
 LAYERS, KV_HEADS, GROUPS, D, SINK, H, Q_LEN = 2, 2, 2, 8, 3, 2, 4
@@ -65,10 +66,16 @@ def fake_prefill(query: torch.Tensor):
     return run
 
 
-def inputs_for(video: VideoKV, top_k: int = 2) -> SelectionInputs:
+def blind_prior(video: VideoKV) -> torch.Tensor:
+    """[LAYERS, n_chunks]: the blind prompt's attention per layer (the constructed layers all attend alike), as
+    x2l.engine.question_blind_prior makes it."""
     blind = SelectionInputs(video, fake_prefill(query_of(0.0)), 1, [0], lambda: None)
-    prior = AttentionSelector().relevance(blind)[0].double()  # as x2l.engine.question_blind_prior makes it
-    return SelectionInputs(video, fake_prefill(query_of(1.0)), 1, [top_k], lambda: prior / prior.sum())
+    return AttentionSelector().relevance(blind)[0].double().expand(LAYERS, -1)
+
+
+def inputs_for(video: VideoKV, top_k: int = 2) -> SelectionInputs:
+    prior = blind_prior(video)
+    return SelectionInputs(video, fake_prefill(query_of(1.0)), 1, [top_k], lambda: prior)
 
 
 def chosen(name: str, video: VideoKV, k: int = 2, budget=None, mass=None) -> list[int]:
@@ -106,13 +113,13 @@ def test_recency_prior_hides_chunk_0_from_attention_but_not_from_calibrated():
     assert 0 not in chosen("attention", video, 2)
     assert chosen("calibrated", video, 1) == [0]
     assert chosen("calibrated:mode=div", video, 1) == [0]
+    assert chosen("calibrated:window=0", video, 1) == [0]
 
 
 def test_calibrated_selects_nothing_by_mass_when_the_question_attends_like_the_blind_prompt():
     video = constructed_video(16, [], recency=0.05)
-    blind = SelectionInputs(video, fake_prefill(query_of(0.0)), 1, [3], lambda: None)
-    prior = AttentionSelector().relevance(blind)[0].double()
-    same = SelectionInputs(video, fake_prefill(query_of(0.0)), 1, [3], lambda: prior / prior.sum())
+    prior = blind_prior(video)
+    same = SelectionInputs(video, fake_prefill(query_of(0.0)), 1, [3], lambda: prior)
     sizes = [video.entry_bytes(c.delta_entries) for c in video.chunks]
     chunks, rows = make_selector("calibrated").choose(same, [(3, None, 0.8)], sizes)
     assert chunks == [[]] and max(rows[0]) < 1e-6
@@ -141,12 +148,15 @@ def test_specs_parse_and_bad_ones_are_named():
     assert make_selector("attention:layers=0-2").layers == (0, 1, 2)
     assert make_selector("key_similarity:layers=0+3").layers == (0, 3)
     assert make_selector("calibrated:mode=div").mode == "div"
+    assert make_selector("calibrated:window=5:layers=0-1") == make_selector("calibrated:layers=0-1:window=5")
+    assert make_selector("calibrated:window=5").window == 5
     for bad, match in [
         ("magic", "unknown selector 'magic'"),
         ("attention:layers=x", "layers takes"),
         ("uniform:layers=1", "uniform takes no options"),
         ("calibrated:mode=mul", "mode 'mul'"),
         ("attention:depth=2", "takes layers=..."),
+        ("calibrated:window=w", "window takes a whole number"),
     ]:
         with pytest.raises(ConfigError, match=match):
             make_selector(bad)
@@ -194,8 +204,9 @@ def test_prior_is_stored_in_meta_and_read_back_through_the_store(indexed, tmp_pa
     from x2l.store import KVStore
 
     model, video = indexed
-    prior = video.meta[PRIOR_KEY]["attention"]
-    assert len(prior) == video.n_chunks and sum(prior) == pytest.approx(1.0) and min(prior) >= 0
+    prior = video.meta[PRIOR_KEY]["attention"]  # [layers][n_chunks]
+    assert len(prior) == model.num_layers and all(len(row) == video.n_chunks for row in prior)
+    assert all(min(row) > 0 and sum(row) < len(model.question_ids(BLIND_PROMPT)) for row in prior)
     assert prior == question_blind_prior(model, video)  # the same function, the same floats
 
     store = KVStore(str(tmp_path / "store"), model.fingerprint)
@@ -210,9 +221,17 @@ def test_prior_is_stored_in_meta_and_read_back_through_the_store(indexed, tmp_pa
         [Question("v", "Where is the red square?")]
     )[0]
     q = torch.tensor(attention.relevance, dtype=torch.float64)
-    expect = (q / q.sum() - torch.tensor(prior)).clamp(min=0)
+    p0 = running_median(torch.tensor(prior, dtype=torch.float64).mean(dim=0), 9)
+    excess = q / q.sum() - p0 / p0.sum()
+    expect = torch.where(excess > 1e-6, excess, 0.0)
     torch.testing.assert_close(torch.tensor(a.relevance, dtype=torch.float64), expect, atol=1e-6, rtol=1e-5)
     assert a.selected_chunks == sorted(torch.topk(expect, 2).indices.tolist())
+
+
+def test_running_median_keeps_the_trend_and_drops_peaks():
+    x = torch.tensor([1.0, 2.0, 3.0, 40.0, 5.0, 6.0, 7.0])
+    torch.testing.assert_close(running_median(x, 3), torch.tensor([1.0, 2.0, 3.0, 5.0, 6.0, 6.0, 7.0]))
+    torch.testing.assert_close(running_median(x, 0), x)
 
 
 def test_a_video_indexed_without_a_prior_gets_it_computed_once(indexed, tmp_path):
@@ -230,7 +249,7 @@ def test_a_video_indexed_without_a_prior_gets_it_computed_once(indexed, tmp_path
     answerer = Answerer(model, store, RetrievalConfig(top_k=1, selection="calibrated", max_new_tokens=1))
     answerer.answer([Question("v", "What moves?")])
     assert answerer._priors.cost == 1
-    expect = torch.tensor(video.meta[PRIOR_KEY]["attention"], dtype=torch.float64)
+    expect = torch.tensor(video.meta[PRIOR_KEY]["attention"], dtype=torch.float64)  # [layers, n_chunks]
     torch.testing.assert_close(answerer.prior(loaded), expect)
     answerer.answer([Question("v", "What moves?")])
     assert answerer._priors.cost == 1  # kept for this commit, not computed per question

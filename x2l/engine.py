@@ -32,11 +32,10 @@ from x2l.kv import ChunkKV, Fetch, KVSource, LevelKV, VideoKV
 from x2l.lru import LRU
 from x2l.models.base import ModelAdapter, Segment
 from x2l.models.probing import probing
-from x2l.retrieval import EnoughLayers
+from x2l.retrieval import EnoughLayers, RelevanceProbe, chunk_relevance
 from x2l.scorers import make_scorer
 from x2l.scorers.base import ScoringProbe
 from x2l.selectors import SelectionInputs, make_selector
-from x2l.selectors.attention import AttentionSelector
 from x2l.selectors.base import h_cache_layers as h_cache_layers  # [sink + every H] per layer
 from x2l.video import VideoClip, load_video
 
@@ -79,29 +78,41 @@ class Indexed(NamedTuple):
 
 # The question-blind prompt whose attention over a video's H is its position prior (x2l/selectors/calibrated.py).
 BLIND_PROMPT = "Describe the video."
-PRIOR_KEY = "question_blind_prior"  # meta.json: {"prompt": BLIND_PROMPT, "attention": [one float per chunk]}
+PRIOR_KEY = "question_blind_prior"  # meta.json: {"prompt": BLIND_PROMPT, "attention": [[a float per chunk] per layer]}
 
 
-def question_blind_prior(model: ModelAdapter, video: VideoKV) -> list[float]:
-    """[n_chunks] floats summing to 1: the `attention` selector's row (every layer voting) for BLIND_PROMPT over the
-    video's [sink + every H], normalised over chunks. What the `calibrated` selector subtracts (issue 17); computed
-    once per video at indexing and stored in its meta (PRIOR_KEY)."""
+def question_blind_prior(model: ModelAdapter, video: VideoKV) -> list[list[float]]:
+    """[layers][n_chunks] floats: per language-model layer, the attention BLIND_PROMPT's tokens pay to each chunk's H
+    entries over the video's [sink + every H] (summed over its tokens and the chunk's entries, averaged over query
+    and KV heads): the `attention` selector's row for a question-blind prompt, one per layer so that any voting
+    layers' prior is their mean. What the `calibrated` selector takes out (issue 17); computed once per video at
+    indexing and stored in its meta (PRIOR_KEY)."""
     prompt = model.question_ids(BLIND_PROMPT)
-    inputs = SelectionInputs(video, _prefill(model, video, [prompt]), 1, [0], lambda: None)
-    row = AttentionSelector().relevance(inputs)[0].double()
-    return (row / row.sum().clamp(min=1e-30)).tolist()
+    cache = h_cache_layers(video)
+    n_cache = cache[0][0].shape[1]
+    probe = _prefill(model, video, [prompt])(cache, lambda valid: RelevanceProbe(n_cache, valid))
+    sink, counts = video.sink_keys.shape[2], [c.h.n_entries for c in video.chunks]
+    return [
+        chunk_relevance(probe.per_layer[l].mean(dim=1), sink, counts)[0].double().tolist()
+        for l in sorted(probe.per_layer)
+    ]
 
 
-def stored_prior(video: VideoKV) -> list[float] | None:
-    """The prior the video's meta holds, or None when it holds none of this prompt and chunk count (a video indexed
-    before issue 17)."""
+def stored_prior(video: VideoKV) -> list[list[float]] | None:
+    """The prior the video's meta holds ([layers][n_chunks]), or None when it holds none of this prompt and shape (a
+    video indexed before issue 17)."""
     prior = video.meta.get(PRIOR_KEY)
     if not isinstance(prior, dict) or prior.get("prompt") != BLIND_PROMPT:
         return None
     values = prior.get("attention")
-    if not isinstance(values, list) or len(values) != video.n_chunks:
+    layers = video.sink_keys.shape[0]
+    if (
+        not isinstance(values, list)
+        or len(values) != layers
+        or any(not isinstance(row, list) or len(row) != video.n_chunks for row in values)
+    ):
         return None
-    return [float(v) for v in values]
+    return [[float(v) for v in row] for row in values]
 
 
 class Indexer:
@@ -393,8 +404,8 @@ class Answerer:
         )
 
     def prior(self, video: VideoKV) -> torch.Tensor:
-        """[n_chunks] float64: the video's question-blind prior from its meta; for a video indexed before priors
-        were stored, computed once (the same function indexing runs) and kept for this video's commit."""
+        """[layers, n_chunks] float64: the video's question-blind prior from its meta; for a video indexed before
+        priors were stored, computed once (the same function indexing runs) and kept for this video's commit."""
         values = stored_prior(video)
         if values is None:
             key = (video.video_id, video.meta.get("write_id"))

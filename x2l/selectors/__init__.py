@@ -1,7 +1,8 @@
 """Chunk selectors for answering, one per file (issue 17). `make_selector("attention:layers=0-1")` builds one by name.
 
 Spec: `name` or `name:option=value[:option=value...]`, an option being a field of the selector's dataclass:
-`layers` takes layer numbers as `0-1` (a range) or `0+2` (a list), other options take their text (`mode=div`).
+`layers` takes layer numbers as `0-1` (a range) or `0+2` (a list), whole-number options a number (`window=9`), the
+others their text (`mode=div`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ def make_selector(spec: str) -> Selector:
                 kwargs[key] = parse_layers(value)
             except ValueError:
                 raise ConfigError(f"selector spec {spec!r}: layers takes 0-1 (a range) or 0+2 (a list)") from None
+        elif isinstance(fields[key].default, int):
+            if not value.isdigit():
+                raise ConfigError(f"selector spec {spec!r}: {key} takes a whole number, not {value!r}")
+            kwargs[key] = int(value)
         else:
             kwargs[key] = value
     return cls(**kwargs)

@@ -47,8 +47,9 @@ class SelectionInputs:
     video: the video's sink and every chunk's H (deltas not loaded). prefill: runs the questions (their prompts
     left-padded into one batch, at the question's positions after the video) over a given cache with a probe, see
     `Prefill`. n_questions: B. top_k: each question's top-k (the count `uniform` spreads). prior: the video's
-    question-blind prior, [n_chunks] float summing to 1 (read from its meta, or computed once on first use for a
-    video indexed before priors were stored); called only by selectors that set `needs_prior`.
+    question-blind prior, [layers, n_chunks] float64, per layer the attention a question-blind prompt pays to each
+    chunk's H (read from its meta, or computed once on first use for a video indexed before priors were stored;
+    x2l.engine.question_blind_prior); called only by selectors that set `needs_prior`.
     """
 
     video: VideoKV
