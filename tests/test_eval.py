@@ -74,8 +74,9 @@ def test_eval_cli_writes_accuracy_and_bytes_per_method(tiny_checkpoints, tmp_pat
     assert methods["h"]["store_bytes_read_mean"] == 0 < methods["x2l:1"]["store_bytes_read_mean"]
     assert methods["x2l:1"]["chunks_mean"] == 1 and methods["h"]["chunks_mean"] == 0
     assert all(m["relevance_s_per_question"] >= 0 and 0 <= m["relevance_share"] <= 1 for m in methods.values())
-    # mass 1 within 2 chunks: key_similarity's rows (a softmax, all positive) always fill the cap
-    assert methods["key_similarity/p1k2"]["chunks_mean"] == 2
+    # mass 1 within 2 chunks: key_similarity's rows (a softmax, positive) take at least one chunk; calibrated's may
+    # take none (a question attending no more than the blind prompt anywhere)
+    assert 1 <= methods["key_similarity/p1k2"]["chunks_mean"] <= 2
     assert 0 <= methods["calibrated/p1k2"]["chunks_mean"] <= 2
     for row in result["questions"]:
         assert {"full", "h", "uniform:1", "x2l:1"} <= set(row)
