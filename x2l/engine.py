@@ -82,20 +82,18 @@ PRIOR_KEY = "question_blind_prior"  # meta.json: {"prompt": BLIND_PROMPT, "atten
 
 
 def question_blind_prior(model: ModelAdapter, video: VideoKV) -> list[list[float]]:
-    """[layers][n_chunks] floats: per language-model layer, the attention BLIND_PROMPT's tokens pay to each chunk's H
-    entries over the video's [sink + every H] (summed over its tokens and the chunk's entries, averaged over query
-    and KV heads): the `attention` selector's row for a question-blind prompt, one per layer so that any voting
-    layers' prior is their mean. What the `calibrated` selector takes out (issue 17); computed once per video at
+    """[layers][n_chunks] floats (6 significant digits): per language-model layer, the attention BLIND_PROMPT's tokens
+    pay to each chunk's H entries over the video's [sink + every H] (summed over its tokens and the chunk's entries,
+    averaged over query and KV heads): the `attention` selector's row for a question-blind prompt, one per layer so
+    that any voting layers' prior is their mean. What the `calibrated` selector takes out (issue 17); computed once per video at
     indexing and stored in its meta (PRIOR_KEY)."""
     prompt = model.question_ids(BLIND_PROMPT)
     cache = h_cache_layers(video)
     n_cache = cache[0][0].shape[1]
     probe = _prefill(model, video, [prompt])(cache, lambda valid: RelevanceProbe(n_cache, valid))
     sink, counts = video.sink_keys.shape[2], [c.h.n_entries for c in video.chunks]
-    return [
-        chunk_relevance(probe.per_layer[l].mean(dim=1), sink, counts)[0].double().tolist()
-        for l in sorted(probe.per_layer)
-    ]
+    rows = [chunk_relevance(probe.per_layer[l].mean(dim=1), sink, counts)[0].tolist() for l in sorted(probe.per_layer)]
+    return [[float(f"{v:.6g}") for v in row] for row in rows]  # 6 digits: a prior, kept small in meta.json
 
 
 def stored_prior(video: VideoKV) -> list[list[float]] | None:
