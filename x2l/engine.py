@@ -4,8 +4,12 @@ Indexing pre-fills the system prefix once (the sink), then each chunk over a con
 the chunks before it (or every earlier token, or nothing: `CompressionConfig.context`), with a scorer attached to the
 attention layers, and splits the chunk's KV into H and the L delta from that one pass.
 
-Answering loads the sink and every H, finds each question's chunks from its attention over them, fetches only those
-chunks' L delta, assembles the mixed cache in temporal order and decodes greedily. Questions are answered as one
+Indexing ends with one question-length pass of a question-blind prompt over [sink + every H], whose attention per
+chunk and layer goes into the video's meta (the `calibrated` selector's prior; issue 17).
+
+Answering loads the sink and every H, has the chunk selector (x2l/selectors/; default: the questions' attention over
+H) score the chunks, picks each question's chunks by its rule (top-k, byte budget or relevance mass), fetches only
+those chunks' L delta, assembles the mixed cache in temporal order and decodes greedily. Questions are answered as one
 batch: caches are padded to a common length and masked, questions left-padded.
 
 Positions are the adapter's (x2l.models.base): the engine threads its cursor from the sink through the chunks to the
