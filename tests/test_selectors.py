@@ -147,6 +147,7 @@ def test_key_similarity_voting_layers_stop_the_pass():
 def test_specs_parse_and_bad_ones_are_named():
     assert make_selector("attention:layers=0-2").layers == (0, 1, 2)
     assert make_selector("key_similarity:layers=0+3").layers == (0, 3)
+    assert make_selector("key_similarity").layers == (0,) and make_selector("attention").layers is None
     assert make_selector("calibrated:mode=div").mode == "div"
     assert make_selector("calibrated:window=5:layers=0-1") == make_selector("calibrated:layers=0-1:window=5")
     assert make_selector("calibrated:window=5").window == 5

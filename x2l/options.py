@@ -98,7 +98,7 @@ def retrieval_options(p: argparse.ArgumentParser) -> None:
         "--selector",
         default=D_RETR.selection,
         help="chunk selector (x2l/selectors/): attention[:layers=0-1] (the question's attention over H), "
-        "calibrated[:mode=sub|div] (attention minus the question-blind prior), key_similarity[:layers=..] "
+        "calibrated[:mode=sub|div] (attention minus the question-blind prior), key_similarity[:layers=0] "
         f"(ReKV-style query/key summaries), uniform (evenly spaced, the control) (default {D_RETR.selection})",
     )
     g.add_argument(

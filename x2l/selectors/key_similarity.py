@@ -56,8 +56,11 @@ class KeySimilaritySelector(Selector):
     question is pre-filled over the sink alone (not over [sink + every H], so the pass costs the question's tokens
     over the system prefix, with no H in its context), and each voting layer's post-RoPE queries of the question's
     tokens are scored against the representatives of their KV head: scaled dot product, averaged over tokens, query
-    heads, KV heads and `layers` (None: all; the pass stops after the last of them). Relevance is the softmax of
-    those mean logits over chunks: [B, n_chunks] float32, rows summing to 1.
+    heads, KV heads and `layers` (default (0,): layer 0's queries are the only ones that do not depend on the
+    context the question is pre-filled over, so they are what they would be over [sink + every H]; the pass stops
+    after the last voting layer, so by default it costs one layer; None: all layers). Relevance is the softmax of
+    those mean logits over chunks: [B, n_chunks] float32, rows summing to 1. On the needle benchmark's val split
+    (120 questions, top-2) layer 0 alone re-loaded the answer's chunks 64% of the time, every layer 16%.
 
     Departures from ReKV: its keys and queries are pre-RoPE and it retrieves per layer; x2l stores post-RoPE keys
     (so the score keeps the relative-position term attention has) and re-loads a chunk's L for every layer at once,
@@ -66,7 +69,7 @@ class KeySimilaritySelector(Selector):
     """
 
     name = "key_similarity"
-    layers: tuple[int, ...] | None = None
+    layers: tuple[int, ...] | None = (0,)
 
     def relevance(self, inputs: SelectionInputs) -> torch.Tensor:
         video = inputs.video
