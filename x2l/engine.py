@@ -89,8 +89,8 @@ def question_blind_prior(model: ModelAdapter, video: VideoKV) -> list[list[float
     """[layers][n_chunks] floats (6 significant digits): per language-model layer, the attention BLIND_PROMPT's tokens
     pay to each chunk's H entries over the video's [sink + every H] (summed over its tokens and the chunk's entries,
     averaged over query and KV heads): the `attention` selector's row for a question-blind prompt, one per layer so
-    that any voting layers' prior is their mean. What the `calibrated` selector takes out (issue 17); computed once per video at
-    indexing and stored in its meta (PRIOR_KEY)."""
+    that any voting layers' prior is their mean. What the `calibrated` selector takes out (issue 17); computed once
+    per video at indexing and stored in its meta (PRIOR_KEY)."""
     prompt = model.question_ids(BLIND_PROMPT)
     cache = h_cache_layers(video)
     n_cache = cache[0][0].shape[1]
