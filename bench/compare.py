@@ -7,7 +7,8 @@
 (c) h-only  x2l's H level alone (kept in memory, as the query tier keeps it);
 (d) x2l:k   x2l with top-k 1, 2, 4: H in memory, the L delta of the k chunks the question attends to most fetched cold
             from the store for every question; and top-2 with the relevance vote taken from the first half of the
-            layers only (the relevance pass then stops there).
+            layers only (the relevance pass then stops there); `--selectors SELECTOR/RULE,...` adds a row per chunk
+            selector and rule, named as `x2l eval` names them (issue 17).
 
 KV codecs (issue 16, `--kv-codecs`, default none,int8,fp8): the x2l store is written once per codec from the same
 indexed KV (a codec only changes how H and L are stored, not what is kept), and x2l top-2 answers over each: per codec
@@ -20,7 +21,9 @@ folder).
 The model is the `medium` random checkpoint (Qwen2-VL-2B language-model widths, 4 layers), so compute per layer is
 that of a real model; videos have 32+ chunks. Printed and written (bench_out/bench.json, bench.md): wall time per
 question, bytes read from the store per question, tokens in the attention cache, ratios against (a) and (b), and
-the agreement of each method's answer tokens with (a)'s. One run's ratios; nothing here is asserted in tests.
+the agreement of each method's answer tokens with (a)'s, and for (c) and (d) the relevance stage's share of the
+answering stages' time. `--no-baselines` skips (a) and (b) (their ratios are then left out). One run's ratios;
+nothing here is asserted in tests.
 """
 
 from __future__ import annotations
@@ -97,11 +100,16 @@ def main() -> None:
         default=",".join(CODEC_NAMES),
         help=f"comma-separated kv codecs the x2l store is also written with (default {','.join(CODEC_NAMES)})",
     )
+    ap.add_argument("--selectors", default="", help="extra (d) rows: comma-separated SELECTOR/RULE as x2l eval takes")
+    ap.add_argument("--no-baselines", action="store_true", help="skip (a) rerun and (b) full KV")
     args = ap.parse_args()
     args.kv_codecs = [c.strip() for c in args.kv_codecs.split(",") if c.strip()]
     bad = [c for c in args.kv_codecs if c not in CODEC_NAMES]
     if bad:
         ap.error(f"--kv-codecs: unknown {bad}; choose from {', '.join(CODEC_NAMES)}")
+    from x2l.eval.evaluate import parse_method
+
+    args.extra = [(m, parse_method(m)) for m in args.selectors.split(",") if m.strip()]
     work = Path(args.workdir)
     work.mkdir(exist_ok=True)
     ckpt = work / ("model-medium" if args.family == "qwen2-vl" else f"model-{args.family}-medium")
@@ -138,6 +146,8 @@ def main() -> None:
 def run(args, model, sampling, videos, stores, work) -> None:
     # Indexing (once): the x2l store and the full-KV store.
     configs = {"x2l": CompressionConfig(), "full": CompressionConfig(l_keep=1.0, context="full", scorer="uniform")}
+    if args.no_baselines:
+        stores = {"x2l": stores["x2l"]}
     index_s = {}
     for name, uri in stores.items():
         if name not in configs:
@@ -158,21 +168,25 @@ def run(args, model, sampling, videos, stores, work) -> None:
     questions = [Question(p.name, q) for p in videos for q in QUESTIONS]
     results: dict[str, dict] = {}
 
-    def record(name: str, seconds: float, bytes_read: int, cache_tokens: int, tokens: list) -> None:
-        r = results.setdefault(name, {"seconds": [], "bytes": [], "cache_tokens": [], "tokens": []})
+    def record(
+        name: str, seconds: float, bytes_read: int, cache_tokens: int, tokens: list, stages: dict | None = None
+    ) -> None:
+        r = results.setdefault(name, {"seconds": [], "bytes": [], "cache_tokens": [], "tokens": [], "share": []})
         r["seconds"].append(seconds)
         r["bytes"].append(bytes_read)
         r["cache_tokens"].append(cache_tokens)
         r["tokens"].append(tokens)
+        if stages:
+            r["share"].append(stages.get("relevance", 0.0) / max(sum(stages.values()), 1e-12))
 
     # (a) rerun
-    for q in questions:
+    for q in questions if not args.no_baselines else []:
         t = time.perf_counter()
         tokens, cache_tokens = rerun_answer(model, work / q.video_id, sampling, q.question, args.max_new_tokens)
         record("(a) rerun", time.perf_counter() - t, 0, cache_tokens, tokens)
 
     # (b) full KV: a fresh store handle per question, so everything is read from storage every time
-    for q in questions:
+    for q in questions if not args.no_baselines else []:
         t = time.perf_counter()
         store = KVStore(StoreConfig(uri=stores["full"]))
         answerer = Answerer(
@@ -189,20 +203,26 @@ def run(args, model, sampling, videos, stores, work) -> None:
     h.preload(p.name for p in videos)
     h_load = {"seconds": time.perf_counter() - t, "bytes": store.stats.io.bytes_read - h_bytes_before}
     half = tuple(range(max(1, model.num_layers // 2)))
-    for name, k, layers in [
-        ("(c) h-only", 0, None),
-        ("(d) x2l top-1", 1, None),
-        ("(d) x2l top-2", 2, None),
-        ("(d) x2l top-4", 4, None),
-        (f"(d) x2l top-2, vote layers 0-{half[-1]}", 2, half),
-    ]:
-        answerer = Answerer(model, h, RetrievalConfig(top_k=k, layers=layers, max_new_tokens=args.max_new_tokens))
+    rows = [
+        ("(c) h-only", RetrievalConfig(top_k=0, max_new_tokens=args.max_new_tokens)),
+        *((f"(d) x2l top-{k}", RetrievalConfig(top_k=k, max_new_tokens=args.max_new_tokens)) for k in (1, 2, 4)),
+        (
+            f"(d) x2l top-2, vote layers 0-{half[-1]}",
+            RetrievalConfig(top_k=2, layers=half, max_new_tokens=args.max_new_tokens),
+        ),
+    ]
+    for name, m in args.extra:  # issue 17: a selector under a rule
+        rule = RetrievalConfig(m.top_k, m.budget_bytes, None, args.max_new_tokens, m.selector, m.mass)
+        rows.append((f"(d) {name}", rule))
+    for name, retrieval in rows:
+        answerer = Answerer(model, h, retrieval)
         answerer.answer(questions[:1])  # warm-up (first-call overheads), not recorded
         for q in questions:
             before = store.stats.io.bytes_read
             t = time.perf_counter()
             [a] = answerer.answer([q])
-            record(name, time.perf_counter() - t, store.stats.io.bytes_read - before, a.tokens_in_cache, a.token_ids)
+            took = time.perf_counter() - t
+            record(name, took, store.stats.io.bytes_read - before, a.tokens_in_cache, a.token_ids, a.seconds)
 
     # x2l top-2 over each codec's store: H in memory, the two chunks' L deltas fetched cold
     storage = []
@@ -239,29 +259,30 @@ def run(args, model, sampling, videos, stores, work) -> None:
             )
 
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    ref_tokens = results["(a) rerun"]["tokens"]
-    a_s, b_s = mean(results["(a) rerun"]["seconds"]), mean(results["(b) full-kv"]["seconds"])
-    b_bytes = mean(results["(b) full-kv"]["bytes"])
+    base = "(a) rerun" in results
+    ref_tokens = results["(a) rerun"]["tokens"] if base else None
+    a_s = mean(results["(a) rerun"]["seconds"]) if base else None
+    b_s = mean(results["(b) full-kv"]["seconds"]) if base else None
+    b_bytes = mean(results["(b) full-kv"]["bytes"]) if base else None
     table = []
     for name, r in results.items():
         s, by = mean(r["seconds"]), mean(r["bytes"])
+        pairs = list(zip(r["tokens"], ref_tokens, strict=True)) if base else []
         table.append(
             {
                 "method": name,
                 "seconds_per_question": round(s, 4),
                 "bytes_read_per_question": int(by),
                 "tokens_in_cache": int(mean(r["cache_tokens"])),
-                "speedup_vs_a": round(a_s / s, 2),
-                "speedup_vs_b": round(b_s / s, 2),
-                "bytes_vs_b": round(by / b_bytes, 4) if b_bytes else None,
-                "token_agreement_with_a": round(
-                    mean([agreement(t, ref) for t, ref in zip(r["tokens"], ref_tokens, strict=True)]), 3
-                ),
-                "exact_match_with_a": round(
-                    mean([float(t == ref) for t, ref in zip(r["tokens"], ref_tokens, strict=True)]), 3
-                ),
+                "speedup_vs_a": round(a_s / s, 2) if base else None,
+                "speedup_vs_b": round(b_s / s, 2) if base else None,
+                "bytes_vs_b": round(by / b_bytes, 4) if base and b_bytes else None,
+                "token_agreement_with_a": round(mean([agreement(t, ref) for t, ref in pairs]), 3) if base else None,
+                "exact_match_with_a": round(mean([float(t == ref) for t, ref in pairs]), 3) if base else None,
+                "relevance_share": round(mean(r["share"]), 4) if r["share"] else None,
             }
         )
+    meta = KVStore(stores["x2l"]).info(videos[0].name)
     info = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"{'CUDA' if torch.cuda.is_available() else 'CPU only'}",
@@ -271,7 +292,7 @@ def run(args, model, sampling, videos, stores, work) -> None:
         "videos": len(videos),
         "chunks_per_video": n_chunks,
         "questions": len(questions),
-        "tokens_per_video": int(mean(results["(a) rerun"]["cache_tokens"])),
+        "tokens_per_video": meta["sink_tokens"] + sum(c["n_tokens"] for c in meta["chunks"]),
         "index_seconds": {k: round(v, 1) for k, v in index_s.items()},
         "h_preload": {"seconds": round(h_load["seconds"], 3), "bytes": h_load["bytes"]},
         "max_new_tokens": args.max_new_tokens,
@@ -284,16 +305,17 @@ def run(args, model, sampling, videos, stores, work) -> None:
 
 def render(info: dict, table: list[dict]) -> str:
     lines = [
-        "| method | s / question | bytes read / question | tokens in cache | vs (a): faster | vs (b): faster | "
-        "vs (b): bytes | token agreement with (a) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| method | s / question | bytes read / question | tokens in cache | vs (a): x faster | vs (b): x faster | "
+        "vs (b): bytes | token agreement with (a) | relevance share of answer time |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    opt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in table:
-        bytes_vs_b = "" if r["bytes_vs_b"] is None else f"{r['bytes_vs_b']:.3f}"
         lines.append(
             f"| {r['method']} | {r['seconds_per_question']:.3f} | {r['bytes_read_per_question']:,} | "
-            f"{r['tokens_in_cache']:,} | {r['speedup_vs_a']:.1f}x | {r['speedup_vs_b']:.2f}x | "
-            f"{bytes_vs_b} | {r['token_agreement_with_a']:.2f} |"
+            f"{r['tokens_in_cache']:,} | {opt(r['speedup_vs_a'], '.1f')} | {opt(r['speedup_vs_b'], '.2f')} | "
+            f"{opt(r['bytes_vs_b'], '.3f')} | {opt(r['token_agreement_with_a'], '.2f')} | "
+            f"{opt(r['relevance_share'], '.1%')} |"
         )
     return (
         f"Machine: {info['machine']}. Model: {info['model']}. Store: {info['store']}. {info['videos']} videos x "

@@ -121,6 +121,7 @@ def answer_over_http(args, todo: list[dict], out) -> tuple[float, str]:
             "options": q["options"],
             "top_k": args.top_k,
             "budget_bytes": args.budget_bytes,
+            "mass": args.mass,
             "max_new_tokens": args.max_new_tokens,
         }
         try:
@@ -241,6 +242,7 @@ def run(args) -> int:
             "max_prompt_tokens": 1,
         },
     )
+    retrieval_config(args)  # an unknown --selector or a --mass out of range: one line before anything starts
     args.store, args.out = job_path(args.store, "--store"), job_path(args.out, "--out")
     args.questions = job_path(args.questions, "--questions")
     store_cfg = StoreConfig(uri=args.store)
@@ -293,6 +295,8 @@ def run(args) -> int:
         "model": args.model,
         "top_k": args.top_k,
         "budget_bytes": args.budget_bytes,
+        "mass": args.mass,
+        "selector": args.selector,
         "max_new_tokens": args.max_new_tokens,
         "concurrency": args.concurrency,
         "batch_size": args.batch_size,

@@ -157,6 +157,23 @@ def test_ask_json_has_the_documented_fields(indexed, tiny_checkpoints):
     assert max(row["store_bytes_read"] for row in rows) > 0 and len(fetched) >= 2
 
 
+def test_ask_takes_a_selector_and_the_mass_rule(indexed, tiny_checkpoints):
+    """--selector and --mass reach the engine: the rows are the calibrated selector's (non-negative, zero somewhere:
+    the blind prompt's share is taken out) and the chunks those the mass rule takes from them, at most --top-k."""
+    import torch
+
+    from x2l.retrieval import select_chunks
+
+    out, _ = indexed
+    args = ["--model", tiny_checkpoints["qwen2-vl"], "--question", "Where is the ball?", "--json", "--top-k", "2"]
+    r = x2l("ask", out, *args, "--selector", "calibrated", "--mass", "0.6")
+    row = json.loads(r.stdout)
+    assert min(row["relevance"]) == 0 and len(row["relevance"]) == row["n_chunks"] == 5
+    assert row["selected_chunks"] == select_chunks(torch.tensor(row["relevance"]), 2, mass=0.6)
+    r = x2l("ask", out, *args, "--selector", "nope", check=False)
+    assert r.returncode == 1 and r.stderr.startswith("x2l: error: unknown selector 'nope'")
+
+
 def test_ask_refuses_kv_from_another_model(indexed, tiny_checkpoints):
     out, _ = indexed
     r = x2l("ask", out, "--model", tiny_checkpoints["qwen2.5-vl"], "--question", "q", check=False)
@@ -282,6 +299,14 @@ def test_x2l_and_both_jobs_share_the_option_declarations_and_the_configs_default
     ask = build_parser().parse_args(["ask", "s", "--question", "q", "--model", "m"])
     answer = job("answer_questions").parse_args(["--store", "s", "--questions", "q", "--out", "o"])
     assert retrieval_config(ask) == retrieval_config(answer) == RetrievalConfig()
+    chosen = ["--selector", "calibrated:layers=0-1", "--mass", "0.5", "--top-k", "4"]
+    ask = build_parser().parse_args(["ask", "s", "--question", "q", "--model", "m", *chosen])
+    answer = job("answer_questions").parse_args(["--store", "s", "--questions", "q", "--out", "o", *chosen])
+    want = RetrievalConfig(top_k=4, selection="calibrated:layers=0-1", mass=0.5)
+    assert retrieval_config(ask) == retrieval_config(answer) == want
+    for bad, message in ((["--selector", "magic"], "unknown selector 'magic'"), (["--mass", "0"], "--mass 0: must")):
+        with pytest.raises(ConfigError, match=message):
+            retrieval_config(build_parser().parse_args(["ask", "s", "--question", "q", "--model", "m", *bad]))
     for bad, message in (
         ({"dtype": "float17"}, "model dtype 'float17': use auto, float32, bfloat16 or float16"),
         ({"attention": "flash"}, "model attention 'flash': use sdpa or eager"),

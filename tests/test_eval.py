@@ -10,17 +10,34 @@ from pathlib import Path
 import pytest
 
 from x2l.errors import ConfigError
-from x2l.eval.evaluate import parse_method
+from x2l.eval.evaluate import Method, methods_of, parse_method
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_methods_parse_and_bad_ones_are_named():
-    assert parse_method("full") == ("full", 0) and parse_method("x2l:4") == ("x2l", 4)
-    assert parse_method("uniform:2") == ("uniform", 2) and parse_method("h") == ("h", 0)
-    for bad in ("x2l", "x2l:0", "uniform:two", "magic:1", "full:3"):
+    assert parse_method("full") == Method("full") and parse_method("h") == Method("h")
+    assert parse_method("x2l:4") == Method("select", 4, "attention")  # the earlier tables' names
+    assert parse_method("uniform:2") == Method("select", 2, "uniform")
+    assert parse_method("calibrated/2") == Method("select", 2, "calibrated")
+    assert parse_method("attention:layers=0-1/1") == Method("select", 1, "attention:layers=0-1")
+    assert parse_method("key_similarity/p0.8") == Method("select", 3, "key_similarity", None, 0.8)
+    assert parse_method("calibrated:mode=div/p0.5k4b1000") == Method("select", 4, "calibrated:mode=div", 1000, 0.5)
+    assert parse_method("uniform/b5000") == Method("select", 0, "uniform", 5000, None)
+    for bad in ("x2l", "x2l:0", "uniform:two", "magic:1", "full:3", "calibrated/0", "calibrated/p1.5", "calibrated/"):
         with pytest.raises(ConfigError, match="unknown method"):
             parse_method(bad)
+    with pytest.raises(ConfigError, match="unknown selector 'magic'"):
+        parse_method("magic/2")
+    assert methods_of(["h"], ["attention", "uniform"], ["1", "p0.9"]) == [
+        "h",
+        "attention/1",
+        "attention/p0.9",
+        "uniform/1",
+        "uniform/p0.9",
+    ]
+    with pytest.raises(ConfigError, match="go together"):
+        methods_of(["h"], ["attention"], None)
 
 
 def test_eval_cli_writes_accuracy_and_bytes_per_method(tiny_checkpoints, tmp_path):
@@ -36,6 +53,10 @@ def test_eval_cli_writes_accuracy_and_bytes_per_method(tiny_checkpoints, tmp_pat
         str(tiny_checkpoints["qwen2-vl"]),
         "--methods",
         "full,h,uniform:1,x2l:1",
+        "--selectors",
+        "calibrated,key_similarity",
+        "--rules",
+        "p1k2",
         "--out",
         str(out),
         "--frames-per-chunk",
@@ -45,27 +66,34 @@ def test_eval_cli_writes_accuracy_and_bytes_per_method(tiny_checkpoints, tmp_pat
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads((out / "results.json").read_text())
     methods = result["methods"]
-    assert list(methods) == ["full", "h", "uniform:1", "x2l:1"]
+    assert list(methods) == ["full", "h", "uniform:1", "x2l:1", "calibrated/p1k2", "key_similarity/p1k2"]
     n = methods["full"]["n"]
     assert n >= 3 and all(m["n"] == n for m in methods.values())
     assert methods["full"]["kv_ratio_mean"] == pytest.approx(1.0)
     assert methods["h"]["kv_ratio_mean"] < methods["x2l:1"]["kv_ratio_mean"] <= methods["full"]["kv_ratio_mean"]
     assert methods["h"]["store_bytes_read_mean"] == 0 < methods["x2l:1"]["store_bytes_read_mean"]
+    assert methods["x2l:1"]["chunks_mean"] == 1 and methods["h"]["chunks_mean"] == 0
+    assert all(m["relevance_s_per_question"] >= 0 and 0 <= m["relevance_share"] <= 1 for m in methods.values())
+    # mass 1 within 2 chunks: key_similarity's rows (a softmax, positive) take at least one chunk; calibrated's may
+    # take none (a question attending no more than the blind prompt anywhere)
+    assert 1 <= methods["key_similarity/p1k2"]["chunks_mean"] <= 2
+    assert 0 <= methods["calibrated/p1k2"]["chunks_mean"] <= 2
     for row in result["questions"]:
         assert {"full", "h", "uniform:1", "x2l:1"} <= set(row)
         assert len(row["x2l:1"]["selected"]) == 1 and row["h"]["selected"] == []
         for m in ("full", "h", "uniform:1", "x2l:1"):
             assert isinstance(row[m]["ok"], bool) and isinstance(row[m]["text"], str)
     md = (out / "results.md").read_text()
-    assert "| x2l:1 |" in md and "accuracy_vs_bytes.png" in md
+    assert "| x2l:1 |" in md and "accuracy_vs_bytes.png" in md and "| calibrated/p1k2 | " in md
     assert (out / "accuracy_vs_bytes.png").read_bytes()[:4] == b"\x89PNG"
     # a rerun reuses the indexed stores and answers the same
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     again = json.loads((out / "results.json").read_text())["methods"]
     assert r.returncode == 0 and "indexing" in r.stderr  # progress: stderr (issue 13)
+    timings = {"seconds", "relevance_s_per_question", "relevance_share"}
     for m in methods:
-        assert {k: v for k, v in again[m].items() if k != "seconds"} == {
-            k: v for k, v in methods[m].items() if k != "seconds"
+        assert {k: v for k, v in again[m].items() if k not in timings} == {
+            k: v for k, v in methods[m].items() if k not in timings
         }
 
 

@@ -100,8 +100,8 @@ def test_engine_selects_the_top_chunks_of_the_models_own_attention(tiny_checkpoi
 
 
 def test_uniform_selection_is_evenly_spaced_and_ignores_the_question(tiny_checkpoints, video_path):
-    from x2l.engine import uniform_chunks
     from x2l.models import load_model
+    from x2l.selectors import uniform_chunks
 
     assert uniform_chunks(10, 2) == [0, 9]
     assert uniform_chunks(10, 4) == [0, 3, 6, 9]

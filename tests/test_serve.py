@@ -340,6 +340,14 @@ def test_results_echo_id_and_video_id_and_take_a_byte_budget(serve_app, archive)
     )[0]
     assert b["selected_chunks"] == expected.selected_chunks and len(b["selected_chunks"]) == 2
     assert b["answer"] == expected.text
+    # a question's own relevance mass (issue 17), top_k its cap; a mass out of (0, 1] is the request's 422
+    d = ask(serve_app, [{"video_id": "fish.mp4", "question": "What swims?", "mass": 0.5, "top_k": 4}]).json()
+    expected = Answerer(archive["model_obj"], store, RetrievalConfig(top_k=4, mass=0.5)).answer(
+        [Question("fish.mp4", "What swims?")]
+    )[0]
+    assert d["answers"][0]["selected_chunks"] == expected.selected_chunks and expected.selected_chunks
+    r = ask(serve_app, [{"video_id": "fish.mp4", "question": "What swims?", "mass": 1.5}])
+    assert r.status_code == 422 and "mass" in r.json()["error"]["message"]
 
 
 def test_readyz_once_the_query_replica_has_its_model(serve_app, archive):
@@ -451,6 +459,7 @@ def test_app_arguments_resolve_local_paths_where_the_builder_checks_them(tmp_pat
             {"autoscaling_config": 4},
             "autoscaling_config=4: expected a mapping such as {min_replicas: 1, max_replicas: 4}",
         ),
+        ({"selector": "magic"}, "selector='magic': unknown selector 'magic' in 'magic'; choose one of attention, "),
     ],
 )
 def test_app_builder_refuses_arguments_a_replica_would_refuse(archive, arg, message):
@@ -461,7 +470,7 @@ def test_app_builder_refuses_arguments_a_replica_would_refuse(archive, arg, mess
 
     with pytest.raises(ConfigError) as e:
         ServeArgs.model_validate({"store": archive["store"], "model": archive["model"]} | arg)
-    assert str(e.value) == f"x2l.serve: x2l.serve argument {message}"
+    assert str(e.value).startswith(f"x2l.serve: x2l.serve argument {message}")
 
 
 def test_replicas_or_serve_autoscaling_pass_to_the_query_deployment(archive):

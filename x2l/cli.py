@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("store", help="store URI")
     q.add_argument("--json", action="store_true", help="print JSON")
 
-    p = sub.add_parser("eval", help="accuracy of full / h / uniform:K / x2l:K answering on a benchmark, with bytes")
+    p = sub.add_parser("eval", help="accuracy of full / h / uniform:K / x2l:K / selector answering on a benchmark")
     p.add_argument(
         "--bench",
         required=True,
@@ -149,7 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         default="full,h,uniform:2,x2l:1,x2l:2,x2l:4",
-        help="comma-separated: full, h, uniform:K, x2l:K (default full,h,uniform:2,x2l:1,x2l:2,x2l:4)",
+        help="comma-separated: full, h, uniform:K, x2l:K or SELECTOR/RULE (default full,h,uniform:2,x2l:1,x2l:2,x2l:4)",
+    )
+    p.add_argument(
+        "--selectors",
+        default=None,
+        help="comma-separated chunk selectors (attention, calibrated, key_similarity, uniform, with options as "
+        "--selector takes them) to run side by side under every --rules entry, after --methods",
+    )
+    p.add_argument(
+        "--rules",
+        default=None,
+        help="comma-separated selection rules for --selectors: K (top K), bN (N bytes of L delta), pP (relevance "
+        "mass P, at most 3 chunks), pPkK (at most K), pPkKbN (and within N bytes)",
     )
     p.add_argument("--out", default="eval_out", help="folder for the stores and results (default eval_out)")
     p.add_argument("--split", default=None, help="benchmark split (default: the benchmark's evaluation split)")
@@ -432,15 +444,14 @@ def cmd_ask(args) -> None:
                 raise ConfigError(f"--question {n} ({q[:40]!r}{'...' if len(q) > 40 else ''}): {e}") from e
 
     check()  # characters and empty questions: before the model is loaded
+    retrieval = retrieval_config(args)  # an unknown --selector or a --mass out of range: before it too
     KVStore(args.store, create=False).require_exists()  # a missing store: said before loading the model
     model = _load_model(args)
     check(lambda q, o: len(model.question_ids(q, o)))
     store = KVStore(args.store, model.fingerprint, dtype=model.dtype, create=False)
     video_id = _pick_video(store, args.video_id)
     store.info(video_id)  # unknown id: a clear error before any work
-    answers = Answerer(model, store, retrieval_config(args)).answer(
-        [Question(video_id, q, args.options) for q in args.question]
-    )
+    answers = Answerer(model, store, retrieval).answer([Question(video_id, q, args.options) for q in args.question])
     for a in answers:
         if args.json:
             print(json.dumps(a.to_dict()))
@@ -646,11 +657,12 @@ def cmd_runs(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from x2l.eval.evaluate import evaluate, parse_method, write_results
+    from x2l.eval.evaluate import evaluate, methods_of, write_results
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in methods:
-        parse_method(m)
+    def listed(text: str | None) -> list[str]:
+        return [m.strip() for m in (text or "").split(",") if m.strip()]
+
+    methods = methods_of(listed(args.methods), listed(args.selectors), listed(args.rules))
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
     targets = None

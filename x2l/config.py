@@ -138,16 +138,20 @@ class RetrievalConfig:
 
     top_k: chunks whose L level is re-loaded (0 = H only). budget_bytes: if set, as many chunks as fit in this
     many bytes of L delta as stored (what fetching reads: codec payload, scales, indices), in relevance order
-    (overrides top_k). layers: layers whose attention votes (None = all).
-    max_new_tokens: decode limit. selection: "attention" (task-aware, the method) or "uniform" (top_k evenly spaced
-    chunks chosen without the question: the control).
+    (overrides top_k). mass (issue 17): if set, chunks in relevance order until they hold this share (0 < mass <= 1)
+    of the question's relevance mass, at most top_k of them and within budget_bytes when set. layers: layers whose
+    attention votes (None = all; the `attention` selector's `layers`). max_new_tokens: decode limit. selection: the chunk selector's spec, a name of x2l.selectors with its options
+    ("attention", the default and x2l's selection before issue 17; "calibrated", "key_similarity", "uniform": top_k
+    evenly spaced chunks chosen without the question, the control; see x2l/selectors/). The spec is checked when an
+    Answerer is built (ConfigError naming it).
     """
 
     top_k: int = 3
     budget_bytes: int | None = None
     layers: tuple[int, ...] | None = None
     max_new_tokens: int = 32
-    selection: Literal["attention", "uniform"] = "attention"
+    selection: str = "attention"
+    mass: float | None = None
 
     def __post_init__(self) -> None:
         if self.top_k < 0:
@@ -156,8 +160,10 @@ class RetrievalConfig:
             raise ConfigError(f"budget_bytes must be >= 0, got {self.budget_bytes}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.selection not in ("attention", "uniform"):
-            raise ConfigError(f"selection must be 'attention' or 'uniform', got {self.selection!r}")
+        if not isinstance(self.selection, str) or not self.selection:
+            raise ConfigError(f"selection must be a selector name (x2l.selectors), got {self.selection!r}")
+        if self.mass is not None and not 0 < self.mass <= 1:
+            raise ConfigError(f"mass must be in (0, 1], got {self.mass}")
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,12 @@ Indexing pre-fills the system prefix once (the sink), then each chunk over a con
 the chunks before it (or every earlier token, or nothing: `CompressionConfig.context`), with a scorer attached to the
 attention layers, and splits the chunk's KV into H and the L delta from that one pass.
 
-Answering loads the sink and every H, finds each question's chunks from its attention over them, fetches only those
-chunks' L delta, assembles the mixed cache in temporal order and decodes greedily. Questions are answered as one
+Indexing ends with one question-length pass of a question-blind prompt over [sink + every H], whose attention per
+chunk and layer goes into the video's meta (the `calibrated` selector's prior; issue 17).
+
+Answering loads the sink and every H, has the chunk selector (x2l/selectors/; default: the questions' attention over
+H) score the chunks, picks each question's chunks by its rule (top-k, byte budget or relevance mass), fetches only
+those chunks' L delta, assembles the mixed cache in temporal order and decodes greedily. Questions are answered as one
 batch: caches are padded to a common length and masked, questions left-padded.
 
 Positions are the adapter's (x2l.models.base): the engine threads its cursor from the sink through the chunks to the
@@ -30,11 +34,14 @@ from x2l.codecs import level_stored_bytes
 from x2l.compress import merge_levels, split_levels
 from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig, to_dict
 from x2l.kv import ChunkKV, Fetch, KVSource, LevelKV, VideoKV
+from x2l.lru import LRU
 from x2l.models.base import ModelAdapter, Segment
 from x2l.models.probing import probing
-from x2l.retrieval import EnoughLayers, RelevanceProbe, chunk_relevance, select_chunks
+from x2l.retrieval import EnoughLayers, RelevanceProbe, chunk_relevance
 from x2l.scorers import make_scorer
 from x2l.scorers.base import ScoringProbe
+from x2l.selectors import SelectionInputs, make_selector
+from x2l.selectors.base import h_cache_layers as h_cache_layers  # [sink + every H] per layer
 from x2l.video import VideoClip, load_video
 
 ChunkDone = Callable[[int, int], None]  # (chunks done, chunks in the video)
@@ -72,6 +79,43 @@ class Indexed(NamedTuple):
 
     video: VideoKV
     stats: IndexStats
+
+
+# The question-blind prompt whose attention over a video's H is its position prior (x2l/selectors/calibrated.py).
+BLIND_PROMPT = "Describe the video."
+PRIOR_KEY = "question_blind_prior"  # meta.json: {"prompt": BLIND_PROMPT, "attention": [[a float per chunk] per layer]}
+
+
+def question_blind_prior(model: ModelAdapter, video: VideoKV) -> list[list[float]]:
+    """[layers][n_chunks] floats (6 significant digits): per language-model layer, the attention BLIND_PROMPT's tokens
+    pay to each chunk's H entries over the video's [sink + every H] (summed over its tokens and the chunk's entries,
+    averaged over query and KV heads): the `attention` selector's row for a question-blind prompt, one per layer so
+    that any voting layers' prior is their mean. What the `calibrated` selector takes out (issue 17); computed once
+    per video at indexing and stored in its meta (PRIOR_KEY)."""
+    prompt = model.question_ids(BLIND_PROMPT)
+    cache = h_cache_layers(video)
+    n_cache = cache[0][0].shape[1]
+    probe = _prefill(model, video, [prompt])(cache, lambda valid: RelevanceProbe(n_cache, valid))
+    sink, counts = video.sink_keys.shape[2], [c.h.n_entries for c in video.chunks]
+    rows = [chunk_relevance(probe.per_layer[l].mean(dim=1), sink, counts)[0].tolist() for l in sorted(probe.per_layer)]
+    return [[float(f"{v:.6g}") for v in row] for row in rows]  # 6 digits: a prior, kept small in meta.json
+
+
+def stored_prior(video: VideoKV) -> list[list[float]] | None:
+    """The prior the video's meta holds ([layers][n_chunks]), or None when it holds none of this prompt and shape (a
+    video indexed before issue 17)."""
+    prior = video.meta.get(PRIOR_KEY)
+    if not isinstance(prior, dict) or prior.get("prompt") != BLIND_PROMPT:
+        return None
+    values = prior.get("attention")
+    layers = video.sink_keys.shape[0]
+    if (
+        not isinstance(values, list)
+        or len(values) != layers
+        or any(not isinstance(row, list) or len(row) != video.n_chunks for row in values)
+    ):
+        return None
+    return [[float(v) for v in row] for row in values]
 
 
 class Indexer:
@@ -164,7 +208,10 @@ class Indexer:
             "frames_promised": clip.frames_promised,
             "frames_decoded": clip.frames_decoded,
         }
-        return Indexed(VideoKV(video_id, sink_k, sink_v, chunks, start, meta), stats)
+        video = VideoKV(video_id, sink_k, sink_v, chunks, start, meta)
+        with timed(seconds, "prefill"):  # one question-length pass over [sink + every H]
+            meta[PRIOR_KEY] = {"prompt": BLIND_PROMPT, "attention": question_blind_prior(model, video)}
+        return Indexed(video, stats)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -177,6 +224,7 @@ class Question:
     max_new_tokens: int | None = None  # overrides RetrievalConfig.max_new_tokens
     id: str | None = None
     budget_bytes: int | None = None  # overrides RetrievalConfig.budget_bytes (stored bytes of L delta; issues 12, 16)
+    mass: float | None = None  # overrides RetrievalConfig.mass (relevance-mass rule; issue 17)
 
 
 @dataclass
@@ -211,17 +259,6 @@ class Answer:
             "cache_hits": self.cache_hits,
             "seconds": {k: round(v, 6) for k, v in self.seconds.items()},
         }
-
-
-def h_cache_layers(video: VideoKV) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """[sink + every chunk's H] per layer, [Hkv, S, D]."""
-    return [
-        (
-            torch.cat([video.sink_keys[l]] + [c.h.keys[l] for c in video.chunks], dim=1),
-            torch.cat([video.sink_values[l]] + [c.h.values[l] for c in video.chunks], dim=1),
-        )
-        for l in range(video.sink_keys.shape[0])
-    ]
 
 
 def mixed_cache_layers(video: VideoKV, levels: dict[int, LevelKV]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -276,6 +313,26 @@ def _padded_batch(
     return _cache(layers), model.embed_ids(ids), torch.stack(positions, dim=1), mask, valid
 
 
+def _prefill(model: ModelAdapter, video: VideoKV, prompts: list[list[int]]):
+    """The select stage's pass (x2l.selectors.base.Prefill): the prompts, left-padded into one batch at the
+    question's positions after `video`, pre-filled over a given cache with a probe built from their valid rows;
+    a probe's EnoughLayers ends the pass."""
+
+    def run(layers, make_probe):
+        cache, embeds, positions, mask, valid = _padded_batch(
+            model, [layers] * len(prompts), prompts, [video.next_position] * len(prompts)
+        )
+        probe = make_probe(valid)
+        try:
+            with probing(probe):
+                model.forward(embeds, positions, cache, mask, logits=False)
+        except EnoughLayers:
+            pass  # the layers after the last voting one are not needed
+        return probe
+
+    return run
+
+
 def greedy_decode(
     model: ModelAdapter,
     caches: list[list[tuple[torch.Tensor, torch.Tensor]]],
@@ -311,14 +368,6 @@ def greedy_decode(
     return out, first
 
 
-def uniform_chunks(n_chunks: int, k: int) -> list[int]:
-    """k chunks evenly spaced over the video, chosen without looking at the question (the control for retrieval)."""
-    k = min(k, n_chunks)
-    if k <= 0:
-        return []
-    return sorted({round(i * (n_chunks - 1) / (k - 1)) if k > 1 else (n_chunks - 1) // 2 for i in range(k)})
-
-
 @dataclass
 class _VideoWork:
     """One video's share of a batch as the stages fill it in: its questions (indices into the batch), its H level,
@@ -351,25 +400,36 @@ class Answerer:
     """
 
     def __init__(self, model: ModelAdapter, source: KVSource, retrieval: RetrievalConfig = RetrievalConfig()):
+        """ConfigError for a selector spec (RetrievalConfig.selection) x2l.selectors does not know."""
         self.model = model
         self.source = source
         self.retrieval = retrieval
+        self.selector = make_selector(retrieval.selection)
+        if retrieval.layers is not None and getattr(self.selector, "layers", ()) is None:
+            self.selector.layers = retrieval.layers
+        self._priors = LRU(1024)  # (video id, write id) -> prior computed for a video indexed without one
 
     def relevance(self, video: VideoKV, prompts: list[list[int]]) -> torch.Tensor:
-        """[len(prompts), n_chunks]: attention each question pays to each chunk's H entries."""
-        h_layers = h_cache_layers(video)
-        n_cache = h_layers[0][0].shape[1]
-        cache, embeds, positions, mask, valid = _padded_batch(
-            self.model, [h_layers] * len(prompts), prompts, [video.next_position] * len(prompts)
+        """[len(prompts), n_chunks]: the selector's relevance of each chunk for each question (the default
+        `attention`: the attention each question pays to each chunk's H entries)."""
+        return self.selector.relevance(self._inputs(video, prompts, [self.retrieval.top_k] * len(prompts)))
+
+    def _inputs(self, video: VideoKV, prompts: list[list[int]], top_k: list[int]) -> SelectionInputs:
+        return SelectionInputs(
+            video, _prefill(self.model, video, prompts), len(prompts), top_k, lambda: self.prior(video)
         )
-        probe = RelevanceProbe(n_cache, valid, self.retrieval.layers)
-        try:
-            with probing(probe):
-                self.model.forward(embeds, positions, cache, mask, logits=False)
-        except EnoughLayers:
-            pass  # the layers after the last voting one are not needed
-        sink_len = video.sink_keys.shape[2]
-        return chunk_relevance(probe.entry_attention(), sink_len, [c.h.n_entries for c in video.chunks])
+
+    def prior(self, video: VideoKV) -> torch.Tensor:
+        """[layers, n_chunks] float64: the video's question-blind prior from its meta; for a video indexed before
+        priors were stored, computed once (the same function indexing runs) and kept for this video's commit."""
+        values = stored_prior(video)
+        if values is None:
+            key = (video.video_id, video.meta.get("write_id"))
+            values = self._priors.get(key)
+            if values is None:
+                values = question_blind_prior(self.model, video)
+                self._priors.put(key, values)
+        return torch.tensor(values, dtype=torch.float64)
 
     def answer(self, questions: list[Question]) -> list[Answer]:
         """Answer a batch of questions (any mix of videos) in one decode; answers in the questions' order."""
@@ -413,27 +473,27 @@ class Answerer:
         selected: list[list[int]],
         relevance: list[list[float]],
     ) -> None:
-        """Each question's chunks to load at L: evenly spaced (selection "uniform"), else by its attention over
-        the H level, top_k or as many as its byte budget allows (x2l.retrieval.select_chunks; the budget counts
-        the bytes each delta is stored as, `delta_fetch_bytes`)."""
+        """Each question's chunks to load at L: the selector (RetrievalConfig.selection, x2l/selectors/) scores the
+        chunks of the video for its questions in one pass, and each question's rule picks from its row: top_k, as
+        many as its byte budget allows, or as many as hold its share of the relevance mass
+        (x2l.retrieval.select_chunks; the budget counts the bytes each delta is stored as, `delta_fetch_bytes`; a
+        question's own top_k / budget_bytes / mass win over the config's)."""
         cfg, video, idx = self.retrieval, w.video, w.questions
-        ks = [questions[i].top_k if questions[i].top_k is not None else cfg.top_k for i in idx]
-        budgets = [
-            questions[i].budget_bytes if questions[i].budget_bytes is not None else cfg.budget_bytes for i in idx
-        ]
-        wants = [i for i, k, b in zip(idx, ks, budgets, strict=True) if k > 0 or b is not None]
-        if wants and cfg.selection == "uniform":
-            for i, k in zip(idx, ks, strict=True):
-                selected[i] = uniform_chunks(video.n_chunks, k)
-        elif wants:
-            rel = self.relevance(video, [prompts[i] for i in wants])
-            delta_bytes = delta_fetch_bytes(video)
-            for row, i in zip(rel, wants, strict=True):
-                q = questions[i]
-                k = q.top_k if q.top_k is not None else cfg.top_k
-                budget = q.budget_bytes if q.budget_bytes is not None else cfg.budget_bytes
-                selected[i] = select_chunks(row, k, budget, delta_bytes)
-                relevance[i] = row.tolist()
+
+        def rule(q: Question) -> tuple[int, int | None, float | None]:
+            k = q.top_k if q.top_k is not None else cfg.top_k
+            budget = q.budget_bytes if q.budget_bytes is not None else cfg.budget_bytes
+            return k, budget, q.mass if q.mass is not None else cfg.mass
+
+        rules = {i: rule(questions[i]) for i in idx}
+        wants = [i for i in idx if rules[i][0] > 0 or (rules[i][1] is not None and rules[i][2] is None)]
+        if not wants:
+            return
+        inputs = self._inputs(video, [prompts[i] for i in wants], [rules[i][0] for i in wants])
+        delta_bytes = delta_fetch_bytes(video)
+        chunks, rows = self.selector.choose(inputs, [rules[i] for i in wants], delta_bytes)
+        for i, c, row in zip(wants, chunks, rows, strict=True):
+            selected[i], relevance[i] = c, row
 
     def _fetch(self, vid: str, w: _VideoWork, selected: list[list[int]]) -> None:
         """The L deltas of every chunk any of the video's questions selected, merged with their H into L."""

@@ -8,6 +8,7 @@ import argparse
 
 from x2l.codecs import CODEC_NAMES
 from x2l.config import ATTENTIONS, CompressionConfig, ModelConfig, RetrievalConfig, SamplingConfig
+from x2l.errors import ConfigError
 
 D_SAMPLING, D_COMP, D_RETR = SamplingConfig(), CompressionConfig(), RetrievalConfig()
 MODEL_HELP = "local checkpoint directory (HF layout: config.json, weights, tokenizer)"
@@ -95,6 +96,20 @@ def retrieval_options(p: argparse.ArgumentParser) -> None:
         help="instead of top-k: as many chunks as fit in this many bytes of L delta as stored",
     )
     g.add_argument(
+        "--mass",
+        type=float,
+        default=None,
+        help="relevance-mass rule: chunks in relevance order until they hold this share (0-1] of the question's "
+        "relevance mass, at most --top-k of them and within --budget-bytes when given",
+    )
+    g.add_argument(
+        "--selector",
+        default=D_RETR.selection,
+        help="chunk selector (x2l/selectors/): attention[:layers=0-1] (the question's attention over H), "
+        "calibrated[:mode=sub|div] (attention minus the question-blind prior), key_similarity[:layers=0] "
+        f"(ReKV-style query/key summaries), uniform (evenly spaced, the control) (default {D_RETR.selection})",
+    )
+    g.add_argument(
         "--max-new-tokens",
         type=int,
         default=D_RETR.max_new_tokens,
@@ -123,4 +138,13 @@ def compression_config(args: argparse.Namespace) -> CompressionConfig:
 
 
 def retrieval_config(args: argparse.Namespace) -> RetrievalConfig:
-    return RetrievalConfig(args.top_k, args.budget_bytes, None, args.max_new_tokens)
+    """The RetrievalConfig of parsed retrieval options; ConfigError naming the option for a selector spec
+    x2l.selectors does not know or a --mass outside (0, 1] (before any model loads)."""
+    from x2l.selectors import make_selector
+
+    make_selector(args.selector)
+    if args.mass is not None and not 0 < args.mass <= 1:
+        raise ConfigError(f"--mass {args.mass:g}: must be in (0, 1]")
+    return RetrievalConfig(
+        args.top_k, args.budget_bytes, None, args.max_new_tokens, selection=args.selector, mass=args.mass
+    )

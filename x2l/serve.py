@@ -18,7 +18,7 @@ answered from its new index from the next question on. KV is cast to the model's
 is the FastAPI HTTP front:
 
     POST /v1/answer  {"questions": [{"video_id", "question", "id"?, "options"?, "top_k"?, "budget_bytes"?,
-                                     "max_new_tokens"?}]}
+                                     "mass"?, "max_new_tokens"?}]}
     GET  /v1/videos  committed videos and whether the answering replica holds their H; its id ("replica")
     GET  /v1/stats   one replica's counters, its id and its H held; ?video_id=V: the replica V is routed to
     GET  /healthz    liveness: the HTTP front answers
@@ -113,6 +113,7 @@ class ServeArgs(BaseModel):
     h_budget_bytes: Annotated[int, Field(ge=0)] = 1 << 30
     l_cache_bytes: Annotated[int, Field(ge=0)] = 256 << 20
     top_k: Annotated[int, Field(ge=1)] = 3
+    selector: str = "attention"  # chunk selector spec (x2l/selectors/; issue 17)
     max_new_tokens: Annotated[int, Field(ge=1)] = 32
     max_prompt_chars: Annotated[int, Field(ge=1)] = MAX_PROMPT_CHARS
     max_prompt_tokens: Annotated[int, Field(ge=1)] = MAX_PROMPT_TOKENS
@@ -140,6 +141,17 @@ class ServeArgs(BaseModel):
     def _dtype(cls, value: str) -> str:
         if problem := dtype_problem(value):
             raise ValueError(problem)
+        return value
+
+    @field_validator("selector")
+    @classmethod
+    def _selector(cls, value: str) -> str:
+        from x2l.selectors import make_selector
+
+        try:
+            make_selector(value)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
         return value
 
     @field_validator("attn")
@@ -239,8 +251,8 @@ class ServeArgs(BaseModel):
 
     @property
     def retrieval(self) -> RetrievalConfig:
-        """Defaults of the questions that do not set their own top_k / max_new_tokens."""
-        return RetrievalConfig(top_k=self.top_k, max_new_tokens=self.max_new_tokens)
+        """Defaults of the questions that do not set their own top_k / max_new_tokens; the replica's selector."""
+        return RetrievalConfig(top_k=self.top_k, max_new_tokens=self.max_new_tokens, selection=self.selector)
 
     @property
     def prompt_limits(self) -> PromptLimits:
@@ -468,6 +480,7 @@ class QueryModel:
                     items[i].get("max_new_tokens"),
                     items[i].get("id"),
                     items[i].get("budget_bytes"),
+                    items[i].get("mass"),
                 )
                 for i in idx
             ]
@@ -526,6 +539,7 @@ class QuestionIn(BaseModel):
     options: list[str] | None = None
     top_k: int | None = Field(default=None, ge=0)
     budget_bytes: int | None = Field(default=None, ge=0)
+    mass: float | None = Field(default=None, gt=0, le=1)  # relevance-mass rule (issue 17), top_k its count cap
     max_new_tokens: int | None = Field(default=None, ge=1, le=4096)
 
 

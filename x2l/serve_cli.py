@@ -37,6 +37,7 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "h_budget_bytes": (1 << 30, "bytes of H (compact KV) a replica keeps in memory; least recently used out"),
     "l_cache_bytes": (256 << 20, "bytes of the replica's LRU cache of L deltas (fine KV)"),
     "top_k": (3, "chunks re-loaded at L per question (a question's own top_k wins)"),
+    "selector": ("attention", "chunk selector: attention, calibrated, key_similarity or uniform (x2l/selectors/)"),
     "max_new_tokens": (32, "decode limit per answer (a question's own max_new_tokens wins)"),
     "max_prompt_chars": (
         MAX_PROMPT_CHARS,

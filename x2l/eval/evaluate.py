@@ -6,22 +6,30 @@ Methods (every one answers every question):
   one-shot pre-fill of the whole prompt;
 - `h`: the H level of every chunk alone (top_k=0);
 - `uniform:K`: K chunks chosen without looking at the question (evenly spaced) re-loaded at L: the control;
-- `x2l:K`: the K chunks the question attends to most over [sink + every H] re-loaded at L (Video-X^2L).
+- `x2l:K`: the K chunks the question attends to most over [sink + every H] re-loaded at L (Video-X^2L);
+- `SELECTOR/RULE` (issue 17): any chunk selector of x2l/selectors/ (with its options, `attention:layers=0-1`) under
+  a rule: `K` (top K), `bN` (a budget of N bytes of L delta), `pP` (the relevance-mass rule: chunks until they hold
+  P of the relevance mass, at most 3 of them), `pPkK` (at most K), `pPkKbN` (and within N bytes). `x2l:K` is
+  `attention/K` and `uniform:K` is `uniform/K`.
 
 Videos are indexed through the store (once: a rerun reuses committed videos), answers are read back through it.
 Per method: accuracy overall (with its 95% Wilson interval) and per category, mean KV bytes of the cache each answer
 was decoded over (sink + H of every chunk + the L deltas it re-loaded; `full`: every token) and their ratio to the
-uncompressed cache, and the bytes fetched from the store for L deltas. Written as results.json, results.md and
-accuracy_vs_bytes.png.
+uncompressed cache, and the bytes fetched from the store for L deltas; for the selecting methods the mean number of
+chunks re-loaded, the relevance pass's seconds per question and its share of the answering stages' time, and (with
+targets, the needle benchmark) the selection hit rate overall and per category. Written as results.json,
+results.md and accuracy_vs_bytes.png.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig, StoreConfig
 from x2l.engine import Answerer, Indexer, Question
@@ -30,17 +38,62 @@ from x2l.eval.answers import extract_letter
 from x2l.eval.benchmarks import BenchQuestion
 from x2l.eval.intervals import overlapping_pairs, wilson_interval
 from x2l.progress import Progress
+from x2l.selectors import make_selector
 
 METHODS = ("full", "h", "uniform:2", "x2l:1", "x2l:2", "x2l:4")
+RULE = re.compile(r"(?:(?P<k>\d+)|(?:p(?P<p>\d*\.?\d+)(?:k(?P<pk>\d+))?)?(?:b(?P<b>\d+))?)")
+MASS_CAP = RetrievalConfig().top_k  # chunks a `pP` rule re-loads at most, as `x2l ask --mass P` does
 
 
-def parse_method(method: str) -> tuple[str, int]:
+class Method(NamedTuple):
+    """One way of answering: kind "full", "h" or "select" (a selector under a rule: top_k, budget_bytes, mass)."""
+
+    kind: str
+    top_k: int = 0
+    selector: str | None = None
+    budget_bytes: int | None = None
+    mass: float | None = None
+
+
+def parse_method(method: str) -> Method:
+    """`full`, `h`, `x2l:K`, `uniform:K` or `SELECTOR/RULE` (module docstring); ConfigError naming it otherwise."""
+    bad = ConfigError(
+        f"unknown method {method!r}: use full, h, uniform:K, x2l:K (K >= 1) or SELECTOR/RULE with RULE K, bN, "
+        f"pP, pPkK or pPkKbN (0 < P <= 1)"
+    )
     name, _, k = method.partition(":")
     if name in ("full", "h") and not k:
-        return name, 0
-    if name in ("uniform", "x2l") and k.isdigit() and int(k) > 0:
-        return name, int(k)
-    raise ConfigError(f"unknown method {method!r}: use full, h, uniform:K or x2l:K (K >= 1)")
+        return Method(name)
+    if name in ("uniform", "x2l") and "/" not in method:
+        if k.isdigit() and int(k) > 0:
+            return Method("select", int(k), "attention" if name == "x2l" else "uniform")
+        raise bad
+    spec, slash, rule = method.rpartition("/")
+    m = RULE.fullmatch(rule) if slash else None
+    if not spec or m is None or not rule:
+        raise bad
+    make_selector(spec)  # ConfigError naming an unknown selector or option
+    if m["k"] is not None:
+        if int(m["k"]) < 1:
+            raise bad
+        return Method("select", int(m["k"]), spec)
+    mass = float(m["p"]) if m["p"] is not None else None
+    if mass is not None and not 0 < mass <= 1:
+        raise bad
+    budget = int(m["b"]) if m["b"] is not None else None
+    cap = int(m["pk"]) if m["pk"] is not None else (MASS_CAP if mass is not None else 0)
+    return Method("select", cap, spec, budget, mass)
+
+
+def methods_of(methods: list[str], selectors: list[str] | None, rules: list[str] | None) -> list[str]:
+    """`methods` followed by every SELECTOR/RULE pair of `selectors` x `rules` (both or neither given), each checked
+    (ConfigError naming a bad one)."""
+    if bool(selectors) != bool(rules):
+        raise ConfigError("--selectors and --rules go together: each selector runs under each rule")
+    out = list(methods) + [f"{s}/{r}" for s in selectors or [] for r in rules or []]
+    for m in out:
+        parse_method(m)
+    return out
 
 
 def index_into(
@@ -87,16 +140,17 @@ def evaluate(
     `log` gets one result line per method; progress (a line per video indexed, questions answered per method) goes
     to stderr unless `progress` is False.
 
-    targets: optional {qid: chunks the answer is in} (the needle benchmark knows them): then uniform and x2l also
-    report `selection_hit_rate`, the share of those chunks their selection re-loaded at L."""
+    targets: optional {qid: chunks the answer is in} (the needle benchmark knows them): then the selecting methods
+    also report `selection_hit_rate`, the share of those chunks their selection re-loaded at L, overall and per
+    category (`hit_rate_by_category`)."""
     from x2l.store import KVStore
 
-    parsed = [(m, *parse_method(m)) for m in methods]
+    parsed = [(m, parse_method(m)) for m in methods]
     note = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
     workdir = Path(workdir)
     paths = sorted({q.video for q in questions})
     stores = {}
-    if any(kind == "full" for _, kind, _ in parsed):
+    if any(m.kind == "full" for _, m in parsed):
         stores["full"] = KVStore(StoreConfig(uri=str(workdir / "store-full")), model.fingerprint)
         note(f"indexing {len(paths)} videos, uncompressed (for `full`)")
         index_into(
@@ -107,7 +161,7 @@ def evaluate(
             CompressionConfig(1.0, compression.h_keep, compression.scorer, "full", compression.kv_codec),
             progress,
         )
-    if any(kind != "full" for _, kind, _ in parsed):
+    if any(m.kind != "full" for _, m in parsed):
         stores["x2l"] = KVStore(StoreConfig(uri=str(workdir / "store")), model.fingerprint)
         note(
             f"indexing {len(paths)} videos, compressed (l_keep {compression.l_keep:g}, h_keep "
@@ -117,15 +171,22 @@ def evaluate(
 
     rows = {q.qid: {"qid": q.qid, "video": q.video, "category": q.category, "answer": q.answer} for q in questions}
     results = {}
-    for method, kind, k in parsed:
+    for method, spec in parsed:
+        kind = spec.kind
         store = stores["full" if kind == "full" else "x2l"]
         # `full` re-loads every chunk: "uniform" over all of them, with no relevance pass
         retrieval = RetrievalConfig(
-            top_k=k, max_new_tokens=max_new_tokens, selection="uniform" if kind in ("uniform", "full") else "attention"
+            top_k=spec.top_k,
+            budget_bytes=spec.budget_bytes,
+            max_new_tokens=max_new_tokens,
+            selection="uniform" if kind == "full" else spec.selector or "attention",
+            mass=spec.mass,
         )
         answerer = Answerer(model, store, retrieval)
         correct: dict[str, list[bool]] = defaultdict(list)
-        used, ratio, fetched, hits = [], [], [], []
+        used, ratio, fetched, chunks = [], [], [], []
+        hits: dict[str, list[float]] = defaultdict(list)
+        stage_s: dict[str, float] = defaultdict(float)
         t = time.perf_counter()
         bar = Progress(len(questions), method, "question", enabled=progress)
         for s in range(0, len(questions), batch_size):
@@ -140,23 +201,29 @@ def evaluate(
                 )
                 for q in batch
             ]
-            for q, a in zip(batch, answerer.answer(asked), strict=True):
+            answers = answerer.answer(asked)
+            for stage, sec in answers[0].seconds.items():  # the batch's stages, shared by its answers
+                stage_s[stage] += sec
+            for q, a in zip(batch, answers, strict=True):
                 ok = extract_letter(a.text, list(q.options)) == q.answer
                 correct[q.category].append(ok)
                 used.append(a.kv_bytes_used)
                 ratio.append(a.kv_bytes_used / a.kv_bytes_full)
                 fetched.append(a.store_bytes_read)
+                chunks.append(len(a.selected_chunks))
                 rows[q.qid][method] = {
                     "text": a.text,
                     "ok": ok,
                     "selected": a.selected_chunks,
                     "kv_bytes": a.kv_bytes_used,
                 }
-                if targets and targets.get(q.qid) and kind in ("uniform", "x2l"):
-                    hits.append(len(set(targets[q.qid]) & set(a.selected_chunks)) / len(targets[q.qid]))
+                if targets and targets.get(q.qid) and kind == "select":
+                    hits[q.category].append(len(set(targets[q.qid]) & set(a.selected_chunks)) / len(targets[q.qid]))
             bar.update(len(batch))
         bar.close()
         flat = [ok for oks in correct.values() for ok in oks]
+        every_hit = [h for hs in hits.values() for h in hs]
+        answering_s = sum(stage_s.values())
         results[method] = {
             "accuracy": sum(flat) / len(flat),
             "accuracy_ci95": list(wilson_interval(sum(flat), len(flat))),
@@ -165,13 +232,18 @@ def evaluate(
             "kv_bytes_mean": sum(used) / len(used),
             "kv_ratio_mean": sum(ratio) / len(ratio),
             "store_bytes_read_mean": sum(fetched) / len(fetched),
-            "selection_hit_rate": sum(hits) / len(hits) if hits else None,
+            "chunks_mean": sum(chunks) / len(chunks),
+            "selection_hit_rate": sum(every_hit) / len(every_hit) if every_hit else None,
+            "hit_rate_by_category": {c: sum(v) / len(v) for c, v in sorted(hits.items())},
+            "relevance_s_per_question": stage_s["relevance"] / len(flat),
+            "relevance_share": stage_s["relevance"] / answering_s if answering_s > 0 else 0.0,
             "seconds": round(time.perf_counter() - t, 1),
         }
         lo, hi = results[method]["accuracy_ci95"]
         log(
             f"{method}: accuracy {results[method]['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}, n={len(flat)}), "
-            f"{results[method]['kv_ratio_mean']:.1%} of the full KV ({results[method]['seconds']} s)"
+            f"{results[method]['kv_ratio_mean']:.1%} of the full KV, {results[method]['chunks_mean']:.2f} chunks "
+            f"at L ({results[method]['seconds']} s)"
         )
     return {
         "methods": results,
@@ -218,6 +290,34 @@ def render_markdown(result: dict, title: str) -> str:
         + "\n\n"
         + _overlap_note(methods)
         + "\n"
+        + _selection_table(methods)
+    )
+
+
+def _selection_table(methods: dict) -> str:
+    """Per selecting method: chunks re-loaded, the relevance pass's cost, and the hit rate per category."""
+    chosen = {name: m for name, m in methods.items() if m.get("chunks_mean") is not None and name not in ("full", "h")}
+    if not chosen:
+        return ""
+    cats = sorted({c for m in chosen.values() for c in m.get("hit_rate_by_category", {})})
+    head = ["method", "chunks at L / question", "relevance s / question", "relevance share of answer time"]
+    head += ["answer chunks re-loaded", *(f"hit: {c}" for c in cats)] if cats else []
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, m in chosen.items():
+        cells = [
+            name,
+            f"{m['chunks_mean']:.2f}",
+            f"{m.get('relevance_s_per_question', 0.0):.4f}",
+            f"{m.get('relevance_share', 0.0):.1%}",
+        ]
+        if cats:
+            rate = m.get("selection_hit_rate")
+            cells.append("-" if rate is None else f"{rate:.1%}")
+            by = m.get("hit_rate_by_category", {})
+            cells += [f"{by[c]:.1%}" if c in by else "-" for c in cats]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\nSelection (relevance share: the relevance stage's seconds over all answering stages'):\n\n" + (
+        "\n".join(lines) + "\n"
     )
 
 
