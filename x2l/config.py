@@ -136,14 +136,15 @@ class CompressionConfig:
 class RetrievalConfig:
     """How chunks are chosen for a question and how the answer is decoded.
 
-    top_k: chunks whose L level is re-loaded (0 = H only). budget_bytes: if set, as many chunks as fit in this
-    many bytes of L delta as stored (what fetching reads: codec payload, scales, indices), in relevance order
-    (overrides top_k). mass (issue 17): if set, chunks in relevance order until they hold this share (0 < mass <= 1)
-    of the question's relevance mass, at most top_k of them and within budget_bytes when set. layers: layers whose
-    attention votes (None = all; the `attention` selector's `layers`). max_new_tokens: decode limit. selection: the chunk selector's spec, a name of x2l.selectors with its options
-    ("attention", the default and x2l's selection before issue 17; "calibrated", "key_similarity", "uniform": top_k
-    evenly spaced chunks chosen without the question, the control; see x2l/selectors/). The spec is checked when an
-    Answerer is built (ConfigError naming it).
+    top_k: chunks whose L level is re-loaded (0 = H only). budget_bytes: if set, as many chunks as fit in this many
+    bytes of L delta as stored (what fetching reads: codec payload, scales, indices), in relevance order (overrides
+    top_k). mass (issue 17): if set, chunks in relevance order until they hold this share (0 < mass <= 1) of the
+    question's relevance mass, at most top_k of them and within budget_bytes when set. layers: layers whose
+    attention votes (None = all; the `attention` selector's `layers`). max_new_tokens: decode limit. selection: the
+    chunk selector's spec, a name of x2l.selectors with its options ("attention", the default and x2l's selection
+    before issue 17; "calibrated", "key_similarity", "uniform": top_k evenly spaced chunks chosen without the
+    question, the control; see x2l/selectors/). The spec is checked when an Answerer is built (ConfigError naming
+    it).
     """
 
     top_k: int = 3
