@@ -27,7 +27,8 @@ frame carries (the colour of a big disc, which shape, how many), so H alone is e
 
 Everything is deterministic: a question is a pure function of (split, seed, index); its video's frames are a pure
 function of the question's `NeedleVideo` spec. Splits draw from disjoint seed streams (`SPLITS`), so the held-out
-`test` split never shares a video with `train`.
+`test` split never shares a video with `train`. Held-out lengths (issue 18): `val` / `test` are videos of 16-32
+chunks; `val-48-64` / `test-48-64` and `val-96-128` / `test-96-128` are longer buckets with streams of their own.
 """
 
 from __future__ import annotations
@@ -54,8 +55,24 @@ COLORS = ("red", "green", "blue", "yellow")
 RGB = {"red": (225, 35, 35), "green": (30, 190, 60), "blue": (40, 70, 235), "yellow": (235, 215, 30)}
 WHITE = (255, 255, 255)
 CELLS = ("top-left", "top-right", "bottom-left", "bottom-right")
-SPLITS = {"train": 0, "val": 1, "test": 2}  # seed streams; each split's questions come only from its own stream
-TEST_CHUNKS = (16, 32)  # held-out videos are "long": 16..32 chunks (128..256 frames)
+TEST_CHUNKS = (16, 32)  # the first held-out bucket: 16..32 chunks (128..256 frames), the lengths trained on
+LENGTH_BUCKETS = ((16, 32), (48, 64), (96, 128))  # held-out video lengths in chunks (issue 18)
+# Seed streams: each split's questions come only from its own stream. `val` / `test` are the 16-32 chunk bucket (as
+# before issue 18, so their questions are unchanged); each longer bucket has its own val and test streams.
+SPLITS = {"train": 0, "val": 1, "test": 2, "val-48-64": 3, "test-48-64": 4, "val-96-128": 5, "test-96-128": 6}
+SPLIT_CHUNKS = {
+    "train": TEST_CHUNKS,
+    "val": TEST_CHUNKS,
+    "test": TEST_CHUNKS,
+    **{f"{s}-{lo}-{hi}": (lo, hi) for lo, hi in LENGTH_BUCKETS[1:] for s in ("val", "test")},
+}  # split -> (lo, hi): the range its videos' chunk counts are drawn from
+
+
+def bucket_name(n_chunks: tuple[int, int]) -> str:
+    """ "16-32" for (16, 32): how reports name a length bucket."""
+    return f"{n_chunks[0]}-{n_chunks[1]}"
+
+
 MAX_NEEDLES = 5
 
 
@@ -308,10 +325,12 @@ def make_question(
 
 
 def make_item(
-    split: str, seed: int, index: int, family: str | None = None, n_chunks: int | tuple[int, int] = TEST_CHUNKS
+    split: str, seed: int, index: int, family: str | None = None, n_chunks: int | tuple[int, int] | None = None
 ) -> NeedleItem:
-    """Question `index` of `split`: family round-robin over FAMILIES unless given; chunks drawn in [lo, hi]."""
+    """Question `index` of `split`: family round-robin over FAMILIES unless given; chunks drawn in [lo, hi]
+    (default: the split's length bucket, SPLIT_CHUNKS)."""
     rng = item_rng(split, seed, index)
+    n_chunks = SPLIT_CHUNKS[split] if n_chunks is None else n_chunks
     family = family or FAMILIES[index % len(FAMILIES)]
     if isinstance(n_chunks, tuple):
         n_chunks = int(rng.integers(n_chunks[0], n_chunks[1] + 1))
@@ -334,8 +353,9 @@ def make_item(
 
 
 def make_items(
-    split: str, n: int, seed: int = 0, n_chunks: int | tuple[int, int] = TEST_CHUNKS, start: int = 0
+    split: str, n: int, seed: int = 0, n_chunks: int | tuple[int, int] | None = None, start: int = 0
 ) -> list[NeedleItem]:
+    """Questions start..start+n-1 of `split` (videos in the split's length bucket unless `n_chunks` is given)."""
     return [make_item(split, seed, i, n_chunks=n_chunks) for i in range(start, start + n)]
 
 
@@ -366,10 +386,14 @@ __all__ = [
     "COLORS",
     "FAMILIES",
     "KINDS",
+    "LENGTH_BUCKETS",
     "Needle",
     "NeedleItem",
     "NeedleVideo",
     "OPTIONS",
+    "SPLITS",
+    "SPLIT_CHUNKS",
+    "bucket_name",
     "make_item",
     "make_items",
     "make_question",
