@@ -36,8 +36,25 @@ labelled with the needle each holds (or none). A training example is composed fr
 chunks at random chunk indices, haystack chunks elsewhere, the question and answer derived from the needles' labels
 with the benchmark's own `make_question`. A curriculum grows the number of chunks per video from 2 to `max_chunks`.
 
-Deterministic given the family, the seed and the thread count: fixed step count, seeded data order, seeded init.
-The run records its family in OUT/x2l_needle.json (`family`).
+Long videos (issue 18): `--recipe long` with `--init DIR` fine-tunes a trained model (the shipped one) on videos of
+up to 128 chunks: the longest video grows from 32 to 128 chunks over the first 15% of the steps, then half of
+the batches are 48..128 chunks and the rest 1..128 (so the 16-32 lengths stay in the mix), with mixed caches for
+half of the questions from the first step, at every length. The token budget per step is unchanged, so a 128-chunk
+step holds two videos (asked every family) where a 24-chunk step holds six. Mixed caches are built by one gather per
+question (`gather_mixed`: the same entries in the same order as split_levels / merge_levels per chunk, hence the
+same loss, in 2-3x less time at 128 chunks, where the per-chunk path's backward dominates). Validation composes
+videos in each length bucket of nd.LENGTH_BUCKETS up to max_chunks and also scores the mixed cache of an oracle
+top-2 selection (`val_top_k`), which separates the model's tolerance of the mixed cache from selection misses.
+
+    python training/train_needle.py --out models/needle-qwen2vl --init models/needle-qwen2vl --recipe long --seed 0
+
+Options: `--init DIR` (start from DIR's weights, which must be the family's needle widths; their sha256 is recorded
+as `init`), `--recipe NAME` (named TrainConfig overrides, RECIPES), `--set KEY=VALUE` (any TrainConfig field,
+repeatable, after the recipe), `--record-check` (score the fixed full-KV check subset of each length bucket,
+CHECK_SUBSETS, and record them as `check_subsets`).
+
+Deterministic given the family, the seed, the thread count (and the --init checkpoint): fixed step count, seeded data
+order, seeded init. The run records its family in OUT/x2l_needle.json (`family`).
 """
 
 from __future__ import annotations
@@ -1116,22 +1133,22 @@ def train(
 
 
 # Named TrainConfig overrides (--recipe). "long" fine-tunes a trained model (--init) on videos of up to 128 chunks:
-# no short-only hold, the longest video grows from 32 to 128 chunks over the first quarter of the steps, then half
+# no short-only hold, the longest video grows from 32 to 128 chunks over the first 15% of the steps, then half
 # of the batches are 48..128 chunks and the rest 1..128; mixed caches (compressed_frac of the questions) from the
 # first step, at every length; validation in the 16-32, 48-64 and 96-128 buckets, with an oracle x2l:2 column.
 RECIPES: dict[str, dict] = {
     "long": dict(
-        steps=900,
+        steps=400,
         lr=5e-4,
-        warmup=50,
+        warmup=40,
         compress_after=0.0,
         hold=0.0,
         start_chunks=32,
-        ramp=0.25,
+        ramp=0.15,
         max_chunks=128,
         long_frac=0.5,
         long_min=48,
-        val_every=300,
+        val_every=200,
         val_per_family=8,
         log_every=25,
         val_top_k=2,
