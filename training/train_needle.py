@@ -1138,7 +1138,7 @@ def train(
 # first step, at every length; validation in the 16-32, 48-64 and 96-128 buckets, with an oracle x2l:2 column.
 RECIPES: dict[str, dict] = {
     "long": dict(
-        steps=400,
+        steps=700,
         lr=5e-4,
         warmup=40,
         compress_after=0.0,
@@ -1148,9 +1148,9 @@ RECIPES: dict[str, dict] = {
         max_chunks=128,
         long_frac=0.5,
         long_min=48,
-        val_every=200,
+        val_every=0,
         val_per_family=8,
-        log_every=25,
+        log_every=10,
         val_top_k=2,
         gather_mixed=True,
     ),
