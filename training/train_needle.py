@@ -740,18 +740,6 @@ def forward_loss(
     comp = [m for m, p in enumerate(plans) if p.selected is not None]
     if comp and gather:
         pk, pv, lengths = _gathered_mixed_caches(keys, values, questions, plans, comp, probe, spans, sink, compression)
-        h, t = _run_tails(
-            lm,
-            embed,
-            layout,
-            [questions[m][1][1:3] for m in comp],
-            start,
-            [(pk[l], pv[l]) for l in range(len(pk))],
-            lengths,
-        )
-        hidden.append(h)
-        targets.append(t)
-        order += comp
     elif comp:
         scores = [probe.scores(c) for c in range(n)]  # per chunk [layers, B, Hkv, len]
         levels = {}  # (video, chunk) -> (H, L)
@@ -781,6 +769,7 @@ def forward_loss(
         width = max(lengths)
         pk = torch.stack([F.pad(k, (0, 0, 0, width - k.shape[2])) for k, _ in caches], dim=1)  # [layers, M, Hkv, S, D]
         pv = torch.stack([F.pad(v, (0, 0, 0, width - v.shape[2])) for _, v in caches], dim=1)
+    if comp:
         h, t = _run_tails(
             lm,
             embed,
