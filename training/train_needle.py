@@ -54,7 +54,8 @@ repeatable, after the recipe), `--record-check` (score the fixed full-KV check s
 CHECK_SUBSETS, and record them as `check_subsets`).
 
 Deterministic given the family, the seed, the thread count (and the --init checkpoint): fixed step count, seeded data
-order, seeded init. The run records its family in OUT/x2l_needle.json (`family`).
+order, seeded init; bit for bit at 1 thread (at 2, runs on a loaded machine were seen to differ in the last digits of
+the losses, before issue 18's changes as after). The run records its family in OUT/x2l_needle.json (`family`).
 """
 
 from __future__ import annotations
