@@ -19,6 +19,11 @@ uncompressed cache, and the bytes fetched from the store for L deltas; for the s
 chunks re-loaded, the relevance pass's seconds per question and its share of the answering stages' time, and (with
 targets, the needle benchmark) the selection hit rate overall and per category. Written as results.json,
 results.md and accuracy_vs_bytes.png.
+
+By video length (issue 18): several needle splits, one per length bucket (needle.SPLIT_CHUNKS), each evaluated as
+above, are combined by `by_length`; written as results.json (per bucket and method), results.md (a row per bucket
+and method, `length_table`) and accuracy_vs_length.png (accuracy against the buckets' chunk ranges, a line per
+method).
 """
 
 from __future__ import annotations
