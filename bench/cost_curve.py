@@ -165,7 +165,7 @@ def render_plot(curve: list[dict], path: Path) -> None:
 
     rows = curve_rows(curve)
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, (ax_s, ax_b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_s, ax_b) = plt.subplots(1, 2, figsize=(12, 4))
     for i, m in enumerate(methods):
         mine = [r for r in rows if r["method"] == m]
         x = [r["chunks"] for r in mine]
@@ -184,7 +184,13 @@ def render_plot(curve: list[dict], path: Path) -> None:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")
     ax_s.legend(fontsize=8)
-    ax_b.legend(fontsize=7, title="KV in the attention cache / read from the store", title_fontsize=7)
+    ax_b.legend(
+        fontsize=7,
+        title="KV in the attention cache ((a)'s is (b)'s)\n/ read from the store",
+        title_fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
