@@ -5,7 +5,8 @@ At each length (default 32, 64, 128 and 256 chunks of 8 s at 1 fps: 256 to 2,048
 (a) by re-running the model on the whole video, (b) by reloading the full KV from the store, (c) over H alone (in
 memory) and (d) with x2l top-2 (H in memory, two chunks' L deltas fetched cold), on the `medium` random checkpoint
 (Qwen2-VL-2B language-model widths, 4 layers). Per length and method: seconds and bytes read from the store per
-question, entries in the attention cache and their bytes, and each method's share of (b)'s seconds and bytes.
+question, entries in the attention cache and their bytes, each method's share of (b)'s seconds and bytes, and for
+(c) and (d) the relevance stage's share of the answering stages' time.
 
 Written under --workdir (default bench_out/cost_curve): per length `CHUNKS-chunks/bench.json` (compare.py's
 result), and over all lengths cost_curve.json, cost_curve.md and cost_curve.png (seconds and bytes per question
@@ -123,6 +124,7 @@ def curve_rows(curve: list[dict]) -> list[dict]:
                     "seconds_vs_b": r["seconds_per_question"] / b["seconds_per_question"] if b else None,
                     "bytes_read_vs_b": r["bytes_read_per_question"] / b["bytes_read_per_question"] if b else None,
                     "cache_bytes_vs_b": r["tokens_in_cache"] / b["tokens_in_cache"] if b else None,
+                    "relevance_share": r["relevance_share"],
                     "questions": point["setup"]["rerun_questions"]
                     if r["method"] == "(a) rerun"
                     else point["setup"]["questions"],
@@ -135,8 +137,8 @@ def render_curve(curve: list[dict]) -> str:
     setup = curve[0]["setup"]
     lines = [
         "| chunks (tokens) | method | s / question | bytes read / question | KV in the attention cache | "
-        "of (b): seconds | of (b): bytes read | of (b): cache |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "of (b): seconds | of (b): bytes read | of (b): cache | relevance share of answer time |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     opt = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
     for r in curve_rows(curve):
@@ -144,7 +146,7 @@ def render_curve(curve: list[dict]) -> str:
             f"| {r['chunks']} ({r['tokens_per_video']:,}) | {LABELS.get(r['method'], r['method'])} | "
             f"{r['seconds_per_question']:.3f} | {r['bytes_read_per_question']:,} | "
             f"{r['cache_bytes_per_question'] / 1e6:,.1f} MB | {opt(r['seconds_vs_b'])} | "
-            f"{opt(r['bytes_read_vs_b'])} | {opt(r['cache_bytes_vs_b'])} |"
+            f"{opt(r['bytes_read_vs_b'])} | {opt(r['cache_bytes_vs_b'])} | {opt(r['relevance_share'])} |"
         )
     reruns = sorted({p["setup"]["rerun_questions"] for p in curve})
     return (
