@@ -29,10 +29,12 @@ nothing here is asserted in tests.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -112,38 +114,92 @@ def main() -> None:
     args.extra = [(m, parse_method(m)) for m in args.selectors.split(",") if m.strip()]
     work = Path(args.workdir)
     work.mkdir(exist_ok=True)
-    ckpt = work / ("model-medium" if args.family == "qwen2-vl" else f"model-{args.family}-medium")
-    if not (ckpt / "config.json").exists():
-        registry.write_tiny_checkpoint(ckpt, args.family, size="medium")
-    videos = []
-    for v in range(args.videos):
-        path = work / f"bench-{v}-{args.seconds}s.mp4"
-        if not path.exists():
-            write_video(path, n_frames=args.seconds * 2, fps=2, size=(168, 168))
-        videos.append(path)
-    bounds = {"min_pixels": 28 * 28, "max_pixels": args.pixels} if args.pixels else {}  # 0: the checkpoint's own
-    sampling = SamplingConfig(fps=1, max_frames=max(256, args.seconds), frames_per_chunk=8, **bounds)
+    ckpt = medium_checkpoint(work, args.family)
+    videos = bench_videos(work, args.videos, args.seconds)
+    sampling, bounds = sampling_for(args.seconds, args.pixels)
     model = load_model(ckpt, args.dtype, device=args.device, **bounds)
+    with open_stores(args.store, work, args.kv_codecs) as stores:
+        result = run(args, model, sampling, videos, stores, work)
+    (work / "bench.json").write_text(json.dumps(result, indent=1))
+    md = render(result["setup"], result["table"]) + "\n" + render_storage(result["storage"])
+    (work / "bench.md").write_text(md)
+    print(md)
 
-    server = None
-    if args.store == "s3":
-        from x2l.testing.s3_server import LocalS3Server
 
-        server = LocalS3Server(str(work / "s3")).start()
-        os.environ.update(server.env())
-        stores = {"x2l": server.uri("store-x2l"), "full": server.uri("store-full")}
-        stores |= {f"x2l-{c}": server.uri(f"store-x2l-{c}") for c in args.kv_codecs if c != "none"}
-    else:
-        stores = {"x2l": str(work / "store-x2l"), "full": str(work / "store-full")}
-        stores |= {f"x2l-{c}": str(work / f"store-x2l-{c}") for c in args.kv_codecs if c != "none"}
+def medium_checkpoint(work: Path, family: str) -> Path:
+    """The `medium` random checkpoint of `family` under `work` (written once, seed 0)."""
+    ckpt = work / ("model-medium" if family == "qwen2-vl" else f"model-{family}-medium")
+    if not (ckpt / "config.json").exists():
+        registry.write_tiny_checkpoint(ckpt, family, size="medium")
+    return ckpt
+
+
+def bench_videos(work: Path, n: int, seconds: int) -> list[Path]:
+    """`n` synthetic videos of `seconds` s (2 fps, 168x168) under `work`, written once."""
+    videos = []
+    for v in range(n):
+        path = work / f"bench-{v}-{seconds}s.mp4"
+        if not path.exists():
+            write_video(path, n_frames=seconds * 2, fps=2, size=(168, 168))
+        videos.append(path)
+    return videos
+
+
+def sampling_for(seconds: int, pixels: int) -> tuple[SamplingConfig, dict]:
+    """(sampling at 1 fps, 8 frames a chunk, every second of a `seconds` s video; the pixel bounds for the model:
+    `pixels` per frame at most, 0 for the checkpoint's own)."""
+    bounds = {"min_pixels": 28 * 28, "max_pixels": pixels} if pixels else {}
+    return SamplingConfig(fps=1, max_frames=max(256, seconds), frames_per_chunk=8, **bounds), bounds
+
+
+@contextlib.contextmanager
+def open_stores(kind: str, work: Path, kv_codecs: list[str]) -> Iterator[dict[str, str]]:
+    """{"x2l", "full", "x2l-CODEC" per codec other than none: store URI} on a local S3 server under `work` (`kind`
+    "s3", stopped on exit) or in folders under `work` ("local")."""
+    names = ["x2l", "full", *(f"x2l-{c}" for c in kv_codecs if c != "none")]
+    if kind != "s3":
+        yield {n: str(work / f"store-{n}") for n in names}
+        return
+    from x2l.testing.s3_server import LocalS3Server
+
+    server = LocalS3Server(str(work / "s3")).start()
     try:
-        run(args, model, sampling, videos, stores, work)
+        os.environ.update(server.env())
+        yield {n: server.uri(f"store-{n}") for n in names}
     finally:
-        if server is not None:
-            server.stop()
+        server.stop()
 
 
-def run(args, model, sampling, videos, stores, work) -> None:
+def default_rows(model, max_new_tokens: int) -> list[tuple[str, RetrievalConfig]]:
+    """The (c) and (d) rows of `make bench`: H only, x2l top-1, 2, 4, and top-2 voting over the first half of the
+    layers."""
+    half = tuple(range(max(1, model.num_layers // 2)))
+    return [
+        ("(c) h-only", RetrievalConfig(top_k=0, max_new_tokens=max_new_tokens)),
+        *((f"(d) x2l top-{k}", RetrievalConfig(top_k=k, max_new_tokens=max_new_tokens)) for k in (1, 2, 4)),
+        (
+            f"(d) x2l top-2, vote layers 0-{half[-1]}",
+            RetrievalConfig(top_k=2, layers=half, max_new_tokens=max_new_tokens),
+        ),
+    ]
+
+
+def run(
+    args,
+    model,
+    sampling: SamplingConfig,
+    videos: list[Path],
+    stores: dict[str, str],
+    work: Path,
+    rows: list[tuple[str, RetrievalConfig]] | None = None,
+    rerun_questions: int | None = None,
+    questions: list[str] = QUESTIONS,
+) -> dict:
+    """Index `videos` into `stores` (once), answer each of `questions` about each video every way; returns
+    {"setup", "table", "storage"} (bench.json's content).
+
+    rows: the (c) and (d) rows (default: `default_rows`, then one per `args.extra` selector). rerun_questions: (a)
+    answers only the first N questions (None: all), and the agreement columns compare over those N."""
     # Indexing (once): the x2l store and the full-KV store.
     configs = {"x2l": CompressionConfig(), "full": CompressionConfig(l_keep=1.0, context="full", scorer="uniform")}
     if args.no_baselines:
@@ -165,7 +221,7 @@ def run(args, model, sampling, videos, stores, work) -> None:
             codec_stores[name.removeprefix("x2l-")] = uri
             recode(KVStore(stores["x2l"], model.fingerprint), KVStore(uri, model.fingerprint), videos, name[4:])
 
-    questions = [Question(p.name, q) for p in videos for q in QUESTIONS]
+    questions = [Question(p.name, q) for p in videos for q in questions]
     results: dict[str, dict] = {}
 
     def record(
@@ -180,7 +236,7 @@ def run(args, model, sampling, videos, stores, work) -> None:
             r["share"].append(stages.get("relevance", 0.0) / max(sum(stages.values()), 1e-12))
 
     # (a) rerun
-    for q in questions if not args.no_baselines else []:
+    for q in questions[:rerun_questions] if not args.no_baselines else []:
         t = time.perf_counter()
         tokens, cache_tokens = rerun_answer(model, work / q.video_id, sampling, q.question, args.max_new_tokens)
         record("(a) rerun", time.perf_counter() - t, 0, cache_tokens, tokens)
@@ -202,18 +258,11 @@ def run(args, model, sampling, videos, stores, work) -> None:
     h_bytes_before = store.stats.io.bytes_read
     h.preload(p.name for p in videos)
     h_load = {"seconds": time.perf_counter() - t, "bytes": store.stats.io.bytes_read - h_bytes_before}
-    half = tuple(range(max(1, model.num_layers // 2)))
-    rows = [
-        ("(c) h-only", RetrievalConfig(top_k=0, max_new_tokens=args.max_new_tokens)),
-        *((f"(d) x2l top-{k}", RetrievalConfig(top_k=k, max_new_tokens=args.max_new_tokens)) for k in (1, 2, 4)),
-        (
-            f"(d) x2l top-2, vote layers 0-{half[-1]}",
-            RetrievalConfig(top_k=2, layers=half, max_new_tokens=args.max_new_tokens),
-        ),
-    ]
-    for name, m in args.extra:  # issue 17: a selector under a rule
-        rule = RetrievalConfig(m.top_k, m.budget_bytes, None, args.max_new_tokens, m.selector, m.mass)
-        rows.append((f"(d) {name}", rule))
+    if rows is None:
+        rows = default_rows(model, args.max_new_tokens)
+        for name, m in args.extra:  # issue 17: a selector under a rule
+            rule = RetrievalConfig(m.top_k, m.budget_bytes, None, args.max_new_tokens, m.selector, m.mass)
+            rows.append((f"(d) {name}", rule))
     for name, retrieval in rows:
         answerer = Answerer(model, h, retrieval)
         answerer.answer(questions[:1])  # warm-up (first-call overheads), not recorded
@@ -267,7 +316,7 @@ def run(args, model, sampling, videos, stores, work) -> None:
     table = []
     for name, r in results.items():
         s, by = mean(r["seconds"]), mean(r["bytes"])
-        pairs = list(zip(r["tokens"], ref_tokens, strict=True)) if base else []
+        pairs = list(zip(r["tokens"][: len(ref_tokens)], ref_tokens, strict=True)) if base else []
         table.append(
             {
                 "method": name,
@@ -292,15 +341,13 @@ def run(args, model, sampling, videos, stores, work) -> None:
         "videos": len(videos),
         "chunks_per_video": n_chunks,
         "questions": len(questions),
+        "rerun_questions": len(results["(a) rerun"]["seconds"]) if base else 0,
         "tokens_per_video": meta["sink_tokens"] + sum(c["n_tokens"] for c in meta["chunks"]),
         "index_seconds": {k: round(v, 1) for k, v in index_s.items()},
         "h_preload": {"seconds": round(h_load["seconds"], 3), "bytes": h_load["bytes"]},
         "max_new_tokens": args.max_new_tokens,
     }
-    (work / "bench.json").write_text(json.dumps({"setup": info, "table": table, "storage": storage}, indent=1))
-    md = render(info, table) + "\n" + render_storage(storage)
-    (work / "bench.md").write_text(md)
-    print(md)
+    return {"setup": info, "table": table, "storage": storage}
 
 
 def render(info: dict, table: list[dict]) -> str:

@@ -136,3 +136,89 @@ def test_eval_takes_a_kv_codec_for_both_stores(tiny_checkpoints, tmp_path):
             assert videos and {v["kv_codec"] for v in videos} == {codec}
     for m in ("full", "x2l:1"):
         assert 0 < read["int8"][m] < 0.8 * read["none"][m]
+
+
+def test_eval_cli_reports_each_needle_length_bucket(tiny_checkpoints, tmp_path):
+    """`x2l eval --bench needle --split test,test-48-64` (issue 18): each split is its own length bucket with its own
+    rows; every video is indexed whole (--max-frames raised to the bucket's longest video, so `full`, which re-loads
+    every chunk, holds exactly the generated chunk counts); the markdown and stdout carry a row per bucket and
+    method, and the accuracy-vs-length plot names every method."""
+    from PIL import Image
+
+    from x2l.eval import needle
+
+    limit, splits, methods = 2, ["test", "test-48-64"], ["full", "h", "uniform:1", "x2l:1"]
+    out = tmp_path / "eval"
+    cmd = [
+        str(Path(sys.executable).parent / "x2l"),
+        "eval",
+        "--bench",
+        "needle",
+        "--split",
+        ",".join(reversed(splits)),  # listed longest first: reported in order of length
+        "--limit",
+        str(limit),
+        "--data",
+        str(tmp_path / "videos"),
+        "--model",
+        str(tiny_checkpoints["qwen2-vl"]),
+        "--methods",
+        ",".join(methods),
+        "--out",
+        str(out),
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads((out / "results.json").read_text())
+    buckets = result["buckets"]
+    assert list(buckets) == splits
+    md = (out / "results.md").read_text()
+    for split in splits:
+        items = needle.make_items(split, limit)
+        lo, hi = needle.SPLIT_CHUNKS[split]
+        b = buckets[split]
+        assert b["chunks"] == [lo, hi] and b["bucket"] == f"{lo}-{hi}"
+        assert b["sampling"]["max_frames"] == max(256, hi * needle.FRAMES_PER_CHUNK)  # test: today's 256
+        assert list(b["methods"]) == methods
+        assert all(m["n"] == limit for m in b["methods"].values())
+        families = sorted({it.family for it in items})
+        assert all(sorted(m["by_category"]) == families for m in b["methods"].values())
+        full = b["methods"]["full"]
+        assert full["kv_ratio_mean"] == pytest.approx(1.0)
+        assert full["chunks_mean"] == pytest.approx(sum(it.video.n_chunks for it in items) / limit)
+        assert lo <= full["chunks_mean"] <= hi
+        assert b["methods"]["h"]["chunks_mean"] == 0 and b["methods"]["x2l:1"]["chunks_mean"] == 1
+        assert full["selection_hit_rate"] is None and b["methods"]["h"]["selection_hit_rate"] is None
+        for m in ("uniform:1", "x2l:1"):
+            assert 0 <= b["methods"][m]["selection_hit_rate"] <= 1
+            assert b["methods"]["h"]["kv_ratio_mean"] < b["methods"][m]["kv_ratio_mean"] < 1
+        rows = [q for q in result["questions"] if q["split"] == split]
+        assert [q["qid"] for q in rows] == [it.qid for it in items]
+        for m in methods:
+            row = f"| {split} ({lo}-{hi}) | {m} | {limit} |"
+            assert row in md and row in r.stdout
+    assert len(result["questions"]) == limit * len(splits)
+    assert "accuracy_vs_length.png" in md and not (out / "accuracy_vs_bytes.png").exists()
+    png = Image.open(out / "accuracy_vs_length.png")
+    assert png.format == "PNG" and png.text["Description"] == "methods: " + ", ".join(methods)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--bench", "needle", "--split", "test,test-48-64,test"],
+            "--split test,test-48-64,test: a split is listed twice",
+        ),
+        (["--bench", "needle", "--split", "val,test"], "val, test are one length bucket"),
+        (["--bench", "needle", "--split", "test,test-200-300"], "unknown needle split 'test-200-300'"),
+        (["--bench", "mlvu", "--split", "a,b"], "several splits (length buckets) are for --bench needle only"),
+    ],
+)
+def test_eval_refuses_bad_split_lists_in_one_line(argv, message, tmp_path, capsys):
+    from x2l.cli import main
+
+    rc = main(["eval", *argv, "--data", str(tmp_path / "d"), "--model", str(tmp_path / "m"), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc != 0 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "d").exists()  # refused before any video was written

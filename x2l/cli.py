@@ -164,9 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
         "mass P, at most 3 chunks), pPkK (at most K), pPkKbN (and within N bytes)",
     )
     p.add_argument("--out", default="eval_out", help="folder for the stores and results (default eval_out)")
-    p.add_argument("--split", default=None, help="benchmark split (default: the benchmark's evaluation split)")
     p.add_argument(
-        "--limit", type=int, default=None, help="first N questions (needle: how many to generate, default 200)"
+        "--split",
+        default=None,
+        help="benchmark split (default: the benchmark's evaluation split); needle: a comma-separated list of splits "
+        "of different length buckets (test,test-48-64,test-96-128) reports accuracy per bucket and plots it against "
+        "video length",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="first N questions (needle: how many to generate per split, default 200)",
     )
     p.add_argument("--batch-size", type=int, default=8, help="questions per engine call (default 8)")
     p.add_argument(
@@ -657,7 +666,7 @@ def cmd_runs(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from x2l.eval.evaluate import evaluate, methods_of, write_results
+    from x2l.eval.evaluate import by_length, evaluate, length_table, methods_of, write_results
 
     def listed(text: str | None) -> list[str]:
         return [m.strip() for m in (text or "").split(",") if m.strip()]
@@ -665,37 +674,78 @@ def cmd_eval(args) -> None:
     methods = methods_of(listed(args.methods), listed(args.selectors), listed(args.rules))
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
-    targets = None
-    if args.bench == "needle":
-        from x2l.eval import needle
-
-        items = needle.make_items(args.split or "test", args.limit or 200)
-        questions, targets = needle.write_videos(items, args.data), needle.target_chunks(items)
-        sampling = SamplingConfig(
-            needle.FPS, args.max_frames, needle.FRAMES_PER_CHUNK, args.min_pixels, args.max_pixels
-        )
-    else:
+    splits = listed(args.split)
+    if len(splits) > 1 and args.bench != "needle":
+        raise ConfigError(f"--split {args.split}: several splits (length buckets) are for --bench needle only")
+    if args.bench != "needle":
         from x2l.eval.benchmarks import load_benchmark
 
         questions = load_benchmark(args.bench, args.data, args.split)[: args.limit]
-        sampling = sampling_config(args)
+        runs = {args.split: (questions, None, sampling_config(args))}
+    else:
+        runs = _needle_runs(args, splits or ["test"])
     compression = compression_config(args)
     model = _load_model(args)
-    result = evaluate(
-        questions,
-        model,
-        args.out,
-        methods,
-        sampling,
-        compression,
-        args.batch_size,
-        args.max_new_tokens,
-        targets,
-        log=lambda m: print(m, flush=True),
-        progress=not args.quiet,
-    )
-    write_results(result, args.out, f"x2l eval: {args.bench} ({len(questions)} questions, model {args.model})")
-    print(f"wrote {args.out}/results.json, results.md and accuracy_vs_bytes.png")
+    results = {}
+    for split, (questions, targets, sampling) in runs.items():
+        prefix = f"{split}: " if len(runs) > 1 else ""
+        results[split] = evaluate(
+            questions,
+            model,
+            args.out,
+            methods,
+            sampling,
+            compression,
+            args.batch_size,
+            args.max_new_tokens,
+            targets,
+            log=lambda m, prefix=prefix: print(prefix + m, flush=True),
+            progress=not args.quiet,
+        )
+    n = sum(len(questions) for questions, _, _ in runs.values())
+    if len(runs) == 1:
+        written = write_results(
+            results[next(iter(runs))], args.out, f"x2l eval: {args.bench} ({n} questions, model {args.model})"
+        )
+    else:
+        from x2l.eval import needle
+
+        result = by_length(results, {s: needle.SPLIT_CHUNKS[s] for s in runs})
+        title = f"x2l eval: needle by length ({', '.join(result['buckets'])}; {n} questions, model {args.model})"
+        written = write_results(result, args.out, title)
+        print(length_table(result), end="", flush=True)
+    print(f"wrote {args.out}/{', '.join(written[:-1])} and {written[-1]}")
+
+
+def _needle_runs(args, splits: list[str]) -> dict:
+    """{split: (questions, targets, sampling)} for needle splits: --limit (default 200) questions each, videos
+    written into --data; sampled at the benchmark's 1 fps and 8 frames a chunk, every frame kept (--max-frames raised
+    to the split's longest video when below it)."""
+    from x2l.eval import needle
+
+    if len(set(splits)) != len(splits):
+        raise ConfigError(f"--split {args.split}: a split is listed twice")
+    for split in splits:
+        if split not in needle.SPLIT_CHUNKS:
+            raise ConfigError(f"unknown needle split {split!r}; expected one of {', '.join(needle.SPLIT_CHUNKS)}")
+    if len(splits) > 1:
+        shared = [s for s in splits if [needle.SPLIT_CHUNKS[t] for t in splits].count(needle.SPLIT_CHUNKS[s]) > 1]
+        if shared:
+            raise ConfigError(
+                f"--split {args.split}: {', '.join(shared)} are one length bucket; give one split per bucket"
+            )
+    runs = {}
+    for split in splits:
+        items = needle.make_items(split, args.limit or 200)
+        sampling = SamplingConfig(
+            needle.FPS,
+            max(args.max_frames, needle.SPLIT_CHUNKS[split][1] * needle.FRAMES_PER_CHUNK),
+            needle.FRAMES_PER_CHUNK,
+            args.min_pixels,
+            args.max_pixels,
+        )
+        runs[split] = (needle.write_videos(items, args.data), needle.target_chunks(items), sampling)
+    return runs
 
 
 def cmd_tiny_model(args) -> None:

@@ -19,6 +19,11 @@ uncompressed cache, and the bytes fetched from the store for L deltas; for the s
 chunks re-loaded, the relevance pass's seconds per question and its share of the answering stages' time, and (with
 targets, the needle benchmark) the selection hit rate overall and per category. Written as results.json,
 results.md and accuracy_vs_bytes.png.
+
+By video length (issue 18): several needle splits, one per length bucket (needle.SPLIT_CHUNKS), each evaluated as
+above, are combined by `by_length`; written as results.json (per bucket and method), results.md (a row per bucket
+and method, `length_table`) and accuracy_vs_length.png (accuracy against the buckets' chunk ranges, a line per
+method).
 """
 
 from __future__ import annotations
@@ -368,9 +373,140 @@ def render_plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_results(result: dict, out: str | Path, title: str) -> None:
+def by_length(results: dict[str, dict], chunks: dict[str, tuple[int, int]]) -> dict:
+    """Several needle splits' `evaluate` results as one (issue 18): {"buckets": {split: {"chunks": [lo, hi],
+    "bucket": "lo-hi", "methods", "sampling"}}, "compression", "questions": every split's rows, each with its
+    "split"}, splits in order of length. chunks: {split: (lo, hi)}, the range its videos' chunk counts are drawn
+    from (needle.SPLIT_CHUNKS)."""
+    order = sorted(results, key=lambda split: chunks[split])
+    compression = {json.dumps(results[s]["compression"], sort_keys=True) for s in order}
+    if len(compression) != 1:
+        raise ValueError(f"splits evaluated with different compression: {sorted(compression)}")
+    return {
+        "buckets": {
+            s: {
+                "chunks": list(chunks[s]),
+                "bucket": f"{chunks[s][0]}-{chunks[s][1]}",
+                "methods": results[s]["methods"],
+                "sampling": results[s]["sampling"],
+            }
+            for s in order
+        },
+        "compression": results[order[0]]["compression"],
+        "questions": [{"split": s, **row} for s in order for row in results[s]["questions"]],
+    }
+
+
+def length_table(result: dict) -> str:
+    """`by_length`'s result as one markdown table: a row per bucket and method (accuracy with its 95% interval, per
+    family, the selection's hit rate, chunks at L, KV bytes per question and their share of the full cache)."""
+    buckets = result["buckets"]
+    families = sorted({c for b in buckets.values() for m in b["methods"].values() for c in m["by_category"]})
+    head = [
+        "split (chunks)",
+        "method",
+        "n",
+        "accuracy",
+        "95% CI",
+        *families,
+        "answer chunks re-loaded",
+        "chunks at L / question",
+        "KV bytes / question",
+        "of full KV",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for split, b in buckets.items():
+        for name, m in b["methods"].items():
+            lo, hi = m["accuracy_ci95"]
+            rate = m.get("selection_hit_rate")
+            cells = [
+                f"{split} ({b['bucket']})",
+                name,
+                str(m["n"]),
+                f"{m['accuracy']:.1%}",
+                f"{lo:.1%} - {hi:.1%}",
+                *(f"{m['by_category'][c]:.1%}" if c in m["by_category"] else "-" for c in families),
+                "-" if rate is None else f"{rate:.1%}",
+                f"{m['chunks_mean']:.2f}",
+                f"{m['kv_bytes_mean']:,.0f}",
+                f"{m['kv_ratio_mean']:.1%}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_length_markdown(result: dict, title: str) -> str:
+    """`by_length`'s result as markdown: `length_table`, the plot, then each bucket's own tables (`render_markdown`)."""
+    buckets = result["buckets"]
+    sections = [
+        render_markdown(
+            {"methods": b["methods"], "compression": result["compression"]}, f"{split} ({b['bucket']} chunks)"
+        ).replace("# ", "## ", 1)
+        for split, b in buckets.items()
+    ]
+    return (
+        f"# {title}\n\nPer length bucket (chunks per video) and method. `full` re-loads every chunk, so its chunks at "
+        f"L are the bucket's mean video length. Compression: {result['compression']}.\n\n"
+        + length_table(result)
+        + "\n![accuracy vs length](accuracy_vs_length.png)\n\n"
+        + "\n".join(sections)
+    )
+
+
+def render_length_plot(result: dict, path: Path) -> list[str]:
+    """Accuracy against video length, one line per method (x: each bucket's chunk range, drawn at its middle; 95%
+    Wilson intervals as bars). Returns the legend's labels, also written into the PNG's Description text."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    buckets = list(result["buckets"].values())
+    methods = list(dict.fromkeys(name for b in buckets for name in b["methods"]))
+    mids = [(b["chunks"][0] + b["chunks"][1]) / 2 for b in buckets]
+    span = max(mids) - min(mids) or 1.0
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    markers = {"full": "s", "h": "v", "uniform": "x"}
+    for i, name in enumerate(methods):
+        shift = (i - (len(methods) - 1) / 2) * span * 0.01  # methods side by side, their bars apart
+        pts = [(x + shift, b["methods"][name]) for x, b in zip(mids, buckets, strict=True) if name in b["methods"]]
+        ax.errorbar(
+            [x for x, _ in pts],
+            [m["accuracy"] * 100 for _, m in pts],
+            yerr=[
+                [(m["accuracy"] - m["accuracy_ci95"][0]) * 100 for _, m in pts],
+                [(m["accuracy_ci95"][1] - m["accuracy"]) * 100 for _, m in pts],
+            ],
+            capsize=3,
+            label=name,
+            marker=markers.get(name.partition(":")[0], "o"),
+            markersize=5,
+        )
+    for b in buckets:  # each bucket's range along the x axis
+        ax.axvspan(b["chunks"][0], b["chunks"][1], color="0.5", alpha=0.08, linewidth=0)
+    ax.set_xticks(mids, [b["bucket"] for b in buckets])
+    ax.set_xlabel("video length (chunks; the bucket's range shaded)")
+    ax.set_ylabel("accuracy (%), 95% Wilson interval")
+    ax.set_ylim(0, 105)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Description": "methods: " + ", ".join(labels)})
+    plt.close(fig)
+    return labels
+
+
+def write_results(result: dict, out: str | Path, title: str) -> list[str]:
+    """results.json, results.md and the plot under `out`: accuracy_vs_bytes.png for one split's `evaluate` result,
+    accuracy_vs_length.png for `by_length`'s. Returns the files' names."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1))
+    if "buckets" in result:
+        (out / "results.md").write_text(render_length_markdown(result, title))
+        render_length_plot(result, out / "accuracy_vs_length.png")
+        return ["results.json", "results.md", "accuracy_vs_length.png"]
     (out / "results.md").write_text(render_markdown(result, title) + "\n![accuracy vs bytes](accuracy_vs_bytes.png)\n")
     render_plot(result, out / "accuracy_vs_bytes.png")
+    return ["results.json", "results.md", "accuracy_vs_bytes.png"]
