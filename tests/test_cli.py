@@ -304,7 +304,11 @@ def test_x2l_and_both_jobs_share_the_option_declarations_and_the_configs_default
     answer = job("answer_questions").parse_args(["--store", "s", "--questions", "q", "--out", "o", *chosen])
     want = RetrievalConfig(top_k=4, selection="calibrated:layers=0-1", mass=0.5)
     assert retrieval_config(ask) == retrieval_config(answer) == want
-    for bad, message in ((["--selector", "magic"], "unknown selector 'magic'"), (["--mass", "0"], "--mass 0: must")):
+    for bad, message in (
+        (["--selector", "magic"], "unknown selector 'magic'"),
+        (["--mass", "0"], "--mass 0: must"),
+        (["--mass", "0.5", "--top-k", "0"], "--mass 0.5 with --top-k 0 re-loads no chunk"),
+    ):
         with pytest.raises(ConfigError, match=message):
             retrieval_config(build_parser().parse_args(["ask", "s", "--question", "q", "--model", "m", *bad]))
     for bad, message in (

@@ -24,7 +24,18 @@ def test_methods_parse_and_bad_ones_are_named():
     assert parse_method("key_similarity/p0.8") == Method("select", 3, "key_similarity", None, 0.8)
     assert parse_method("calibrated:mode=div/p0.5k4b1000") == Method("select", 4, "calibrated:mode=div", 1000, 0.5)
     assert parse_method("uniform/b5000") == Method("select", 0, "uniform", 5000, None)
-    for bad in ("x2l", "x2l:0", "uniform:two", "magic:1", "full:3", "calibrated/0", "calibrated/p1.5", "calibrated/"):
+    for bad in (
+        "x2l",
+        "x2l:0",
+        "uniform:two",
+        "magic:1",
+        "full:3",
+        "calibrated/0",
+        "calibrated/p1.5",
+        "calibrated/",
+        "calibrated/p0.5k0",
+        "calibrated/p0.5k0b1000",
+    ):  # a mass capped at 0 chunks re-loads none
         with pytest.raises(ConfigError, match="unknown method"):
             parse_method(bad)
     with pytest.raises(ConfigError, match="unknown selector 'magic'"):

@@ -271,3 +271,17 @@ def test_every_selector_answers_through_the_engine(indexed, name):
     assert len(a.selected_chunks) == min(2, video.n_chunks)
     assert len(b.selected_chunks) <= 3 and c.selected_chunks == []
     assert [x.selected_chunks for x in answerer.answer(qs[:1])] == [a.selected_chunks]
+
+
+def test_voting_layers_the_model_lacks_and_a_mass_capped_at_zero_are_refused(indexed):
+    """A selector's `layers` beyond the model's last layer is a ConfigError naming the spec and the model's layer count
+    (it used to end in "stack expects a non-empty TensorList" at the first question); mass with top_k 0 re-loads
+    nothing, so the config refuses it."""
+    model, video = indexed
+    last = model.num_layers - 1
+    for spec in ("attention", "calibrated", "key_similarity"):
+        Answerer(model, InMemorySource([video]), RetrievalConfig(selection=f"{spec}:layers={last}"))
+        with pytest.raises(ConfigError, match=f"layer {last + 1} does not exist; the model has {last + 1} layers"):
+            Answerer(model, InMemorySource([video]), RetrievalConfig(selection=f"{spec}:layers=0+{last + 1}"))
+    with pytest.raises(ConfigError, match="mass with top_k 0"):
+        RetrievalConfig(top_k=0, mass=0.5)

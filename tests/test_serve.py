@@ -348,6 +348,8 @@ def test_results_echo_id_and_video_id_and_take_a_byte_budget(serve_app, archive)
     assert d["answers"][0]["selected_chunks"] == expected.selected_chunks and expected.selected_chunks
     r = ask(serve_app, [{"video_id": "fish.mp4", "question": "What swims?", "mass": 1.5}])
     assert r.status_code == 422 and "mass" in r.json()["error"]["message"]
+    r = ask(serve_app, [{"video_id": "fish.mp4", "question": "What swims?", "mass": 0.5, "top_k": 0}])
+    assert r.status_code == 422 and "mass with top_k 0" in r.json()["error"]["message"]
 
 
 def test_readyz_once_the_query_replica_has_its_model(serve_app, archive):

@@ -165,6 +165,8 @@ class RetrievalConfig:
             raise ConfigError(f"selection must be a selector name (x2l.selectors), got {self.selection!r}")
         if self.mass is not None and not 0 < self.mass <= 1:
             raise ConfigError(f"mass must be in (0, 1], got {self.mass}")
+        if self.mass is not None and self.top_k == 0:
+            raise ConfigError("mass with top_k 0 re-loads no chunk (top_k caps the mass rule's count): give top_k >= 1")
 
 
 @dataclass(frozen=True)

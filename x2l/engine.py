@@ -32,6 +32,7 @@ from transformers import DynamicCache
 
 from x2l.codecs import level_stored_bytes
 from x2l.compress import merge_levels, split_levels
+from x2l.errors import ConfigError
 from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig, to_dict
 from x2l.kv import ChunkKV, Fetch, KVSource, LevelKV, VideoKV
 from x2l.lru import LRU
@@ -400,13 +401,21 @@ class Answerer:
     """
 
     def __init__(self, model: ModelAdapter, source: KVSource, retrieval: RetrievalConfig = RetrievalConfig()):
-        """ConfigError for a selector spec (RetrievalConfig.selection) x2l.selectors does not know."""
+        """ConfigError for a selector spec (RetrievalConfig.selection) x2l.selectors does not know, or whose voting
+        `layers` name a layer the model does not have."""
         self.model = model
         self.source = source
         self.retrieval = retrieval
         self.selector = make_selector(retrieval.selection)
         if retrieval.layers is not None and getattr(self.selector, "layers", ()) is None:
             self.selector.layers = retrieval.layers
+        layers = getattr(self.selector, "layers", None)
+        n_layers = getattr(model, "num_layers", None)
+        if layers and n_layers is not None and max(layers) >= n_layers:
+            raise ConfigError(
+                f"selector {retrieval.selection!r}: layer {max(layers)} does not exist; the model has {n_layers} "
+                f"layers (0-{n_layers - 1})"
+            )
         self._priors = LRU(1024)  # (video id, write id) -> prior computed for a video indexed without one
 
     def relevance(self, video: VideoKV, prompts: list[list[int]]) -> torch.Tensor:

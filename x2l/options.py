@@ -139,12 +139,14 @@ def compression_config(args: argparse.Namespace) -> CompressionConfig:
 
 def retrieval_config(args: argparse.Namespace) -> RetrievalConfig:
     """The RetrievalConfig of parsed retrieval options; ConfigError naming the option for a selector spec
-    x2l.selectors does not know or a --mass outside (0, 1] (before any model loads)."""
+    x2l.selectors does not know, a --mass outside (0, 1] or a --mass with --top-k 0 (before any model loads)."""
     from x2l.selectors import make_selector
 
     make_selector(args.selector)
     if args.mass is not None and not 0 < args.mass <= 1:
         raise ConfigError(f"--mass {args.mass:g}: must be in (0, 1]")
+    if args.mass is not None and args.top_k == 0:
+        raise ConfigError(f"--mass {args.mass:g} with --top-k 0 re-loads no chunk (--top-k caps its count): use >= 1")
     return RetrievalConfig(
         args.top_k, args.budget_bytes, None, args.max_new_tokens, selection=args.selector, mass=args.mass
     )

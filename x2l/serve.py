@@ -542,6 +542,12 @@ class QuestionIn(BaseModel):
     mass: float | None = Field(default=None, gt=0, le=1)  # relevance-mass rule (issue 17), top_k its count cap
     max_new_tokens: int | None = Field(default=None, ge=1, le=4096)
 
+    @model_validator(mode="after")
+    def _mass_needs_chunks(self) -> "QuestionIn":
+        if self.mass is not None and self.top_k == 0:
+            raise ValueError("mass with top_k 0 re-loads no chunk (top_k caps the mass rule's count): top_k >= 1")
+        return self
+
 
 class AnswerRequest(BaseModel):
     questions: list[QuestionIn] = Field(min_length=1)

@@ -64,7 +64,7 @@ def parse_method(method: str) -> Method:
     """`full`, `h`, `x2l:K`, `uniform:K` or `SELECTOR/RULE` (module docstring); ConfigError naming it otherwise."""
     bad = ConfigError(
         f"unknown method {method!r}: use full, h, uniform:K, x2l:K (K >= 1) or SELECTOR/RULE with RULE K, bN, "
-        f"pP, pPkK or pPkKbN (0 < P <= 1)"
+        f"pP, pPkK or pPkKbN (0 < P <= 1, K >= 1)"
     )
     name, _, k = method.partition(":")
     if name in ("full", "h") and not k:
@@ -87,6 +87,8 @@ def parse_method(method: str) -> Method:
         raise bad
     budget = int(m["b"]) if m["b"] is not None else None
     cap = int(m["pk"]) if m["pk"] is not None else (MASS_CAP if mass is not None else 0)
+    if mass is not None and cap < 1:
+        raise bad
     return Method("select", cap, spec, budget, mass)
 
 
