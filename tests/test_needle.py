@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from x2l.eval import needle as nd
 
@@ -391,3 +392,25 @@ def test_fine_tune_starts_from_the_init_checkpoint(tmp_path):
     assert any(not torch.equal(a[k], t[k]) for k in a)
     with pytest.raises(ValueError, match="--init .*differs"):
         load_init(first, ModelSpec(hidden=64, intermediate=192, mrope=(2, 3, 3)))
+
+
+def test_train_refuses_bad_settings_before_writing_anything(tmp_path, capsys):
+    """--steps 0 / --set values the run cannot use / an --init that is not a needle checkpoint: one argparse line
+    naming the field, nothing decoded and --out not written (--steps 0 used to replace --out with the random init;
+    --set lr=nan, max_chunks=0, --threads 0 and a bad --init ended in library tracebacks)."""
+    from training.train_needle import main
+
+    out = tmp_path / "model"
+    for argv, message in (
+        (["--steps", "0"], "steps=0: must be >= 1"),
+        (["--set", "lr=nan"], "lr=nan: must be a finite number > 0"),
+        (["--set", "max_chunks=0"], "need 1 <= min_chunks <= start_chunks <= max_chunks"),
+        (["--set", "top_k_choices="], "top_k_choices=(): one or more"),
+        (["--threads", "0"], "threads=0: must be >= 1"),
+        (["--minutes", "-1"], "--minutes -1.0: must be > 0"),
+        (["--init", str(tmp_path / "none")], "no model.safetensors there"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(["--out", str(out), *argv])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()

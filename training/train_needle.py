@@ -897,6 +897,40 @@ class TrainConfig:
     val_top_k: int = 0  # > 0: validation also scores the mixed cache of an oracle top-k selection (oracle_plans)
 
 
+def config_problems(cfg: TrainConfig) -> list[str]:
+    """What is wrong with a TrainConfig, one line per field named as --set takes it (empty: nothing). Checked before
+    anything is decoded or written, so a bad --steps / --set never ends in a library traceback or replaces --out with
+    an untrained checkpoint."""
+    problems = []
+    for f in ("steps", "threads", "pool_videos", "pool_chunks", "tokens_per_batch", "max_batch", "log_every"):
+        if getattr(cfg, f) < 1:
+            problems.append(f"{f}={getattr(cfg, f)}: must be >= 1")
+    for f in ("warmup", "question_tokens", "val_every", "val_per_family", "val_top_k"):
+        if getattr(cfg, f) < 0:
+            problems.append(f"{f}={getattr(cfg, f)}: must be >= 0")
+    for f in ("lr", "min_lr_ratio", "weight_decay", "clip", "aux_weight"):
+        v = getattr(cfg, f)
+        if not math.isfinite(v) or v < 0 or (f == "lr" and v == 0):
+            problems.append(f"{f}={v}: must be a finite number {'> 0' if f == 'lr' else '>= 0'}")
+    for f in ("mixed_frac", "compressed_frac", "compress_after", "random_select_frac", "hold", "ramp", "long_frac"):
+        v = getattr(cfg, f)
+        if not 0 <= v <= 1:
+            problems.append(f"{f}={v}: must be a fraction in [0, 1]")
+    if not 1 <= cfg.min_chunks <= cfg.start_chunks <= cfg.max_chunks:
+        problems.append(
+            f"min_chunks={cfg.min_chunks}, start_chunks={cfg.start_chunks}, max_chunks={cfg.max_chunks}: need "
+            "1 <= min_chunks <= start_chunks <= max_chunks"
+        )
+    if not 1 <= cfg.long_min <= cfg.max_chunks:
+        problems.append(f"long_min={cfg.long_min}: must be in 1..max_chunks ({cfg.max_chunks})")
+    if not cfg.top_k_choices or min(cfg.top_k_choices) < 0:
+        problems.append(f"top_k_choices={cfg.top_k_choices}: one or more chunk counts >= 0")
+    w = cfg.family_weights
+    if len(w) != len(nd.FAMILIES) or min(w, default=-1) < 0 or not math.isfinite(sum(w)) or sum(w) <= 0:
+        problems.append(f"family_weights={w}: {len(nd.FAMILIES)} weights >= 0, not all 0 ({', '.join(nd.FAMILIES)})")
+    return problems
+
+
 def chunks_for_step(cfg: TrainConfig, step: int, rng: np.random.Generator) -> int:
     p = step / max(1, cfg.steps)
     grow = 1.0 if cfg.ramp <= cfg.hold else min(1.0, max(0.0, (p - cfg.hold) / (cfg.ramp - cfg.hold)))
@@ -1303,6 +1337,15 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(str(e))
     if over:
         cfg = TrainConfig(**{**asdict(cfg), **over})
+    if problems := config_problems(cfg):
+        ap.error("; ".join(problems))
+    if args.minutes is not None and not args.minutes > 0:
+        ap.error(f"--minutes {args.minutes}: must be > 0")
+    if args.init is not None:
+        try:
+            load_init(args.init, SPECS[args.family]())  # its file, family and widths, before the pool is decoded
+        except (ValueError, OSError) as e:
+            ap.error(str(e))
     train(args.out, cfg, SPECS[args.family](), minutes=args.minutes, log=lambda s: print(s, flush=True), init=args.init)
 
 

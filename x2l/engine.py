@@ -32,8 +32,8 @@ from transformers import DynamicCache
 
 from x2l.codecs import level_stored_bytes
 from x2l.compress import merge_levels, split_levels
-from x2l.errors import ConfigError
 from x2l.config import CompressionConfig, RetrievalConfig, SamplingConfig, to_dict
+from x2l.errors import ConfigError
 from x2l.kv import ChunkKV, Fetch, KVSource, LevelKV, VideoKV
 from x2l.lru import LRU
 from x2l.models.base import ModelAdapter, Segment
