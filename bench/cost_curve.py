@@ -63,6 +63,17 @@ def main() -> None:
         ap.error(f"--questions: 1 to {len(QUESTIONS)}, got {args.questions}")
     if args.rerun_questions is not None and not 1 <= args.rerun_questions <= args.questions:
         ap.error(f"--rerun-questions: 1 to --questions ({args.questions}), got {args.rerun_questions}")
+    if args.top_k < 1:
+        ap.error(f"--top-k: at least 1 chunk (0 would be (c) h-only again), got {args.top_k}")
+    if args.max_new_tokens < 1:
+        ap.error(f"--max-new-tokens: at least 1, got {args.max_new_tokens}")
+    if args.pixels < 0:
+        ap.error(f"--pixels: a pixel cap >= 0 (0: the checkpoint's own), got {args.pixels}")
+    lengths = sorted(set(lengths))
+    for n_chunks in lengths:  # a length measured before with other settings is not read back as if it matched
+        done = Path(args.workdir) / f"{n_chunks}-chunks" / "bench.json"
+        if done.exists() and (why := stale(json.loads(done.read_text()), args)):
+            ap.error(f"{done} was measured with {why}; delete it or use another --workdir")
     # what compare.run reads from its args: the baselines on, no extra selectors, codec none only
     args.no_baselines, args.extra, args.kv_codecs, args.videos = False, [], ["none"], 1
     work = Path(args.workdir)
@@ -70,7 +81,7 @@ def main() -> None:
     ckpt = medium_checkpoint(work, args.family)
     model = None
     curve = []
-    for n_chunks in sorted(lengths):
+    for n_chunks in lengths:
         sub = work / f"{n_chunks}-chunks"
         done = sub / "bench.json"
         if done.exists():
@@ -97,6 +108,26 @@ def main() -> None:
         curve.append({"chunks": n_chunks, **result})
         write_curve(curve, work)
         print(render_curve(curve), flush=True)
+
+
+def stale(result: dict, args: argparse.Namespace) -> str | None:
+    """What a stored bench.json (compare.run's result) was measured with that these arguments change, as text naming
+    the options (None: it matches, so it is read back). Settings bench.json does not record (--pixels, --dtype,
+    --device) are not compared."""
+    setup = result["setup"]
+    methods = [r["method"] for r in result["table"]]
+    differs = [
+        f"--{name} {was}"
+        for name, was, now in (
+            ("questions", setup.get("questions"), args.questions),
+            ("rerun-questions", setup.get("rerun_questions"), args.rerun_questions or args.questions),
+            ("max-new-tokens", setup.get("max_new_tokens"), args.max_new_tokens),
+            ("top-k", next((m.rpartition("top-")[2] for m in methods if "x2l top-" in m), "?"), str(args.top_k)),
+            ("family", setup.get("model", "?").split(" ")[0], args.family),
+        )
+        if was != now
+    ]
+    return ", ".join(differs) or None
 
 
 def kv_bytes_per_entry(model) -> int:

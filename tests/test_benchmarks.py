@@ -284,3 +284,29 @@ def test_extract_letter_rejects_bad_option_counts():
     for n in (0, 27):
         with pytest.raises(ValueError):
             extract_letter("A", n)
+
+
+def test_cost_curve_refuses_bad_arguments_and_stale_results_before_any_work(tmp_path):
+    """bench/cost_curve.py: --top-k 0 (a second h-only row), --max-new-tokens 0 and a length whose bench.json was
+    measured with other settings (it used to be read back as if it matched) are one argparse line each, before the
+    checkpoint is built (nothing else appears in --workdir)."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "cost_curve.py"
+
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, str(script), "--workdir", str(tmp_path / "w"), "--store", "local", *argv]
+        return subprocess.run(cmd, capture_output=True, text=True)
+
+    for argv, message in ((["--top-k", "0"], "--top-k: at least 1 chunk"), (["--max-new-tokens", "0"], "at least 1")):
+        r = run(*argv)
+        assert r.returncode == 2 and message in r.stderr
+    done = tmp_path / "w" / "4-chunks" / "bench.json"
+    done.parent.mkdir(parents=True)
+    setup = {"questions": 4, "rerun_questions": 4, "max_new_tokens": 8, "model": "qwen2-vl medium random checkpoint"}
+    table = [{"method": m} for m in ("(a) rerun", "(b) full-kv", "(c) h-only", "(d) x2l top-2")]
+    done.write_text(json.dumps({"setup": setup, "table": table}))
+    r = run("--chunks", "4", "--questions", "4", "--top-k", "3", "--max-new-tokens", "6")
+    assert r.returncode == 2 and f"{done} was measured with --max-new-tokens 8, --top-k 2;" in r.stderr
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["4-chunks"]
