@@ -875,3 +875,19 @@ def test_bulk_job_refuses_bad_questions_alone(archive, tmp_path):
     rows = read_parts(open_backend(str(tmp_path / "out2")))
     assert "tokens, the limit is 150" in rows["long"]["error"] and rows["ok"]["error"] is None
     assert rows["ok"]["answer"] == engine_answers(archive, QUESTIONS[:1])[0].text
+
+
+def test_app_builder_refuses_selector_layers_the_model_lacks(tiny_checkpoints, tmp_path):
+    """`selector=attention:layers=N` past the model's last layer: the builder's one line (a replica would refuse it
+    at start and be restarted forever), before the store is looked at."""
+    from transformers import AutoConfig
+
+    from x2l.errors import ConfigError
+    from x2l.serve import ServeArgs, app
+
+    model = str(tiny_checkpoints["qwen2-vl"])
+    n = AutoConfig.from_pretrained(model).text_config.num_hidden_layers
+    with pytest.raises(ConfigError, match=f"selector='attention:layers={n}': layer {n} does not exist; the model has"):
+        app(ServeArgs(store=str(tmp_path / "none"), model=model, selector=f"attention:layers={n}"))
+    with pytest.raises(ConfigError, match="store="):  # the last layer is fine: the store check is reached
+        app(ServeArgs(store=str(tmp_path / "none"), model=model, selector=f"key_similarity:layers={n - 1}"))

@@ -41,7 +41,7 @@ from x2l.models.probing import probing
 from x2l.retrieval import EnoughLayers, RelevanceProbe, chunk_relevance
 from x2l.scorers import make_scorer
 from x2l.scorers.base import ScoringProbe
-from x2l.selectors import SelectionInputs, make_selector
+from x2l.selectors import SelectionInputs, layers_problem, make_selector
 from x2l.selectors.base import h_cache_layers as h_cache_layers  # [sink + every H] per layer
 from x2l.video import VideoClip, load_video
 
@@ -409,13 +409,9 @@ class Answerer:
         self.selector = make_selector(retrieval.selection)
         if retrieval.layers is not None and getattr(self.selector, "layers", ()) is None:
             self.selector.layers = retrieval.layers
-        layers = getattr(self.selector, "layers", None)
         n_layers = getattr(model, "num_layers", None)
-        if layers and n_layers is not None and max(layers) >= n_layers:
-            raise ConfigError(
-                f"selector {retrieval.selection!r}: layer {max(layers)} does not exist; the model has {n_layers} "
-                f"layers (0-{n_layers - 1})"
-            )
+        if n_layers is not None and (problem := layers_problem(self.selector, retrieval.selection, n_layers)):
+            raise ConfigError(problem)
         self._priors = LRU(1024)  # (video id, write id) -> prior computed for a video indexed without one
 
     def relevance(self, video: VideoKV, prompts: list[list[int]]) -> torch.Tensor:

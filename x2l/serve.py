@@ -728,10 +728,12 @@ class Ingress:
 
 
 def check_deployable(cfg: ServeArgs) -> None:
-    """The model directory is a checkpoint and the store exists and holds KV of that model (ConfigError naming
-    which and why): checked by the application builder, before anything is deployed."""
+    """The model directory is a checkpoint, the selector's voting layers exist in it, and the store exists and holds
+    KV of that model (ConfigError naming which and why): checked by the application builder, before anything is
+    deployed."""
     from x2l.models.fingerprint import checkpoint_fingerprint
     from x2l.models.registry import checkpoint_family
+    from x2l.selectors import layers_problem, make_selector
     from x2l.store import KVStore
 
     model = Path(cfg.model)
@@ -739,6 +741,10 @@ def check_deployable(cfg: ServeArgs) -> None:
         checkpoint_family(model)
     except ModelError as e:
         raise ConfigError(str(e)) from e
+    text = json.loads((model / "config.json").read_text())
+    n_layers = (text.get("text_config") or text).get("num_hidden_layers")
+    if isinstance(n_layers, int) and (problem := layers_problem(make_selector(cfg.selector), cfg.selector, n_layers)):
+        raise ConfigError(problem.replace("selector ", "selector=", 1))  # a replica would refuse it at start
     try:
         KVStore(StoreConfig(uri=cfg.store), checkpoint_fingerprint(model), create=False).require_exists()
     except StoreError as e:

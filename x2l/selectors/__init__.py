@@ -62,4 +62,15 @@ def make_selector(spec: str) -> Selector:
     return cls(**kwargs)
 
 
-__all__ = ["SELECTORS", "SelectionInputs", "Selector", "make_selector", "uniform_chunks"]
+def layers_problem(selector: Selector, spec: str, n_layers: int) -> str | None:
+    """A line naming the spec and the model's layer count when the selector's voting `layers` name a layer past the
+    model's last (a probe would never see it and the relevance pass would end without a row); None when they fit."""
+    layers = getattr(selector, "layers", None)
+    if layers and max(layers) >= n_layers:
+        return (
+            f"selector {spec!r}: layer {max(layers)} does not exist; the model has {n_layers} layers (0-{n_layers - 1})"
+        )
+    return None
+
+
+__all__ = ["SELECTORS", "layers_problem", "SelectionInputs", "Selector", "make_selector", "uniform_chunks"]
