@@ -47,6 +47,8 @@ def test_methods_parse_and_bad_ones_are_named():
         "uniform/1",
         "uniform/p0.9",
     ]
+    # named twice (in --methods and by --selectors x --rules): run once, at its first place (results are keyed by name)
+    assert methods_of(["h", "attention/2", "h"], ["attention"], ["2", "1"]) == ["h", "attention/2", "attention/1"]
     with pytest.raises(ConfigError, match="go together"):
         methods_of(["h"], ["attention"], None)
 

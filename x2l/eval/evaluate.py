@@ -94,10 +94,10 @@ def parse_method(method: str) -> Method:
 
 def methods_of(methods: list[str], selectors: list[str] | None, rules: list[str] | None) -> list[str]:
     """`methods` followed by every SELECTOR/RULE pair of `selectors` x `rules` (both or neither given), each checked
-    (ConfigError naming a bad one)."""
+    (ConfigError naming a bad one); a method named twice runs once (results are keyed by name), at its first place."""
     if bool(selectors) != bool(rules):
         raise ConfigError("--selectors and --rules go together: each selector runs under each rule")
-    out = list(methods) + [f"{s}/{r}" for s in selectors or [] for r in rules or []]
+    out = list(dict.fromkeys(list(methods) + [f"{s}/{r}" for s in selectors or [] for r in rules or []]))
     for m in out:
         parse_method(m)
     return out
