@@ -158,6 +158,7 @@ def test_specs_parse_and_bad_ones_are_named():
         ("calibrated:mode=mul", "mode 'mul'"),
         ("attention:depth=2", "takes layers=..."),
         ("calibrated:window=w", "window takes a whole number"),
+        ("attention:layers=0:layers=1", "layers is given twice"),  # used to take the last silently
     ]:
         with pytest.raises(ConfigError, match=match):
             make_selector(bad)

@@ -35,8 +35,8 @@ def parse_layers(text: str) -> tuple[int, ...]:
 
 
 def make_selector(spec: str) -> Selector:
-    """A selector from its spec (module docstring). ConfigError naming the spec for an unknown name or option or a
-    value the option does not take."""
+    """A selector from its spec (module docstring). ConfigError naming the spec for an unknown name or option, an
+    option given twice or a value the option does not take."""
     name, *opts = spec.split(":")
     if name not in SELECTORS:
         raise ConfigError(f"unknown selector {name!r} in {spec!r}; choose one of {', '.join(SELECTORS)}")
@@ -48,6 +48,8 @@ def make_selector(spec: str) -> Selector:
         if key not in fields or not eq:
             known = ", ".join(f"{k}=..." for k in fields) or "no options"
             raise ConfigError(f"selector spec {spec!r}: {name} takes {known}, not {opt!r}")
+        if key in kwargs:
+            raise ConfigError(f"selector spec {spec!r}: {key} is given twice")
         if key == "layers":
             try:
                 kwargs[key] = parse_layers(value)
