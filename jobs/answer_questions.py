@@ -26,7 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from x2l.config import ModelConfig, StoreConfig
+from x2l.config import ModelConfig, RetrievalConfig, StoreConfig
 from x2l.errors import OneLineParser, X2LError
 from x2l.options import model_config, model_options, retrieval_config, retrieval_options
 from x2l.progress import Progress
@@ -243,6 +243,11 @@ def run(args) -> int:
         },
     )
     retrieval_config(args)  # an unknown --selector or a --mass out of range: one line before anything starts
+    if args.serve_address and args.selector != RetrievalConfig().selection:
+        raise X2LError(
+            f"--selector {args.selector} applies to in-job answering (--model); over --serve-address the app's own "
+            "selector applies (start it with selector=...)"
+        )
     args.store, args.out = job_path(args.store, "--store"), job_path(args.out, "--out")
     args.questions = job_path(args.questions, "--questions")
     store_cfg = StoreConfig(uri=args.store)
@@ -296,7 +301,7 @@ def run(args) -> int:
         "top_k": args.top_k,
         "budget_bytes": args.budget_bytes,
         "mass": args.mass,
-        "selector": args.selector,
+        "selector": None if args.serve_address else args.selector,  # None: the Serve app's own
         "max_new_tokens": args.max_new_tokens,
         "concurrency": args.concurrency,
         "batch_size": args.batch_size,

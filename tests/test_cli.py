@@ -384,3 +384,20 @@ def test_a_multi_line_error_message_is_printed_as_one_line(monkeypatch, capsys):
     monkeypatch.setitem(cli.COMMANDS, "runs", fails)
     assert cli.main(["runs", "ls", "somewhere"]) == 1
     assert capsys.readouterr().err == "x2l: error: video 'v': line one line two\n"
+
+
+def test_answer_job_refuses_a_selector_it_would_not_use_over_http(tmp_path):
+    """jobs/answer_questions.py --serve-address with --selector: the Serve app's own selector answers, so a --selector
+    other than the default is one line before anything runs (it was ignored, and the run summary recorded it)."""
+    import importlib.util
+
+    from x2l.errors import X2LError
+
+    spec = importlib.util.spec_from_file_location("answer_questions", ROOT / "jobs" / "answer_questions.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    base = ["--store", str(tmp_path / "s"), "--questions", str(tmp_path / "q.jsonl"), "--out", str(tmp_path / "o")]
+    args = job.parse_args([*base, "--serve-address", "http://127.0.0.1:9", "--selector", "calibrated"])
+    with pytest.raises(X2LError, match="--selector calibrated applies to in-job answering"):
+        job.run(args)
+    assert not (tmp_path / "o").exists()
