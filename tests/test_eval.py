@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -235,3 +236,19 @@ def test_eval_refuses_bad_split_lists_in_one_line(argv, message, tmp_path, capsy
     err = capsys.readouterr().err
     assert rc != 0 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "d").exists()  # refused before any video was written
+
+
+def test_evaluate_refuses_voting_layers_the_model_lacks_before_indexing(tiny_checkpoints, tmp_path):
+    """A SELECTOR/RULE method whose `layers` the model does not have is one line naming the method before any video
+    is indexed (it used to fail only when that method's turn came, after indexing)."""
+    from x2l.eval.benchmarks import BenchQuestion
+    from x2l.eval.evaluate import evaluate
+    from x2l.models import load_model
+
+    model = load_model(tiny_checkpoints["qwen2-vl"])
+    n = model.num_layers
+    q = BenchQuestion("needle", "q0", str(tmp_path / "missing.mp4"), "What?", ("A. a", "B. b"), "A", "detail", "short")
+    method = f"calibrated:layers=0+{n}/p0.9k2"
+    with pytest.raises(ConfigError, match=rf"method '{re.escape(method)}': selector .* layer {n} does not exist"):
+        evaluate([q], model, tmp_path / "out", methods=["h", method], progress=False)
+    assert not (tmp_path / "out").exists()

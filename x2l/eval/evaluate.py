@@ -43,7 +43,7 @@ from x2l.eval.answers import extract_letter
 from x2l.eval.benchmarks import BenchQuestion
 from x2l.eval.intervals import overlapping_pairs, wilson_interval
 from x2l.progress import Progress
-from x2l.selectors import make_selector
+from x2l.selectors import layers_problem, make_selector
 
 METHODS = ("full", "h", "uniform:2", "x2l:1", "x2l:2", "x2l:4")
 RULE = re.compile(r"(?:(?P<k>\d+)|(?:p(?P<p>\d*\.?\d+)(?:k(?P<pk>\d+))?)?(?:b(?P<b>\d+))?)")
@@ -153,6 +153,9 @@ def evaluate(
     from x2l.store import KVStore
 
     parsed = [(m, parse_method(m)) for m in methods]
+    for name, m in parsed:  # voting layers the model lacks: one line before any video is indexed
+        if m.selector and (problem := layers_problem(make_selector(m.selector), m.selector, model.num_layers)):
+            raise ConfigError(f"method {name!r}: {problem}")
     note = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
     workdir = Path(workdir)
     paths = sorted({q.video for q in questions})
