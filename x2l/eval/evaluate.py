@@ -277,7 +277,7 @@ def render_markdown(result: dict, title: str) -> str:
         "L bytes fetched / question",
         *(["answer chunks re-loaded"] if hit else []),
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    rows = []
     for name, m in methods.items():
         lo, hi = m["accuracy_ci95"]
         cells = [
@@ -292,7 +292,8 @@ def render_markdown(result: dict, title: str) -> str:
         if hit:
             rate = m.get("selection_hit_rate")
             cells.append("-" if rate is None else f"{rate:.1%}")
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    lines = _md_lines(head, rows)
     n = next(iter(methods.values()))["n"] if methods else 0
     return (
         f"# {title}\n\n{n} questions. Compression: {result['compression']}.\n\n"
@@ -304,6 +305,11 @@ def render_markdown(result: dict, title: str) -> str:
     )
 
 
+def _md_lines(head: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table's lines: the header, its rule, then a line per row of cells."""
+    return ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def _selection_table(methods: dict) -> str:
     """Per selecting method: chunks re-loaded, the relevance pass's cost, and the hit rate per category."""
     chosen = {name: m for name, m in methods.items() if m.get("chunks_mean") is not None and name not in ("full", "h")}
@@ -312,7 +318,7 @@ def _selection_table(methods: dict) -> str:
     cats = sorted({c for m in chosen.values() for c in m.get("hit_rate_by_category", {})})
     head = ["method", "chunks at L / question", "relevance s / question", "relevance share of answer time"]
     head += ["answer chunks re-loaded", *(f"hit: {c}" for c in cats)] if cats else []
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    rows = []
     for name, m in chosen.items():
         cells = [
             name,
@@ -325,7 +331,8 @@ def _selection_table(methods: dict) -> str:
             cells.append("-" if rate is None else f"{rate:.1%}")
             by = m.get("hit_rate_by_category", {})
             cells += [f"{by[c]:.1%}" if c in by else "-" for c in cats]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    lines = _md_lines(head, rows)
     return "\nSelection (relevance share: the relevance stage's seconds over all answering stages'):\n\n" + (
         "\n".join(lines) + "\n"
     )
@@ -419,7 +426,7 @@ def length_table(result: dict) -> str:
         "KV bytes / question",
         "of full KV",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    rows = []
     for split, b in buckets.items():
         for name, m in b["methods"].items():
             lo, hi = m["accuracy_ci95"]
@@ -436,8 +443,8 @@ def length_table(result: dict) -> str:
                 f"{m['kv_bytes_mean']:,.0f}",
                 f"{m['kv_ratio_mean']:.1%}",
             ]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+            rows.append(cells)
+    return "\n".join(_md_lines(head, rows)) + "\n"
 
 
 def render_length_markdown(result: dict, title: str) -> str:
